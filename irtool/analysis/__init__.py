@@ -1,0 +1,1 @@
+"""Analyses: cached, read-only facts about a model (shapes, cost, ...)."""

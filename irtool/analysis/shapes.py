@@ -1,0 +1,59 @@
+"""Analysis `shapes`: dtype and shape of every value, from onnx shape inference on the weight-free
+skeleton, with user-supplied static shapes (`--input-shape input:1x3x224x224`) substituted for
+symbolic input dims first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from irtool.errors import InputError
+from irtool.ir.model import Model
+from irtool.ir.skeleton import infer_types
+from irtool.passmanager import Analysis, PassContext
+
+
+@dataclass
+class ShapeInfo:
+    types: dict[str, tuple[int, list[int | str] | None]]
+
+    def shape(self, name: str) -> list[int | str] | None:
+        entry = self.types.get(name)
+        return None if entry is None else entry[1]
+
+    def static_shape(self, name: str) -> list[int] | None:
+        dims = self.shape(name)
+        if dims is None or any(not isinstance(d, int) for d in dims):
+            return None
+        return list(dims)
+
+    def dtype(self, name: str) -> np.dtype | None:
+        entry = self.types.get(name)
+        if entry is None or not entry[0]:
+            return None
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(entry[0]))
+
+
+class Shapes(Analysis):
+    """Dtypes and shapes of every value in the main graph."""
+
+    name = "shapes"
+
+    def compute(self, model: Model, ctx: PassContext) -> ShapeInfo:
+        return ShapeInfo(infer_types(model.to_proto(), ctx.input_shapes or None))
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """`name:1x3x224x224` -> ("name", [1, 3, 224, 224]); the name may itself contain ':'."""
+    name, sep, dims_text = text.rpartition(":")
+    if not sep or not name:
+        raise InputError(f"--input-shape {text!r}: expected NAME:DxDxD, e.g. input:1x3x224x224")
+    try:
+        dims = [int(d) for d in dims_text.lower().split("x")]
+    except ValueError:
+        raise InputError(f"--input-shape {text!r}: dims must be positive integers joined by 'x'") from None
+    if any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape {text!r}: dims must be positive integers joined by 'x'")
+    return name, dims

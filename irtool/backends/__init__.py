@@ -1,0 +1,1 @@
+"""Backends: ONNX Runtime (ort.py, the embedded default) and TensorRT (tensorrt.py, lazy import)."""

@@ -1,0 +1,198 @@
+"""Safe loading and atomic, deterministic saving of ONNX model files.
+
+Loading refuses anything that is not a usable ONNX model with an InputError whose message fits on
+one line: a missing or empty file, bytes that are not an ONNX protobuf, a protobuf that is not a
+model, an unsupported opset, and external data that is missing or whose location escapes the model's
+folder (absolute paths, `..`, symlinks pointing out). Escaping locations are refused before any byte
+of them is read.
+
+Saving writes into a temporary file in the destination folder and renames it into place, so a
+reader never sees a half-written file, and it never writes to the path it loaded from unless asked.
+Models whose tensors exceed protobuf's 2 GB limit are written with external data beside the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from irtool.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+# Protobuf refuses to serialize messages of 2 GiB or more; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Tensors smaller than this stay inside the .onnx file when saving with external data.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def max_supported_opset() -> int:
+    return onnx.defs.onnx_opset_version()
+
+
+def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read, validate and return a ModelProto with its external data loaded."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path}: not a valid ONNX protobuf ({_short(e)})") from e
+    check_is_model(proto, str(path))
+    load_external_data(proto, path.parent, str(path))
+    return proto
+
+
+def parse_model_bytes(data: bytes, origin: str = "<bytes>") -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as e:
+        raise InputError(f"{origin}: not a valid ONNX protobuf ({_short(e)})") from e
+    check_is_model(proto, origin)
+    return proto
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def check_is_model(proto: onnx.ModelProto, origin: str) -> None:
+    """A protobuf parses leniently: random bytes or another message type may decode as a ModelProto."""
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise InputError(f"{origin}: protobuf is not an ONNX model (no ir_version or no graph)")
+    if not proto.graph.node and not proto.graph.output:
+        raise InputError(f"{origin}: ONNX model has an empty graph")
+    opset = default_opset(proto)
+    if opset is None:
+        raise InputError(f"{origin}: model imports no default-domain opset")
+    if opset < MIN_OPSET:
+        raise InputError(
+            f"{origin}: opset {opset} is below the minimum {MIN_OPSET}; "
+            f"upgrade it with onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+    if opset > max_supported_opset():
+        raise InputError(
+            f"{origin}: opset {opset} is newer than this onnx supports ({max_supported_opset()}); "
+            "upgrade the onnx package"
+        )
+
+
+def default_opset(proto: onnx.ModelProto) -> int | None:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def _external_location(tensor: onnx.TensorProto) -> str:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    return ""
+
+
+def load_external_data(proto: onnx.ModelProto, base_dir: Path, origin: str) -> None:
+    """Check every external-data location first, then read them; nothing outside base_dir is read."""
+    tensors = [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
+    if not tensors:
+        return
+    base = base_dir.resolve()
+    for tensor in tensors:
+        location = _external_location(tensor)
+        _check_location(location, base, tensor.name, origin)
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(base))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{origin}: cannot read external data ({_short(e)})") from e
+
+
+def _check_location(location: str, base: Path, tensor: str, origin: str) -> None:
+    if not location:
+        raise InputError(f"{origin}: tensor {tensor!r} uses external data without a location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} is absolute; refused")
+    if ".." in Path(location).parts:
+        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} leaves the model folder; refused")
+    target = (base / location).resolve()
+    if base not in target.parents:
+        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} leaves the model folder; refused")
+    if not target.is_file():
+        raise InputError(f"{origin}: tensor {tensor!r} external data file {location!r} is missing")
+
+
+def _tensor_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(proto))
+
+
+def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Atomically write proto to path; external_data=None decides by size (protobuf's 2 GB limit)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an output file path")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: output folder does not exist")
+    if external_data is None:
+        external_data = _tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        _write_with_external_data(proto, path)
+        return
+    _atomic_write_bytes(path, proto.SerializeToString(deterministic=True))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Write tensors to `<name>.data` beside the model; both files appear by rename, data first."""
+    data_name = path.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        external_data_helper.convert_model_to_external_data(
+            copy, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES
+        )
+        onnx.save_model(copy, str(tmp_dir / path.name))
+        os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        for leftover in tmp_dir.iterdir():
+            _remove_quietly(leftover)
+        tmp_dir.rmdir()
+    log.info("saved %s with external data %s", path, data_name)

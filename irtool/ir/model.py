@@ -1,0 +1,154 @@
+"""The IR: a mutable Model over onnx-graphsurgeon.
+
+`Model` holds the main `gs.Graph` (If/Loop/Scan bodies are `gs.Graph` attributes of their nodes, so
+subgraphs travel with it) plus what graphsurgeon drops: metadata properties, model version, domain
+and doc string. Passes edit `model.graph` with graphsurgeon's API; the core keeps the invariants:
+every node has a unique name, and `to_proto()` emits nodes in topological order using an iterative
+sort (graphsurgeon's own toposort recurses and fails on long chains, see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from irtool.ir import io
+from irtool.ir.topo import toposort_graph
+
+log = logging.getLogger(__name__)
+
+# graphsurgeon logs every imported node at debug level; formatting those messages costs ~7 us a node.
+G_LOGGER.severity = G_LOGGER.ERROR
+
+
+class Model:
+    """An ONNX model as a graphsurgeon graph plus the model-level fields graphsurgeon does not keep."""
+
+    def __init__(self, graph: gs.Graph, *, metadata: dict[str, str] | None = None, model_version: int = 0,
+                 domain: str = "", doc_string: str = "", source: str | None = None):
+        self.graph = graph
+        self.metadata = dict(metadata or {})
+        self.model_version = model_version
+        self.domain = domain
+        self.doc_string = doc_string
+        self.source = source
+        if graph.ir_version is None:
+            graph.ir_version = onnx.helper.find_min_ir_version_for(
+                [onnx.helper.make_opsetid(d, v) for d, v in self.opset_imports.items()])
+        name_unnamed_nodes(self)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Model:
+        """Load an .onnx file safely (see irtool.ir.io); raises InputError on anything unusable."""
+        proto = io.read_model_proto(path)
+        return cls.from_proto(proto, source=str(path), checked=True)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, *, source: str | None = None, checked: bool = False) -> Model:
+        if not checked:
+            io.check_is_model(proto, source or "<model>")
+        graph = gs.import_onnx(proto)
+        graph.ir_version = proto.ir_version or None
+        return cls(graph, metadata={p.key: p.value for p in proto.metadata_props},
+                   model_version=proto.model_version, domain=proto.domain, doc_string=proto.doc_string,
+                   source=source)
+
+    def copy(self) -> Model:
+        return Model.from_proto(self.to_proto(), source=self.source, checked=True)
+
+    # ----------------------------------------------------------------- export
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to a ModelProto, nodes in topological order, unused tensors kept as they are."""
+        for graph in self.graphs():
+            toposort_graph(graph)
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto.model_version = self.model_version
+        proto.domain = self.domain
+        proto.doc_string = self.doc_string
+        del proto.metadata_props[:]
+        for key in sorted(self.metadata):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, self.metadata[key]
+        return proto
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+        """Atomic save; refuses to overwrite the file this model was loaded from."""
+        if self.source and Path(self.source).exists() and Path(path).exists() \
+                and Path(path).resolve() == Path(self.source).resolve():
+            from irtool.errors import InputError
+            raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
+        io.write_model_proto(self.to_proto(), path, external_data=external_data)
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    @property
+    def opset_imports(self) -> dict[str, int]:
+        imports = {"": int(self.graph.opset)}
+        for entry in self.graph.import_domains or []:
+            if entry.domain not in ("", "ai.onnx"):
+                imports[entry.domain] = entry.version
+        return imports
+
+    def graphs(self) -> Iterator[gs.Graph]:
+        """The main graph, then every nested subgraph (depth-first, iterative)."""
+        stack = [self.graph]
+        while stack:
+            graph = stack.pop()
+            yield graph
+            for node in reversed(graph.nodes):
+                stack.extend(reversed(list(subgraphs_of(node))))
+
+    def nodes(self) -> Iterator[gs.Node]:
+        for graph in self.graphs():
+            yield from graph.nodes
+
+    def unique_name(self, prefix: str) -> str:
+        """A node/tensor name not yet used anywhere in the model, deterministic for a given model."""
+        taken = self._names()
+        if prefix not in taken:
+            return prefix
+        index = 1
+        while f"{prefix}_{index}" in taken:
+            index += 1
+        return f"{prefix}_{index}"
+
+    def _names(self) -> set[str]:
+        names: set[str] = set()
+        for graph in self.graphs():
+            names.update(node.name for node in graph.nodes)
+            names.update(graph.tensors().keys())
+        return names
+
+    def __repr__(self) -> str:
+        return f"Model(nodes={len(self.graph.nodes)}, opset={self.opset}, source={self.source!r})"
+
+
+def subgraphs_of(node: gs.Node) -> Iterator[gs.Graph]:
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+
+
+def name_unnamed_nodes(model: Model) -> None:
+    """Give nameless nodes a deterministic `<op>_<n>` name so names identify nodes everywhere."""
+    used = {node.name for node in model.nodes() if node.name}
+    counters: dict[str, int] = {}
+    for node in model.nodes():
+        if node.name:
+            continue
+        index = counters.get(node.op, 0)
+        while f"{node.op}_{index}" in used:
+            index += 1
+        node.name = f"{node.op}_{index}"
+        used.add(node.name)
+        counters[node.op] = index + 1

@@ -1,0 +1,104 @@
+"""A weight-free view of a model for the checker and shape inference.
+
+onnx.checker and onnx.shape_inference serialize the whole ModelProto, weights included, several
+times over. Neither needs the bytes of large initializers, only their types and shapes, so the
+skeleton turns every large initializer into a graph input of the same type and shape and keeps small
+ones (shape constants for Reshape, Slice starts, ...) whose values inference reads. Large tensors
+are checked separately: their byte count must match dims x element size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+SMALL_TENSOR_ELEMENTS = 1024
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
+def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of proto without large initializer data (they become typed graph inputs)."""
+    out = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field, getattr(proto, field))
+    out.opset_import.extend(proto.opset_import)
+    out.functions.extend(proto.functions)
+    src, dst = proto.graph, out.graph
+    dst.name = src.name
+    dst.node.extend(src.node)
+    dst.input.extend(src.input)
+    dst.output.extend(src.output)
+    dst.value_info.extend(src.value_info)
+    dst.sparse_initializer.extend(src.sparse_initializer)
+    input_names = {i.name for i in src.input}
+    for tensor in src.initializer:
+        if _elements(tensor) <= SMALL_TENSOR_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
+            dst.initializer.append(tensor)
+        elif tensor.name not in input_names:
+            dst.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return out
+
+
+def tensor_size_problems(proto: onnx.ModelProto) -> list[str]:
+    """Large raw tensors whose byte count does not match their dims (the checker no longer sees them)."""
+    problems = []
+    for tensor in proto.graph.initializer:
+        if not tensor.HasField("raw_data") or _elements(tensor) <= SMALL_TENSOR_ELEMENTS:
+            continue
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if len(tensor.raw_data) != _elements(tensor) * itemsize:
+            problems.append(f"initializer {tensor.name!r} has {len(tensor.raw_data)} bytes, "
+                            f"dims {list(tensor.dims)} need {_elements(tensor) * itemsize}")
+    return problems
+
+
+def infer_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+                strict: bool = False) -> dict[str, tuple[int, list[int | str] | None]]:
+    """Run onnx shape inference on the skeleton; return {value name: (elem_type, dims or None)}."""
+    skel = skeleton(proto)
+    if input_shapes:
+        _set_input_shapes(skel, input_shapes)
+    inferred = onnx.shape_inference.infer_shapes(skel, strict_mode=strict, data_prop=True)
+    graph = inferred.graph
+    types: dict[str, tuple[int, list[int | str] | None]] = {}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types[info.name] = _value_type(info)
+    for tensor in proto.graph.initializer:
+        types[tensor.name] = (tensor.data_type, list(tensor.dims))
+    return types
+
+
+def _value_type(info: onnx.ValueInfoProto) -> tuple[int, list[int | str] | None]:
+    tensor_type = info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return tensor_type.elem_type, None
+    dims: list[int | str] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        else:
+            dims.append(dim.dim_param or "?")
+    return tensor_type.elem_type, dims
+
+
+def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    from irtool.errors import InputError
+
+    inputs = {i.name: i for i in proto.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputError(f"--input-shape names {name!r}, which is not a model input "
+                             f"(inputs: {', '.join(sorted(inputs))})")
+        shape = inputs[name].type.tensor_type.shape
+        if shape.dim and len(shape.dim) != len(dims):
+            raise InputError(f"--input-shape {name}: rank {len(dims)} does not match the model's rank {len(shape.dim)}")
+        for i, (old, new) in enumerate(zip(shape.dim, dims)):
+            if old.HasField("dim_value") and old.dim_value != new:
+                raise InputError(f"--input-shape {name}: dim {i} is fixed to {old.dim_value} in the model, got {new}")
+        shape.ClearField("dim")
+        for d in dims:
+            shape.dim.add().dim_value = d
