@@ -1,0 +1,239 @@
+"""Analysis `channel-groups`: which channels are coupled and must be removed together.
+
+Every tensor that carries prunable channels gets a channel axis and one *element* per channel.
+Per-op handlers (irtool.analysis.channel_handlers, one per op type) propagate axes forward in
+topological order and tie elements together:
+
+  * a producer (Conv, Gemm, MatMul with a constant weight) starts a fresh channel space on its
+    output; each output element owns one *filter* (a weight row) whose norm is its importance;
+  * pass-through ops (activations, BatchNormalization, pooling, ...) tie output channel i to input
+    channel i; elementwise ops with broadcasting tie all full-channel operands together (residual
+    adds couple two producers); depthwise Conv ties its input channel i to its output channel i;
+  * Concat ties output channel offset+i to channel i of its k-th input; Flatten ties feature
+    c*HW+j of its output to channel c of its input (Conv -> Flatten -> Gemm).
+
+A union-find over all elements gives *atoms*: sets of (tensor, index) that are one channel seen from
+everywhere it flows; removing an atom removes every index in it. Atoms touching a graph output, a
+tensor an op without a handler reads, or a shape that cannot be proven are *locked*, with the reason
+kept for the report. Atoms over the same set of tensors form a *group* (one layer's channels);
+pruning ranks atoms inside a group.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.analysis.shapes import ShapeInfo, Shapes
+from irtool.ir.model import Model
+from irtool.ir.topo import topo_order
+from irtool.passmanager import Analysis, PassContext
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self, count: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + count))
+        return start
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The smaller root wins so that atom ids do not depend on union order.
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class Space:
+    """The channel axis of one tensor and where its elements start in the union-find."""
+
+    axis: int
+    size: int
+    base: int
+    rank: int
+
+
+@dataclass
+class Filter:
+    """A prunable unit: output channel `index` of producer `node`, with weight rows for importance."""
+
+    node: str
+    tensor: str
+    index: int
+    weights: np.ndarray
+
+
+@dataclass
+class Group:
+    """Interchangeable atoms over the same tensors (one layer's channels)."""
+
+    key: tuple[str, ...]
+    atoms: list[int]
+    filters: dict[int, list[Filter]]
+    locked: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.atoms)
+
+
+@dataclass
+class ChannelGraph:
+    """Result of the analysis: spaces per tensor, atoms, groups and lock reasons."""
+
+    spaces: dict[str, Space]
+    uf: UnionFind
+    filters: list[Filter]
+    locks: dict[int, str] = field(default_factory=dict)
+    groups: list[Group] = field(default_factory=list)
+
+    def atom(self, tensor: str, index: int) -> int:
+        return self.uf.find(self.spaces[tensor].base + index)
+
+    def keep_indices(self, tensor: str, removed_atoms: set[int]) -> np.ndarray | None:
+        """Indices of `tensor`'s channel axis that survive, or None when nothing is removed."""
+        space = self.spaces.get(tensor)
+        if space is None:
+            return None
+        keep = [i for i in range(space.size) if self.atom(tensor, i) not in removed_atoms]
+        return None if len(keep) == space.size else np.asarray(keep, dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": [
+                {"tensors": list(g.key), "channels": g.size, "locked": g.locked,
+                 "producers": sorted({f.node for fs in g.filters.values() for f in fs})}
+                for g in self.groups
+            ],
+            "prunable_groups": sum(1 for g in self.groups if g.locked is None),
+            "locked_groups": sum(1 for g in self.groups if g.locked is not None),
+        }
+
+
+class PruneView:
+    """What handlers see while applying a removal: surviving indices and channel spaces per tensor."""
+
+    def __init__(self, graph: ChannelGraph, removed_atoms: set[int]):
+        self.graph, self.removed = graph, removed_atoms
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def keep(self, tensor: gs.Tensor) -> np.ndarray | None:
+        if tensor.name not in self._cache:
+            self._cache[tensor.name] = self.graph.keep_indices(tensor.name, self.removed)
+        return self._cache[tensor.name]
+
+    def space(self, tensor: gs.Tensor) -> Space | None:
+        return self.graph.spaces.get(tensor.name)
+
+
+class Builder:
+    """What handlers see while the analysis walks the graph."""
+
+    def __init__(self, shapes: ShapeInfo):
+        self.shapes = shapes
+        self.spaces: dict[str, Space] = {}
+        self.uf = UnionFind()
+        self.filters: list[Filter] = []
+        self.tensor_locks: dict[str, str] = {}
+
+    def shape(self, tensor: gs.Tensor) -> list[int] | None:
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.values.shape)
+        return self.shapes.static_shape(tensor.name)
+
+    def space(self, tensor: gs.Tensor) -> Space | None:
+        return self.spaces.get(tensor.name)
+
+    def new_space(self, tensor: gs.Tensor, axis: int) -> Space | None:
+        shape = self.shape(tensor)
+        if shape is None:
+            self.lock(tensor, "shape is not static")
+            return None
+        axis = axis % len(shape)
+        space = Space(axis, shape[axis], self.uf.add(shape[axis]), len(shape))
+        self.spaces[tensor.name] = space
+        return space
+
+    def tie(self, a: gs.Tensor, b: gs.Tensor, offset_b: int = 0) -> None:
+        """Tie channel i of a to channel offset_b + i of b."""
+        sa, sb = self.spaces[a.name], self.spaces[b.name]
+        for i in range(sa.size):
+            self.uf.union(sa.base + i, sb.base + offset_b + i)
+
+    def tie_block(self, src: gs.Tensor, dst: gs.Tensor, block: int) -> None:
+        """Tie channel c of src to channels c*block .. c*block+block-1 of dst (flattening)."""
+        ss, sd = self.spaces[src.name], self.spaces[dst.name]
+        for c in range(ss.size):
+            for j in range(block):
+                self.uf.union(ss.base + c, sd.base + c * block + j)
+
+    def add_filters(self, node: gs.Node, tensor: gs.Tensor, rows: np.ndarray) -> None:
+        for i in range(rows.shape[0]):
+            self.filters.append(Filter(node.name, tensor.name, i, rows[i]))
+
+    def lock(self, tensor: gs.Tensor, reason: str) -> None:
+        self.tensor_locks.setdefault(tensor.name, reason)
+
+
+class ChannelGroups(Analysis):
+    """Coupled channel groups of every prunable tensor, with lock reasons."""
+
+    name = "channel-groups"
+
+    def compute(self, model: Model, ctx: PassContext) -> ChannelGraph:
+        from irtool.analysis.channel_handlers import HANDLERS
+
+        builder = Builder(ctx.analysis(Shapes, model))
+        nodes = model.graph.nodes
+        for node in (nodes[i] for i in topo_order(nodes)):
+            handler = HANDLERS.get(node.op)
+            if handler is None:
+                for t in node.inputs:
+                    if t.name in builder.spaces:
+                        builder.lock(t, f"read by {node.op} node {node.name!r}, which has no channel handler")
+                continue
+            handler.propagate(node, builder)
+        for t in model.graph.outputs:
+            if t.name in builder.spaces:
+                builder.lock(t, f"{t.name!r} is a graph output")
+        return _finish(builder)
+
+
+def _finish(builder: Builder) -> ChannelGraph:
+    graph = ChannelGraph(builder.spaces, builder.uf, builder.filters)
+    for name, reason in sorted(builder.tensor_locks.items()):
+        space = builder.spaces.get(name)
+        if space is not None:
+            for i in range(space.size):
+                graph.locks.setdefault(builder.uf.find(space.base + i), reason)
+    members: dict[int, set[str]] = defaultdict(set)
+    for name, space in builder.spaces.items():
+        for i in range(space.size):
+            members[builder.uf.find(space.base + i)].add(name)
+    filters: dict[int, list[Filter]] = defaultdict(list)
+    for f in builder.filters:
+        filters[graph.atom(f.tensor, f.index)].append(f)
+    by_key: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for atom in sorted(members):
+        by_key[tuple(sorted(members[atom]))].append(atom)
+    for key, atoms in sorted(by_key.items(), key=lambda kv: kv[1][0]):
+        group = Group(key, atoms, {a: filters[a] for a in atoms})
+        if any(a in graph.locks for a in atoms):
+            group.locked = next(graph.locks[a] for a in atoms if a in graph.locks)
+        elif not any(group.filters[a] for a in atoms):
+            group.locked = "no producer filters (e.g. model input channels)"
+        graph.groups.append(group)
+    return graph

@@ -1,0 +1,160 @@
+"""Pruning oracle: the pruned model equals the original with the removed channels masked out
+(consumer input-channel weights zeroed), on CNNs with residual adds, concats, depthwise convs and
+flatten -> gemm, exported from torch."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from irtool.analysis.channels import ChannelGroups
+from irtool.ir import Model
+from irtool.ir.verify import verify
+from irtool.passmanager import PassContext, PassManager
+from irtool.pipeline import parse_pipeline
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return torch.relu(x + self.pw(torch.relu(self.dw(torch.relu(self.bn1(self.conv1(x)))))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = Block(16)
+        self.left = nn.Conv2d(16, 8, 1)
+        self.right = nn.Conv2d(16, 12, 3, padding=1)
+        self.fuse = nn.Conv2d(20, 16, 1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.stem(x)))
+        x = torch.cat([torch.relu(self.left(x)), torch.sigmoid(self.right(x))], dim=1)
+        x = nn.functional.max_pool2d(torch.relu(self.fuse(x)), 2)
+        x = torch.flatten(x, 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def export(module: nn.Module, shape=(2, 3, 8, 8)) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.3)
+    module.eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.randn(*shape),), buffer, dynamo=False, input_names=["x"],
+                      output_names=["y"], opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def masked(proto: onnx.ModelProto, removed: dict[str, list[int]]) -> onnx.ModelProto:
+    """Zero the input-channel weights of removed channels in every weighted consumer (the oracle)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = {t.name: t for t in out.graph.initializer}
+    for node in out.graph.node:
+        if not node.input or node.input[0] not in removed or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        idx = removed[node.input[0]]
+        w = onnx.numpy_helper.to_array(inits[node.input[1]]).copy()
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv" and attrs.get("group", 1) == 1:
+            w[:, idx] = 0
+        elif node.op_type == "Gemm":
+            if attrs.get("transB", 0):
+                w[:, idx] = 0
+            else:
+                w[idx, :] = 0
+        elif node.op_type == "MatMul":
+            w[idx, :] = 0
+        else:
+            continue
+        inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(w, node.input[1]))
+    return out
+
+
+def prune(proto: onnx.ModelProto, text: str, seed: int = 0):
+    model = Model.from_proto(proto)
+    ctx = PassContext(seed=seed)
+    passes = parse_pipeline(text).build()
+    graph = ctx.analysis(ChannelGroups, model)
+    plan = passes[0].plan(model, ctx)
+    removed = plan.removed_indices(graph)
+    records = PassManager(passes, verify_each=True).run(model, ctx)
+    return model, removed, records
+
+
+@pytest.mark.parametrize("text", ["prune{ratio=0.5}", "prune{ratio=0.3,importance=l1}",
+                                  "prune{ratio=0.5,round-to=4}", "prune{ratio=0.6,importance=random}"])
+def test_pruned_model_equals_masked_original(text):
+    original = export(Net())
+    model, removed, records = prune(original, text)
+    assert records[0].modified and records[0].stats["channels_removed"] > 0
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    pruned_out = run(model.to_proto(), x)
+    oracle_out = run(masked(original, removed), x)
+    assert pruned_out.shape == (2, 10)
+    np.testing.assert_allclose(pruned_out, oracle_out, rtol=1e-4, atol=1e-4)
+    # The oracle is not vacuous: masking really changes the original's outputs.
+    assert np.abs(run(original, x) - oracle_out).max() > 1e-3
+
+
+def test_weights_physically_shrink_and_groups_are_coupled():
+    original = export(Net())
+    model, removed, _ = prune(original, "prune{ratio=0.5}")
+    weights = {t.name: t for t in model.to_proto().graph.initializer}
+    shapes = {n.name: [list(weights[i].dims) for i in n.input if i in weights] for n in model.to_proto().graph.node}
+    # Residual stream (stem, block.pw and the add) loses one group of 16 -> 8 channels together.
+    stem = next(v for k, v in shapes.items() if "stem" in k)
+    dw = next(v for k, v in shapes.items() if "dw" in k)
+    pw = next(v for k, v in shapes.items() if "pw" in k)
+    assert stem[0][0] == 8 and pw[0][0] == 8
+    assert dw[0] == [8, 1, 3, 3]  # depthwise shrinks with its input, group follows
+    dw_node = next(n for n in model.graph.nodes if "dw" in n.name)
+    assert dw_node.attrs["group"] == 8
+    fc1 = next(v for k, v in shapes.items() if "fc1" in k)
+    fuse = next(v for k, v in shapes.items() if "fuse" in k)
+    assert fc1[0][1] == fuse[0][0] * 16  # flatten: each removed channel takes its 4x4 block
+    assert fc1[0][0] == 16  # 32 hidden -> 16
+    verify(model)
+
+
+def test_graph_output_group_is_locked_and_reported():
+    model = Model.from_proto(export(Net()))
+    graph = PassContext().analysis(ChannelGroups, model)
+    locked = [g for g in graph.groups if g.locked]
+    assert any("graph output" in g.locked for g in locked)
+    out_group = next(g for g in graph.groups if "y" in g.key)
+    assert out_group.size == 10 and "graph output" in out_group.locked
+
+
+def test_exclude_keeps_matching_layers():
+    _, removed, _ = prune(export(Net()), "prune{ratio=0.5,exclude=['fc1']}")
+    fc1_out = [name for name in removed if "fc1" in name]
+    assert not fc1_out
+
+
+def test_same_seed_same_bytes():
+    a, _, _ = prune(export(Net()), "prune{ratio=0.5,importance=random}", seed=3)
+    b, _, _ = prune(export(Net()), "prune{ratio=0.5,importance=random}", seed=3)
+    assert a.to_proto().SerializeToString(deterministic=True) == b.to_proto().SerializeToString(deterministic=True)
