@@ -186,7 +186,7 @@ class MatMul(Handler):
         _take(w, view.keep(node.inputs[0]), 0)
 
 
-@handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow")
+@handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow", "Where")
 class Elementwise(Handler):
     """Broadcasting elementwise: every operand with the full channel dim shares the output's channels."""
 
@@ -295,3 +295,244 @@ class Reshape(Handler):
             first = int(np.asarray(shape.values)[0])
             node.inputs[1] = gs.Constant(shape.name + "_pruned" if len(shape.outputs) > 1 else shape.name,
                                          np.array([first, -1], dtype=np.int64))
+
+
+def _ints(node: gs.Node, attr: str, input_index: int) -> list[int] | None:
+    """An int-list operand given as attribute (older opsets) or as constant input (newer ones)."""
+    if attr in node.attrs:
+        return [int(v) for v in node.attrs[attr]]
+    if len(node.inputs) > input_index and node.inputs[input_index].name:
+        c = _constant(node.inputs[input_index])
+        return None if c is None else [int(v) for v in np.asarray(c.values).reshape(-1)]
+    return []
+
+
+def _follow(node: gs.Node, b: Builder, out_axis: int) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    if b.new_space(y, out_axis) is not None:
+        b.tie(x, y)
+
+
+@handles("Transpose")
+class Transpose(Handler):
+    """The channel axis moves to perm.index(axis)."""
+
+    def propagate(self, node, b):
+        space = b.space(node.inputs[0])
+        if space is None:
+            return
+        perm = node.attrs.get("perm") or list(range(space.rank))[::-1]
+        _follow(node, b, list(perm).index(space.axis))
+
+
+@handles("Squeeze", "Unsqueeze")
+class SqueezeUnsqueeze(Handler):
+    """Axes are removed or inserted around the channel axis, which keeps its size."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        axes, rank_y = _ints(node, "axes", 1), len(b.shape(y) or [])
+        if axes is None or not rank_y:
+            b.lock(x, f"{node.op} {node.name!r} has unknown axes")
+            return
+        if node.op == "Squeeze":
+            axes = [a % space.rank for a in axes] or [i for i, d in enumerate(b.shape(x)) if d == 1]
+            if space.axis in axes:
+                b.lock(x, f"Squeeze {node.name!r} removes the channel axis")
+                return
+            _follow(node, b, space.axis - sum(1 for a in axes if a < space.axis))
+        else:
+            inserted = sorted(a % rank_y for a in axes)
+            kept = [i for i in range(rank_y) if i not in inserted]
+            _follow(node, b, kept[space.axis])
+
+
+@handles("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd")
+class Reduce(Handler):
+    """Reducing other axes keeps channels; reducing the channel axis mixes them (locked)."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        axes = _ints(node, "axes", 1)
+        if axes is None:
+            b.lock(x, f"{node.op} {node.name!r} has unknown axes")
+            return
+        axes = [a % space.rank for a in axes] or list(range(space.rank))
+        if space.axis in axes:
+            b.lock(x, f"{node.op} {node.name!r} reduces over the channel axis")
+            return
+        keepdims = int(node.attrs.get("keepdims", 1))
+        _follow(node, b, space.axis if keepdims else space.axis - sum(1 for a in axes if a < space.axis))
+
+
+@handles("Softmax", "LogSoftmax")
+class Softmax(Handler):
+    """Softmax over another axis keeps channels; over the channel axis it mixes them (locked)."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if int(node.attrs.get("axis", -1)) % space.rank == space.axis:
+            b.lock(x, f"{node.op} {node.name!r} normalizes over the channel axis")
+            return
+        _follow(node, b, space.axis)
+
+
+@handles("Pad")
+class Pad(Handler):
+    """Padding spatial axes keeps channels; padding the channel axis is locked."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        pads = _ints(node, "pads", 1)
+        axes = _ints(node, "axes", 3) or list(range(space.rank))
+        if pads is None:
+            b.lock(x, f"Pad {node.name!r} has non-constant pads")
+            return
+        per_axis = dict(zip([a % space.rank for a in axes], zip(pads[: len(axes)], pads[len(axes):], strict=True),
+                            strict=True))
+        if any(per_axis.get(space.axis, (0, 0))):
+            b.lock(x, f"Pad {node.name!r} pads the channel axis")
+            return
+        _follow(node, b, space.axis)
+
+
+@handles("LayerNormalization")
+class LayerNorm(Handler):
+    """Normalizing over other axes keeps channels. Over the channel axis the statistics would change
+    when channels go, which breaks the masking contract, so such groups are locked."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if space.axis >= int(node.attrs.get("axis", -1)) % space.rank:
+            b.lock(x, f"LayerNormalization {node.name!r} normalizes over the channel axis")
+            return
+        _follow(node, b, space.axis)
+
+
+@handles("Split")
+class Split(Handler):
+    """On the channel axis: channel i of output k is input channel offset_k + i; sizes are rewritten."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % space.rank
+        if axis != space.axis:
+            for y in node.outputs:
+                if b.new_space(y, space.axis) is not None:
+                    b.tie(y, x)
+            return
+        offset = 0
+        for y in node.outputs:
+            new = b.new_space(y, axis)
+            if new is None:
+                return
+            b.tie(y, x, offset)
+            offset += new.size
+
+    def apply(self, node, view):
+        space = view.space(node.inputs[0])
+        if space is None or int(node.attrs.get("axis", 0)) % space.rank != space.axis \
+                or view.keep(node.inputs[0]) is None:
+            return
+        sizes = [len(view.keep(y)) if view.keep(y) is not None else view.space(y).size for y in node.outputs]
+        node.attrs.pop("num_outputs", None)
+        split = gs.Constant(f"{node.name}_split", np.asarray(sizes, dtype=np.int64))
+        if len(node.inputs) > 1:
+            node.inputs[1] = split
+        else:
+            node.inputs.append(split)
+
+
+@handles("Slice")
+class Slice(Handler):
+    """A unit-step slice of the channel axis: output channel i is input channel start + i.
+    After pruning, the bounds become the positions of the surviving channels."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        bounds = self._bounds(node, space)
+        if bounds is None:
+            b.lock(x, f"Slice {node.name!r} has non-constant or strided bounds on the channel axis")
+            return
+        if bounds == "other":
+            _follow(node, b, space.axis)
+            return
+        if b.new_space(y, space.axis) is not None:
+            b.tie(y, x, bounds[0])
+
+    @staticmethod
+    def _bounds(node, space):
+        starts, ends = _ints(node, "starts", 1), _ints(node, "ends", 2)
+        axes, steps = _ints(node, "axes", 3), _ints(node, "steps", 4)
+        if starts is None or ends is None or axes is None or steps is None:
+            return None
+        axes = [a % space.rank for a in (axes or range(len(starts)))]
+        if space.axis not in axes:
+            return "other"
+        k = axes.index(space.axis)
+        if steps and steps[k] != 1:
+            return None
+        start = min(max(starts[k] + space.size if starts[k] < 0 else starts[k], 0), space.size)
+        end = min(max(ends[k] + space.size if ends[k] < 0 else ends[k], 0), space.size)
+        return start, end
+
+    def apply(self, node, view):
+        x = node.inputs[0]
+        space, keep = view.space(x), view.keep(x)
+        bounds = self._bounds(node, space) if space is not None else None
+        if keep is None or not isinstance(bounds, tuple):
+            return
+        new_start = int(np.sum(keep < bounds[0]))
+        new_end = new_start + int(np.sum((keep >= bounds[0]) & (keep < bounds[1])))
+        axes = _ints(node, "axes", 3) or list(range(len(_ints(node, "starts", 1))))
+        k = [a % space.rank for a in axes].index(space.axis)
+        for index, value in ((1, new_start), (2, new_end)):
+            values = np.asarray(node.inputs[index].values).copy()
+            values[k] = value
+            node.inputs[index] = gs.Constant(f"{node.name}_{'starts' if index == 1 else 'ends'}", values)
+
+
+@handles("ConvTranspose")
+class ConvTranspose(Handler):
+    """W: [C_in, C_out/groups, k...]; output channel j is the filter W[:, j] (group 1 only)."""
+
+    def propagate(self, node, b):
+        x, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
+        space_in = b.space(x)
+        if w is None or not _only_use(w) or int(node.attrs.get("group", 1)) != 1 \
+                or (space_in is not None and space_in.axis != 1):
+            if space_in is not None:
+                b.lock(x, f"ConvTranspose {node.name!r} is grouped or has non-constant weights")
+            return
+        if b.new_space(y, 1) is None:
+            return
+        weights = np.asarray(w.values)
+        b.add_filters(node, y, np.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1))
+
+    def apply(self, node, view):
+        w = node.inputs[1]
+        _take(w, view.keep(node.outputs[0]), 1)
+        _take(w, view.keep(node.inputs[0]), 0)
+        if len(node.inputs) > 2:
+            _take(node.inputs[2], view.keep(node.outputs[0]), 0)

@@ -51,15 +51,25 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def export(module: nn.Module, shape=(2, 3, 8, 8)) -> onnx.ModelProto:
+def export(module: nn.Module, shape=(2, 3, 8, 8), dynamo: bool = False) -> onnx.ModelProto:
+    """Export with fixed random weights; legacy (TorchScript) or dynamo exporter."""
     torch.manual_seed(0)
     for p in module.parameters():
         nn.init.normal_(p, std=0.3)
     module.eval()
     buffer = io.BytesIO()
-    torch.onnx.export(module, (torch.randn(*shape),), buffer, dynamo=False, input_names=["x"],
-                      output_names=["y"], opset_version=17)
+    torch.onnx.export(module, (torch.randn(*shape),), buffer, dynamo=dynamo, input_names=["x"],
+                      output_names=["y"], opset_version=18 if dynamo else 17)
     return onnx.load_from_string(buffer.getvalue())
+
+
+_EXPORTS: dict[bool, onnx.ModelProto] = {}
+
+
+def net_proto(dynamo: bool = False) -> onnx.ModelProto:
+    if dynamo not in _EXPORTS:  # the dynamo exporter takes seconds; export once per session
+        _EXPORTS[dynamo] = export(Net(), dynamo=dynamo)
+    return _EXPORTS[dynamo]
 
 
 def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -104,10 +114,11 @@ def prune(proto: onnx.ModelProto, text: str, seed: int = 0):
     return model, removed, records
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 @pytest.mark.parametrize("text", ["prune{ratio=0.5}", "prune{ratio=0.3,importance=l1}",
                                   "prune{ratio=0.5,round-to=4}", "prune{ratio=0.6,importance=random}"])
-def test_pruned_model_equals_masked_original(text):
-    original = export(Net())
+def test_pruned_model_equals_masked_original(text, dynamo):
+    original = net_proto(dynamo)
     model, removed, records = prune(original, text)
     assert records[0].modified and records[0].stats["channels_removed"] > 0
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -120,7 +131,7 @@ def test_pruned_model_equals_masked_original(text):
 
 
 def test_weights_physically_shrink_and_groups_are_coupled():
-    original = export(Net())
+    original = net_proto()
     model, removed, _ = prune(original, "prune{ratio=0.5}")
     weights = {t.name: t for t in model.to_proto().graph.initializer}
     shapes = {n.name: [list(weights[i].dims) for i in n.input if i in weights] for n in model.to_proto().graph.node}
@@ -140,7 +151,7 @@ def test_weights_physically_shrink_and_groups_are_coupled():
 
 
 def test_graph_output_group_is_locked_and_reported():
-    model = Model.from_proto(export(Net()))
+    model = Model.from_proto(net_proto())
     graph = PassContext().analysis(ChannelGroups, model)
     locked = [g for g in graph.groups if g.locked]
     assert any("graph output" in g.locked for g in locked)
@@ -149,12 +160,12 @@ def test_graph_output_group_is_locked_and_reported():
 
 
 def test_exclude_keeps_matching_layers():
-    _, removed, _ = prune(export(Net()), "prune{ratio=0.5,exclude=['fc1']}")
+    _, removed, _ = prune(net_proto(), "prune{ratio=0.5,exclude=['fc1']}")
     fc1_out = [name for name in removed if "fc1" in name]
     assert not fc1_out
 
 
 def test_same_seed_same_bytes():
-    a, _, _ = prune(export(Net()), "prune{ratio=0.5,importance=random}", seed=3)
-    b, _, _ = prune(export(Net()), "prune{ratio=0.5,importance=random}", seed=3)
+    a, _, _ = prune(net_proto(), "prune{ratio=0.5,importance=random}", seed=3)
+    b, _, _ = prune(net_proto(), "prune{ratio=0.5,importance=random}", seed=3)
     assert a.to_proto().SerializeToString(deterministic=True) == b.to_proto().SerializeToString(deterministic=True)

@@ -1,0 +1,104 @@
+"""Random CNN-style ONNX graphs for pruning property tests: stacks of blocks that exercise every
+channel handler (residual adds, concats, splits, slices, depthwise convs, BN, transposes to NHWC
+with MatMul, squeeze/unsqueeze, SE-style gating, flatten -> Gemm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphBuilder:
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.nodes, self.inits, self.count = rng, [], [], 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def weight(self, *shape: int, scale: float = 0.4) -> str:
+        name = self.name("w")
+        self.inits.append(numpy_helper.from_array((self.rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        name = self.name("k")
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], outputs: int = 1, **attrs) -> list[str]:
+        outs = [self.name(op.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(f"{op}_"), **attrs))
+        return outs
+
+    def conv(self, x: str, c_in: int, c_out: int, k: int = 1, group: int = 1) -> str:
+        w = self.weight(c_out, c_in // group, k, k)
+        return self.op("Conv", [x, w, self.weight(c_out)], kernel_shape=[k, k], pads=[k // 2] * 4, group=group)[0]
+
+
+def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
+    rng = b.rng
+    if kind == "conv":
+        c2 = int(rng.integers(4, 12))
+        return b.op("Relu", [b.conv(x, c, c2, int(rng.choice([1, 3])))])[0], c2
+    if kind == "bn":
+        y = b.conv(x, c, c)
+        y = b.op("BatchNormalization", [y, b.weight(c), b.weight(c), b.weight(c),
+                                        b.const(np.abs(b.rng.standard_normal(c)) + 0.5, np.float32)])[0]
+        return b.op("Relu", [y])[0], c
+    if kind == "depthwise":
+        return b.op("Relu", [b.conv(x, c, c, 3, group=c)])[0], c
+    if kind == "residual":
+        inner = b.op("Relu", [b.conv(x, c, c, 3)])[0]
+        return b.op("Add", [x, b.conv(inner, c, c)])[0], c
+    if kind == "concat":
+        c1, c2 = int(rng.integers(2, 8)), int(rng.integers(2, 8))
+        left, right = b.conv(x, c, c1), b.op("Sigmoid", [b.conv(x, c, c2, 3)])[0]
+        return b.op("Concat", [left, right], axis=1)[0], c1 + c2
+    if kind == "split" and c >= 4:
+        half = c // 2
+        a, d = b.op("Split", [x, b.const([half, c - half])], outputs=2, axis=1)
+        return b.op("Concat", [b.conv(a, half, half), b.conv(d, c - half, c - half)], axis=1)[0], c
+    if kind == "slice" and c >= 4:
+        start = int(rng.integers(0, c // 2))
+        end = int(rng.integers(start + 2, c + 1))
+        y = b.op("Slice", [x, b.const([start]), b.const([end]), b.const([1])])[0]
+        return b.op("Relu", [b.conv(y, end - start, c)])[0], c
+    if kind == "nhwc":
+        c2 = int(rng.integers(4, 10))
+        t = b.op("Transpose", [x], perm=[0, 2, 3, 1])[0]
+        m = b.op("MatMul", [t, b.weight(c, c2)])[0]
+        return b.op("Transpose", [b.op("Relu", [m])[0]], perm=[0, 3, 1, 2])[0], c2
+    if kind == "se":
+        pooled = b.op("GlobalAveragePool", [x])[0]
+        squeezed = b.op("Relu", [b.conv(pooled, c, max(2, c // 2))])[0]
+        gate = b.op("Sigmoid", [b.conv(squeezed, max(2, c // 2), c)])[0]
+        return b.op("Mul", [x, gate])[0], c
+    if kind == "squeeze":
+        s = b.op("Unsqueeze", [x, b.const([2])])[0]
+        return b.op("Squeeze", [b.op("Relu", [s])[0], b.const([2])])[0], c
+    return x, c
+
+
+KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze"]
+
+
+def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProto:
+    b = GraphBuilder(np.random.default_rng(seed))
+    c = 6
+    x = b.op("Relu", [b.conv("x", 3, c, 3)])[0]
+    for kind in kinds:
+        x, c = _block(b, x, c, kind)
+    if head == "gap":
+        x = b.op("Flatten", [b.op("GlobalAveragePool", [x])[0]], axis=1)[0]
+        feat = c
+    else:
+        x = b.op("Flatten", [x], axis=1)[0]
+        feat = c * 16
+    hidden = b.op("Relu", [b.op("Gemm", [x, b.weight(7, feat), b.weight(7)], transB=1)[0]])[0]
+    b.nodes.append(helper.make_node("Gemm", [hidden, b.weight(7, 5), b.weight(5)], ["y"], name="head"))
+    graph = helper.make_graph(b.nodes, "random_cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
