@@ -265,8 +265,9 @@ class Flatten(Handler):
         space, shape = b.space(x), b.shape(x)
         if space is None:
             return
-        if int(node.attrs.get("axis", 1)) != 1 or space.axis != 1 or shape is None:
-            b.lock(x, f"Flatten {node.name!r} does not start at the channel axis")
+        if int(node.attrs.get("axis", 1)) != 1 or space.axis != 1 or shape is None \
+                or not all(isinstance(d, int) for d in shape[1:]):
+            b.lock(x, f"Flatten {node.name!r} does not start at the channel axis or has dynamic spatial dims")
             return
         if b.new_space(y, 1) is not None:
             b.tie_block(x, y, int(np.prod(shape[2:], dtype=np.int64)))
@@ -274,15 +275,17 @@ class Flatten(Handler):
 
 @handles("Reshape")
 class Reshape(Handler):
-    """Only the flatten form [N, C, ...] -> [N, C*...] is followed; its shape constant becomes [N, -1]."""
+    """Only the flatten form [N, C, ...] -> [N, C*...] is followed; an explicit feature count in its
+    shape constant is rewritten to the surviving channels times the block size."""
 
     def propagate(self, node, b):
         x, y = node.inputs[0], node.outputs[0]
         space, sx, sy = b.space(x), b.shape(x), b.shape(y)
         if space is None:
             return
-        flat = sx is not None and sy is not None and len(sy) == 2 and space.axis == 1 and sy[0] == sx[0] \
-            and _constant(node.inputs[1]) is not None
+        flat = sx is not None and sy is not None and len(sy) == 2 and space.axis == 1 \
+            and all(isinstance(d, int) for d in sx[1:]) and sy[1] == int(np.prod(sx[1:], dtype=np.int64)) \
+            and _constant(node.inputs[1]) is not None and len(np.asarray(node.inputs[1].values)) == 2
         if not flat:
             b.lock(x, f"Reshape {node.name!r} is not a flatten of the channel axis")
             return
@@ -290,11 +293,12 @@ class Reshape(Handler):
             b.tie_block(x, y, int(np.prod(sx[2:], dtype=np.int64)))
 
     def apply(self, node, view):
-        if view.keep(node.inputs[0]) is not None:
-            shape = node.inputs[1]
-            first = int(np.asarray(shape.values)[0])
-            node.inputs[1] = gs.Constant(shape.name + "_pruned" if len(shape.outputs) > 1 else shape.name,
-                                         np.array([first, -1], dtype=np.int64))
+        keep, space = view.keep(node.inputs[0]), view.space(node.inputs[0])
+        values = np.asarray(node.inputs[1].values).copy()
+        if keep is None or values[1] == -1:
+            return
+        values[1] = len(keep) * (int(values[1]) // space.size)
+        node.inputs[1] = gs.Constant(f"{node.name}_shape", values)
 
 
 def _ints(node: gs.Node, attr: str, input_index: int) -> list[int] | None:

@@ -149,18 +149,19 @@ class Builder:
         self.filters: list[Filter] = []
         self.tensor_locks: dict[str, str] = {}
 
-    def shape(self, tensor: gs.Tensor) -> list[int] | None:
+    def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
+        """Dims of a tensor; symbolic dims (a dynamic batch) stay strings, channel dims must be ints."""
         if isinstance(tensor, gs.Constant):
             return list(tensor.values.shape)
-        return self.shapes.static_shape(tensor.name)
+        return self.shapes.shape(tensor.name)
 
     def space(self, tensor: gs.Tensor) -> Space | None:
         return self.spaces.get(tensor.name)
 
     def new_space(self, tensor: gs.Tensor, axis: int) -> Space | None:
         shape = self.shape(tensor)
-        if shape is None:
-            self.lock(tensor, "shape is not static")
+        if shape is None or not shape or not isinstance(shape[axis % len(shape)], int):
+            self.lock(tensor, "its channel count is not static")
             return None
         axis = axis % len(shape)
         space = Space(axis, shape[axis], self.uf.add(shape[axis]), len(shape))

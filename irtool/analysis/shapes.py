@@ -45,6 +45,16 @@ class Shapes(Analysis):
         return ShapeInfo(infer_types(model.to_proto(), ctx.input_shapes or None))
 
 
+def concrete_input_shapes(model: Model, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Input shapes with every symbolic dim not fixed by `given` set to 1 (a cost-per-sample view)."""
+    shapes = dict(given or {})
+    for tensor in model.graph.inputs:
+        if tensor.name in shapes or tensor.shape is None:
+            continue
+        shapes[tensor.name] = [d if isinstance(d, int) and d >= 0 else 1 for d in tensor.shape]
+    return shapes
+
+
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
     """`name:1x3x224x224` -> ("name", [1, 3, 224, 224]); the name may itself contain ':'."""
     name, sep, dims_text = text.rpartition(":")

@@ -1,0 +1,1 @@
+"""Calibration data and activation taps (streaming: nothing is kept per sample)."""

@@ -1,0 +1,152 @@
+"""Structured channel pruning: physically remove the least important coupled channels.
+
+The `channel-groups` analysis partitions channels into atoms (one channel everywhere it flows) and
+groups (a layer's interchangeable atoms). The pass scores atoms (passes/prune/importance.py), picks
+the ones to remove per group or globally, by ratio or by a MAC target (passes/prune/select.py), lets
+each op's channel handler slice its weights, biases, norm parameters and attributes, and optionally
+recovers accuracy without training (passes/prune/recover.py). Graph outputs never change shape.
+
+Contract (the masking oracle, with recover=none): the pruned model's outputs equal the original
+model's outputs after zeroing, in every consumer, the input-channel weights of the removed channels.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+from irtool.passes.prune.importance import Importance, atom_scores
+from irtool.passes.prune.recover import Recover, recover
+from irtool.passes.prune.select import Limits, MacModel, select_for_macs, select_global, select_uniform
+
+from irtool.analysis.channel_handlers import HANDLERS
+from irtool.analysis.channels import ChannelGraph, ChannelGroups, Group, PruneView
+from irtool.analysis.cost import Cost, CostReport, model_cost
+from irtool.analysis.shapes import concrete_input_shapes
+from irtool.ir.model import Model
+from irtool.passmanager import Pass, PassContext, PassResult
+from irtool.pipeline import Regex
+
+
+class Scope(enum.Enum):
+    UNIFORM = "uniform"
+    GLOBAL = "global"
+
+
+@dataclass
+class PrunePlan:
+    """Atoms to remove and, per group, what was removed (for the report and the oracle)."""
+
+    removed_atoms: set[int]
+    groups: list[dict]
+    estimated_mac_reduction: float | None = None
+
+    def removed_indices(self, graph: ChannelGraph) -> dict[str, list[int]]:
+        out = {}
+        for name, space in graph.spaces.items():
+            gone = [i for i in range(space.size) if graph.atom(name, i) in self.removed_atoms]
+            if gone:
+                out[name] = gone
+        return out
+
+
+class PruneChannels(Pass):
+    """Remove the least important coupled channel groups."""
+
+    name = "prune"
+    requires = (ChannelGroups,)
+
+    @dataclass(frozen=True)
+    class Options:
+        ratio: float = 0.5
+        target_macs: float | None = None
+        scope: Scope = Scope.UNIFORM
+        max_ratio: float = 0.9
+        round_to: int = 1
+        min_channels: int = 1
+        importance: Importance = Importance.L2
+        exclude: tuple[Regex, ...] = ()
+        recover: Recover = Recover.NONE
+
+        def __post_init__(self):
+            if not 0.0 <= self.ratio < 1.0:
+                raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+            if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
+                raise ValueError(f"target-macs must be in (0, 1), got {self.target_macs}")
+            if not 0.0 < self.max_ratio < 1.0:
+                raise ValueError(f"max-ratio must be in (0, 1), got {self.max_ratio}")
+            if self.round_to < 1 or self.min_channels < 1:
+                raise ValueError("round-to and min-channels must be at least 1")
+
+    def plan(self, model: Model, ctx: PassContext) -> PrunePlan:
+        graph = ctx.analysis(ChannelGroups, model)
+        groups = [g for g in graph.groups if g.locked is None and not self._excluded(g)]
+        scores = atom_scores(self.options.importance, model, graph, ctx)
+        limits = Limits(self.options.round_to, self.options.min_channels, self.options.max_ratio)
+        estimate = None
+        if self.options.target_macs is not None:
+            macs = MacModel(model.graph.nodes, graph, _cost(model, ctx))
+            removed, estimate = select_for_macs(groups, scores, self.options.target_macs, limits,
+                                                self.options.scope is Scope.GLOBAL, macs)
+        elif self.options.scope is Scope.GLOBAL:
+            removed = select_global(groups, scores, self.options.ratio, limits)
+        else:
+            removed = select_uniform(groups, scores, self.options.ratio, limits)
+        return PrunePlan(removed, _group_report(groups, removed), estimate)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        graph = ctx.analysis(ChannelGroups, model)
+        macs_before = _cost(model, ctx).total_macs
+        plan = self.plan(model, ctx)
+        if not plan.removed_atoms:
+            return PassResult(modified=False, stats={"channels_removed": 0, "groups_pruned": 0})
+        reference = model.copy() if self.options.recover is not Recover.NONE else None
+        view = PruneView(graph, plan.removed_atoms)
+        for node in model.graph.nodes:
+            if node.op in HANDLERS:
+                HANDLERS[node.op].apply(node, view)
+        _forget_inner_shapes(model.graph)
+        stats = {"channels_removed": sum(g["before"] - g["after"] for g in plan.groups),
+                 "groups_pruned": len(plan.groups), "macs_before": macs_before}
+        if reference is not None:
+            stats["recovered_layers"] = recover(self.options.recover, reference, model, plan.removed_indices(graph),
+                                                ctx)
+        if plan.estimated_mac_reduction is not None:
+            stats["estimated_mac_reduction"] = round(plan.estimated_mac_reduction, 4)
+        stats["groups"] = plan.groups
+        return PassResult(modified=True, stats=stats)
+
+    def _excluded(self, group: Group) -> bool:
+        names = _producers(group)
+        return any(re.search(p, n) for p in self.options.exclude for n in names)
+
+
+def _cost(model: Model, ctx: PassContext) -> CostReport:
+    """MACs per sample: symbolic dims (a dynamic batch) count as 1 unless the user fixed them."""
+    cost = ctx.analysis(Cost, model)
+    if cost.unknown_macs:
+        cost = model_cost(model, concrete_input_shapes(model, ctx.input_shapes))
+    return cost
+
+
+def _producers(group: Group) -> list[str]:
+    return sorted({f.node for fs in group.filters.values() for f in fs})
+
+
+def _group_report(groups: list[Group], removed: set[int]) -> list[dict]:
+    report = []
+    for group in groups:
+        gone = sum(1 for a in group.atoms if a in removed)
+        if gone:
+            report.append({"producers": _producers(group), "before": group.size, "after": group.size - gone})
+    return report
+
+
+def _forget_inner_shapes(graph: gs.Graph) -> None:
+    """Shapes recorded before pruning are stale; the verifier and exporters re-infer them."""
+    boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in boundary:
+            tensor.shape = None

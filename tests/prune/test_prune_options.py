@@ -1,0 +1,99 @@
+"""prune options: target-macs, global scope, importance criteria, recovery on a trained digits CNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from irtool.analysis.cost import model_cost
+from irtool.errors import InputError, PassError
+from irtool.ir import Model
+from irtool.passmanager import PassContext, PassManager
+from irtool.pipeline import parse_pipeline
+from tests.prune.digits import accuracy, calibration, train_digits_net
+from tests.prune.test_prune_masking import masked, net_proto, prune, run
+
+
+@pytest.fixture(scope="module")
+def digits():
+    proto, data = train_digits_net()
+    return proto, data
+
+
+def pruned(proto, text: str, calib=None, seed: int = 0):
+    model = Model.from_proto(proto)
+    ctx = PassContext(seed=seed, calibration_data=calib)
+    records = PassManager(parse_pipeline(text).build(), verify_each=True).run(model, ctx)
+    return model, records[0]
+
+
+def mac_reduction(before, after_model) -> float:
+    shape = {"x": [1, 1, 8, 8]}
+    return 1 - model_cost(after_model, shape).total_macs / model_cost(Model.from_proto(before), shape).total_macs
+
+
+@pytest.mark.parametrize("scope", ["uniform", "global"])
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_target_macs_lands_within_five_percent(digits, scope, target):
+    proto, _ = digits
+    model, record = pruned(proto, f"prune{{target-macs={target},scope={scope}}}")
+    achieved = mac_reduction(proto, model)
+    assert abs(achieved - target) <= 0.05, achieved
+    assert abs(record.stats["estimated_mac_reduction"] - achieved) < 0.02  # the estimator is the real cost
+
+
+def test_global_scope_prunes_layers_unevenly_but_keeps_the_ratio():
+    model, removed, records = prune(net_proto(), "prune{ratio=0.5,scope=global}")
+    groups = records[0].stats["groups"]
+    fractions = {round(1 - g["after"] / g["before"], 2) for g in groups}
+    assert len(fractions) > 1  # layers lose different shares
+    prunable = 16 + 16 + 8 + 12 + 16 + 32  # every unlocked group of Net
+    assert records[0].stats["channels_removed"] == pytest.approx(0.5 * prunable, abs=6)
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "fpgm", "bn-scale", "random"])
+def test_every_criterion_keeps_the_masking_contract(importance):
+    original = net_proto()
+    model, removed, records = prune(original, f"prune{{ratio=0.4,importance={importance}}}")
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+
+
+def test_criteria_rank_differently(digits):
+    proto, data = digits
+    calib = calibration(data["calib"][0])
+    outputs = {k: pruned(proto, f"prune{{ratio=0.5,importance={k}}}", calib)[0].to_proto().SerializeToString()
+               for k in ("l2", "fpgm", "activation")}
+    assert len(set(outputs.values())) == 3  # three criteria, three different choices of channels
+
+
+def test_activation_and_recovery_need_calibration_data(digits):
+    proto, _ = digits
+    for text in ("prune{importance=activation}", "prune{recover=lstsq}", "prune{recover=bias}"):
+        with pytest.raises(InputError, match="needs calibration data"):
+            pruned(proto, text)
+
+
+def test_bad_options_are_rejected():
+    for text in ("prune{ratio=1.5}", "prune{target-macs=0}", "prune{max-ratio=1}", "prune{round-to=0}"):
+        with pytest.raises(Exception) as info:
+            parse_pipeline(text)
+        assert not isinstance(info.value, PassError)
+
+
+def test_lstsq_recovery_beats_bias_beats_none_at_30_percent_macs(digits):
+    proto, data = digits
+    (x_test, y_test), calib = data["test"], calibration(data["calib"][0])
+    base = accuracy(proto, x_test, y_test)
+    results = {}
+    for recover in ("none", "bias", "lstsq"):
+        model, record = pruned(proto, f"prune{{target-macs=0.3,recover={recover}}}", calib)
+        results[recover] = accuracy(model.to_proto(), x_test, y_test)
+    assert base > 0.9
+    assert results["lstsq"] >= base - 0.02, (base, results)
+    assert results["lstsq"] >= results["none"]
+    logits_err = {}
+    for recover in ("none", "lstsq"):
+        model, _ = pruned(proto, f"prune{{target-macs=0.3,recover={recover}}}", calib)
+        logits_err[recover] = float(np.abs(run(model.to_proto(), x_test) - run(proto, x_test)).mean())
+    assert logits_err["lstsq"] < logits_err["none"]
