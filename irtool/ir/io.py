@@ -13,7 +13,9 @@ Models whose tensors exceed protobuf's 2 GB limit are written with external data
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -130,16 +132,30 @@ def _check_location(location: str, base: Path, tensor: str, origin: str) -> None
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
         raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} is absolute; refused")
     if ".." in Path(location).parts:
-        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} leaves the model folder; refused")
+        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} "
+                         "leaves the model folder; refused")
     target = (base / location).resolve()
     if base not in target.parents:
-        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} leaves the model folder; refused")
+        raise InputError(f"{origin}: tensor {tensor!r} external data location {location!r} "
+                         "leaves the model folder; refused")
     if not target.is_file():
         raise InputError(f"{origin}: tensor {tensor!r} external data file {location!r} is missing")
 
 
-def _tensor_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(proto))
+def tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of tensor data in proto (subgraphs included), from dims x element size.
+
+    Cheap on purpose: `len(t.raw_data)` copies every tensor, and with the upb protobuf backend
+    `ByteSize()` serializes the whole message (and fails outright past 2 GiB).
+    """
+    total = 0
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            total += tensor.ByteSize()
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            total += math.prod(tensor.dims) * itemsize
+    return total
 
 
 def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
@@ -151,7 +167,7 @@ def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, extern
     if not folder.is_dir():
         raise InputError(f"{folder}: output folder does not exist")
     if external_data is None:
-        external_data = _tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
+        external_data = tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
     if external_data:
         _write_with_external_data(proto, path)
         return
@@ -165,10 +181,23 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_permissions(path: str | Path) -> None:
+    """mkstemp creates 0600 files; a saved model gets the permissions a plain open() would give."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _remove_quietly(path: str | Path) -> None:
@@ -179,20 +208,63 @@ def _remove_quietly(path: str | Path) -> None:
 
 
 def _write_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Write tensors to `<name>.data` beside the model; both files appear by rename, data first."""
+    """Write tensors to `<name>.data` beside the model; both files appear by rename, data first.
+
+    The tensors' bytes move into the data file one at a time and the small remaining proto is
+    serialized; afterwards each tensor is read back, so proto ends as it started without ever being
+    held twice in memory (a CopyFrom of a 2 GB model would be).
+    """
     data_name = path.name + ".data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    data_at, done = tmp_dir / data_name, False
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
-        external_data_helper.convert_model_to_external_data(
-            copy, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES
-        )
-        onnx.save_model(copy, str(tmp_dir / path.name))
-        os.replace(tmp_dir / data_name, path.parent / data_name)
+        with open(data_at, "wb") as data:
+            for tensor in _large_raw_tensors(proto):
+                moved.append(_move_out(tensor, data, data_name))
+            data.flush()
+            os.fsync(data.fileno())
+        _atomic_write_bytes(tmp_dir / path.name, proto.SerializeToString(deterministic=True))
+        _default_permissions(data_at)
+        os.replace(data_at, path.parent / data_name)
+        data_at = path.parent / data_name
         os.replace(tmp_dir / path.name, path)
+        done = True
     finally:
+        _restore(moved, data_at)
+        if not done and data_at.parent != tmp_dir:
+            _remove_quietly(data_at)  # the model never appeared, so its data must not either
         for leftover in tmp_dir.iterdir():
             _remove_quietly(leftover)
         tmp_dir.rmdir()
     log.info("saved %s with external data %s", path, data_name)
+
+
+def _large_raw_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    tensors = []
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if tensor.HasField("raw_data") and tensor.data_type not in (onnx.TensorProto.STRING,) \
+                and math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize \
+                >= EXTERNAL_TENSOR_MIN_BYTES:
+            tensors.append(tensor)
+    return tensors
+
+
+def _move_out(tensor: onnx.TensorProto, data, data_name: str) -> tuple[onnx.TensorProto, int, int]:
+    offset = data.tell()
+    length = data.write(tensor.raw_data)
+    external_data_helper.set_external_data(tensor, location=data_name, offset=offset, length=length)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return tensor, offset, length
+
+
+def _restore(moved: list[tuple[onnx.TensorProto, int, int]], data_path: Path) -> None:
+    if not moved:
+        return
+    with open(data_path, "rb") as data:
+        for tensor, offset, length in moved:
+            data.seek(offset)
+            tensor.raw_data = data.read(length)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
