@@ -1,0 +1,7 @@
+"""`python -m irtool ...` runs the command line."""
+
+import sys
+
+from irtool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""The library entry point: `optimize(model, pipeline)` runs a pipeline and measures the model before
+and after. The CLI's `irtool opt` is a thin layer over it (loading, writing and printing only).
+
+The caller's model is never mutated: a `Model` argument is copied first, so `result.model` and the
+argument can be compared or saved side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from irtool.errors import InputError, PipelineError
+from irtool.ir.model import Model
+from irtool.passmanager import PassContext, PassManager, PassRecord
+from irtool.pipeline import Pipeline, format_pipeline, parse_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    """What `optimize` produced: the new model, one record per pass and the cost before and after."""
+
+    model: Model
+    records: list[PassRecord]
+    pipeline: Pipeline
+    pipeline_text: str
+    before: Any  # irtool.analysis.cost.CostReport
+    after: Any
+    seed: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pipeline, *, seed: int = 0,
+             input_shapes: Mapping[str, list[int]] | None = None, verify_each: bool = False,
+             print_ir_after: Iterable[str] = (), dump_dir: str | os.PathLike | None = None,
+             calibration_data: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+             ir_printer: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Run `pipeline` (text or parsed) on a copy of the model; raise a typed IrtoolError on failure.
+
+    `ir_printer` receives the IR text for `print_ir_after`; by default it is logged at INFO.
+    """
+    from irtool.analysis.cost import model_cost
+
+    parsed = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    _check_print_ir_after(parsed, print_ir_after)
+    shapes = {name: list(dims) for name, dims in (input_shapes or {}).items()}
+    model = load_model(model_or_path)
+    check_input_shapes(model, shapes)
+    passes = parsed.build()
+    before = model_cost(model, shapes or None)
+    ctx = PassContext(seed=seed, input_shapes=shapes, calibration_data=calibration_data)
+    manager = PassManager(passes, verify_each=verify_each, print_ir_after=print_ir_after,
+                          dump_dir=dump_dir, ir_printer=ir_printer)
+    records = manager.run(model, ctx)
+    after = model_cost(model, shapes or None)
+    return OptimizeResult(model=model, records=records, pipeline=parsed,
+                          pipeline_text=format_pipeline(parsed), before=before, after=after, seed=seed,
+                          input_shapes=shapes)
+
+
+def load_model(model_or_path: Model | Any | str | os.PathLike) -> Model:
+    """A private Model from a path, a ModelProto or a Model (copied, so the caller's stays untouched)."""
+    if isinstance(model_or_path, Model):
+        return model_or_path.copy()
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return Model.load(model_or_path)
+    import onnx
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        return Model.from_proto(model_or_path)
+    raise InputError(f"expected a Model, an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+
+
+def _check_print_ir_after(pipeline: Pipeline, names: Iterable[str]) -> None:
+    # A misspelled name would otherwise print nothing and look like the pass never ran.
+    present = {spec.name for spec in pipeline.passes}
+    for name in names:
+        if name not in present:
+            raise PipelineError(f"--print-ir-after {name!r}: no such pass in the pipeline "
+                                f"({', '.join(spec.name for spec in pipeline.passes)})")
+
+
+def check_input_shapes(model: Model, shapes: Mapping[str, list[int]]) -> None:
+    inputs = {t.name: t for t in model.graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputError(f"--input-shape {name!r}: the model has no input of that name "
+                             f"(inputs: {', '.join(inputs) or 'none'})")
+        declared = inputs[name].shape
+        if declared is not None and len(declared) != len(dims):
+            raise InputError(f"--input-shape {name!r}: {len(dims)} dims given, the input has {len(declared)}")

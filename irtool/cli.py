@@ -1,0 +1,294 @@
+"""The `irtool` command line: a thin click layer over irtool.api, irtool.report and the backends.
+
+Only click and the standard library are imported at module level so `irtool --help` starts in a
+fraction of a second; onnx, numpy and onnxruntime load inside the commands that need them.
+
+Errors: `main` turns every failure into exactly one stderr line, `irtool: error: <message>`, and an
+exit code: 2 for bad input or usage (InputError, PipelineError, BackendUnavailable, click usage
+errors), 1 for everything else (PassError, VerificationError, PluginError, unexpected exceptions).
+`--debug` prints the traceback first. Output files are written only after every pass succeeded,
+each atomically, and never over the input model.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from irtool import __version__
+from irtool.errors import InputError, IrtoolError, PipelineError
+
+log = logging.getLogger("irtool.cli")
+
+
+@dataclass
+class _State:
+    """Set by the group callback; read by `main` when an error comes back."""
+
+    debug: bool = False
+
+
+# ----------------------------------------------------------------------------------- group
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Print tracebacks of errors.")
+@click.option("-v", "--verbose", count=True, help="Log to stderr: -v info, -vv debug.")
+@click.version_option(__version__, "--version", prog_name="irtool")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+    """irtool: an ONNX model-optimization compiler."""
+    state = ctx.ensure_object(_State)
+    state.debug = debug
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logger = logging.getLogger("irtool")
+    logger.setLevel(level)
+    if not any(getattr(h, "_irtool_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("irtool: %(levelname)s: %(message)s"))
+        handler._irtool_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logging.captureWarnings(True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the CLI and map errors to one stderr line and an exit code."""
+    state = _State()
+    try:
+        returned = cli.main(args=argv, prog_name="irtool", obj=state, standalone_mode=False)
+    except click.Abort:
+        return _fail("interrupted", 130, state)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        return _fail(e.format_message() + hint, 2, state)
+    except click.ClickException as e:
+        return _fail(e.format_message(), e.exit_code, state)
+    except IrtoolError as e:
+        return _fail(str(e), e.exit_code, state)
+    except Exception as e:  # a bug in irtool or a dependency: still one line unless --debug
+        message = f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)"
+        return _fail(message, 1, state)
+    return returned if isinstance(returned, int) else 0
+
+
+def _fail(message: str, code: int, state: _State) -> int:
+    if state.debug:
+        traceback.print_exc()
+    one_line = " | ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    click.echo(f"irtool: error: {one_line}", err=True)
+    return code
+
+
+# ----------------------------------------------------------------------------------- shared options
+def _input_shape_option(func):
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDx..",
+                        help="Static shape for a model input, e.g. input:1x3x224x224 (repeatable).")(func)
+
+
+def _json_option(func):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(func)
+
+
+def _parse_shapes(texts: tuple[str, ...]) -> dict[str, list[int]]:
+    from irtool.analysis.shapes import parse_input_shape
+
+    shapes: dict[str, list[int]] = {}
+    for text in texts:
+        name, dims = parse_input_shape(text)
+        if name in shapes:
+            raise InputError(f"--input-shape {name!r} given twice")
+        shapes[name] = dims
+    return shapes
+
+
+def _load(path: str):
+    from irtool.ir.model import Model
+
+    return Model.load(path)
+
+
+def _echo_json(data: Any) -> None:
+    import json
+
+    click.echo(json.dumps(data, sort_keys=True, indent=2, allow_nan=False))
+
+
+# ----------------------------------------------------------------------------------- opt
+@cli.command()
+@click.argument("model_in", metavar="IN")
+@click.option("-o", "--output", "out", required=True, metavar="OUT", help="The optimized model file.")
+@click.option("--passes", metavar="LIST", help="Comma-separated passes or named pipelines: cleanup,fold-bn.")
+@click.option("--pipeline", "pipeline_text", metavar="TEXT", help="Pipeline text: 'prune{ratio=0.5}'.")
+@click.option("--report", "report_path", metavar="FILE", help="Write the JSON report here.")
+@click.option("--verify-each", is_flag=True, help="Verify the IR before the first and after every pass.")
+@click.option("--print-ir-after", multiple=True, metavar="NAME", help="Print IR after pass NAME (stderr).")
+@click.option("--dump-dir", metavar="DIR", help="Save the model after every pass as DIR/001_<pass>.onnx.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for passes that sample.")
+@_input_shape_option
+@_json_option
+def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, report_path: str | None,
+        verify_each: bool, print_ir_after: tuple[str, ...], dump_dir: str | None, seed: int,
+        input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Optimize IN with a pipeline and write OUT (and the report).
+
+    Give exactly one of --passes (names only: cleanup,fold-bn) and --pipeline (text with options:
+    'fold-bn,prune{ratio=0.5}'). `irtool passes` lists the passes, their options and named pipelines.
+    OUT and the report are written only after every pass succeeded.
+    """
+    text = _pipeline_from_options(passes, pipeline_text)
+    _check_output_paths(Path(model_in), Path(out), Path(report_path) if report_path else None)
+    if dump_dir and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
+        raise InputError(f"--dump-dir {dump_dir}: exists and is not a directory")
+    from irtool import report as rep
+    from irtool.api import optimize
+
+    result = optimize(model_in, text, seed=seed, input_shapes=_parse_shapes(input_shapes),
+                      verify_each=verify_each, print_ir_after=print_ir_after, dump_dir=dump_dir,
+                      ir_printer=lambda ir: click.echo(ir, err=True, nl=False))
+    result.model.save(out)
+    data = rep.build_report(result, model_in, out)
+    if report_path:
+        rep.write_report(data, report_path)
+    click.echo(rep.to_json(data) if as_json else rep.format_text(data), nl=False)
+
+
+def _pipeline_from_options(passes: str | None, pipeline_text: str | None) -> str:
+    if (passes is None) == (pipeline_text is None):
+        raise click.UsageError("give exactly one of --passes and --pipeline")
+    if passes is not None and any(c in passes for c in "{}="):
+        raise PipelineError(f"--passes {passes!r}: names only; put options in --pipeline, "
+                            "e.g. --pipeline 'prune{ratio=0.5}'")
+    return passes if passes is not None else pipeline_text
+
+
+def _check_output_paths(model_in: Path, out: Path, report: Path | None) -> None:
+    """Refuse before any work is done what would fail or destroy something at the end."""
+    if out.resolve() == model_in.resolve():
+        raise InputError(f"{out}: output is the input model; choose another output path")
+    targets = [("output", out)] + ([("report", report)] if report is not None else [])
+    for what, path in targets:
+        if path.is_dir():
+            raise InputError(f"{path}: {what} path is a directory")
+        if not path.resolve().parent.is_dir():
+            raise InputError(f"{path.parent}: {what} folder does not exist")
+    if report is not None and report.resolve() in (out.resolve(), model_in.resolve()):
+        raise InputError(f"{report}: the report would overwrite a model; choose another report path")
+
+
+# ----------------------------------------------------------------------------------- passes
+@cli.command("passes")
+@_json_option
+def passes_cmd(as_json: bool) -> None:
+    """List every registered pass with its options, and the named pipelines."""
+    from irtool.describe import describe_registry, format_registry
+
+    data = describe_registry()
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(format_registry(data), nl=False)
+
+
+# ----------------------------------------------------------------------------------- inspect / show / verify
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+@_input_shape_option
+@_json_option
+def inspect(model_path: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Op histogram, parameters, MACs, memory, inputs and outputs of MODEL."""
+    from irtool.describe import describe_model, format_model_summary
+
+    data = describe_model(_load(model_path), _parse_shapes(input_shapes))
+    data["model"] = model_path
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(format_model_summary(data), nl=False)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+@_input_shape_option
+def show(model_path: str, input_shapes: tuple[str, ...]) -> None:
+    """Print MODEL as textual IR."""
+    from irtool.api import check_input_shapes
+    from irtool.ir.printer import format_model
+
+    model = _load(model_path)
+    shapes = _parse_shapes(input_shapes)
+    check_input_shapes(model, shapes)
+    click.echo(format_model(model, shapes or None), nl=False)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+def verify(model_path: str) -> None:
+    """Check MODEL's IR invariants, onnx.checker and shape inference; exit 1 if it is not sound."""
+    from irtool.ir.verify import verify as verify_model
+
+    model = _load(model_path)
+    verify_model(model)
+    click.echo(f"{model_path}: ok ({sum(1 for _ in model.nodes())} nodes, opset {model.opset})")
+
+
+# ----------------------------------------------------------------------------------- compare / bench
+@cli.command()
+@click.argument("model_a", metavar="A")
+@click.argument("model_b", metavar="B")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="Input sets.")
+@_input_shape_option
+@_json_option
+def compare(model_a: str, model_b: str, seed: int, samples: int, input_shapes: tuple[str, ...],
+            as_json: bool) -> None:
+    """Run A and B on the same random inputs with ONNX Runtime and compare their outputs."""
+    from irtool.backends import ort
+    from irtool.describe import format_compare
+
+    shapes = _parse_shapes(input_shapes)
+    result = ort.compare(_load(model_a), _load(model_b), seed=seed, samples=samples,
+                         input_shapes=shapes or None)
+    data = result.to_dict()
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(format_compare(data, model_a, model_b), nl=False)
+    if not result.ok:
+        # Scripts gate on the exit code; the numbers above say by how much.
+        raise IrtoolError(f"outputs differ beyond atol={result.atol}, rtol={result.rtol} (worst: {result.worst})")
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op threads.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@_input_shape_option
+@_json_option
+def bench(model_path: str, threads: int, runs: int, warmup: int, seed: int, input_shapes: tuple[str, ...],
+          as_json: bool) -> None:
+    """Time MODEL with ONNX Runtime on random inputs."""
+    from irtool.backends import ort
+    from irtool.describe import format_mapping
+
+    model = _load(model_path)
+    feeds = ort.make_inputs(model, seed=seed, input_shapes=_parse_shapes(input_shapes) or None)
+    data = ort.benchmark(model, feeds=feeds, warmup=warmup, runs=runs, threads=threads, seed=seed).to_dict()
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(f"bench {model_path}")
+        click.echo(format_mapping(data), nl=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
