@@ -110,7 +110,8 @@ class DropBlocks(Pass):
     def _score(self, model: Model, branches: list[Branch], ctx: PassContext) -> None:
         outputs = [t.name for t in model.graph.outputs]
         reference = list(tap(model, outputs, ctx.calibration_data()))
-        costs = {n.name: n.macs or 0 for n in model_cost(model, concrete_input_shapes(model, ctx.input_shapes)).per_node}
+        cost = model_cost(model, concrete_input_shapes(model, ctx.input_shapes))
+        costs = {n.name: n.macs or 0 for n in cost.per_node}
         for index, branch in enumerate(branches):
             ctx.logger.info("drop-blocks: scoring candidate %d/%d (%s)", index + 1, len(branches), branch.add)
             trial = model.copy()

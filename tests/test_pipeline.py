@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from irtool import registry
 from irtool.errors import PipelineError
 from irtool.passmanager import Pass, PassResult
-from irtool.pipeline import Pipeline, PassSpec, Regex, format_pipeline, parse_pipeline
+from irtool.pipeline import PassSpec, Pipeline, Regex, format_pipeline, parse_pipeline
 
 
 class Method(enum.Enum):
@@ -123,6 +123,9 @@ def test_build_instantiates_passes_with_options():
 _TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
 
 
+REGEXES = ["a", "b.*", r"^x\.y$", "a,b", "[0-9]{2}", "q'r"]
+
+
 @st.composite
 def typed_specs(draw) -> PassSpec:
     opts = TypedPass.Options(
@@ -130,8 +133,7 @@ def typed_specs(draw) -> PassSpec:
         round_to=draw(st.integers(-10**6, 10**6)),
         enabled=draw(st.booleans()),
         method=draw(st.sampled_from(list(Method))),
-        exclude=tuple(Regex(s) for s in draw(st.lists(st.sampled_from(["a", "b.*", r"^x\.y$", "a,b", "[0-9]{2}", "q'r"]),
-                                                       max_size=3))),
+        exclude=tuple(Regex(s) for s in draw(st.lists(st.sampled_from(REGEXES), max_size=3))),
         label=draw(_TEXT),
         budget=draw(st.none() | st.floats(0, 1)),
     )

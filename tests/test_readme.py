@@ -8,7 +8,6 @@ from pathlib import Path
 from irtool import registry
 from irtool.passmanager import PassContext, PassManager
 from irtool.pipeline import parse_pipeline
-
 from tests.test_passmanager import small_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -17,15 +17,15 @@ import re
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
-from irtool.passes.prune.importance import Importance, atom_scores
-from irtool.passes.prune.recover import Recover, recover
-from irtool.passes.prune.select import Limits, MacModel, select_for_macs, select_global, select_uniform
 
 from irtool.analysis.channel_handlers import HANDLERS
 from irtool.analysis.channels import ChannelGraph, ChannelGroups, Group, PruneView
 from irtool.analysis.cost import Cost, CostReport, model_cost
 from irtool.analysis.shapes import concrete_input_shapes
 from irtool.ir.model import Model
+from irtool.passes.prune.importance import Importance, atom_scores
+from irtool.passes.prune.recover import Recover, recover
+from irtool.passes.prune.select import Limits, MacModel, select_for_macs, select_global, select_uniform
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 

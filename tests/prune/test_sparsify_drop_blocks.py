@@ -13,7 +13,6 @@ from irtool.ir import Model
 from irtool.passes.sparsify import n_m_mask
 from irtool.passmanager import PassContext, PassManager
 from irtool.pipeline import parse_pipeline
-
 from tests.prune.test_prune_masking import net_proto
 
 
