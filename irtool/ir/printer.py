@@ -67,11 +67,12 @@ def _format_graph(graph: gs.Graph, types: dict, indent: str) -> list[str]:
     lines = [f"{indent}graph {graph.name or 'main'} ({ins}) -> ({outs})"]
     inner = indent + "  "
     seen: set[str] = set()
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            if isinstance(tensor, gs.Constant) and tensor.name not in seen:
-                seen.add(tensor.name)
-                lines.append(f"{inner}@{tensor.name} = {_constant_text(tensor)}")
+    # Constants a graph returns directly (e.g. a folded output) print too, so their values show in diffs.
+    read = [t for node in graph.nodes for t in node.inputs] + list(graph.outputs)
+    for tensor in read:
+        if isinstance(tensor, gs.Constant) and tensor.name not in seen:
+            seen.add(tensor.name)
+            lines.append(f"{inner}@{tensor.name} = {_constant_text(tensor)}")
     for node in graph.nodes:
         lines.extend(_format_node(node, types, inner))
     return lines

@@ -1,0 +1,163 @@
+"""Constant folding: a node whose inputs are all constants is evaluated once, at compile time, and
+its outputs become initializers (y = f(c1, ..., cn) -> y := value).
+
+Nodes are visited in topological order, so a whole constant subexpression folds in one pass.
+Evaluation runs the node alone in ONNX Runtime (its CPU kernels are the ones ORT would use to fold
+the same node at session start, so results are bit-identical); onnx.reference.ReferenceEvaluator is
+the fallback for ops ORT lacks. A node that neither can evaluate is left alone (folding is an
+optimization, never a requirement).
+
+`Shape` of a value whose shape is statically known (after shape inference, with the context's
+input shapes) folds to its int64 dims, honouring start/end.
+
+Never folded:
+  * DequantizeLinear, and QuantizeLinear feeding a DequantizeLinear: weights stay quantized (QDQ);
+  * random ops (RandomNormal, RandomUniform, their -Like forms, Multinomial, Bernoulli);
+  * nodes with subgraphs (If, Loop, Scan), non-default domains, and non-tensor results;
+  * nodes with an output larger than `max_bytes` (checked on the inferred shape before evaluating,
+    and on the value after).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from irtool.ir.model import Model, subgraphs_of
+from irtool.ir.rewrite import ValueTypes, is_default_domain, remove_nodes, static_shape, value_types
+from irtool.ir.topo import toposort_graph
+from irtool.passmanager import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                        "Multinomial", "Bernoulli"})
+NEVER_FOLD = RANDOM_OPS | {"DequantizeLinear"}
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+class FoldConstants(Pass):
+    """Evaluate nodes whose inputs are all constants and replace them with initializers."""
+
+    name = "fold-constants"
+
+    @dataclass(frozen=True)
+    class Options:
+        max_bytes: int = DEFAULT_MAX_BYTES
+        fold_shapes: bool = True
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        types = value_types(model, ctx.input_shapes or None)
+        opsets = model.opset_imports
+        folded = 0
+        for graph in list(model.graphs()):
+            toposort_graph(graph)
+            for node in list(graph.nodes):
+                values = self._fold(node, types, opsets)
+                if values is None:
+                    continue
+                for tensor, value in zip(_named(node.outputs), values, strict=True):
+                    tensor.to_constant(value)
+                remove_nodes(graph, [node])
+                folded += 1
+        return PassResult(modified=folded > 0, preserved=(), stats={"nodes_folded": folded})
+
+    def _fold(self, node: gs.Node, types: ValueTypes, opsets: dict[str, int]) -> list[np.ndarray] | None:
+        """The output values of node if it may and can be folded, else None."""
+        if self.options.fold_shapes and node.op == "Shape" and is_default_domain(node):
+            shape = static_shape(types, node.inputs[0].name)
+            if shape is not None:
+                return [_shape_slice(node, shape)]
+        if not self._foldable(node, types):
+            return None
+        values = evaluate(node, opsets)
+        if values is None or any(v.nbytes > self.options.max_bytes for v in values):
+            return None
+        return values
+
+    def _foldable(self, node: gs.Node, types: ValueTypes) -> bool:
+        if not is_default_domain(node) or node.op in NEVER_FOLD or any(subgraphs_of(node)):
+            return False
+        if not _named(node.outputs) or not all(isinstance(t, gs.Constant) for t in _named(node.inputs)):
+            return False
+        if any(np.asarray(t.values).dtype == object for t in _named(node.inputs)):
+            return False
+        if node.op == "QuantizeLinear" and _feeds_dequantize(node):
+            return False
+        return all(_expected_bytes(t, types) <= self.options.max_bytes for t in _named(node.outputs))
+
+
+def _named(tensors: list[gs.Tensor]) -> list[gs.Tensor]:
+    return [t for t in tensors if t.name]
+
+
+def _feeds_dequantize(node: gs.Node) -> bool:
+    return any(reader.op == "DequantizeLinear" for t in node.outputs for reader in t.outputs)
+
+
+def _expected_bytes(tensor: gs.Tensor, types: ValueTypes) -> int:
+    """Size from the inferred type when fully static; 0 (unknown, checked after evaluation) otherwise."""
+    shape = static_shape(types, tensor.name)
+    elem = types.get(tensor.name, (0, None))[0]
+    if shape is None or not elem or elem == onnx.TensorProto.STRING:
+        return 0
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _shape_slice(node: gs.Node, shape: list[int]) -> np.ndarray:
+    rank = len(shape)
+    start = node.attrs.get("start", 0)
+    end = node.attrs.get("end", rank)
+    return np.array(shape[slice(start, end)], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate(node: gs.Node, opsets: dict[str, int]) -> list[np.ndarray] | None:
+    """Run node alone on its constant inputs: ONNX Runtime first, the ONNX reference evaluator second."""
+    proto, feeds = _single_node_model(node, opsets)
+    for runner in (_run_ort, _run_reference):
+        try:
+            outputs = runner(proto, feeds)
+        except Exception as e:  # any evaluator failure only means "do not fold"
+            log.debug("fold-constants: %s cannot evaluate %s (%s): %s", runner.__name__, node.name, node.op, e)
+            continue
+        if all(isinstance(v, np.ndarray) and v.dtype != object for v in outputs):
+            return [np.ascontiguousarray(v) for v in outputs]
+        return None
+    return None
+
+
+def _single_node_model(node: gs.Node, opsets: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    feeds = {t.name: np.asarray(t.values) for t in _named(node.inputs)}
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for name, v in feeds.items()]
+    # Untyped outputs: both runtimes infer them, and the node's own types may be unknown here.
+    outputs = [onnx.helper.make_value_info(t.name, onnx.TypeProto()) for t in _named(node.outputs)]
+    graph = onnx.helper.make_graph([OnnxExporter.export_node(node)], "fold", inputs, outputs)
+    imports = [onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=imports)
+    proto.ir_version = onnx.helper.find_min_ir_version_for(imports)
+    return proto, feeds
+
+
+def _run_ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _run_reference(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list:
+    from onnx.reference import ReferenceEvaluator
+
+    return list(ReferenceEvaluator(proto).run(None, feeds))

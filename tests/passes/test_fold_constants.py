@@ -1,0 +1,215 @@
+"""fold-constants: what folds, what must never fold (QDQ, random, subgraph ops, size), subgraphs,
+Shape folding, the evaluator fallback, and bit-exact equivalence in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from irtool.passes import fold_constants
+from irtool.passmanager import PassContext
+from tests.passes.helpers import assert_same_outputs, model_of, node, ops, run
+
+SUBEXPRESSION = """
+g (float[2,3] x) => (float[2,3] y) <float[3] a = {1.0, 4.0, 9.0}, float[3] b = {0.5, 0.5, 0.5}> {
+  s = Sqrt(a)
+  t = Mul(s, b)
+  u = Exp(t)
+  y = Add(x, u)
+}
+"""
+
+
+def test_constant_subexpression_becomes_one_initializer_with_exact_outputs():
+    model = model_of(SUBEXPRESSION)
+    original = model.copy()
+    records = run(model, "fold-constants")
+    assert records[0].stats == {"nodes_folded": 3}
+    assert ops(model) == ["Add"]
+    folded = node(model, "Add_0").inputs[1]
+    assert isinstance(folded, gs.Constant) and folded.name == "u"
+    np.testing.assert_allclose(folded.values, np.exp(np.sqrt([1.0, 4.0, 9.0]) * 0.5).astype(np.float32), rtol=1e-6)
+    assert_same_outputs(original, model)
+
+
+def test_nothing_to_fold_declines():
+    model = model_of("g (float[2] x) => (float[2] y) <float[2] w = {1.0, 2.0}> { y = Add(x, w) }")
+    records = run(model, "fold-constants")
+    assert records[0].modified is False and records[0].stats["nodes_folded"] == 0
+
+
+QDQ = """
+g (float[1,3] x) => (float[1,2] y, int8[3] q) <int8[3,2] wq = {1, 2, 3, 4, 5, 6}, float s = {0.1}, int8 z = {0},
+    float[3] a = {0.3, -0.7, 1.1}> {
+  w = DequantizeLinear(wq, s, z)
+  aq = QuantizeLinear(a, s, z)
+  ad = DequantizeLinear(aq, s, z)
+  q = QuantizeLinear(a, s, z)
+  xa = Add(x, ad)
+  y = MatMul(xa, w)
+}
+"""
+
+
+def test_qdq_weights_stay_quantized_but_a_lone_quantize_folds():
+    model = model_of(QDQ)
+    original = model.copy()
+    records = run(model, "fold-constants")
+    # Only the QuantizeLinear whose result is a plain output (no DequantizeLinear reader) folds.
+    assert records[0].stats["nodes_folded"] == 1
+    assert ops(model).count("DequantizeLinear") == 2 and ops(model).count("QuantizeLinear") == 1
+    assert node(model, "DequantizeLinear_0").inputs[0].name == "wq"
+    assert_same_outputs(original, model)
+
+
+def test_random_ops_are_never_folded():
+    model = model_of("""
+    g (float[2] x) => (float[2] y) {
+      r = RandomNormal <shape = [2], seed = 1.0> ()
+      y = Add(x, r)
+    }""")
+    records = run(model, "fold-constants")
+    assert records[0].modified is False
+    assert "RandomNormal" in ops(model)
+
+
+def test_size_limit_blocks_folding_large_outputs():
+    text = """
+    g (float[32,32] x) => (float[32,32] y) <int64[2] shp = {32, 32}> {
+      big = ConstantOfShape <value = float[1] {1.0}> (shp)
+      y = Add(x, big)
+    }"""
+    small = model_of(text)
+    assert run(small, "fold-constants{max-bytes=4095}")[0].modified is False
+    large = model_of(text)
+    assert run(large, "fold-constants{max-bytes=4096}")[0].stats["nodes_folded"] == 1
+
+
+def test_size_limit_also_checked_after_evaluation(monkeypatch):
+    # Without a statically known output shape, the value itself is measured.
+    monkeypatch.setattr(fold_constants, "_expected_bytes", lambda tensor, types: 0)
+    model = model_of("""
+    g (float[8,8] x) => (float[8,8] y) <int64[2] shp = {8, 8}> {
+      big = ConstantOfShape <value = float[1] {1.0}> (shp)
+      y = Add(x, big)
+    }""")
+    assert run(model, "fold-constants{max-bytes=255}")[0].modified is False
+
+
+def test_shape_of_static_value_folds_with_start_and_end():
+    model = model_of("""
+    g (float[2,3,4] x) => (float[12,2] y) {
+      r = Relu(x)
+      tail = Shape <start = 1> (r)
+      prod = ReduceProd <keepdims = 1, axes = [0]> (tail)
+      head = Shape <end = 1> (r)
+      shp = Concat <axis = 0> (prod, head)
+      y = Reshape(r, shp)
+    }""")
+    original = model.copy()
+    records = run(model, "fold-constants")
+    assert records[0].stats["nodes_folded"] == 4
+    assert ops(model) == ["Relu", "Reshape"]
+    np.testing.assert_array_equal(node(model, "Reshape_0").inputs[1].values, [12, 2])
+    assert_same_outputs(original, model)
+
+
+def test_shape_of_symbolic_value_is_left_alone():
+    model = model_of("""
+    g (float[N,3] x) => (int64[2] y) {
+      y = Shape(x)
+    }""")
+    assert run(model, "fold-constants")[0].modified is False
+
+
+def test_shape_folding_can_be_switched_off():
+    model = model_of("g (float[2,3] x) => (int64[2] y) { y = Shape(x) }")
+    assert run(model, "fold-constants{fold-shapes=false}")[0].modified is False
+
+
+def test_context_input_shapes_make_symbolic_shapes_static():
+    model = model_of("g (float[N,3] x) => (int64[2] y) { r = Relu(x)\n y = Shape(r) }")
+    records = run(model, "fold-constants", PassContext(input_shapes={"x": [5, 3]}))
+    assert records[0].stats["nodes_folded"] == 1
+    np.testing.assert_array_equal(model.graph.outputs[0].values, [5, 3])
+
+
+IF_MODEL = """
+g (float[2] x, bool c) => (float[2] y) <float[2] k = {4.0, 9.0}> {
+  y = If(c) <then_branch = then_g () => (float[2] t) {
+      r = Sqrt(k)
+      t = Mul(x, r)
+    }, else_branch = else_g () => (float[2] e) {
+      e = Neg(x)
+    }>
+}
+"""
+
+
+def test_constant_expression_inside_if_branch_folds():
+    model = model_of(IF_MODEL)
+    original = model.copy()
+    records = run(model, "fold-constants")
+    assert records[0].stats["nodes_folded"] == 1
+    assert "Sqrt" not in ops(model) and "If" in ops(model)
+    assert_same_outputs(original, model)
+
+
+def test_if_with_constant_condition_is_not_folded():
+    model = model_of("""
+    g (float[2] x) => (float[2] y) <bool c = {1}> {
+      y = If(c) <then_branch = t () => (float[2] a) { a = Neg(x) }, else_branch = e () => (float[2] b) { b = Abs(x) }>
+    }""")
+    assert run(model, "fold-constants")[0].modified is False
+
+
+def test_folded_graph_output_keeps_its_name():
+    model = model_of("""
+    g (float[2] x) => (float[2] y, float[2] z) <float[2] a = {1.0, 2.0}> {
+      y = Relu(x)
+      z = Neg(a)
+    }""")
+    original = model.copy()
+    run(model, "fold-constants")
+    assert [t.name for t in model.graph.outputs] == ["y", "z"]
+    assert isinstance(model.graph.outputs[1], gs.Constant)
+    assert_same_outputs(original, model)
+
+
+def test_reference_evaluator_is_the_fallback(monkeypatch):
+    def no_ort(proto, feeds):
+        raise RuntimeError("pretend ORT lacks this kernel")
+
+    monkeypatch.setattr(fold_constants, "_run_ort", no_ort)
+    model = model_of(SUBEXPRESSION)
+    original = model.copy()
+    assert run(model, "fold-constants")[0].stats["nodes_folded"] == 3
+    assert_same_outputs(original, model, atol=1e-6, rtol=1e-6)
+
+
+def test_a_node_no_evaluator_can_run_is_left_alone(monkeypatch):
+    def fail(proto, feeds):
+        raise RuntimeError("cannot evaluate")
+
+    monkeypatch.setattr(fold_constants, "_run_ort", fail)
+    monkeypatch.setattr(fold_constants, "_run_reference", fail)
+    model = model_of(SUBEXPRESSION)
+    assert run(model, "fold-constants")[0].modified is False
+    assert ops(model) == ["Sqrt", "Mul", "Exp", "Add"]
+
+
+def test_non_default_domain_is_skipped():
+    model = model_of("""
+    <ir_version: 8, opset_import: ["" : 17, "custom.ops" : 1]>
+    g (float[2] x) => (float[2] y) <float[2] a = {1.0, 2.0}> {
+      c = custom.ops.Twice(a)
+      y = Add(x, c)
+    }""")
+    assert fold_constants.FoldConstants()._foldable(node(model, "Twice_0"), {}) is False
+
+
+@pytest.mark.parametrize("op", sorted(fold_constants.NEVER_FOLD))
+def test_never_fold_list_is_honoured(op):
+    fake = gs.Node(op, name="n", inputs=[gs.Constant("a", np.ones(2, np.float32))], outputs=[gs.Variable("o")])
+    assert fold_constants.FoldConstants()._foldable(fake, {}) is False
