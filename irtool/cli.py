@@ -201,17 +201,24 @@ def passes_cmd(as_json: bool) -> None:
 @cli.command()
 @click.argument("model_path", metavar="MODEL")
 @_input_shape_option
+@click.option("--channel-groups", "channel_groups", is_flag=True,
+              help="Also list coupled channel groups for pruning, with the reason each locked one is locked.")
 @_json_option
-def inspect(model_path: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
+def inspect(model_path: str, input_shapes: tuple[str, ...], channel_groups: bool, as_json: bool) -> None:
     """Op histogram, parameters, MACs, memory, inputs and outputs of MODEL."""
-    from irtool.describe import describe_model, format_model_summary
+    from irtool.describe import describe_channel_groups, describe_model, format_channel_groups, format_model_summary
 
-    data = describe_model(_load(model_path), _parse_shapes(input_shapes))
+    model, shapes = _load(model_path), _parse_shapes(input_shapes)
+    data = describe_model(model, shapes)
     data["model"] = model_path
+    if channel_groups:
+        data["channel_groups"] = describe_channel_groups(model, shapes)
     if as_json:
         _echo_json(data)
-    else:
-        click.echo(format_model_summary(data), nl=False)
+        return
+    click.echo(format_model_summary(data), nl=False)
+    if channel_groups:
+        click.echo(format_channel_groups(data["channel_groups"]), nl=False)
 
 
 @cli.command()

@@ -164,3 +164,21 @@ def format_compare(data: dict[str, Any], name_a: str, name_b: str) -> str:
         rows.append((name, *metrics, "yes" if diff["ok"] else "no"))
     lines += table(rows, align="<>>>>><")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- channel groups
+def describe_channel_groups(model: Any, input_shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """The channel-groups analysis: every coupled group, its producers, and why locked ones are locked."""
+    from irtool.analysis.channels import ChannelGroups
+    from irtool.passmanager import PassContext
+
+    return ChannelGroups().compute(model, PassContext(input_shapes=dict(input_shapes))).to_dict()
+
+
+def format_channel_groups(data: dict[str, Any]) -> str:
+    lines = [f"channel groups: {data['prunable_groups']} prunable, {data['locked_groups']} locked"]
+    for group in data["groups"]:
+        producers = ", ".join(group["producers"]) or "-"
+        state = f"locked: {group['locked']}" if group["locked"] else "prunable"
+        lines.append(f"  {group['channels']:>6} ch  {state}  producers: {producers}")
+    return "\n".join(lines) + "\n"
