@@ -90,6 +90,7 @@ class PassContext:
     seed: int = 0
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration_data: Callable[[], Iterable[Mapping[str, Any]]] | None = None
+    calib_cache: str | None = None  # folder for calibration statistics keyed by model, data and options
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("irtool"))
