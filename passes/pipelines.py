@@ -9,3 +9,8 @@
 #     dead reader would keep a Dropout whose mask it reads;
 #   eliminate-identity and dedup-initializers leave no dead node behind, so no final dce is needed.
 CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
+
+# INT8 for ONNX Runtime CPU (u8 activations x s8 per-channel weights) and for TensorRT (s8 symmetric,
+# entropy calibration as TensorRT's own calibrator does). Both need calibration data.
+QUANT = "cleanup,fold-bn,calibrate,insert-qdq"
+QUANT_TRT = "cleanup,fold-bn,calibrate{method=entropy},insert-qdq{profile=trt}"

@@ -1,0 +1,122 @@
+"""The calibration engine: one streaming pass of ONNX Runtime over the calibration data.
+
+The tensors to observe are exposed as extra outputs of a copy of the model (irtool.calibration.tap)
+and every batch updates one MinMax and, for histogram-based methods, one Histogram per tensor
+(irtool.calibration.observers). Nothing is kept per sample, so memory is flat in the number of
+samples; statistics are batch-size invariant and mergeable. With a cache folder, statistics are
+stored as .npz keyed by a hash of the model, the data's fingerprint and the observer settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from irtool.calibration.observers import DEFAULT_BINS, Histogram, MinMax
+from irtool.calibration.tap import tap
+from irtool.errors import InputError
+from irtool.ir.model import Model
+
+log = logging.getLogger(__name__)
+Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+CACHE_VERSION = 1
+
+
+@dataclass
+class TensorStats:
+    minmax: MinMax
+    histogram: Histogram | None = None
+
+
+def collect(model: Model, names: list[str], provider: Provider, *, histograms: bool, bins: int = DEFAULT_BINS,
+            cache_dir: str | None = None, progress: bool = False) -> dict[str, TensorStats]:
+    """Statistics of `names` over every batch `provider()` yields (from the cache when possible)."""
+    key = _cache_key(model, names, provider, histograms, bins) if cache_dir else None
+    if key is not None:
+        cached = _load(Path(cache_dir) / f"{key}.npz", names, bins)
+        if cached is not None:
+            log.info("calibration statistics loaded from cache %s", key[:12])
+            return cached
+    stats = {n: TensorStats(MinMax(), Histogram(bins) if histograms else None) for n in names}
+    started, batches, samples = time.perf_counter(), 0, 0
+    for values in _progress(tap(model, names, provider()), progress):
+        batches += 1
+        for name, value in values.items():
+            _observe(stats[name], name, value)
+        samples += len(next(iter(values.values()))) if values else 0
+    if batches == 0:
+        raise InputError("calibration data is empty")
+    log.info("calibrated %d tensors on %d batches (%d samples) in %.2f s", len(names), batches, samples,
+             time.perf_counter() - started)
+    if key is not None:
+        _save(Path(cache_dir) / f"{key}.npz", stats)
+    return stats
+
+
+def _observe(stats: TensorStats, name: str, value: np.ndarray) -> None:
+    if not np.all(np.isfinite(value)):
+        raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data; the float model is broken")
+    stats.minmax.update(value)
+    if stats.histogram is not None:
+        stats.histogram.update(value)
+
+
+def _progress(iterable, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc="calibrating", unit="batch", leave=False)
+
+
+# ----------------------------------------------------------------------------------- cache
+def _cache_key(model: Model, names: list[str], provider: Provider, histograms: bool, bins: int) -> str | None:
+    fingerprint = getattr(provider, "fingerprint", None)
+    if fingerprint is None:
+        log.warning("calibration cache skipped: the data source has no fingerprint")
+        return None
+    digest = hashlib.sha256()
+    digest.update(model.to_proto().SerializeToString(deterministic=True))
+    digest.update(json.dumps({"v": CACHE_VERSION, "data": fingerprint(), "names": names, "hist": histograms,
+                              "bins": bins}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _save(path: Path, stats: dict[str, TensorStats]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    for i, (name, s) in enumerate(sorted(stats.items())):
+        arrays[f"name_{i}"] = np.array(name)
+        arrays[f"minmax_{i}"] = np.array([s.minmax.low, s.minmax.high])
+        if s.histogram is not None:
+            arrays[f"counts_{i}"] = s.histogram.counts
+            arrays[f"radius_{i}"] = np.array(s.histogram.radius)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load(path: Path, names: list[str], bins: int) -> dict[str, TensorStats] | None:
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        stats = {}
+        i = 0
+        while f"name_{i}" in data:
+            minmax = MinMax(*(float(v) for v in data[f"minmax_{i}"]))
+            hist = None
+            if f"counts_{i}" in data:
+                hist = Histogram(bins)
+                hist.counts, hist.radius = data[f"counts_{i}"].copy(), float(data[f"radius_{i}"])
+            stats[str(data[f"name_{i}"])] = TensorStats(minmax, hist)
+            i += 1
+    return stats if set(stats) == set(names) else None

@@ -1,0 +1,88 @@
+"""Pass `calibrate`: activation ranges from calibration data, stored in the model for `insert-qdq`.
+
+Observes every tensor any Q/DQ profile may quantize (passes/quant/placement.py) in one streaming pass
+of ONNX Runtime (irtool.calibration.engine) and turns the statistics into a [low, high] range per
+tensor: minmax takes the observed extremes; percentile, entropy and mse compute a threshold T on |x|
+from the histogram (irtool.calibration.observers) and clip the extremes to [-T, T]. Graph inputs
+always keep their min/max range. The ranges travel
+to `insert-qdq` through the IR, as JSON in the model's metadata under `irtool.calibration`, so the two
+passes can also run in separate invocations.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import dataclass
+
+from irtool.calibration.engine import TensorStats, collect
+from irtool.calibration.observers import DEFAULT_BINS
+from irtool.errors import InputError
+from irtool.ir.model import Model
+from irtool.passes.quant.placement import candidate_tensors
+from irtool.passmanager import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+METADATA_KEY = "irtool.calibration"
+
+
+class Method(enum.Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+def tensor_range(stats: TensorStats, method: Method, percentile: float) -> tuple[float, float]:
+    low, high = stats.minmax.low, stats.minmax.high
+    if method is Method.MINMAX or stats.histogram is None:
+        return low, high
+    if method is Method.PERCENTILE:
+        threshold = stats.histogram.percentile(percentile)
+    elif method is Method.ENTROPY:
+        threshold = stats.histogram.entropy(unsigned=low >= 0.0)
+    else:
+        threshold = stats.histogram.mse()
+    return max(low, -threshold), min(high, threshold)
+
+
+class Calibrate(Pass):
+    """Measure activation ranges on calibration data (minmax, percentile, entropy, mse)."""
+
+    name = "calibrate"
+
+    @dataclass(frozen=True)
+    class Options:
+        method: Method = Method.MINMAX
+        percentile: float = 99.99
+        bins: int = DEFAULT_BINS
+
+        def __post_init__(self):
+            if not 50.0 < self.percentile <= 100.0:
+                raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+            if self.bins < 256 or self.bins % 2:
+                raise ValueError(f"bins must be an even number >= 256, got {self.bins}")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if ctx.calibration_data is None:
+            raise InputError("calibrate needs calibration data (--calib-data PATH, or --calib-data random "
+                             "to calibrate on random inputs)")
+        names = candidate_tensors(model)
+        stats = collect(model, names, ctx.calibration_data, histograms=self.options.method is not Method.MINMAX,
+                        bins=self.options.bins, cache_dir=ctx.calib_cache, progress=ctx.progress)
+        inputs = {t.name for t in model.graph.inputs}
+        # Raw model inputs are never clipped: the network never saw them saturated.
+        ranges = {n: [float(v) for v in tensor_range(stats[n], Method.MINMAX if n in inputs else self.options.method,
+                                                    self.options.percentile)] for n in names}
+        model.metadata[METADATA_KEY] = json.dumps({"method": self.options.method.value, "ranges": ranges},
+                                                  sort_keys=True)
+        return PassResult(modified=True, preserved="*", stats={"tensors": len(ranges),
+                                                                "method": self.options.method.value})
+
+
+def stored_ranges(model: Model) -> dict[str, tuple[float, float]] | None:
+    text = model.metadata.get(METADATA_KEY)
+    if text is None:
+        return None
+    return {k: (v[0], v[1]) for k, v in json.loads(text)["ranges"].items()}

@@ -1,0 +1,188 @@
+"""Pass `insert-qdq`: QuantizeLinear/DequantizeLinear pairs from calibrated ranges, per profile.
+
+Placement rules are in passes/quant/placement.py. Scales and zero points:
+  activations, symmetric int8 (trt, or ort-cpu with activations=s8):
+      T = max(|low|, |high|),  s = T / 127,  z = 0
+  activations, asymmetric uint8 (ort-cpu default):
+      low' = min(low, 0), high' = max(high, 0),  s = (high' − low') / 255,  z = round(−low' / s)
+  weights, symmetric int8 per output channel c (per tensor with per-channel=false):
+      s_c = max|W_c| / 127,  q = clip(round(W / s_c), −127, 127),  W ≈ s_c · q
+Tensors that must share a scale (concat inputs for trt, MaxPool in/out for ort-cpu) use the union of
+their ranges. Mixed precision (min-sqnr / keep-fp) keeps the layers to which the output is most
+sensitive in float (passes/quant/sensitivity.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.errors import InputError
+from irtool.ir.model import Model
+from irtool.passes.quant.calibrate import METADATA_KEY, stored_ranges
+from irtool.passes.quant.placement import QuantPlan, Selection, WeightSlot, plan_ort_cpu, plan_trt
+from irtool.passmanager import Pass, PassContext, PassResult
+from irtool.pipeline import Regex
+
+log = logging.getLogger(__name__)
+
+
+class Profile(enum.Enum):
+    ORT_CPU = "ort-cpu"
+    TRT = "trt"
+
+
+class ActivationType(enum.Enum):
+    U8 = "u8"
+    S8 = "s8"
+
+
+def activation_qparams(low: float, high: float, signed: bool) -> tuple[np.float32, np.ndarray]:
+    if signed:
+        bound = max(abs(low), abs(high))
+        scale = bound / 127.0 if bound > 0 else 1.0
+        return np.float32(scale), np.array(0, dtype=np.int8)
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255.0 if high > low else 1.0
+    zero = int(np.clip(round(-low / scale), 0, 255))
+    return np.float32(scale), np.array(zero, dtype=np.uint8)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8: returns (q, scale) with scale per channel along `axis` (or a scalar)."""
+    w = w.astype(np.float32)
+    if axis is None:
+        bound = np.abs(w).max()
+        scale = np.float32(bound / 127.0 if bound > 0 else 1.0)
+        return np.clip(np.round(w / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    bound = np.abs(w).max(axis=other)
+    scale = np.where(bound > 0, bound / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+@dataclass(frozen=True)
+class Placement:
+    profile: Profile
+    activations: ActivationType
+    per_channel: bool
+
+
+def build_plan(model: Model, placement: Placement, selection: Selection) -> QuantPlan:
+    planner = plan_trt if placement.profile is Profile.TRT else plan_ort_cpu
+    return planner(model, selection, placement.per_channel)
+
+
+def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]], signed: bool) -> int:
+    """Insert the Q/DQ pairs and weight DQs of `plan`; return the number of Q/DQ pairs."""
+    shared = _shared_ranges(plan, ranges)
+    pairs = 0
+    for name, tensor in plan.tensors.items():
+        if name not in shared:
+            log.debug("insert-qdq: no calibrated range for %s, left in float", name)
+            continue
+        _insert_pair(model, tensor, plan.slots[name], *activation_qparams(*shared[name], signed))
+        pairs += 1
+    for slot in plan.weights:
+        _quantize_weight_slot(model, slot)
+    return pairs
+
+
+def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    out = {n: ranges[n] for n in plan.tensors if n in ranges}
+    for group in plan.share:
+        members = [n for n in group if n in out]
+        if members:
+            union = (min(out[n][0] for n in members), max(out[n][1] for n in members))
+            out.update({n: union for n in members})
+    return out
+
+
+def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32, zero: np.ndarray) -> None:
+    if not slots:
+        return
+    base = tensor.name
+    scale_c = gs.Constant(model.unique_name(f"{base}_scale"), np.asarray(scale, np.float32))
+    zero_c = gs.Constant(model.unique_name(f"{base}_zero_point"), zero)
+    quantized = gs.Variable(model.unique_name(f"{base}_quantized"), dtype=zero.dtype)
+    dequantized = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32)
+    q = gs.Node("QuantizeLinear", model.unique_name(f"{base}_QuantizeLinear"),
+                inputs=[tensor, scale_c, zero_c], outputs=[quantized])
+    dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"),
+                 inputs=[quantized, scale_c, zero_c], outputs=[dequantized])
+    for consumer, index in slots:
+        consumer.inputs[index] = dequantized
+    model.graph.nodes.extend([q, dq])
+
+
+def _quantize_weight_slot(model: Model, slot: WeightSlot) -> None:
+    weight = slot.node.inputs[slot.index]
+    values = np.asarray(weight.values)
+    if values.dtype != np.float32:
+        return
+    q, scale = quantize_weight(values, slot.axis)
+    base = weight.name
+    q_c = gs.Constant(model.unique_name(f"{base}_quantized"), q)
+    scale_c = gs.Constant(model.unique_name(f"{base}_scale"), scale)
+    zero_c = gs.Constant(model.unique_name(f"{base}_zero_point"), np.zeros(scale.shape, np.int8))
+    out = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
+    attrs = {"axis": slot.axis} if slot.axis is not None else {}
+    dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"), attrs=attrs,
+                 inputs=[q_c, scale_c, zero_c], outputs=[out])
+    slot.node.inputs[slot.index] = out
+    model.graph.nodes.append(dq)
+
+
+class InsertQDQ(Pass):
+    """Insert INT8 QuantizeLinear/DequantizeLinear for TensorRT or ONNX Runtime CPU."""
+
+    name = "insert-qdq"
+
+    @dataclass(frozen=True)
+    class Options:
+        profile: Profile = Profile.ORT_CPU
+        activations: ActivationType = ActivationType.U8
+        per_channel: bool = True
+        exclude: tuple[Regex, ...] = ()
+        exclude_ops: tuple[str, ...] = ()
+        keep_first: bool = False
+        keep_last: bool = False
+        min_sqnr: float | None = None
+        keep_fp: int = 0
+
+        def __post_init__(self):
+            if self.keep_fp < 0:
+                raise ValueError("keep-fp must be >= 0")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ranges = stored_ranges(model)
+        if ranges is None:
+            raise InputError("insert-qdq needs calibrated ranges: run `calibrate` before it "
+                             "(e.g. --passes calibrate,insert-qdq or the `quant` pipeline)")
+        placement = Placement(self.options.profile, self.options.activations, self.options.per_channel)
+        selection = self._selection(model, ranges, placement, ctx)
+        plan = build_plan(model, placement, selection)
+        signed = self.options.profile is Profile.TRT or self.options.activations is ActivationType.S8
+        pairs = apply_plan(model, plan, ranges, signed)
+        del model.metadata[METADATA_KEY]
+        return PassResult(modified=True, stats={
+            "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),
+            "layers_kept_float": sorted(selection.keep_fp), "profile": self.options.profile.value})
+
+    def _selection(self, model: Model, ranges, placement: Placement, ctx: PassContext) -> Selection:
+        base = Selection(tuple(self.options.exclude), tuple(self.options.exclude_ops), self.options.keep_first,
+                         self.options.keep_last)
+        if self.options.min_sqnr is None and not self.options.keep_fp:
+            return base
+        from irtool.passes.quant.sensitivity import keep_in_float
+
+        keep = keep_in_float(model, ranges, placement, base, ctx, min_sqnr=self.options.min_sqnr,
+                             keep_fp=self.options.keep_fp)
+        return Selection(base.exclude, base.exclude_ops, base.keep_first, base.keep_last, frozenset(keep))

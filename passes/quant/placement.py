@@ -1,0 +1,193 @@
+"""Where Q/DQ pairs go, per deployment profile. The rules implemented:
+
+trt (TensorRT explicit quantization, following NVIDIA's Q/DQ placement guidance):
+  1. Conv, ConvTranspose, Gemm and MatMul get Q/DQ on their activation inputs and a DequantizeLinear
+     on their int8 weights (per output channel), so TensorRT selects INT8 kernels for them.
+  2. Their outputs are not quantized: TensorRT fuses the following bias/activation and decides the
+     output precision itself.
+  3. On a residual Add fed by a quantized layer's output, the other input (the skip branch) gets
+     Q/DQ, so TensorRT can fuse the add into that layer as an INT8 epilogue.
+  4. Concat inputs that are quantized share one scale with each other, so the concat runs in INT8
+     without requantization.
+  5. Activations are INT8 symmetric (zero point 0), per tensor; nothing is quantized inside or across
+     If/Loop bodies (only main-graph consumers are rewired).
+ort-cpu (ONNX Runtime CPU; its QDQ transformers fuse DQ -> op -> Q into QLinearConv, QGemm,
+QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...):
+  1. Inputs of Conv, ConvTranspose, Gemm, MatMul, and inputs and outputs of Add, Mul, Concat, pooling.
+  2. The output of every quantized layer, after a directly following Relu/Clip (ORT removes the
+     activation into the Q's range), so the layer's Q/DQ chain closes and fusion happens.
+  3. MaxPool's input and output share a scale (it then runs on integers).
+  4. Activations u8 asymmetric by default (u8 x s8 is what x86 integer kernels run; s8 activations
+     leave layers in float there), weights s8 symmetric per output channel.
+  A quantized tensor is read dequantized by all its main-graph consumers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.ir.model import Model
+from irtool.ir.topo import topo_order
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ORT_IO_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass
+class WeightSlot:
+    node: gs.Node
+    index: int
+    axis: int | None  # per-channel axis, None = per tensor
+
+
+@dataclass
+class QuantPlan:
+    """Activation tensors to quantize (with the consumer slots to rewire) and weights to quantize."""
+
+    slots: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)
+    tensors: dict[str, gs.Tensor] = field(default_factory=dict)
+    share: list[set[str]] = field(default_factory=list)
+    weights: list[WeightSlot] = field(default_factory=list)
+    quantized_nodes: list[str] = field(default_factory=list)
+
+    def add(self, tensor: gs.Tensor, consumer: gs.Node | None = None, index: int | None = None) -> None:
+        """Quantize `tensor` for one consumer slot, or for every main-graph consumer when none is given."""
+        if not _is_float_activation(tensor):
+            return
+        self.tensors[tensor.name] = tensor
+        slots = self.slots.setdefault(tensor.name, [])
+        pairs = [(consumer, index)] if consumer is not None else [
+            (c, i) for c in tensor.outputs for i, t in enumerate(c.inputs) if t is tensor]
+        for pair in pairs:
+            if all(pair[0] is not s[0] or pair[1] != s[1] for s in slots):
+                slots.append(pair)
+
+
+def _is_float_activation(tensor: gs.Tensor) -> bool:
+    if isinstance(tensor, gs.Constant) or not tensor.name:
+        return False
+    return tensor.dtype is None or np.dtype(tensor.dtype) == np.float32
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which compute nodes are quantized (exclusions and mixed precision applied)."""
+
+    exclude: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    keep_first: bool = False
+    keep_last: bool = False
+    keep_fp: frozenset[str] = frozenset()
+    only: frozenset[str] | None = None  # sensitivity analysis: quantize just these
+
+    def enabled(self, model: Model) -> list[gs.Node]:
+        nodes = [model.graph.nodes[i] for i in topo_order(model.graph.nodes)]
+        compute = [n for n in nodes if n.op in COMPUTE_OPS and _has_weight_or_two_activations(n)]
+        first_last = set()
+        if compute and self.keep_first:
+            first_last.add(compute[0].name)
+        if compute and self.keep_last:
+            first_last.add(compute[-1].name)
+        return [n for n in compute if self._allowed(n) and n.name not in first_last]
+
+    def _allowed(self, node: gs.Node) -> bool:
+        if self.only is not None:
+            return node.name in self.only
+        return node.op not in self.exclude_ops and node.name not in self.keep_fp \
+            and not any(re.search(p, node.name) for p in self.exclude)
+
+
+def _has_weight_or_two_activations(node: gs.Node) -> bool:
+    return len(node.inputs) >= 2 and (isinstance(node.inputs[1], gs.Constant) or node.op == "MatMul")
+
+
+def weight_axis(node: gs.Node, per_channel: bool) -> int | None:
+    """Output-channel axis of the weight: Conv [O,I,k], ConvTranspose [I,O/g,k], Gemm B per transB, MatMul [K,N]."""
+    if not per_channel:
+        return None
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return 1 if np.asarray(node.inputs[1].values).ndim == 2 else None
+
+
+def plan_trt(model: Model, selection: Selection, per_channel: bool = True) -> QuantPlan:
+    plan = QuantPlan()
+    enabled = selection.enabled(model)
+    _compute_inputs(plan, enabled, per_channel, all_consumers=False)
+    enabled_names = {n.name for n in enabled}
+    for node in model.graph.nodes:
+        if node.op == "Add" and len(node.inputs) == 2:
+            _residual(plan, node, enabled_names)
+    for node in model.graph.nodes:
+        if node.op == "Concat" and any(t.name in plan.tensors for t in node.inputs):
+            for i, t in enumerate(node.inputs):
+                plan.add(t, node, i)
+            plan.share.append({t.name for t in node.inputs if t.name in plan.tensors})
+    return plan
+
+
+def _residual(plan: QuantPlan, add: gs.Node, enabled: set[str]) -> None:
+    a, b = add.inputs
+    from_layer = [bool(t.inputs) and t.inputs[0].name in enabled for t in (a, b)]
+    if not any(from_layer) or isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
+        return
+    skip_index = 0 if from_layer[1] and not from_layer[0] else 1
+    plan.add(add.inputs[skip_index], add, skip_index)
+
+
+def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -> QuantPlan:
+    plan = QuantPlan()
+    enabled = selection.enabled(model)
+    _compute_inputs(plan, enabled, per_channel, all_consumers=True)
+    for node in enabled:
+        plan.add(_fused_output(node.outputs[0]))
+    if selection.only is None:
+        for node in model.graph.nodes:
+            if node.op in ORT_IO_OPS and _io_quantizable(node, plan):
+                for t in node.inputs:
+                    plan.add(t)
+                plan.add(node.outputs[0])
+                if node.op == "MaxPool":
+                    plan.share.append({node.inputs[0].name, node.outputs[0].name})
+    return plan
+
+
+def _io_quantizable(node: gs.Node, plan: QuantPlan) -> bool:
+    """Quantize around an op only where it sits between quantized values (no float islands made)."""
+    activations = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    return bool(activations) and all(t.name in plan.tensors for t in activations)
+
+
+def _fused_output(tensor: gs.Tensor) -> gs.Tensor:
+    if len(tensor.outputs) == 1 and tensor.outputs[0].op in FUSED_ACTIVATIONS:
+        return tensor.outputs[0].outputs[0]
+    return tensor
+
+
+def _compute_inputs(plan: QuantPlan, nodes: list[gs.Node], per_channel: bool, all_consumers: bool) -> None:
+    for node in nodes:
+        plan.quantized_nodes.append(node.name)
+        activation_slots = [0] if isinstance(node.inputs[1], gs.Constant) else [0, 1]
+        for i in activation_slots:
+            if all_consumers:
+                plan.add(node.inputs[i])
+            else:
+                plan.add(node.inputs[i], node, i)
+        if isinstance(node.inputs[1], gs.Constant):
+            plan.weights.append(WeightSlot(node, 1, weight_axis(node, per_channel)))
+
+
+def candidate_tensors(model: Model) -> list[str]:
+    """Every tensor any profile may quantize: what `calibrate` observes."""
+    everything = Selection()
+    names = set(plan_trt(model, everything).tensors) | set(plan_ort_cpu(model, everything).tensors)
+    return sorted(names)
