@@ -22,11 +22,12 @@ from irtool import errors
 from irtool.ir.model import Model
 from irtool.ir.printer import format_model
 from irtool.ir.verify import verify
-from irtool.passmanager import PassManager
+from irtool.passmanager import PassContext, PassManager
 from irtool.pipeline import format_pipeline, parse_pipeline
 
 GOLDEN_ROOT = Path(__file__).resolve().parent
 SAMPLES = 2
+CALIBRATION_SEED_OFFSET = 100
 # ONNX Runtime 1.31 refuses IR versions above what it knows; onnx's make_model may stamp a newer one.
 MAX_ORT_IR_VERSION = 10
 # Stored outputs are compared loosely enough to survive another CPU's kernels, tightly enough to
@@ -117,7 +118,7 @@ def run_case(case: Path, update: bool) -> None:
         return
     pipeline = parse_pipeline(pipeline_text)
     transformed = original.copy()
-    records = PassManager(pipeline.build(), verify_each=True).run(transformed)
+    records = PassManager(pipeline.build(), verify_each=True).run(transformed, case_context(case, proto))
     check_records(records, expect, format_model(original), format_model(transformed))
     header = f"// pipeline: {format_pipeline(pipeline)}\n"
     check_text(case / "expected.ir", header + format_model(transformed), update)
@@ -126,6 +127,19 @@ def run_case(case: Path, update: bool) -> None:
     after = [run_ort(to_runnable(transformed.to_proto()), f) for f in feeds]
     check_contract(Contract.parse((case / "contract.txt").read_text().strip()), before, after)
     check_npz(case / "expected_outputs.npz", after, update)
+
+
+def case_context(case: Path, proto: onnx.ModelProto) -> PassContext:
+    """A case with `calibration.txt` ("samples N") gets N seeded samples as calibration data, one per batch
+    (inputs may have a fixed batch dimension)."""
+    path = case / "calibration.txt"
+    if not path.exists():
+        return PassContext()
+    fields = path.read_text().split()
+    count = int(fields[fields.index("samples") + 1])
+    samples = [seeded_inputs(proto, CALIBRATION_SEED_OFFSET + i) for i in range(count)]
+
+    return PassContext(calibration_data=lambda: iter(samples))
 
 
 def load_case_model(case: Path) -> onnx.ModelProto:

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.errors import InputError
 from irtool.ir.model import Model
+from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_ranges
 from irtool.passes.quant.placement import QuantPlan, Selection, WeightSlot, plan_ort_cpu, plan_trt
 from irtool.passmanager import Pass, PassContext, PassResult
@@ -92,6 +93,7 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
         pairs += 1
     for slot in plan.weights:
         _quantize_weight_slot(model, slot)
+    toposort_graph(model.graph)  # new Q/DQ nodes were appended at the end
     return pairs
 
 

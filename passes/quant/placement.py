@@ -7,8 +7,8 @@ trt (TensorRT explicit quantization, following NVIDIA's Q/DQ placement guidance)
      output precision itself.
   3. On a residual Add fed by a quantized layer's output, the other input (the skip branch) gets
      Q/DQ, so TensorRT can fuse the add into that layer as an INT8 epilogue.
-  4. Concat inputs that are quantized share one scale with each other, so the concat runs in INT8
-     without requantization.
+  4. A Concat whose output is quantized gets Q/DQ on every input, all with the output's scale, so
+     the concat runs in INT8 without requantization (what TensorRT's Q propagation would do).
   5. Activations are INT8 symmetric (zero point 0), per tensor; nothing is quantized inside or across
      If/Loop bodies (only main-graph consumers are rewired).
 ort-cpu (ONNX Runtime CPU; its QDQ transformers fuse DQ -> op -> Q into QLinearConv, QGemm,
@@ -128,10 +128,10 @@ def plan_trt(model: Model, selection: Selection, per_channel: bool = True) -> Qu
         if node.op == "Add" and len(node.inputs) == 2:
             _residual(plan, node, enabled_names)
     for node in model.graph.nodes:
-        if node.op == "Concat" and any(t.name in plan.tensors for t in node.inputs):
+        if node.op == "Concat" and node.outputs[0].name in plan.tensors:
             for i, t in enumerate(node.inputs):
                 plan.add(t, node, i)
-            plan.share.append({t.name for t in node.inputs if t.name in plan.tensors})
+            plan.share.append({t.name for t in node.inputs if t.name in plan.tensors} | {node.outputs[0].name})
     return plan
 
 

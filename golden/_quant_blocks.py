@@ -1,0 +1,93 @@
+"""Small blocks for the Q/DQ golden cases (deterministic weights, opset 17, IR 8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    def __init__(self, seed: int = 0):
+        self.rng, self.nodes, self.inits = np.random.default_rng(seed), [], []
+
+    def w(self, name: str, *shape: int, scale: float = 0.3) -> str:
+        self.inits.append(numpy_helper.from_array((self.rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def conv(self, x: str, name: str, c_in: int, c_out: int, k: int = 3, group: int = 1) -> str:
+        return self.node("Conv", [x, self.w(f"{name}.w", c_out, c_in // group, k, k), self.w(f"{name}.b", c_out)],
+                         name, kernel_shape=[k, k], pads=[k // 2] * 4, group=group)
+
+    def model(self, inputs: dict[str, list[int]], output: str, out_shape: list[int]) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "block",
+                                  [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)], self.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def conv() -> onnx.ModelProto:
+    b = Builder(1)
+    b.node("Relu", [b.conv("x", "conv1", 3, 8)], "relu1")
+    b.node("Relu", [b.conv("relu1", "conv2", 8, 8)], "y")
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+
+
+def residual() -> onnx.ModelProto:
+    b = Builder(2)
+    stem = b.node("Relu", [b.conv("x", "stem", 3, 8)], "stem_relu")
+    inner = b.node("Relu", [b.conv(stem, "conv1", 8, 8)], "relu1")
+    add = b.node("Add", [b.conv(inner, "conv2", 8, 8), stem], "add")
+    b.node("Relu", [add], "y")
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+
+
+def concat() -> onnx.ModelProto:
+    b = Builder(3)
+    left = b.node("Relu", [b.conv("x", "left", 3, 4, 1)], "left_relu")
+    right = b.node("Relu", [b.conv("x", "right", 3, 6)], "right_relu")
+    cat = b.node("Concat", [left, right], "cat", axis=1)
+    b.conv(cat, "y", 10, 8, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+
+
+def depthwise() -> onnx.ModelProto:
+    b = Builder(4)
+    stem = b.node("Relu", [b.conv("x", "stem", 3, 8)], "stem_relu")
+    dw = b.node("Relu", [b.conv(stem, "dw", 8, 8, 3, group=8)], "dw_relu")
+    b.conv(dw, "y", 8, 16, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 16, 8, 8])
+
+
+def flatten_gemm() -> onnx.ModelProto:
+    b = Builder(5)
+    pooled = b.node("MaxPool", [b.node("Relu", [b.conv("x", "conv", 3, 4)], "relu")], "pool",
+                    kernel_shape=[2, 2], strides=[2, 2])
+    flat = b.node("Flatten", [pooled], "flat", axis=1)
+    hidden = b.node("Relu", [b.node("Gemm", [flat, b.w("fc1.w", 16, 64), b.w("fc1.b", 16)], "fc1", transB=1)],
+                    "fc1_relu")
+    b.node("Gemm", [hidden, b.w("fc2.w", 16, 10), b.w("fc2.b", 10)], "y")
+    return b.model({"x": [2, 3, 8, 8]}, "y", [2, 10])
+
+
+def attention() -> onnx.ModelProto:
+    """One self-attention head over 4 tokens of width 8, with an output projection and a residual."""
+    b = Builder(6)
+    q = b.node("MatMul", ["x", b.w("wq", 8, 8)], "q")
+    k = b.node("MatMul", ["x", b.w("wk", 8, 8)], "k")
+    v = b.node("MatMul", ["x", b.w("wv", 8, 8)], "v")
+    kt = b.node("Transpose", [k], "kt", perm=[0, 2, 1])
+    scores = b.node("Mul", [b.node("MatMul", [q, kt], "qk"), b.const("inv_sqrt_d", 8 ** -0.5, np.float32)],
+                    "scores")
+    probs = b.node("Softmax", [scores], "probs", axis=-1)
+    ctx = b.node("MatMul", [probs, v], "ctx")
+    b.node("Add", [b.node("MatMul", [ctx, b.w("wo", 8, 8)], "proj"), "x"], "y")
+    return b.model({"x": [1, 4, 8]}, "y", [1, 4, 8])

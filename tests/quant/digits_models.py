@@ -1,0 +1,77 @@
+"""CNNs trained in seconds on scikit-learn's digits for quantization tests: plain, residual and a
+MobileNet-like net with depthwise blocks. Exported with BatchNormalization kept (fold-bn runs in the
+pipeline) and a dynamic batch axis."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from tests.prune.digits import DigitsNet, digits_split
+
+
+def plain() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(32 * 16, 10))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c: int, expand: int = 4):
+        super().__init__()
+        h = c * expand
+        self.body = nn.Sequential(nn.Conv2d(c, h, 1), nn.BatchNorm2d(h), nn.ReLU6(),
+                                  nn.Conv2d(h, h, 3, padding=1, groups=h), nn.BatchNorm2d(h), nn.ReLU6(),
+                                  nn.Conv2d(h, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def mobilenet_like() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                         InvertedResidual(16), InvertedResidual(16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+ARCHS = {"plain": plain, "residual": DigitsNet, "mobilenet": mobilenet_like}
+
+
+def train(arch: str, epochs: int = 8, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
+    torch.manual_seed(seed)
+    (xt, yt), calib, test = digits_split(seed)
+    net = ARCHS[arch]()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x_t, y_t = torch.from_numpy(xt), torch.from_numpy(yt)
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_t))
+        for i in range(0, len(perm), 50):
+            idx = perm[i:i + 50]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x_t[idx]), y_t[idx]).backward()
+            opt.step()
+    net.eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.from_numpy(test[0][:1]),), buffer, dynamo=False, input_names=["x"],
+                      output_names=["logits"], opset_version=17, do_constant_folding=False,
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue()), {"calib": calib, "test": test}
+
+
+def logits(proto: onnx.ModelProto, x: np.ndarray, optimized_path: str | None = None) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - test) ** 2)))

@@ -1,0 +1,150 @@
+"""INT8 quantization of CNNs trained on digits: accuracy, logit SQNR, integer kernels in ONNX Runtime,
+profiles, determinism, batch-size invariance, mixed precision, calibration cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from irtool.api import optimize
+from irtool.errors import InputError
+from irtool.ir import Model
+from irtool.passes.quant.calibrate import METADATA_KEY
+from irtool.passmanager import PassContext, PassManager
+from irtool.pipeline import parse_pipeline
+from tests.prune.digits import calibration
+from tests.quant.digits_models import logits, sqnr_db, train
+
+_TRAINED: dict[str, tuple] = {}
+
+
+def trained(arch: str):
+    if arch not in _TRAINED:
+        _TRAINED[arch] = train(arch)
+    return _TRAINED[arch]
+
+
+def quantize(proto, text: str, x_calib: np.ndarray, batch: int = 50, **kwargs):
+    return optimize(proto, text, calibration_data=calibration(x_calib, batch), verify_each=True, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual", "mobilenet"])
+@pytest.mark.parametrize("pipeline", ["quant", "quant-trt"])
+def test_int8_keeps_accuracy_and_agreement(arch, pipeline):
+    proto, data = trained(arch)
+    (x, y), x_calib = data["test"], data["calib"][0]
+    ref = logits(proto, x)
+    result = quantize(proto, pipeline, x_calib)
+    out = logits(result.model.to_proto(), x)
+    float_acc, int8_acc = (ref.argmax(1) == y).mean(), (out.argmax(1) == y).mean()
+    assert float_acc > 0.9
+    assert int8_acc >= float_acc - 0.005, (float_acc, int8_acc)
+    assert (ref.argmax(1) == out.argmax(1)).mean() >= 0.99
+    assert sqnr_db(ref, out) > 20.0
+
+
+def test_ort_cpu_profile_runs_integer_kernels(tmp_path):
+    proto, data = trained("residual")
+    result = quantize(proto, "quant", data["calib"][0])
+    optimized = tmp_path / "optimized.onnx"
+    logits(result.model.to_proto(), data["test"][0][:4], str(optimized))
+    ops = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+    assert {"QLinearConv", "QLinearAdd", "QGemm"} <= ops
+    assert "Conv" not in ops and "FusedConv" not in ops  # no convolution left in float
+
+
+def test_trt_profile_places_qdq_only_on_inputs():
+    proto, data = trained("residual")
+    model = quantize(proto, "quant-trt", data["calib"][0]).model
+    for node in model.graph.nodes:
+        if node.op == "Conv":
+            consumers = [c.op for c in node.outputs[0].outputs]
+            assert "QuantizeLinear" not in consumers  # TensorRT fuses the epilogue itself
+            assert node.inputs[0].inputs[0].op == "DequantizeLinear"
+            dq_w = node.inputs[1].inputs[0]
+            assert dq_w.op == "DequantizeLinear" and dq_w.attrs["axis"] == 0
+            assert np.asarray(dq_w.inputs[0].values).dtype == np.int8
+        if node.op == "QuantizeLinear":
+            assert np.asarray(node.inputs[2].values).dtype == np.int8 and int(node.inputs[2].values) == 0
+    add = next(n for n in model.graph.nodes if n.op == "Add")
+    kinds = sorted(t.inputs[0].op for t in add.inputs)
+    assert kinds == ["Conv", "DequantizeLinear"]  # the skip branch is quantized, the conv output is not
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_method_is_accurate_and_batch_size_invariant(method):
+    proto, data = trained("mobilenet")
+    x_calib = data["calib"][0]
+    text = f"cleanup,fold-bn,calibrate{{method={method}}}"
+    ranges = []
+    for batch in (1, 37, 300):
+        model = quantize(proto, text, x_calib[:120], batch=batch).model
+        ranges.append(json.loads(model.metadata[METADATA_KEY])["ranges"])
+    assert ranges[0] == ranges[1] == ranges[2]
+    out = quantize(proto, f"{text},insert-qdq", x_calib).model.to_proto()
+    x = data["test"][0]
+    assert sqnr_db(logits(proto, x), logits(out, x)) > 20.0
+
+
+def test_same_seed_same_bytes():
+    proto, data = trained("plain")
+    a = quantize(proto, "quant", data["calib"][0]).model.to_proto().SerializeToString(deterministic=True)
+    b = quantize(proto, "quant", data["calib"][0]).model.to_proto().SerializeToString(deterministic=True)
+    assert a == b
+
+
+def test_mixed_precision_keeps_sensitive_layers_in_float():
+    proto, data = trained("mobilenet")
+    x, x_calib = data["test"][0], data["calib"][0]
+    full = quantize(proto, "quant", x_calib)
+    kept = quantize(proto, "cleanup,fold-bn,calibrate,insert-qdq{keep-fp=2}", x_calib)
+    assert len(kept.records[-1].stats["layers_kept_float"]) == 2
+    assert kept.records[-1].stats["layers_quantized"] == full.records[-1].stats["layers_quantized"] - 2
+    ref = logits(proto, x)
+    assert sqnr_db(ref, logits(kept.model.to_proto(), x)) > sqnr_db(ref, logits(full.model.to_proto(), x))
+    target = sqnr_db(ref, logits(full.model.to_proto(), x)) + 3.0
+    reached = quantize(proto, f"cleanup,fold-bn,calibrate,insert-qdq{{min-sqnr={target:.1f}}}", x_calib)
+    stats = reached.records[-1].stats
+    assert 1 <= len(stats["layers_kept_float"]) < full.records[-1].stats["layers_quantized"]
+
+
+def test_exclusions_and_first_last():
+    proto, data = trained("plain")
+    result = quantize(proto, "cleanup,fold-bn,calibrate,insert-qdq{keep-first=true,keep-last=true}",
+                      data["calib"][0])
+    assert result.records[-1].stats["layers_quantized"] == 1  # 3 compute layers minus first and last
+    weights_int8 = [t for t in result.model.to_proto().graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights_int8) == 2  # one weight, one zero point vector
+
+
+def test_calibration_errors():
+    proto, data = trained("plain")
+    with pytest.raises(InputError, match="needs calibration data"):
+        optimize(proto, "quant")
+    with pytest.raises(InputError, match="run `calibrate` before it"):
+        optimize(proto, "insert-qdq")
+    empty = lambda: iter([])  # noqa: E731
+    with pytest.raises(InputError, match="calibration data is empty|holds no samples"):
+        optimize(proto, "calibrate", calibration_data=empty)
+
+
+def test_calibration_cache_is_reused(tmp_path, monkeypatch):
+    proto, data = trained("plain")
+    x_calib = data["calib"][0][:64]
+    provider = calibration(x_calib, 16)
+    provider.fingerprint = lambda: "digits-64"  # what CalibrationData provides
+    model = Model.from_proto(proto)
+    ctx = PassContext(calibration_data=provider, calib_cache=str(tmp_path))
+    PassManager(parse_pipeline("calibrate{method=entropy}").build()).run(model, ctx)
+    first = model.metadata[METADATA_KEY]
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+    import irtool.calibration.engine as engine
+
+    monkeypatch.setattr(engine, "tap", lambda *a, **k: pytest.fail("cache miss: the model ran again"))
+    again = Model.from_proto(proto)
+    PassManager(parse_pipeline("calibrate{method=entropy}").build()).run(again, ctx)
+    assert again.metadata[METADATA_KEY] == first
