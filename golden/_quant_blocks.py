@@ -91,3 +91,33 @@ def attention() -> onnx.ModelProto:
     ctx = b.node("MatMul", [probs, v], "ctx")
     b.node("Add", [b.node("MatMul", [ctx, b.w("wo", 8, 8)], "proj"), "x"], "y")
     return b.model({"x": [1, 4, 8]}, "y", [1, 4, 8])
+
+
+def unbalanced_chain(activation: str = "Relu") -> onnx.ModelProto:
+    """Conv -> act -> Conv where conv1's channel ranges spread over two orders of magnitude and conv2
+    compensates (the function of a balanced chain, the weight ranges of a badly trained one)."""
+    b = Builder(7)
+    b.node(activation, [b.conv("x", "conv1", 3, 8)], "act1")
+    b.conv("act1", "y", 8, 8)
+    spread = np.geomspace(0.02, 4.0, 8).astype(np.float32)
+    for name, shape in (("conv1.w", (-1, 1, 1, 1)), ("conv1.b", (-1,)), ("y.w", (1, -1, 1, 1))):
+        t = next(t for t in b.inits if t.name == name)
+        factor = spread.reshape(shape) if name != "y.w" else 1.0 / spread.reshape(shape)
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * factor, name))
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+
+
+def depthwise_chain() -> onnx.ModelProto:
+    b = Builder(8)
+    a = b.node("Relu", [b.conv("x", "expand", 3, 8, 1)], "act1")
+    d = b.node("Relu", [b.conv(a, "dw", 8, 8, 3, group=8)], "act2")
+    b.conv(d, "y", 8, 4, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
+
+
+def clip_chain() -> onnx.ModelProto:
+    b = Builder(9)
+    c = b.conv("x", "conv1", 3, 8)
+    b.node("Clip", [c, b.const("lo", 0.0, np.float32), b.const("hi", 6.0, np.float32)], "act1")
+    b.conv("act1", "y", 8, 8)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])

@@ -50,3 +50,21 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         feeds = {n: np.asarray(batch[n]) for n in input_names}
         values = session.run(names, feeds)
         yield dict(zip(names, values, strict=True))
+
+
+def channel_means(model: Model, axes: Mapping[str, int],
+                  batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Mean of each named value over everything but its channel axis, averaged over the batches
+    (float64, streamed: one batch of values in memory at a time)."""
+    names = sorted(axes)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for values in tap(model, names, batches):
+        count += 1
+        for name, value in values.items():
+            axis = axes[name] % value.ndim
+            other = tuple(i for i in range(value.ndim) if i != axis)
+            sums[name] = sums.get(name, 0.0) + value.astype(np.float64).mean(axis=other)
+    if count == 0:
+        raise InputError("calibration data is empty")
+    return {name: total / count for name, total in sums.items()}

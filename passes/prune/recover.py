@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from irtool.calibration.tap import tap
+from irtool.calibration.tap import channel_means, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import topo_order
@@ -65,23 +65,10 @@ def _refittable(node: gs.Node) -> bool:
 
 
 # ----------------------------------------------------------------------------------- bias
-def _channel_means(model: Model, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for values in tap(model, names, ctx.calibration_data()):
-        count += 1
-        for name, value in values.items():
-            axis = 1 if value.ndim == 4 else value.ndim - 1
-            other = tuple(i for i in range(value.ndim) if i != axis)
-            sums[name] = sums.get(name, 0.0) + value.astype(np.float64).mean(axis=other)
-    if count == 0:
-        raise InputError("calibration data is empty")
-    return {name: total / count for name, total in sums.items()}
-
-
 def _bias_correct(consumers: list[gs.Node], reference: Model, removed: dict[str, list[int]],
                   ctx: PassContext) -> int:
-    means = _channel_means(reference, sorted({n.inputs[0].name for n in consumers}), ctx)
+    axes = {n.inputs[0].name: 1 if n.op == "Conv" else -1 for n in consumers}
+    means = channel_means(reference, axes, ctx.calibration_data())
     original = {n.name: n for n in reference.graph.nodes}
     updated = 0
     for node in consumers:
