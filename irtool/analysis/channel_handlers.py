@@ -6,6 +6,15 @@ A handler answers two questions for its op:
   apply(node, view):  after pruning, slice the node's weights/attributes; view.keep(tensor) gives
                       the surviving channel indices of a tensor, or None when it lost none.
 Adding an op is adding a handler here, not editing an if-chain.
+
+Couplings beyond "channel i is channel i" (each stated in its handler's docstring):
+  * depthwise Conv ties input g to outputs g·m .. g·m+m-1 (whole groups go, `group` shrinks); grouped
+    Conv ties position p of every group together on its input and output (`group` stays);
+  * GroupNormalization makes each group of C/G channels one atom (its statistics stay intact);
+  * Reshape ties channel digits to one output axis (flatten, channel shuffle, attention heads);
+  * MatMul of two activations keeps channels only on a shared batch axis (attention heads).
+Every propagate is wrapped so that a node which reads channels but leaves an output without a channel
+space locks its inputs: the analysis never loses track of channels that would then change shape silently.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from irtool.analysis.channels import Builder, PruneView
+from irtool.analysis.channels import Builder, PruneView, Space, UnionFind
 
 HANDLERS: dict[str, Handler] = {}
 
@@ -28,11 +37,35 @@ def handles(*ops: str):
 
 
 class Handler:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "propagate" in cls.__dict__:
+            cls.propagate = _losing_track_locks(cls.__dict__["propagate"])
+
     def propagate(self, node: gs.Node, b: Builder) -> None:
         raise NotImplementedError
 
     def apply(self, node: gs.Node, view: PruneView) -> None:
         """Default: the node has no weights of its own; shapes follow its inputs."""
+
+
+def _losing_track_locks(propagate):
+    """Channels must never flow where the analysis stops following them: when a node reads a channel
+    space and one of its outputs got none (a shape inference could not give, an unsupported form), the
+    inputs are locked, with the reason recorded for that output if there is one."""
+
+    def guarded(self, node: gs.Node, b: Builder) -> None:
+        propagate(self, node, b)
+        lost = [y for y in node.outputs if y.name and b.space(y) is None]
+        if lost:
+            reason = b.tensor_locks.get(lost[0].name) or f"{node.op} {node.name!r} output {lost[0].name!r} has no " \
+                                                            "channel space"
+            for t in node.inputs:
+                if b.space(t) is not None:
+                    b.lock(t, reason if reason.startswith(node.op) else f"{node.op} {node.name!r}: {reason}")
+
+    guarded.__doc__ = propagate.__doc__
+    return guarded
 
 
 def _constant(tensor: gs.Tensor) -> gs.Constant | None:
@@ -85,9 +118,51 @@ class ChannelNorm(Handler):
             _take(param, indices, 0)
 
 
+@handles("GroupNormalization")
+class GroupNorm(Handler):
+    """Statistics are taken per group of K = C/G channels, so removing part of a group would change them
+    (the masking contract breaks): a group's channels form one atom, whole groups go and num_groups
+    shrinks. scale/bias are per channel [C] (opset 21) or per group [G] (opset 18)."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        groups = int(node.attrs.get("num_groups", 1))
+        if space.axis != 1 or any(_constant(p) is None or not _only_use(p) for p in node.inputs[1:]) \
+                or space.size % groups:
+            b.lock(x, f"GroupNormalization {node.name!r} normalizes another axis or has non-constant parameters")
+            return
+        per_group = space.size // groups
+        for i in range(space.size):
+            b.uf.union(space.base + i, space.base + i - i % per_group)
+        if b.new_space(y, 1) is not None:
+            b.tie(x, y)
+
+    def apply(self, node, view):
+        keep, space = view.keep(node.inputs[0]), view.space(node.inputs[0])
+        if keep is None:
+            return
+        groups = int(node.attrs.get("num_groups", 1))
+        kept_groups = np.unique(keep // (space.size // groups))
+        for param in node.inputs[1:]:
+            size = np.asarray(param.values).shape[0]
+            _take(param, keep if size == space.size else kept_groups, 0)
+        node.attrs["num_groups"] = len(kept_groups)
+
+
 @handles("Conv")
 class Conv(Handler):
-    """W: [C_out, C_in/groups, k...]. Output channels are filters; depthwise ties in to out."""
+    """W: [C_out, C_in/group, k...]; output channels are filters. Grouped convs come in two kinds:
+
+    * depthwise (C_in/group == 1, C_out = m·group): input channel g feeds outputs g·m .. g·m+m-1, so
+      they form one atom; removing it removes whole groups and `group` shrinks to the survivors;
+    * grouped (C_in/group = K_in > 1, C_out/group = K_out): input channel g·K_in+p is read only by the
+      outputs of group g. Removal is group-aligned: position p is tied across all groups (on the input
+      and, with q, on the output), so every group keeps the same positions, W' = W[kept q of every
+      group][:, kept p] stays a valid grouped kernel and `group` is unchanged.
+    """
 
     def propagate(self, node, b):
         x, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
@@ -96,35 +171,46 @@ class Conv(Handler):
             b.lock(x, f"Conv {node.name!r} has non-constant or shared weights") if b.space(x) else None
             return
         weights = np.asarray(w.values)
-        depthwise = group > 1 and group == weights.shape[0] and weights.shape[1] == 1
         space_in = b.space(x)
-        if group > 1 and not depthwise:
-            if space_in is not None:
-                b.lock(x, f"grouped Conv {node.name!r} (group={group}) is not handled yet")
-            return
         if space_in is not None and space_in.axis != 1:
             b.lock(x, f"Conv {node.name!r} reads channels on axis {space_in.axis}")
             return
         if b.new_space(y, 1) is None:
             return
-        if depthwise:
+        if group > 1 and weights.shape[1] == 1:
             if space_in is None:
                 b.lock(y, f"depthwise Conv {node.name!r} input has no channel space")
             else:
-                b.tie(x, y)
+                b.tie_block(x, y, weights.shape[0] // group)
+        elif group > 1:
+            _tie_positions(b, b.space(y), group)
+            if space_in is not None:
+                _tie_positions(b, space_in, group)
         b.add_filters(node, y, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
         w = node.inputs[1]
         out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
         group = int(node.attrs.get("group", 1))
+        k_in, per_group = np.asarray(w.values).shape[1], np.asarray(w.values).shape[0] // group
         _take(w, out_keep, 0)
         if len(node.inputs) > 2:
             _take(node.inputs[2], out_keep, 0)
-        if group > 1:
-            node.attrs["group"] = int(np.asarray(w.values).shape[0])
+        if group > 1 and k_in == 1:
+            node.attrs["group"] = int(np.asarray(w.values).shape[0]) // per_group
+        elif group > 1 and in_keep is not None:
+            positions = in_keep[in_keep < k_in]
+            assert len(in_keep) == group * len(positions), f"grouped Conv {node.name!r}: unaligned removal"
+            _take(w, positions, 1)
         else:
             _take(w, in_keep, 1)
+
+
+def _tie_positions(b: Builder, space: Space, groups: int) -> None:
+    """Tie channel g·K+p to channel p for every group g (K = size / groups): one atom per position."""
+    per_group = space.size // groups
+    for i in range(per_group, space.size):
+        b.uf.union(space.base + i % per_group, space.base + i)
 
 
 @handles("Gemm")
@@ -162,10 +248,19 @@ class Gemm(Handler):
 
 @handles("MatMul")
 class MatMul(Handler):
-    """X·W with a constant W: [K, N]; reduces X's last axis, output channels on the last axis."""
+    """X·W with a constant W: [K, N] reduces X's last axis; output channels on the last axis are filters.
+
+    Two activations (attention's Q·Kᵀ and P·V): channels may only live on a broadcast batch axis
+    (attention heads), where output [.., h, .., ..] depends on operand slice h alone; such a channel is
+    shared by both operands and the output. Channels on one of the two matrix axes are locked: they are
+    contracted or mixed, and no consumer weight could mask them.
+    """
 
     def propagate(self, node, b):
         a, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
+        if w is None and _constant(a) is None:
+            self._batched(node, b)
+            return
         space_in = b.space(a)
         if w is None or not _only_use(w) or np.asarray(w.values).ndim != 2:
             for t in node.inputs:
@@ -180,10 +275,35 @@ class MatMul(Handler):
             return
         b.add_filters(node, y, np.asarray(w.values).T)
 
+    @staticmethod
+    def _batched(node, b):
+        y = node.outputs[0]
+        spaced = [t for t in node.inputs if b.space(t) is not None]
+        rank = len(b.shape(y) or [])
+        if not spaced:
+            return
+        axes = {b.space(t).axis + rank - b.space(t).rank for t in spaced}
+        if not rank or len(axes) > 1 or any(b.space(t).axis >= b.space(t).rank - 2 for t in spaced):
+            for t in spaced:
+                b.lock(t, f"MatMul {node.name!r} contracts or mixes the channels of two activations")
+            return
+        axis = axes.pop()
+        for t in node.inputs:
+            shape = b.shape(t)
+            local = axis - (rank - len(shape)) if shape is not None else -1
+            if b.space(t) is None and (shape is None or (0 <= local < len(shape) and shape[local] != 1)):
+                for s in spaced:
+                    b.lock(s, f"MatMul {node.name!r} meets an operand {t.name!r} with channels from nowhere")
+                return
+        if b.new_space(y, axis) is not None:
+            for t in spaced:
+                b.tie(t, y)
+
     def apply(self, node, view):
-        w = node.inputs[1]
-        _take(w, view.keep(node.outputs[0]), 1)
-        _take(w, view.keep(node.inputs[0]), 0)
+        w = _constant(node.inputs[1])
+        if w is not None and _constant(node.inputs[0]) is None:
+            _take(w, view.keep(node.outputs[0]), 1)
+            _take(w, view.keep(node.inputs[0]), 0)
 
 
 @handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow", "Where")
@@ -234,7 +354,8 @@ class Elementwise(Handler):
 
 @handles("Concat")
 class Concat(Handler):
-    """On the channel axis: output channel offset_k + i is channel i of input k."""
+    """On the channel axis: output channel offset_k + i is channel i of input k. On another axis (tokens
+    joined with a class token) every input carries the same channels; a constant input is sliced."""
 
     def propagate(self, node, b):
         y = node.outputs[0]
@@ -243,17 +364,33 @@ class Concat(Handler):
         if not any(spaces) or shape_y is None:
             return
         axis = int(node.attrs.get("axis", 0)) % len(shape_y)
-        if any(s is None or s.axis != axis for s in spaces):
+        channel_axes = {s.axis for s in spaces if s is not None}
+        if channel_axes == {axis} and all(spaces):
+            if b.new_space(y, axis) is None:
+                return
+            offset = 0
+            for t, s in zip(node.inputs, spaces, strict=True):
+                b.tie(t, y, offset)
+                offset += s.size
+        elif len(channel_axes) == 1 and axis not in channel_axes \
+                and all(s is not None or (_constant(t) is not None and _only_use(t))
+                        for t, s in zip(node.inputs, spaces, strict=True)):
+            if b.new_space(y, channel_axes.pop()) is not None:
+                for t in node.inputs:
+                    b.tie(t, y) if b.space(t) is not None else None
+        else:
             for t in node.inputs:
                 if b.space(t):
                     b.lock(t, f"Concat {node.name!r} joins tensors without matching channel axes")
+
+    def apply(self, node, view):
+        y = node.outputs[0]
+        keep, space = view.keep(y), view.space(y)
+        if keep is None or int(node.attrs.get("axis", 0)) % space.rank == space.axis:
             return
-        if b.new_space(y, axis) is None:
-            return
-        offset = 0
-        for t, s in zip(node.inputs, spaces, strict=True):
-            b.tie(t, y, offset)
-            offset += s.size
+        for t in node.inputs:
+            if _constant(t) is not None:
+                _take(t, keep, space.axis)
 
 
 @handles("Flatten")
@@ -275,30 +412,116 @@ class Flatten(Handler):
 
 @handles("Reshape")
 class Reshape(Handler):
-    """Only the flatten form [N, C, ...] -> [N, C*...] is followed; an explicit feature count in its
-    shape constant is rewritten to the surviving channels times the block size."""
+    """A reshape splits or merges runs of axes. Dims shared as a leading or trailing run by input and
+    output map to themselves; in between, prefix products find the run of input axes around the channel
+    axis and the run of output axes holding the same elements. Within the run every element f has a
+    channel digit c(f) on the input and a digit v(f) on one chosen output axis (the carrier); the
+    analysis ties c(f) to v(f) for all f. Removing an atom then removes the same elements on both sides,
+    in the same order, and the output stays a valid reshape with the carrier dim shrunk, so only the
+    carrier entry of the shape constant is rewritten (a fresh constant; -1 and 0 entries stay):
+
+      flatten   [N, C, H, W] -> [N, C·H·W]    c ties to c·HW .. c·HW+HW-1
+      heads     [B, T, H·D] -> [B, T, H, D]   carrier H: channels h·D .. h·D+D-1 form head h
+      shuffle   [N, G·K, ..] -> [N, G, K, ..] carrier K: channels g·K+p tie across g (position p)
+      merge     [N, K, G, ..] -> [N, K·G, ..] p ties to p·G .. p·G+G-1 (channel shuffle, second half)
+
+    The carrier is the output axis of the run that gives the most atoms, among those its consumers accept
+    (two-activation MatMul: a batch axis, so attention keeps whole heads; InstanceNormalization: axis 1).
+    """
 
     def propagate(self, node, b):
         x, y = node.inputs[0], node.outputs[0]
-        space, sx, sy = b.space(x), b.shape(x), b.shape(y)
+        space = b.space(x)
         if space is None:
             return
-        flat = sx is not None and sy is not None and len(sy) == 2 and space.axis == 1 \
-            and all(isinstance(d, int) for d in sx[1:]) and sy[1] == int(np.prod(sx[1:], dtype=np.int64)) \
-            and _constant(node.inputs[1]) is not None and len(np.asarray(node.inputs[1].values)) == 2
-        if not flat:
-            b.lock(x, f"Reshape {node.name!r} is not a flatten of the channel axis")
+        run = _reshape_run(b.shape(x), b.shape(y), space.axis)
+        if run is None or _constant(node.inputs[1]) is None:
+            b.lock(x, f"Reshape {node.name!r} has a dynamic shape or moves the channel axis across others")
             return
-        if b.new_space(y, 1) is not None:
-            b.tie_block(x, y, int(np.prod(sx[2:], dtype=np.int64)))
+        x_dims, r, y_dims, y_offset = run
+        carriers = [(j, _digit_ties(x_dims, r, y_dims, j)) for j, d in enumerate(y_dims) if d > 1]
+        if not carriers:
+            b.lock(x, f"Reshape {node.name!r} leaves the channel axis nowhere")
+            return
+        accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)))] or carriers
+        j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
+        if b.new_space(y, y_offset + j) is None:
+            return
+        sx, sy = b.space(x), b.space(y)
+        for c, v in pairs:
+            b.uf.union(sx.base + c, sy.base + v)
 
     def apply(self, node, view):
-        keep, space = view.keep(node.inputs[0]), view.space(node.inputs[0])
-        values = np.asarray(node.inputs[1].values).copy()
-        if keep is None or values[1] == -1:
+        y = node.outputs[0]
+        keep, space = view.keep(y), view.space(y)
+        if keep is None:
             return
-        values[1] = len(keep) * (int(values[1]) // space.size)
-        node.inputs[1] = gs.Constant(f"{node.name}_shape", values)
+        values = np.asarray(node.inputs[1].values).copy()
+        if values[space.axis] > 0:
+            values[space.axis] = len(keep)
+            node.inputs[1] = gs.Constant(f"{node.name}_shape", values)
+
+
+def _reshape_run(sx, sy, axis: int):
+    """(input run dims, channel index in it, output run dims, output index of the run's first axis)."""
+    if sx is None or sy is None:
+        return None
+    if sx and sy and not isinstance(sx[0], int) and not isinstance(sy[0], int) and axis != 0 \
+            and all(isinstance(d, int) for d in list(sx[1:]) + list(sy[1:])) \
+            and np.prod(sx[1:], dtype=np.int64) == np.prod(sy[1:], dtype=np.int64):
+        sy = [sx[0], *sy[1:]]  # a dynamic batch under another name ([N, C, H, W] -> [-1, C·H·W])
+    p = 0
+    while p < min(len(sx), len(sy)) and sx[p] == sy[p] and p != axis:
+        p += 1
+    s = 0
+    while s < min(len(sx), len(sy)) - p and sx[len(sx) - 1 - s] == sy[len(sy) - 1 - s] \
+            and len(sx) - 1 - s != axis:
+        s += 1
+    mid_x, mid_y = list(sx[p:len(sx) - s]), list(sy[p:len(sy) - s])
+    if not all(isinstance(d, int) and d > 0 for d in mid_x + mid_y):
+        return None
+    px, py = np.cumprod([1] + mid_x), np.cumprod([1] + mid_y)
+    r = axis - p
+    bounds = set(px.tolist()) & set(py.tolist())
+    lo = max(v for v in bounds if v <= px[r])
+    hi = min(v for v in bounds if v >= px[r + 1])
+    xs = [i for i in range(len(mid_x)) if px[i] >= lo and px[i + 1] <= hi]
+    ys = [j for j in range(len(mid_y)) if py[j] >= lo and py[j + 1] <= hi]
+    if not ys:
+        return None
+    return [mid_x[i] for i in xs], r - xs[0], [mid_y[j] for j in ys], p + ys[0]
+
+
+def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int) -> tuple[list[tuple[int, int]], int]:
+    """Pairs (input channel, carrier index) sharing an element, and how many atoms they form."""
+    flat = np.arange(int(np.prod(x_dims)), dtype=np.int64)
+    c = flat // int(np.prod(x_dims[r + 1:])) % x_dims[r]
+    v = flat // int(np.prod(y_dims[j + 1:])) % y_dims[j]
+    codes = np.unique(c * y_dims[j] + v)
+    pairs = [(int(k) // y_dims[j], int(k) % y_dims[j]) for k in codes]
+    uf = UnionFind()
+    uf.add(x_dims[r] + y_dims[j])
+    for a, d in pairs:
+        uf.union(a, x_dims[r] + d)
+    return pairs, len({uf.find(i) for i in range(x_dims[r] + y_dims[j])})
+
+
+def _accepts(tensor: gs.Tensor, axis: int, rank: int, depth: int = 4) -> bool:
+    """Would the consumers of `tensor` (seen through transposes and scalings) keep channels on `axis`?"""
+    for node in tensor.outputs:
+        if node.op == "Transpose" and depth:
+            perm = list(node.attrs.get("perm") or range(rank)[::-1])
+            if not _accepts(node.outputs[0], perm.index(axis), rank, depth - 1):
+                return False
+        elif node.op in ("Mul", "Div") and depth and any(_constant(t) is not None for t in node.inputs):
+            if not _accepts(node.outputs[0], axis, rank, depth - 1):
+                return False
+        elif node.op == "MatMul" and not any(_constant(t) is not None for t in node.inputs):
+            if axis >= rank - 2:
+                return False
+        elif node.op == "InstanceNormalization" and axis != 1:
+            return False
+    return True
 
 
 def _ints(node: gs.Node, attr: str, input_index: int) -> list[int] | None:

@@ -1,6 +1,8 @@
 """Random CNN-style ONNX graphs for pruning property tests: stacks of blocks that exercise every
-channel handler (residual adds, concats, splits, slices, depthwise convs, BN, transposes to NHWC
-with MatMul, squeeze/unsqueeze, SE-style gating, flatten -> Gemm)."""
+channel handler (residual adds, concats, splits, slices, depthwise and grouped convs, BN, transposes
+to NHWC with MatMul, squeeze/unsqueeze, SE-style gating, channel shuffle, multi-head self-attention
+over the 4x4 positions, GroupNormalization and its Reshape-InstanceNormalization-Reshape form,
+flatten -> Gemm)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 class GraphBuilder:
     def __init__(self, rng: np.random.Generator):
         self.rng, self.nodes, self.inits, self.count = rng, [], [], 0
+        self.value_info: list[onnx.ValueInfoProto] = []
 
     def name(self, prefix: str) -> str:
         self.count += 1
@@ -75,13 +78,62 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
         squeezed = b.op("Relu", [b.conv(pooled, c, max(2, c // 2))])[0]
         gate = b.op("Sigmoid", [b.conv(squeezed, max(2, c // 2), c)])[0]
         return b.op("Mul", [x, gate])[0], c
+    if kind == "grouped" and c % 2 == 0:
+        g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
+        c2 = g * int(rng.integers(1, 4))
+        return b.op("Relu", [b.conv(x, c, c2, int(rng.choice([1, 3])), group=g)])[0], c2
+    if kind == "shuffle" and c % 2 == 0:
+        g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
+        five = b.op("Reshape", [x, b.const([2, g, c // g, 4, 4])])[0]
+        swapped = b.op("Transpose", [five], perm=[0, 2, 1, 3, 4])[0]
+        back = b.const([2, -1, 4, 4] if rng.random() < 0.5 else [2, c, 4, 4])
+        return b.op("Relu", [b.op("Reshape", [swapped, back])[0]])[0], c
+    if kind == "attention":
+        return _attention(b, x, c), c
+    if kind == "groupnorm" and c % 2 == 0:
+        g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
+        y = b.op("GroupNormalization", [b.conv(x, c, c), b.weight(c), b.weight(c)], num_groups=g)[0]
+        # onnx infers no type for GroupNormalization (a function op): declare it, as exporters do
+        b.value_info.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, c, 4, 4]))
+        return b.op("Relu", [y])[0], c
+    if kind == "groupnorm_decomposed" and c % 2 == 0:  # what torch's legacy exporter emits for nn.GroupNorm
+        g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
+        grouped = b.op("Reshape", [b.conv(x, c, c), b.const([2, g, -1])])[0]
+        normed = b.op("InstanceNormalization", [grouped, b.weight(g), b.weight(g)])[0]
+        y = b.op("Reshape", [normed, b.const([2, c, 4, 4])])[0]
+        y = b.op("Add", [b.op("Mul", [y, b.weight(c, 1, 1)])[0], b.weight(c, 1, 1)])[0]
+        return b.op("Relu", [y])[0], c
     if kind == "squeeze":
         s = b.op("Unsqueeze", [x, b.const([2])])[0]
         return b.op("Squeeze", [b.op("Relu", [s])[0], b.const([2])])[0], c
     return x, c
 
 
-KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze"]
+def _attention(b: GraphBuilder, x: str, c: int) -> str:
+    """Pre-projection multi-head self-attention over the 16 positions, residual back onto x:
+    Q/K/V = t·W (t = x as [2, 16, c]); heads [2, 16, H, D] -> [2, H, 16, D]; softmax(Q·Kᵀ·s)·V;
+    heads merged back to [2, 16, H·D] and projected to c. The three head reshapes share one constant."""
+    heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
+    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+    split = b.const([2, 16, heads, dim] if b.rng.random() < 0.5 else [2, 16, heads, -1])
+
+    def project(perm: list[int]) -> str:
+        y = b.op("MatMul", [tokens, b.weight(c, heads * dim)])[0]
+        if b.rng.random() < 0.5:
+            y = b.op("Add", [y, b.weight(heads * dim)])[0]
+        return b.op("Transpose", [b.op("Reshape", [y, split])[0]], perm=perm)[0]
+
+    q, k, v = project([0, 2, 1, 3]), project([0, 2, 3, 1]), project([0, 2, 1, 3])
+    scores = b.op("Mul", [b.op("MatMul", [q, k])[0], b.const(dim ** -0.5, np.float32)])[0]
+    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
+    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[0, 2, 1, 3])[0], b.const([2, 16, -1])])[0]
+    out = b.op("MatMul", [merged, b.weight(heads * dim, c)])[0]
+    out = b.op("Transpose", [b.op("Reshape", [out, b.const([2, 4, 4, c])])[0]], perm=[0, 3, 1, 2])[0]
+    return b.op("Add", [x, out])[0]
+
+
+KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze", "grouped",
+         "shuffle", "attention", "groupnorm", "groupnorm_decomposed"]
 
 
 def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProto:
@@ -100,5 +152,7 @@ def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProt
     b.nodes.append(helper.make_node("Gemm", [hidden, b.weight(7, 5), b.weight(5)], ["y"], name="head"))
     graph = helper.make_graph(b.nodes, "random_cnn",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], b.inits,
+                              value_info=b.value_info)
+    # opset 21: GroupNormalization takes per-channel scale and bias (opset 18 had per-group ones)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)

@@ -88,8 +88,12 @@ def masked(proto: onnx.ModelProto, removed: dict[str, list[int]]) -> onnx.ModelP
         idx = removed[node.input[0]]
         w = onnx.numpy_helper.to_array(inits[node.input[1]]).copy()
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv" and attrs.get("group", 1) == 1:
-            w[:, idx] = 0
+        if node.op_type == "Conv":  # input channel i of a grouped conv is read by the outputs of group i // K_in
+            k_in, per_group = w.shape[1], w.shape[0] // attrs.get("group", 1)
+            for i in idx:
+                w[i // k_in * per_group:(i // k_in + 1) * per_group, i % k_in] = 0
+        elif node.op_type == "ConvTranspose" and attrs.get("group", 1) == 1:
+            w[idx] = 0
         elif node.op_type == "Gemm":
             if attrs.get("transB", 0):
                 w[:, idx] = 0

@@ -1,0 +1,216 @@
+"""Pruning real architectures end to end (tests/prune/archs.py), each exported by torch's legacy
+(TorchScript, opset 17) and dynamo (opset 18) exporters: prune{ratio=0.5} must verify after the pass,
+run in ONNX Runtime with unchanged output shapes, equal the masking oracle, and remove a real share of
+parameters and MACs. Exports are cached for the session (the dynamo exporter takes seconds per model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from unittest import mock
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+
+import irtool.passes.fold_constants as fold_constants
+from irtool.analysis.channels import ChannelGraph, ChannelGroups
+from irtool.analysis.cost import model_cost
+from irtool.ir import Model
+from irtool.passmanager import PassContext, PassManager
+from irtool.pipeline import parse_pipeline
+from tests.prune.archs import ARCHS, export_arch
+from tests.prune.graphgen import random_cnn
+from tests.prune.test_prune_masking import masked, prune
+
+EXPORTERS = {"legacy": False, "dynamo": True}
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What prune{ratio=0.5} must reach on an architecture (same for both exporters)."""
+
+    free_atoms: int  # channels the analysis may remove (atoms of unlocked groups)
+    locks: tuple[str, ...]  # every lock reason contains one of these
+    min_params: float  # minimum fraction of parameters removed
+    min_macs: float  # minimum fraction of MACs removed
+
+
+# Observed at ratio 0.5 (both exporters): resnet18 -74.8% params / -69.4% MACs, resnet50 -74.4/-67.0,
+# mobilenet_v2 -69.1/-65.6, efficientnet_b0 -68.5/-64.3, shufflenet_v2 -71.0/-58.8,
+# convnext_tiny -35.8/-35.1 (only the MLP hidden dims are free), vit_b16 -43.4/-44.4, yolo -74.7/-73.7.
+OUTPUT = "is a graph output"
+EXPECT = {
+    "resnet18": Expect(720, (OUTPUT,), 0.6, 0.6),
+    "resnet50": Expect(968, (OUTPUT,), 0.6, 0.6),
+    "mobilenet_v2": Expect(844, (OUTPUT,), 0.6, 0.6),
+    "efficientnet_b0": Expect(944, (OUTPUT,), 0.6, 0.6),
+    "shufflenet_v2": Expect(420, (OUTPUT,), 0.6, 0.5),
+    "convnext_tiny": Expect(1024, (OUTPUT, "LayerNormalization", "reduces over the channel axis"), 0.3, 0.3),
+    "vit_b16": Expect(2 * (4 + 256), (OUTPUT, "LayerNormalization"), 0.35, 0.35),
+    "yolo": Expect(1824, (OUTPUT,), 0.6, 0.6),
+}
+CASES = [pytest.param(a, e, id=f"{a}-{e}") for a in ARCHS for e in EXPORTERS]
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+def _evaluate_keeping_scalars(node, opsets):
+    """fold_constants.evaluate returns np.ascontiguousarray(v), which makes 0-d results 1-d (a scalar
+    Gather index [] becomes [1] and ViT's x[:, 0] keeps rank 3). Same evaluation, shapes kept."""
+    proto, feeds = fold_constants._single_node_model(node, opsets)
+    for runner in (fold_constants._run_ort, fold_constants._run_reference):
+        try:
+            outputs = runner(proto, feeds)
+        except Exception:  # noqa: BLE001 - an evaluator failure only means "do not fold"
+            continue
+        if all(isinstance(v, np.ndarray) and v.dtype != object for v in outputs):
+            return [np.require(v, requirements="C") for v in outputs]
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _scalar_safe_folding():
+    with mock.patch.object(fold_constants, "evaluate", _evaluate_keeping_scalars):
+        yield
+
+
+_PREPARED: dict[tuple[str, str], onnx.ModelProto] = {}
+
+
+def prepared(arch: str, exporter: str) -> onnx.ModelProto:
+    """The export with its shape arithmetic folded: the legacy exporter computes chunk sizes from Shape
+    at run time, which would lock those channels. fold-constants runs until nothing changes (one run
+    folds only what shape inference knew when it started)."""
+    key = (arch, exporter)
+    if key not in _PREPARED:
+        model = Model.from_proto(export_arch(arch, EXPORTERS[exporter]))
+        with _scalar_safe_folding():
+            while PassManager(parse_pipeline("fold-constants").build()).run(model, PassContext())[0].modified:
+                pass
+        PassManager(parse_pipeline("dce").build()).run(model, PassContext())
+        _PREPARED[key] = model.to_proto()
+    return _PREPARED[key]
+
+
+_PRUNED: dict[tuple[str, str], tuple] = {}
+
+
+def pruned(arch: str, exporter: str):
+    key = (arch, exporter)
+    if key not in _PRUNED:
+        _PRUNED[key] = prune(prepared(arch, exporter), "prune{ratio=0.5}")  # verify_each=True inside
+    return _PRUNED[key]
+
+
+def run_all(proto: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def analysis(proto: onnx.ModelProto) -> ChannelGraph:
+    return PassContext().analysis(ChannelGroups, Model.from_proto(proto))
+
+
+# -------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize(("arch", "exporter"), CASES)
+def test_pruned_arch_runs_and_equals_masked_original(arch, exporter):
+    original = prepared(arch, exporter)
+    model, removed, records = pruned(arch, exporter)
+    assert records[0].modified and records[0].stats["channels_removed"] > 0
+    x = np.random.default_rng(1).standard_normal(ARCHS[arch][1]).astype(np.float32)
+    reference, oracle = run_all(original, x), run_all(masked(original, removed), x)
+    outputs = run_all(model.to_proto(), x)
+    assert [o.shape for o in outputs] == [r.shape for r in reference]
+    scale = max(1.0, max(float(np.abs(o).max()) for o in oracle))
+    error = max(float(np.abs(a - b).max()) for a, b in zip(outputs, oracle, strict=True))
+    assert error <= 1e-5 * scale, f"pruned model differs from the masked original by {error:.3g}"
+    masking = max(float(np.abs(a - b).max()) for a, b in zip(reference, oracle, strict=True))
+    assert masking > 1e-2 * max(float(np.abs(r).max()) for r in reference)  # the oracle is not vacuous
+
+    before, after = model_cost(Model.from_proto(original)), model_cost(model)
+    expect = EXPECT[arch]
+    assert 1 - after.total_params / before.total_params >= expect.min_params
+    assert 1 - after.total_macs / before.total_macs >= expect.min_macs
+
+
+@pytest.mark.parametrize(("arch", "exporter"), CASES)
+def test_free_channels_and_lock_reasons(arch, exporter):
+    graph = analysis(prepared(arch, exporter))
+    expect = EXPECT[arch]
+    assert sum(g.size for g in graph.groups if g.locked is None) == expect.free_atoms
+    reasons = {g.locked for g in graph.groups if g.locked}
+    assert reasons and all(any(k in r for k in expect.locks) for r in reasons), reasons
+
+
+def _shape_constants(model: Model, rank: int) -> list[list[int]]:
+    return [np.asarray(n.inputs[1].values).tolist() for n in model.graph.nodes
+            if n.op == "Reshape" and np.asarray(n.inputs[1].values).size == rank]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_channel_shuffle_keeps_group_count_and_prunes_positions(exporter):
+    model, _, _ = pruned("shufflenet_v2", exporter)
+    before = _shape_constants(Model.from_proto(prepared("shufflenet_v2", exporter)), 5)
+    after = _shape_constants(model, 5)
+    assert len(after) == len(before) == 7
+    for old, new in zip(before, after, strict=True):
+        assert new[:2] == old[:2] == [2, 2] and new[3:] == old[3:]  # two groups, spatial dims kept
+        assert new[2] == old[2] // 2  # half of the positions p go, the same ones in both groups
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_vit_prunes_whole_heads(exporter):
+    model, _, _ = pruned("vit_b16", exporter)
+    heads = [s for s in _shape_constants(model, 4) if s[:2] == [2, 17]]
+    assert len(heads) == 6 and all(s[2:] == [2, 16] for s in heads)  # 4 heads -> 2, head dim 16 kept
+    weights = sorted(tuple(np.asarray(n.inputs[1].values).shape) for n in model.graph.nodes
+                     if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant))
+    # per block: q, k, v [64, 32], proj [32, 64], mlp [64, 128] and [128, 64]
+    assert weights == sorted([(64, 32)] * 6 + [(32, 64)] * 2 + [(64, 128)] * 2 + [(128, 64)] * 2)
+
+
+def _prune_generated(kinds: list[str], seed: int = 5):
+    original = random_cnn(seed, kinds)
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    x = np.random.default_rng(seed).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_all(model.to_proto(), x)[0], run_all(masked(original, removed), x)[0],
+                               rtol=1e-4, atol=1e-5)
+    return original, model
+
+
+def test_grouped_conv_removes_the_same_positions_from_every_group():
+    original, model = _prune_generated(["conv", "grouped", "conv"], seed=1)  # group 2: W [6, 5, 3, 3]
+    conv = lambda m: next(n for n in m.graph.nodes if n.op == "Conv" and n.attrs.get("group", 1) > 1)  # noqa: E731
+    before, after = conv(Model.from_proto(original)), conv(model)
+    group = before.attrs["group"]
+    w0, w1 = np.asarray(before.inputs[1].values), np.asarray(after.inputs[1].values)
+    assert after.attrs["group"] == group
+    assert w1.shape[0] % group == 0 and w1.shape[0] < w0.shape[0] and w1.shape[1] < w0.shape[1]
+
+
+def test_group_norm_removes_whole_groups():
+    original, model = _prune_generated(["bn", "groupnorm"], seed=5)
+    before = next(n for n in Model.from_proto(original).graph.nodes if n.op == "GroupNormalization")
+    after = next(n for n in model.graph.nodes if n.op == "GroupNormalization")
+    groups, channels = before.attrs["num_groups"], np.asarray(before.inputs[1].values).size
+    kept = after.attrs["num_groups"]
+    assert 0 < kept < groups and np.asarray(after.inputs[1].values).size == channels // groups * kept
+
+
+def test_attention_prunes_heads_through_a_shared_reshape_constant():
+    original, model = _prune_generated(["conv", "attention"], seed=5)
+
+    def head_splits(m: Model) -> list[gs.Node]:
+        return [n for n in m.graph.nodes if n.op == "Reshape" and n.outputs[0].outputs[0].op == "Transpose"
+                and np.asarray(n.inputs[1].values).size == 4 and n.inputs[1].values[1] == 16]
+
+    before, after = head_splits(Model.from_proto(original)), head_splits(model)
+    assert len(before) == len(after) == 3 and len({n.inputs[1].name for n in before}) == 1  # q, k, v share it
+    old = np.asarray(before[0].inputs[1].values)
+    for node in after:  # each reads its own rewritten constant: fewer heads, same head dim
+        new = np.asarray(node.inputs[1].values)
+        assert new[2] < old[2] and new[3] == old[3] and node.inputs[1].name != before[0].inputs[1].name
