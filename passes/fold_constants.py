@@ -41,6 +41,9 @@ NEVER_FOLD = RANDOM_OPS | {"DequantizeLinear"}
 DEFAULT_MAX_BYTES = 64 * 2**20
 
 
+MAX_ROUNDS = 16
+
+
 class FoldConstants(Pass):
     """Evaluate nodes whose inputs are all constants and replace them with initializers."""
 
@@ -52,7 +55,18 @@ class FoldConstants(Pass):
         fold_shapes: bool = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        types = value_types(model, ctx.input_shapes or None)
+        # Folding can make more shapes static (Shape -> Gather -> Div -> Slice chains), so sweep with
+        # fresh shape inference until a sweep folds nothing.
+        folded, rounds = 0, 0
+        while rounds < MAX_ROUNDS:
+            rounds += 1
+            swept = self._sweep(model, value_types(model, ctx.input_shapes or None))
+            folded += swept
+            if not swept:
+                break
+        return PassResult(modified=folded > 0, preserved=(), stats={"nodes_folded": folded})
+
+    def _sweep(self, model: Model, types: ValueTypes) -> int:
         opsets = model.opset_imports
         folded = 0
         for graph in list(model.graphs()):
@@ -65,7 +79,7 @@ class FoldConstants(Pass):
                     tensor.to_constant(value)
                 remove_nodes(graph, [node])
                 folded += 1
-        return PassResult(modified=folded > 0, preserved=(), stats={"nodes_folded": folded})
+        return folded
 
     def _fold(self, node: gs.Node, types: ValueTypes, opsets: dict[str, int]) -> list[np.ndarray] | None:
         """The output values of node if it may and can be folded, else None."""
@@ -128,7 +142,8 @@ def evaluate(node: gs.Node, opsets: dict[str, int]) -> list[np.ndarray] | None:
             log.debug("fold-constants: %s cannot evaluate %s (%s): %s", runner.__name__, node.name, node.op, e)
             continue
         if all(isinstance(v, np.ndarray) and v.dtype != object for v in outputs):
-            return [np.ascontiguousarray(v) for v in outputs]
+            # np.ascontiguousarray would turn 0-d results (scalar Gather indices) into shape (1,).
+            return [np.require(v, requirements='C') for v in outputs]
         return None
     return None
 

@@ -88,7 +88,7 @@ class MacModel:
         spaces = self.graph.spaces
         out = node.outputs[0].name if node.outputs and node.outputs[0].name in spaces else None
         first = node.inputs[0].name if node.inputs and node.inputs[0].name in spaces else None
-        if node.op in _WEIGHTED and int(node.attrs.get("group", 1)) == 1:
+        if node.op in _WEIGHTED and _reduces_over_input_channels(node):
             return macs, first, out
         return macs, None, out or first
 
@@ -110,6 +110,18 @@ class MacModel:
             return kept[tensor]
 
         return sum(m * frac(a) * frac(b) for m, a, b in self.terms)
+
+
+def _reduces_over_input_channels(node: gs.Node) -> bool:
+    """MACs scale with kept inputs x kept outputs, unless the op is per channel (depthwise) or its
+    second operand is an activation whose channels live on a batch axis (attention's Q·Kᵀ)."""
+    if node.op == "MatMul":
+        return len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant)
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if int(node.attrs.get("group", 1)) == 1:
+        return True
+    # grouped convs lose positions in every group: MACs scale with both sides; depthwise with one
+    return weight is not None and isinstance(weight, gs.Constant) and np.asarray(weight.values).shape[1] > 1
 
 
 def select_for_macs(groups: list[Group], scores: dict[int, float], target: float, limits: Limits,
