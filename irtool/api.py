@@ -38,13 +38,20 @@ class OptimizeResult:
 def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pipeline, *, seed: int = 0,
              input_shapes: Mapping[str, list[int]] | None = None, verify_each: bool = False,
              print_ir_after: Iterable[str] = (), dump_dir: str | os.PathLike | None = None,
-             calibration_data: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
-             ir_printer: Callable[[str], None] | None = None) -> OptimizeResult:
+             calibration_data: Any = None,
+             ir_printer: Callable[[str], None] | None = None, calib_samples: int | None = None,
+             calib_batch_size: int | None = None, calib_preprocess: str | None = None,
+             calib_cache: str | os.PathLike | None = None) -> OptimizeResult:
     """Run `pipeline` (text or parsed) on a copy of the model; raise a typed IrtoolError on failure.
 
     `ir_printer` receives the IR text for `print_ir_after`; by default it is logged at INFO.
+    `calibration_data` is a CalibrationData, a path (.npz file, folder of .npy/.npz files or images),
+    "random", or a list / zero-argument callable of {input name: array} dicts; it is validated against
+    the model's inputs before any pass runs (irtool.calibration.data). `calib_samples` picks a subset
+    seeded by `seed`; `calib_cache` is a folder for calibration statistics.
     """
     from irtool.analysis.cost import model_cost
+    from irtool.calibration.data import as_calibration_data
 
     parsed = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     _check_print_ir_after(parsed, print_ir_after)
@@ -53,7 +60,11 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     check_input_shapes(model, shapes)
     passes = parsed.build()
     before = model_cost(model, shapes or None)
-    ctx = PassContext(seed=seed, input_shapes=shapes, calibration_data=calibration_data)
+    calibration = as_calibration_data(calibration_data, model, samples=calib_samples, seed=seed,
+                                      batch_size=calib_batch_size, preprocess=calib_preprocess,
+                                      input_shapes=shapes)
+    ctx = PassContext(seed=seed, input_shapes=shapes, calibration_data=calibration,
+                      calib_cache=None if calib_cache is None else os.fspath(calib_cache))
     manager = PassManager(passes, verify_each=verify_each, print_ir_after=print_ir_after,
                           dump_dir=dump_dir, ir_printer=ir_printer)
     records = manager.run(model, ctx)

@@ -97,6 +97,36 @@ def _json_option(func):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(func)
 
 
+def _calibration_options(func):
+    options = [
+        click.option("--calib-data", "calibration_data", metavar="PATH",
+                     help="Calibration data: an .npz file (arrays keyed by input name, first axis = samples), a "
+                          "folder of .npy/.npz files or images, or 'random' (explicitly, with a warning)."),
+        click.option("--calib-samples", type=click.IntRange(min=1), metavar="N",
+                     help="Use N samples, chosen with --seed (default: all)."),
+        click.option("--calib-batch-size", type=click.IntRange(min=1), metavar="N",
+                     help="Samples per calibration batch (default 16; a static batch dim in the model wins)."),
+        click.option("--calib-preprocess", metavar="SPEC",
+                     help="Image preprocessing: resize=256,crop=224,mean=0.485;0.456;0.406,"
+                          "std=0.229;0.224;0.225,scale=1/255,layout=nchw|nhwc,order=rgb|bgr|gray."),
+        click.option("--calib-cache", metavar="DIR", help="Folder for cached calibration statistics."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _check_calibration_options(calib: dict[str, Any]) -> None:
+    if calib["calibration_data"] is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("calib_samples", "calib_batch_size", "calib_preprocess")
+                 if calib[k] is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} need(s) --calib-data")
+    cache = calib["calib_cache"]
+    if cache and Path(cache).exists() and not Path(cache).is_dir():
+        raise InputError(f"--calib-cache {cache}: exists and is not a directory")
+
+
 def _parse_shapes(texts: tuple[str, ...]) -> dict[str, list[int]]:
     from irtool.analysis.shapes import parse_input_shape
 
@@ -133,10 +163,11 @@ def _echo_json(data: Any) -> None:
 @click.option("--dump-dir", metavar="DIR", help="Save the model after every pass as DIR/001_<pass>.onnx.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for passes that sample.")
 @_input_shape_option
+@_calibration_options
 @_json_option
 def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, report_path: str | None,
         verify_each: bool, print_ir_after: tuple[str, ...], dump_dir: str | None, seed: int,
-        input_shapes: tuple[str, ...], as_json: bool) -> None:
+        input_shapes: tuple[str, ...], as_json: bool, **calib: Any) -> None:
     """Optimize IN with a pipeline and write OUT (and the report).
 
     Give exactly one of --passes (names only: cleanup,fold-bn) and --pipeline (text with options:
@@ -150,9 +181,10 @@ def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, 
     from irtool import report as rep
     from irtool.api import optimize
 
+    _check_calibration_options(calib)
     result = optimize(model_in, text, seed=seed, input_shapes=_parse_shapes(input_shapes),
                       verify_each=verify_each, print_ir_after=print_ir_after, dump_dir=dump_dir,
-                      ir_printer=lambda ir: click.echo(ir, err=True, nl=False))
+                      ir_printer=lambda ir: click.echo(ir, err=True, nl=False), **calib)
     result.model.save(out)
     data = rep.build_report(result, model_in, out)
     if report_path:

@@ -1,0 +1,231 @@
+"""Calibration data: the input samples INT8 calibration and data-driven passes run the model on.
+
+Every source gives the same thing, a re-iterable provider: `data()` returns a fresh iterator of
+batches {input name: array with a leading batch axis}, the shape PassContext.calibration_data has.
+
+Sources
+  one .npz file        arrays keyed by input name, first axis = samples; a single-input model may use
+                       any single key.
+  folder of .npy       single-input models; each file holds one sample or a stack of samples.
+  folder of .npz       each file holds one sample or a stack of samples per input, keyed by input name.
+  image folder         .jpg .jpeg .png .bmp (single-input models), decoded with Pillow and prepared by
+                       a `Preprocess` spec: resize the shorter side, center-crop, scale (1/255),
+                       (x - mean) / std, channel order rgb/bgr/gray, layout nchw/nhwc.
+  Python iterable      (API) a list, or a zero-argument callable returning a fresh iterator, of
+                       {input name: array} dicts, per sample or batched. A one-shot iterator is
+                       refused: passes read the data several times.
+  random               only when asked for by name (`--calib-data random`); logs a warning.
+Folders are scanned recursively, read in sorted path order; hidden and other files are ignored; one
+folder holds one kind. Per array the rank decides: the input's rank means a stack (first axis =
+samples), one less means one sample; an input of unknown rank takes stacks.
+
+Selection: when `samples` < available, numpy default_rng(seed).choice without replacement picks the
+samples, sorted so files are read in order. `samples` > available clamps to all, with a warning.
+
+Validation raises InputError naming the input and the sample or file: missing or extra names, rank,
+static dims, dtype (float -> float is cast, int -> int is cast when the values fit; int data for a
+float input, float for int, and anything else is refused), NaN/Inf, an empty set. Headers of file
+sources (and the first image) are checked at construction, so bad data fails before any pass runs;
+values are checked as they stream. A model input with a static first dim fixes the batch size.
+
+Memory: at most one batch is held, plus what a format forces: .npy files are memory-mapped, .npz
+members are read row by row from the zip stream (a Fortran-ordered member is loaded whole).
+
+`fingerprint()` hashes the source kind, preprocessing, selection and the bytes of the files holding
+the selected samples (for iterables the selected samples' bytes): the key of on-disk statistic caches.
+
+Code: this module holds the public API, selection and batching; validate.py the checks against the
+model's inputs, sources.py the formats (and .npz streaming), images.py the image preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irtool.calibration.images import Preprocess
+from irtool.calibration.sources import IterableSource, RandomSource, open_path, provider_of
+from irtool.calibration.validate import ModelInput, convert_sample, model_inputs, normalize_inputs
+from irtool.errors import InputError
+
+__all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data", "model_inputs", "select_indices",
+           "DEFAULT_BATCH_SIZE", "DEFAULT_RANDOM_SAMPLES", "RANDOM"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_RANDOM_SAMPLES = 16
+RANDOM = "random"
+_PROGRESS_SECONDS = 5.0
+
+
+# ----------------------------------------------------------------------------------- selection / batching
+def select_indices(total: int, samples: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of the samples to use: all, or a seeded choice without replacement."""
+    if samples is not None and samples < 1:
+        raise InputError(f"--calib-samples must be at least 1, got {samples}")
+    if samples is None or samples >= total:
+        if samples is not None and samples > total:
+            log.warning("calibration data holds %d samples, fewer than the %d asked for: using all of them",
+                        total, samples)
+        return np.arange(total, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(total, size=samples, replace=False)).astype(np.int64)
+
+
+def _batch_size(inputs: list[ModelInput], requested: int, samples: int) -> int:
+    if requested < 1:
+        raise InputError(f"--calib-batch-size must be at least 1, got {requested}")
+    fixed = {inp.shape[0] for inp in inputs if inp.shape is not None and inp.shape[0] is not None}
+    if not fixed:
+        return requested
+    if len(fixed) > 1:
+        raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}")
+    batch = fixed.pop()
+    if samples % batch:
+        raise InputError(f"the model's inputs fix the batch to {batch}, and {samples} calibration samples are "
+                         f"not a multiple of it: choose --calib-samples as a multiple of {batch}")
+    if batch != requested:
+        log.info("the model's inputs fix the batch to %d: calibration batches hold %d samples", batch, batch)
+    return batch
+
+
+def _put(buffer: np.ndarray, row: int, value: np.ndarray, name: str, where: str) -> None:
+    if buffer.shape[1:] != value.shape:
+        raise InputError(f"input {name!r}: {where} has shape {value.shape}, other samples in its batch "
+                         f"{buffer.shape[1:]}; samples of one batch must match (use --calib-batch-size 1, "
+                         "or resize/crop images)")
+    buffer[row] = value
+
+
+# ----------------------------------------------------------------------------------- the public class
+class CalibrationData:
+    """A re-iterable provider of calibration batches: `data()` returns a fresh iterator of
+    {input name: array with a leading batch axis}. Build it with from_path, from_iterable or random."""
+
+    def __init__(self, source: Any, inputs: list[ModelInput], indices: np.ndarray,
+                 batch_size: int = DEFAULT_BATCH_SIZE, description: str = ""):
+        self._source, self.inputs, self.indices = source, inputs, indices
+        self.batch_size = _batch_size(inputs, batch_size, len(indices))
+        self.description = description or source.kind
+        self._fingerprint: str | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._batches()
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._batches()
+
+    def __repr__(self) -> str:
+        return f"CalibrationData({self.description}, samples={self.num_samples}, batch_size={self.batch_size})"
+
+    def fingerprint(self) -> str:
+        """A stable hex digest of the selected samples and the selection, for statistic caches."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=20)
+            h.update(b"irtool-calibration-v1|" + repr([(i.name, str(i.dtype)) for i in self.inputs]).encode())
+            self._source.digest(h, self.indices)
+            h.update(self.indices.astype("<i8").tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        remaining, filled, batch = self.num_samples, 0, None
+        last_log = time.monotonic()
+        for where, sample in self._source.samples(self.indices):
+            converted = {inp.name: convert_sample(inp, sample[inp.name], where) for inp in self.inputs}
+            if batch is None:
+                size = min(self.batch_size, remaining)
+                batch = {name: np.empty((size, *a.shape), a.dtype) for name, a in converted.items()}
+            for name, value in converted.items():
+                _put(batch[name], filled, value, name, where)
+            filled, remaining = filled + 1, remaining - 1
+            if filled == len(next(iter(batch.values()))):
+                yield batch
+                batch, filled = None, 0
+            if time.monotonic() - last_log > _PROGRESS_SECONDS:
+                log.info("calibration data: %d of %d samples read", self.num_samples - remaining, self.num_samples)
+                last_log = time.monotonic()
+        if remaining:
+            raise InputError(f"calibration data {self.description}: {remaining} of {self.num_samples} "
+                             "samples went missing while reading")
+
+    # ------------------------------------------------------------------------------- constructors
+    @classmethod
+    def _select(cls, source: Any, inputs: list[ModelInput], samples: int | None, seed: int, batch_size: int,
+                description: str) -> CalibrationData:
+        if source.count == 0:
+            raise InputError(f"calibration data {description} holds no samples")
+        indices = select_indices(source.count, samples, seed)
+        log.info("calibration data: %d of %d samples from %s", len(indices), source.count, description)
+        return cls(source, inputs, indices, batch_size, description)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, model_inputs: Iterable[Any], samples: int | None = None,
+                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+                  preprocess: str | Preprocess | None = None) -> CalibrationData:
+        """An .npz file, a folder of .npy or .npz files, or an image folder (see the module docstring)."""
+        inputs = normalize_inputs(model_inputs)
+        spec = Preprocess.parse(preprocess) if isinstance(preprocess, str) else preprocess
+        source = open_path(Path(path), inputs, spec)
+        return cls._select(source, inputs, samples, seed, batch_size, f"{source.kind} {path}")
+
+    @classmethod
+    def from_iterable(cls, data: Any, model_inputs: Iterable[Any], samples: int | None = None, seed: int = 0,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> CalibrationData:
+        """A list (or a callable returning fresh iterators) of {input name: array} dicts, per sample or batched."""
+        inputs = normalize_inputs(model_inputs)
+        source = IterableSource(provider_of(data), inputs)
+        return cls._select(source, inputs, samples, seed, batch_size, "iterable")
+
+    @classmethod
+    def random(cls, model_inputs: Iterable[Any], samples: int | None = DEFAULT_RANDOM_SAMPLES, seed: int = 0,
+               batch_size: int = DEFAULT_BATCH_SIZE) -> CalibrationData:
+        """Random samples (floats ~N(0,1)); only on explicit request: statistics will not be representative."""
+        inputs = normalize_inputs(model_inputs)
+        count = DEFAULT_RANDOM_SAMPLES if samples is None else samples
+        if count < 1:
+            raise InputError(f"--calib-samples must be at least 1, got {count}")
+        log.warning("calibrating on %d random samples: quantization ranges and data-driven decisions will not "
+                    "represent real inputs, and accuracy may suffer; pass real data with --calib-data PATH", count)
+        source = RandomSource(inputs, count, seed)
+        return cls(source, inputs, np.arange(count, dtype=np.int64), batch_size, f"random (seed {seed})")
+
+
+def as_calibration_data(data: Any, model: Any, *, samples: int | None = None, seed: int = 0,
+                        batch_size: int | None = None, preprocess: str | Preprocess | None = None,
+                        input_shapes: Mapping[str, list[int]] | None = None) -> CalibrationData | None:
+    """What optimize() and the CLI accept, as CalibrationData: None, a CalibrationData, the string
+    "random", a path, or an iterable/callable of dicts. Validated against `model`'s inputs."""
+    if data is None:
+        if samples is not None or preprocess is not None:
+            raise InputError("--calib-samples and --calib-preprocess need --calib-data")
+        return None
+    inputs = model_inputs(model, input_shapes)
+    batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if isinstance(data, CalibrationData):
+        if [i.name for i in data.inputs] != [i.name for i in inputs]:
+            raise InputError(f"calibration data was built for inputs {[i.name for i in data.inputs]}, "
+                             f"the model has {[i.name for i in inputs]}")
+        return data
+    if isinstance(data, str) and data == RANDOM:
+        return CalibrationData.random(inputs, samples, seed, batch)
+    if isinstance(data, (str, os.PathLike)):
+        return CalibrationData.from_path(data, inputs, samples, seed, batch, preprocess)
+    if preprocess is not None:
+        raise InputError("--calib-preprocess applies to image folders, not to Python iterables")
+    return CalibrationData.from_iterable(data, inputs, samples, seed, batch)
