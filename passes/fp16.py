@@ -1,0 +1,278 @@
+"""Convert float32 weights and computation to float16, keeping the model's interface in float32.
+
+Every value of the main graph gets a home type. A node runs in float16 unless it is blocked; in a
+float16 node every float32 input or output slot whose ONNX type constraint admits float16 becomes
+float16 (a slot that does not, such as Resize's `scales` or LayerNormalization's `Mean`, stays
+float32). Then each reader gets the type it needs:
+
+    float32 constant read by a float16 slot    c' = clip(c, -65504, 65504) stored as float16
+    float16 value read by a float32 slot       Cast(v, to=FLOAT)       (one Cast per value)
+    float32 value read by a float16 slot       Cast(v, to=FLOAT16)     (one Cast per value)
+
+so blocked nodes are wrapped in Casts and with `keep-io-types` the graph inputs are Cast to float16
+right after the input and the outputs Cast back to float32 right before the output, under the
+original names. float16 has a 10-bit mantissa: each rounding adds a relative error of at most
+2^-11 ≈ 4.9e-4, and its largest finite value is 65504.
+
+Overflow policy: a finite constant with |c| > 65504 is clipped to ±65504 (logged as a warning and
+counted in `constants_clipped`): such constants are almost always "minus infinity" fills for
+attention masks, where -65504 does the same job; ±inf and NaN are kept. Values computed at run time
+cannot be checked here; block the op or node that overflows (`block-ops`, `block-nodes`).
+
+Blocked (kept in float32): ops in `block-ops` (default: the standard-domain ops of onnxconverter-
+common's DEFAULT_OP_BLOCK_LIST, whose float16 results are wrong or unsupported: index-producing and
+accumulating ops and Range, whose schema has no float16), nodes whose name matches a `block-nodes`
+regex, nodes of other domains, nodes owning subgraphs (If/Loop/Scan bodies are not converted),
+nodes whose output type comes from an attribute other than Cast's `to` and the `value` of Constant
+and ConstantOfShape (RandomNormal's `dtype`, ...), nodes with a float value of unknown type, and
+Casts that already convert to or from float16 (they are boundaries, so a second run changes nothing).
+Only float32 is converted; float64 and integer values are untouched.
+
+ONNX Runtime 1.31's CPU provider runs every op this pass converts, but has native float16 kernels
+only for data movement, LayerNormalization and Clip/Min/Max: around the rest (Conv, MatMul, Gemm,
+Softmax, ...) it inserts Casts to float32 itself and drops the f16->f32->f16 pairs that result, so
+on CPU mostly the weights are rounded and the arithmetic stays float32. The pass halves the weight
+bytes there; float16 speed needs a GPU provider.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from irtool.ir.model import Model
+from irtool.ir.rewrite import ValueTypes, is_default_domain, value_types
+from irtool.ir.topo import toposort_graph
+from irtool.passmanager import Pass, PassContext, PassResult
+from irtool.pipeline import Regex
+
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+FP16_MAX = float(np.finfo(np.float16).max)
+DEFAULT_BLOCK_OPS = ("NonMaxSuppression", "TopK", "RoiAlign", "Range", "CumSum", "Min", "Max", "Upsample",
+                     "RandomUniformLike")
+# Float attributes that fix an output type this pass does not rewrite (RandomNormal's dtype, ...).
+_FIXED_TYPE_ATTRIBUTES = ("dtype", "value_float", "value_floats")
+
+
+class Float16(Pass):
+    """Convert float32 weights and computation to float16, Casting at the model's inputs and outputs."""
+
+    name = "fp16"
+
+    @dataclass(frozen=True)
+    class Options:
+        block_ops: tuple[str, ...] = DEFAULT_BLOCK_OPS
+        block_nodes: tuple[Regex, ...] = ()
+        keep_io_types: bool = True
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        types = value_types(model, ctx.input_shapes or None)
+        plans = {id(node): plan for node in model.graph.nodes
+                 if (plan := _plan(node, types, model.opset, self.options)) is not None}
+        if not plans:
+            return PassResult(modified=False, stats={"nodes_converted": 0})
+        rewriter = _Rewriter(model, types, plans, ctx)
+        rewriter.apply(self.options.keep_io_types)
+        return PassResult(modified=True, preserved=(), stats=rewriter.stats())
+
+
+# --------------------------------------------------------------------------- which slots turn float16
+@dataclass
+class _Plan:
+    """The float32 slots of one node that become float16."""
+
+    inputs: set[int] = field(default_factory=set)
+    outputs: set[int] = field(default_factory=set)
+
+
+def _plan(node: gs.Node, types: ValueTypes, opset: int, options: Float16.Options) -> _Plan | None:
+    """The node's float16 slots, or None when it stays float32 (blocked, or nothing to convert)."""
+    if _blocked(node, options) or _is_fp16_boundary(node, types):
+        return None
+    schema = _schema(node, opset)
+    if schema is None:
+        return None
+    plan = _Plan()
+    for index, tensor in enumerate(node.inputs):
+        kind = _elem_type(tensor, types)
+        if kind is None and tensor.name:
+            return None  # a value of unknown type: leave the node alone
+        if kind == FLOAT and _admits_fp16(schema, schema.inputs, index):
+            plan.inputs.add(index)
+    for index, tensor in enumerate(node.outputs):
+        kind = _elem_type(tensor, types)
+        if kind is None and tensor.name:
+            return None
+        if kind == FLOAT and _admits_fp16(schema, schema.outputs, index):
+            plan.outputs.add(index)
+    if node.op == "Cast" and not plan.outputs:
+        return None  # a Cast from float to an integer type reads float32: shape arithmetic stays exact
+    return plan if plan.inputs or plan.outputs else None
+
+
+def _is_fp16_boundary(node: gs.Node, types: ValueTypes) -> bool:
+    """A Cast to or from float16 is a precision boundary someone chose (or an earlier run inserted)."""
+    return node.op == "Cast" and FLOAT16 in (_elem_type(t, types) for t in (*node.inputs, *node.outputs))
+
+
+def _blocked(node: gs.Node, options: Float16.Options) -> bool:
+    if not is_default_domain(node) or node.op in options.block_ops:
+        return True
+    if any(isinstance(value, gs.Graph) for value in node.attrs.values()):
+        return True
+    if any(key in node.attrs for key in _FIXED_TYPE_ATTRIBUTES):
+        return True
+    if node.op == "Constant" and not isinstance(node.attrs.get("value"), gs.Constant):
+        return True  # sparse_value and integer/string forms: nothing float16 to write
+    return any(re.search(pattern, node.name) for pattern in options.block_nodes)
+
+
+def _schema(node: gs.Node, opset: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(node.op, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _admits_fp16(schema: onnx.defs.OpSchema, formals, index: int) -> bool:
+    """Whether the formal parameter behind slot `index` (the last one repeats if variadic) allows float16."""
+    if not formals:
+        return False
+    formal = formals[min(index, len(formals) - 1)]
+    if index >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+        return False
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    return "tensor(float16)" in allowed.get(formal.type_str, [formal.type_str])
+
+
+def _elem_type(tensor: gs.Tensor, types: ValueTypes) -> int | None:
+    if not tensor.name:
+        return 0
+    if isinstance(tensor, gs.Constant):  # its dtype, without loading lazy values
+        kind = tensor.dtype
+        return kind if isinstance(kind, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(kind))
+    entry = types.get(tensor.name)
+    return None if entry is None else entry[0]
+
+
+# --------------------------------------------------------------------------- rewriting
+class _Rewriter:
+    """Applies the plans: retypes outputs and attributes, converts constants, inserts boundary Casts."""
+
+    def __init__(self, model: Model, types: ValueTypes, plans: dict[int, _Plan], ctx: PassContext):
+        self.model, self.graph, self.types, self.plans, self.ctx = model, model.graph, types, plans, ctx
+        self.home: dict[int, int] = {}  # id(variable) -> its element type after the rewrite
+        self.casts: dict[tuple[int, int], gs.Variable] = {}
+        self.halves: dict[int, gs.Constant] = {}
+        self.clipped = self.cast_count = 0
+
+    def apply(self, keep_io_types: bool) -> None:
+        for node in self.graph.nodes:
+            plan = self.plans.get(id(node))
+            if plan is not None:
+                self._retype_node(node, plan)
+        if not keep_io_types:
+            self._retype_inputs()
+        self._fix_outputs(FLOAT if keep_io_types else FLOAT16)
+        for node in list(self.model.nodes()):
+            self._rewire_inputs(node)
+        toposort_graph(self.graph)  # the new Casts were appended
+
+    def stats(self) -> dict[str, int]:
+        converted = [node for node in self.graph.nodes if id(node) in self.plans]
+        kept = [node for node in self.graph.nodes if id(node) not in self.plans and node.op != "Cast"
+                and any(self._is_float(t) for t in (*node.inputs, *node.outputs))]
+        return {"nodes_converted": len(converted), "nodes_kept_fp32": len(kept),
+                "casts_inserted": self.cast_count, "initializers_converted": len(self.halves),
+                "constants_clipped": self.clipped}
+
+    def _is_float(self, tensor: gs.Tensor) -> bool:
+        return _elem_type(tensor, self.types) in (FLOAT, FLOAT16)
+
+    def _retype_node(self, node: gs.Node, plan: _Plan) -> None:
+        for index in plan.outputs:
+            tensor = node.outputs[index]
+            tensor.dtype = np.float16
+            self.home[id(tensor)] = FLOAT16
+        if node.op == "Cast" and plan.outputs:
+            node.attrs["to"] = FLOAT16
+        elif node.op == "Constant" and plan.outputs:
+            node.attrs["value"] = self._half_constant(node.attrs["value"])
+        elif node.op == "ConstantOfShape" and plan.outputs:
+            fill = node.attrs.get("value")
+            node.attrs["value"] = self._half_constant(fill) if isinstance(fill, gs.Constant) else \
+                gs.Constant(self.model.unique_name(f"{node.name}_value"), np.zeros(1, np.float16))
+
+    def _retype_inputs(self) -> None:
+        for tensor in self.graph.inputs:
+            if _elem_type(tensor, self.types) == FLOAT:
+                tensor.dtype = np.float16
+                self.home[id(tensor)] = FLOAT16
+
+    def _rewire_inputs(self, node: gs.Node) -> None:
+        plan = self.plans.get(id(node))
+        for index, tensor in enumerate(node.inputs):
+            if _elem_type(tensor, self.types) != FLOAT:
+                continue
+            wanted = FLOAT16 if plan is not None and index in plan.inputs else FLOAT
+            if isinstance(tensor, gs.Constant):
+                if wanted == FLOAT16:
+                    node.inputs[index] = self._half_constant(tensor)
+            elif self.home.get(id(tensor), FLOAT) != wanted:
+                node.inputs[index] = self._cast(tensor, wanted)
+
+    def _fix_outputs(self, wanted: int) -> None:
+        """Graph outputs keep their names: a value of the wrong type moves to a new name and is Cast into
+        the old one; readers then find the moved value as the output's cast to its old type."""
+        for tensor in list(self.graph.outputs):
+            if isinstance(tensor, gs.Constant) or _elem_type(tensor, self.types) != FLOAT:
+                continue
+            home = self.home.get(id(tensor), FLOAT)
+            if home == wanted or not tensor.inputs:
+                continue
+            producer = tensor.inputs[0]
+            suffix = "_fp16" if home == FLOAT16 else "_fp32"
+            moved = gs.Variable(self.model.unique_name(tensor.name + suffix), dtype=tensor.dtype,
+                                shape=tensor.shape)
+            producer.outputs[producer.outputs.index(tensor)] = moved
+            self.home[id(moved)] = home
+            self._add_cast(moved, tensor, wanted)
+            self.casts[(id(tensor), home)] = moved
+
+    def _cast(self, tensor: gs.Variable, to: int) -> gs.Variable:
+        key = (id(tensor), to)
+        if key not in self.casts:
+            suffix = "_fp16" if to == FLOAT16 else "_fp32"
+            out = gs.Variable(self.model.unique_name(tensor.name + suffix), shape=tensor.shape)
+            self.casts[key] = self._add_cast(tensor, out, to)
+        return self.casts[key]
+
+    def _add_cast(self, source: gs.Variable, out: gs.Variable, to: int) -> gs.Variable:
+        out.dtype = np.float16 if to == FLOAT16 else np.float32
+        name = self.model.unique_name(f"{out.name}_cast")
+        self.graph.nodes.append(gs.Node("Cast", name=name, attrs={"to": to}, inputs=[source], outputs=[out]))
+        self.home[id(out)] = to
+        self.cast_count += 1
+        return out
+
+    def _half_constant(self, constant: gs.Constant) -> gs.Constant:
+        if id(constant) not in self.halves:
+            values = np.asarray(constant.values)
+            self.halves[id(constant)] = gs.Constant(self.model.unique_name(f"{constant.name}_fp16"),
+                                                    self._to_half(constant.name, values))
+        return self.halves[id(constant)]
+
+    def _to_half(self, name: str, values: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(values)
+        overflow = finite & (np.abs(values) > FP16_MAX)
+        if overflow.any():
+            self.clipped += 1
+            self.ctx.logger.warning("fp16: constant %r has %d finite values beyond ±%g; clipped to ±%g",
+                                    name, int(overflow.sum()), FP16_MAX, FP16_MAX)
+            values = np.where(overflow, np.clip(values, -FP16_MAX, FP16_MAX), values)
+        return values.astype(np.float16)
+

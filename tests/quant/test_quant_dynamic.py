@@ -1,0 +1,264 @@
+"""quant-dynamic: a torch transformer encoder keeps cosine >= 0.99 and SQNR > 30 dB with every MatMul
+weight stored as int8 behind a DequantizeLinear at ~4x fewer weight bytes; the quantizer's math;
+per-channel beats per-tensor on an outlier column; Gemm layouts; options and decline cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper, numpy_helper
+
+from irtool.errors import PipelineError
+from irtool.ir.model import Model
+from irtool.ir.printer import format_model
+from irtool.passes.quant_dynamic import quantize_symmetric
+from irtool.pipeline import parse_pipeline
+from tests.graphgen import models
+from tests.passes.helpers import feeds_for, model_of, run, run_ort
+from tests.quant.torch_models import encoder_proto
+
+
+def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)))
+
+
+def _row_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each embedding vector (last axis)."""
+    a = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    b = got.reshape(-1, got.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def _weight_bytes(proto: onnx.ModelProto, data_type: int) -> int:
+    return sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer if t.data_type == data_type)
+
+
+def _matmul_weights(model: Model) -> list[str]:
+    return [n.name for n in model.graph.nodes if n.op == "MatMul" and not n.inputs[1].inputs
+            and n.inputs[1].name]
+
+
+# --------------------------------------------------------------------------- the encoder
+@pytest.fixture(scope="module")
+def encoder():
+    original = model_of(encoder_proto())
+    model = original.copy()
+    record = run(model, "quant-dynamic")[0]
+    return original, model, record
+
+
+def test_encoder_embeddings_keep_cosine_and_sqnr(encoder, record_property):
+    original, model, _ = encoder
+    for seed in (0, 1, 2):
+        feeds = feeds_for(original.to_proto(), seed)
+        ref, got = run_ort(original, feeds)["y"], run_ort(model, feeds)["y"]
+        cosines, sqnr = _row_cosines(ref, got), _sqnr_db(ref, got)
+        record_property(f"min_cosine_seed{seed}", float(cosines.min()))
+        record_property(f"sqnr_db_seed{seed}", sqnr)
+        assert cosines.min() >= 0.99 and sqnr > 30.0
+
+
+def test_every_matmul_weight_is_int8_behind_a_dequantize(encoder):
+    original, model, record = encoder
+    matmuls = [n for n in model.graph.nodes if n.op == "MatMul"]
+    weighted = [n for n in matmuls if n.inputs[1].inputs]  # reads a node's output
+    assert len(_matmul_weights(original)) == record.stats["weights_quantized"] == 10
+    assert not _matmul_weights(model)  # no MatMul reads a float initializer any more
+    dequantizers = [n.inputs[1].inputs[0] for n in weighted if n.inputs[1].inputs[0].op == "DequantizeLinear"]
+    assert len(dequantizers) == 10
+    for dq in dequantizers:
+        q, scale = (np.asarray(t.values) for t in dq.inputs)
+        assert q.dtype == np.int8 and q.ndim == 2 and dq.attrs["axis"] == 1
+        assert scale.dtype == np.float32 and scale.shape == (q.shape[1],) and np.all(scale > 0)
+        assert np.abs(q).max() == 127  # every column uses the full symmetric grid at its peak
+        assert len(dq.inputs) == 2  # symmetric: zero point 0, omitted
+
+
+def test_encoder_weight_bytes_shrink_about_four_times(encoder, record_property):
+    original, model, record = encoder
+    proto_before, proto_after = original.to_proto(), model.to_proto()
+    int8_bytes = _weight_bytes(proto_after, TensorProto.INT8)
+    float_removed = _weight_bytes(proto_before, TensorProto.FLOAT) - _weight_bytes(proto_after, TensorProto.FLOAT)
+    record_property("weight_bytes_before", record.stats["weight_bytes_before"])
+    record_property("weight_bytes_after", record.stats["weight_bytes_after"])
+    assert record.stats["weight_bytes_before"] == 4 * int8_bytes
+    scales = record.stats["weight_bytes_after"] - int8_bytes
+    assert float_removed == record.stats["weight_bytes_before"] - scales  # scales are the float32 left
+    assert 3.5 < record.stats["compression"] < 4.0
+    assert proto_after.ByteSize() < 0.4 * proto_before.ByteSize()
+
+
+# --------------------------------------------------------------------------- the quantizer
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=6),
+                  elements=st.floats(-1e3, 1e3, width=32)), st.booleans())
+def test_quantize_symmetric_error_is_at_most_half_a_step(weight, per_channel):
+    axis = weight.ndim - 1 if per_channel else None
+    q, scale = quantize_symmetric(weight, axis)
+    assert q.dtype == np.int8 and q.shape == weight.shape and np.all(np.abs(q.astype(int)) <= 127)
+    step = scale if axis is None else scale.reshape((1,) * (weight.ndim - 1) + (-1,))
+    assert np.all(np.abs(weight - q * step) <= step / 2 * (1 + 1e-5) + 1e-30)
+    q_neg, _ = quantize_symmetric(-weight, axis)
+    assert np.array_equal(q_neg, -q)
+
+
+def test_quantize_symmetric_scales_each_column_by_its_peak():
+    weight = np.array([[1.0, -0.5, 0.0], [-2.0, 0.25, 0.0]], np.float32)
+    q, scale = quantize_symmetric(weight, axis=1)
+    np.testing.assert_allclose(scale, [2 / 127, 0.5 / 127, 1.0])  # an all-zero column gets scale 1
+    assert q.tolist() == [[64, -127, 0], [-127, 64, 0]]
+    q_rows, scale_rows = quantize_symmetric(weight, axis=0)
+    np.testing.assert_allclose(scale_rows, [1 / 127, 2 / 127])
+    assert q_rows.tolist() == [[127, -64, 0], [-127, 16, 0]]
+
+
+def _single(op: str, weight: np.ndarray, x_shape: list[int], y_shape: list[int], **attrs) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"], name="layer", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def _quantized_sqnr(proto: onnx.ModelProto, pipeline: str) -> float:
+    original = model_of(proto)
+    model = original.copy()
+    run(model, pipeline)
+    feeds = feeds_for(proto, 0)
+    return _sqnr_db(run_ort(original, feeds)["y"], run_ort(model, feeds)["y"])
+
+
+def test_per_channel_beats_per_tensor_on_an_outlier_column(record_property):
+    weight = np.random.default_rng(0).normal(0, 0.05, (64, 64))
+    weight[:, 7] *= 100.0  # one outlier output column
+    proto = _single("MatMul", weight, [8, 64], [8, 64])
+    per_channel = _quantized_sqnr(proto, "quant-dynamic")
+    per_tensor = _quantized_sqnr(proto, "quant-dynamic{per-channel=false}")
+    record_property("sqnr_per_channel_db", per_channel)
+    record_property("sqnr_per_tensor_db", per_tensor)
+    assert per_channel > 38.0 and per_channel > per_tensor + 6.0
+
+
+@pytest.mark.parametrize("trans_b,axis", [(0, 1), (1, 0)])
+def test_gemm_axis_follows_trans_b_and_equals_the_dequantized_weight(trans_b, axis):
+    rng = np.random.default_rng(1)
+    weight = rng.normal(0, 0.2, (48, 32) if trans_b else (32, 48))
+    proto = _single("Gemm", weight, [4, 32], [4, 48], transB=trans_b, alpha=0.5)
+    model = model_of(proto)
+    run(model, "quant-dynamic")
+    dq = next(n for n in model.graph.nodes if n.op == "DequantizeLinear")
+    assert dq.attrs["axis"] == axis and np.asarray(dq.inputs[1].values).shape == (48,)
+    q, scale = quantize_symmetric(weight.astype(np.float32), axis)
+    oracle = _single("Gemm", q * np.expand_dims(scale, 1 - axis), [4, 32], [4, 48], transB=trans_b, alpha=0.5)
+    feeds = feeds_for(proto, 0)
+    np.testing.assert_allclose(run_ort(model, feeds)["y"], run_ort(oracle, feeds)["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_batched_matmul_weight_uses_the_last_axis():
+    weight = np.random.default_rng(2).normal(0, 1, (3, 16, 24))
+    model = model_of(_single("MatMul", weight, [3, 5, 16], [3, 5, 24]))
+    run(model, "quant-dynamic{min-size=0}")
+    dq = next(n for n in model.graph.nodes if n.op == "DequantizeLinear")
+    assert dq.attrs["axis"] == 2 and np.asarray(dq.inputs[1].values).shape == (24,)
+
+
+# --------------------------------------------------------------------------- options and declines
+TWO_LAYERS = """
+agraph (float[2, 32] x) => (float[2, 8] y) <float[32, 64] w1 = {%s}, float[64, 8] w2 = {%s}> {
+    h = MatMul(x, w1)
+    y = Gemm(h, w2)
+}
+"""
+
+
+def _two_layers() -> Model:
+    rng = np.random.default_rng(3)
+    values = [", ".join(f"{v:.4f}" for v in rng.normal(0, 0.1, n)) for n in (32 * 64, 64 * 8)]
+    return model_of(TWO_LAYERS % tuple(values))
+
+
+@pytest.mark.parametrize("pipeline,quantized,stats", [
+    ("quant-dynamic{min-size=0}", {"w1", "w2"}, {}),
+    ("quant-dynamic", {"w1"}, {"skipped_small": 1}),
+    ("quant-dynamic{min-size=0,op-types=[Gemm]}", {"w2"}, {}),
+    ("quant-dynamic{min-size=0,exclude=['^Gemm']}", {"w1"}, {"skipped_excluded": 1}),
+])
+def test_options_choose_the_layers(pipeline, quantized, stats):
+    model = _two_layers()
+    record = run(model, pipeline)[0]
+    dequantized = {n.inputs[0].name.removesuffix("_quantized") for n in model.graph.nodes
+                   if n.op == "DequantizeLinear"}
+    assert dequantized == quantized and record.stats["weights_quantized"] == len(quantized)
+    for key, value in stats.items():
+        assert record.stats[key] == value
+
+
+def test_shared_weight_is_quantized_once():
+    weight = numpy_helper.from_array(np.random.default_rng(4).normal(0, 1, (32, 32)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
+         helper.make_node("MatMul", ["h", "w"], ["y"], name="b")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = model_of(proto)
+    record = run(model, "quant-dynamic")[0]
+    assert record.stats["weights_quantized"] == 1
+    assert [n.op for n in model.graph.nodes].count("DequantizeLinear") == 1
+
+
+@pytest.mark.parametrize("text", [
+    "agraph (float[4, 8] a, float[8, 4] b) => (float[4, 4] y) { y = MatMul(a, b) }",
+    "agraph (int32[4, 8] a) => (int32[4, 2] y) <int32[8, 2] b = {1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8}>"
+    " { y = MatMul(a, b) }",
+])
+def test_declines_without_float_weights(text):
+    model = model_of(text)
+    before = model.to_proto().SerializeToString(deterministic=True)
+    record = run(model, "quant-dynamic{min-size=0}")[0]
+    assert record.modified is False and record.stats["weights_quantized"] == 0
+    assert model.to_proto().SerializeToString(deterministic=True) == before
+
+
+def test_cleanup_keeps_the_weights_quantized():
+    model = _two_layers()
+    run(model, "quant-dynamic{min-size=0},cleanup")
+    assert sorted(n.op for n in model.graph.nodes) == ["DequantizeLinear", "DequantizeLinear", "Gemm", "MatMul"]
+
+
+def test_unknown_op_type_is_a_pipeline_error():
+    with pytest.raises(PipelineError, match="Conv"):
+        parse_pipeline("quant-dynamic{op-types=[MatMul,Conv]}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(models())
+def test_random_graphs_verify_and_a_second_run_declines(proto):
+    original = model_of(proto)
+    model = original.copy()
+    first = run(model, "quant-dynamic{min-size=0}")[0]  # verifies after the pass
+    gemms = [n for n in original.graph.nodes if n.op == "Gemm" and not n.inputs[1].inputs]
+    assert first.stats["weights_quantized"] == len({id(n.inputs[1]) for n in gemms})
+    feeds = feeds_for(proto, 0)
+    ref, got = run_ort(original, feeds), run_ort(model, feeds)
+    for name, value in ref.items():
+        assert np.max(np.abs(got[name] - value), initial=0) <= 0.05 * np.max(np.abs(value), initial=0) + 1e-3
+    once = format_model(model)
+    assert run(model, "quant-dynamic{min-size=0}")[0].modified is False and format_model(model) == once
+
+
+def test_weights_with_inf_or_nan_stay_float():
+    weight = np.random.default_rng(5).normal(0, 1, (32, 32))
+    weight[3, 4] = np.inf
+    model = model_of(_single("MatMul", weight, [2, 32], [2, 32]))
+    record = run(model, "quant-dynamic")[0]
+    assert record.modified is False and record.stats["skipped_nonfinite"] == 1
+    assert [n.op for n in model.graph.nodes] == ["MatMul"]
