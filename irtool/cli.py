@@ -278,6 +278,36 @@ def verify(model_path: str) -> None:
     click.echo(f"{model_path}: ok ({sum(1 for _ in model.nodes())} nodes, opset {model.opset})")
 
 
+# ----------------------------------------------------------------------------------- sensitivity
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+@click.option("--profile", type=click.Choice(["ort-cpu", "trt"]), default="ort-cpu", show_default=True,
+              help="Q/DQ placement profile.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="Calibration method.")
+@click.option("--plot", "plot_path", metavar="PNG", help="Also write a bar chart (needs matplotlib).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sample selection.")
+@_calibration_options
+@_input_shape_option
+@_json_option
+def sensitivity(model_path: str, profile: str, method: str, plot_path: str | None, seed: int,
+                input_shapes: tuple[str, ...], as_json: bool, **calib: Any) -> None:
+    """Rank MODEL's layers by how much quantizing each one alone costs in output SQNR."""
+    from irtool.passes.quant.sensitivity import report_for_path
+
+    _check_calibration_options(calib)
+    if calib["calibration_data"] is None:
+        raise InputError("sensitivity needs --calib-data (a path, or 'random')")
+    report = report_for_path(model_path, profile=profile, method=method, seed=seed,
+                             input_shapes=_parse_shapes(input_shapes), **calib)
+    if plot_path:
+        report.plot(plot_path)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        click.echo(report.to_text(), nl=False)
+
+
 # ----------------------------------------------------------------------------------- compare / bench
 @cli.command()
 @click.argument("model_a", metavar="A")

@@ -69,10 +69,16 @@ def keep_in_float(model: Model, ranges, placement, base, ctx: PassContext, *, mi
 
     if ctx.calibration_data is None:
         raise InputError("mixed precision (min-sqnr / keep-fp) needs calibration data")
+    reference = _outputs(model, ctx)
+    if min_sqnr is not None and not keep_fp:
+        # The common case costs one evaluation: the fully quantized model already meets the target.
+        full = quantized_sqnr(model, ranges, placement, base, reference, ctx)
+        if full >= min_sqnr:
+            log.info("mixed precision: all layers quantized reach %.1f dB >= %.1f dB", full, min_sqnr)
+            return set()
     ranked = [name for name, _ in layer_sensitivity(model, ranges, placement, base, ctx)]
     if min_sqnr is None:
         return set(ranked[:keep_fp])
-    reference = _outputs(model, ctx)
 
     def sqnr_keeping(count: int) -> float:
         keep = frozenset(ranked[:count])
@@ -90,3 +96,76 @@ def keep_in_float(model: Model, ranges, placement, base, ctx: PassContext, *, mi
             low = mid
     log.info("mixed precision: %d of %d layers kept in float to reach %.1f dB", high, len(ranked), min_sqnr)
     return set(ranked[:high])
+
+
+# ----------------------------------------------------------------------------------- the report
+class SensitivityReport:
+    """Ranked per-layer sensitivity plus the fully quantized model's SQNR, as JSON, text or a chart."""
+
+    def __init__(self, rows: list[tuple[str, str, float]], full_sqnr: float, profile: str, method: str):
+        self.rows, self.full_sqnr, self.profile, self.method = rows, full_sqnr, profile, method
+
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, "method": self.method, "full_model_sqnr_db": _finite(self.full_sqnr),
+                "layers": [{"rank": i + 1, "layer": name, "op": op, "sqnr_db": _finite(sqnr)}
+                           for i, (name, op, sqnr) in enumerate(self.rows)]}
+
+    def to_text(self) -> str:
+        lines = [f"quantization sensitivity ({self.profile}, {self.method}); all layers quantized: "
+                 f"{self.full_sqnr:.2f} dB output SQNR", f"{'rank':>4}  {'SQNR dB':>8}  {'op':<14} layer"]
+        lines += [f"{i + 1:>4}  {sqnr:>8.2f}  {op:<14} {name}" for i, (name, op, sqnr) in enumerate(self.rows)]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> bool:
+        """Write a bar chart PNG; False when matplotlib is not installed (it is optional)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            log.warning("matplotlib is not installed: no chart written (pip install matplotlib)")
+            return False
+        names = [name for name, _, _ in self.rows]
+        values = [min(sqnr, 100.0) for _, _, sqnr in self.rows]
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.3 * len(names))))
+        ax.barh(names[::-1], values[::-1], color="tab:blue")
+        ax.axvline(self.full_sqnr, color="tab:red", linestyle="--", label="all layers INT8")
+        ax.set_xlabel("output SQNR with only this layer in INT8 (dB, lower = more sensitive)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return True
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def sensitivity_report(model: Model, ranges, placement, ctx: PassContext) -> SensitivityReport:
+    from irtool.passes.quant.placement import Selection
+
+    base = Selection()
+    ops = {n.name: n.op for n in model.graph.nodes}
+    ranked = layer_sensitivity(model, ranges, placement, base, ctx)
+    full = quantized_sqnr(model, ranges, placement, base, _outputs(model, ctx), ctx)
+    return SensitivityReport([(name, ops[name], sqnr) for name, sqnr in ranked], full,
+                             placement.profile.value, placement.activations.value)
+
+
+def report_for_path(path: str, *, profile: str, method: str, seed: int, input_shapes: dict,
+                    calibration_data, calib_samples=None, calib_batch_size=None, calib_preprocess=None,
+                    calib_cache=None) -> SensitivityReport:
+    """The CLI's entry: calibrate a private copy of the model, then rank its layers."""
+    from irtool.calibration.data import as_calibration_data
+    from irtool.passes.quant.calibrate import Calibrate, Method, stored_ranges
+    from irtool.passes.quant.insert_qdq import ActivationType, Placement, Profile
+
+    model = Model.load(path)
+    data = as_calibration_data(calibration_data, model, samples=calib_samples, seed=seed,
+                               batch_size=calib_batch_size, preprocess=calib_preprocess, input_shapes=input_shapes)
+    ctx = PassContext(seed=seed, input_shapes=input_shapes, calibration_data=data, calib_cache=calib_cache)
+    Calibrate(method=Method(method))(model, ctx)
+    placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True)
+    return sensitivity_report(model, stored_ranges(model), placement, ctx)

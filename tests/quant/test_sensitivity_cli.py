@@ -1,0 +1,37 @@
+"""`irtool sensitivity`: ranked per-layer SQNR as JSON/text, and the optional bar chart."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+
+from tests.cli.conftest import run_cli
+from tests.quant.torch_models import cnn_proto
+
+
+def test_sensitivity_ranks_every_compute_layer(tmp_path):
+    model, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(cnn_proto(), str(model))
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    result = run_cli("sensitivity", model, "--calib-data", calib, "--calib-batch-size", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    layers = data["layers"]
+    assert [layer["op"] for layer in layers].count("Conv") == 3 and len(layers) == 4
+    sqnrs = [layer["sqnr_db"] for layer in layers]
+    assert sqnrs == sorted(sqnrs)  # most sensitive first
+    assert data["full_model_sqnr_db"] <= min(sqnrs)  # all layers together cost more than any one
+    text = run_cli("sensitivity", model, "--calib-data", calib, "--calib-batch-size", "2",
+                   "--plot", tmp_path / "chart.png")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[1].split() == ["rank", "SQNR", "dB", "op", "layer"]
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_needs_data(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    onnx.save(cnn_proto(), str(model))
+    result = run_cli("sensitivity", model)
+    assert result.returncode == 2 and result.stderr.startswith("irtool: error: sensitivity needs --calib-data")
