@@ -1,0 +1,81 @@
+"""Base of the channel handlers: the registry, the Handler class and small helpers they share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.analysis.channels import Builder, PruneView
+
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*ops: str):
+    def register(cls):
+        for op in ops:
+            HANDLERS[op] = cls()
+        return cls
+
+    return register
+
+
+class Handler:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "propagate" in cls.__dict__:
+            cls.propagate = _losing_track_locks(cls.__dict__["propagate"])
+
+    def propagate(self, node: gs.Node, b: Builder) -> None:
+        raise NotImplementedError
+
+    def apply(self, node: gs.Node, view: PruneView) -> None:
+        """Default: the node has no weights of its own; shapes follow its inputs."""
+
+
+def _losing_track_locks(propagate):
+    """Channels must never flow where the analysis stops following them: when a node reads a channel
+    space and one of its outputs got none (a shape inference could not give, an unsupported form), the
+    inputs are locked, with the reason recorded for that output if there is one."""
+
+    def guarded(self, node: gs.Node, b: Builder) -> None:
+        propagate(self, node, b)
+        lost = [y for y in node.outputs if y.name and b.space(y) is None]
+        if lost:
+            reason = b.tensor_locks.get(lost[0].name) or f"{node.op} {node.name!r} output {lost[0].name!r} has no " \
+                                                            "channel space"
+            for t in node.inputs:
+                if b.space(t) is not None:
+                    b.lock(t, reason if reason.startswith(node.op) else f"{node.op} {node.name!r}: {reason}")
+
+    guarded.__doc__ = propagate.__doc__
+    return guarded
+
+
+def _constant(tensor: gs.Tensor) -> gs.Constant | None:
+    return tensor if isinstance(tensor, gs.Constant) else None
+
+
+def _take(constant: gs.Constant, indices: np.ndarray | None, axis: int) -> None:
+    if indices is not None:
+        constant.values = np.ascontiguousarray(np.take(np.asarray(constant.values), indices, axis=axis))
+
+
+def _only_use(constant: gs.Constant) -> bool:
+    """Weights shared by several nodes cannot be sliced for one of them."""
+    return len(constant.outputs) <= 1
+
+
+def _ints(node: gs.Node, attr: str, input_index: int) -> list[int] | None:
+    """An int-list operand given as attribute (older opsets) or as constant input (newer ones)."""
+    if attr in node.attrs:
+        return [int(v) for v in node.attrs[attr]]
+    if len(node.inputs) > input_index and node.inputs[input_index].name:
+        c = _constant(node.inputs[input_index])
+        return None if c is None else [int(v) for v in np.asarray(c.values).reshape(-1)]
+    return []
+
+
+def _follow(node: gs.Node, b: Builder, out_axis: int) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    if b.new_space(y, out_axis) is not None:
+        b.tie(x, y)

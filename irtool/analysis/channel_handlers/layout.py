@@ -1,0 +1,270 @@
+"""Handlers of ops that move channels between tensors: Concat, Split, Slice, Flatten, Reshape."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.analysis.channel_handlers.base import Handler, _constant, _follow, _ints, _only_use, _take, handles
+from irtool.analysis.channels import UnionFind
+
+
+@handles("Concat")
+class Concat(Handler):
+    """On the channel axis: output channel offset_k + i is channel i of input k. On another axis (tokens
+    joined with a class token) every input carries the same channels; a constant input is sliced."""
+
+    def propagate(self, node, b):
+        y = node.outputs[0]
+        shape_y = b.shape(y)
+        spaces = [b.space(t) for t in node.inputs]
+        if not any(spaces) or shape_y is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % len(shape_y)
+        channel_axes = {s.axis for s in spaces if s is not None}
+        if channel_axes == {axis} and all(spaces):
+            if b.new_space(y, axis) is None:
+                return
+            offset = 0
+            for t, s in zip(node.inputs, spaces, strict=True):
+                b.tie(t, y, offset)
+                offset += s.size
+        elif len(channel_axes) == 1 and axis not in channel_axes \
+                and all(s is not None or (_constant(t) is not None and _only_use(t))
+                        for t, s in zip(node.inputs, spaces, strict=True)):
+            if b.new_space(y, channel_axes.pop()) is not None:
+                for t in node.inputs:
+                    b.tie(t, y) if b.space(t) is not None else None
+        else:
+            for t in node.inputs:
+                if b.space(t):
+                    b.lock(t, f"Concat {node.name!r} joins tensors without matching channel axes")
+
+    def apply(self, node, view):
+        y = node.outputs[0]
+        keep, space = view.keep(y), view.space(y)
+        if keep is None or int(node.attrs.get("axis", 0)) % space.rank == space.axis:
+            return
+        for t in node.inputs:
+            if _constant(t) is not None:
+                _take(t, keep, space.axis)
+
+
+@handles("Flatten")
+class Flatten(Handler):
+    """[N, C, H, W] -> [N, C*H*W] (axis=1): feature c*HW+j belongs to channel c."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space, shape = b.space(x), b.shape(x)
+        if space is None:
+            return
+        if int(node.attrs.get("axis", 1)) != 1 or space.axis != 1 or shape is None \
+                or not all(isinstance(d, int) for d in shape[1:]):
+            b.lock(x, f"Flatten {node.name!r} does not start at the channel axis or has dynamic spatial dims")
+            return
+        if b.new_space(y, 1) is not None:
+            b.tie_block(x, y, int(np.prod(shape[2:], dtype=np.int64)))
+
+
+@handles("Reshape")
+class Reshape(Handler):
+    """A reshape splits or merges runs of axes. Dims shared as a leading or trailing run by input and
+    output map to themselves; in between, prefix products find the run of input axes around the channel
+    axis and the run of output axes holding the same elements. Within the run every element f has a
+    channel digit c(f) on the input and a digit v(f) on one chosen output axis (the carrier); the
+    analysis ties c(f) to v(f) for all f. Removing an atom then removes the same elements on both sides,
+    in the same order, and the output stays a valid reshape with the carrier dim shrunk, so only the
+    carrier entry of the shape constant is rewritten (a fresh constant; -1 and 0 entries stay):
+
+      flatten   [N, C, H, W] -> [N, C·H·W]    c ties to c·HW .. c·HW+HW-1
+      heads     [B, T, H·D] -> [B, T, H, D]   carrier H: channels h·D .. h·D+D-1 form head h
+      shuffle   [N, G·K, ..] -> [N, G, K, ..] carrier K: channels g·K+p tie across g (position p)
+      merge     [N, K, G, ..] -> [N, K·G, ..] p ties to p·G .. p·G+G-1 (channel shuffle, second half)
+
+    The carrier is the output axis of the run that gives the most atoms, among those its consumers accept
+    (two-activation MatMul: a batch axis, so attention keeps whole heads; InstanceNormalization: axis 1).
+    """
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        run = _reshape_run(b.shape(x), b.shape(y), space.axis)
+        if run is None or _constant(node.inputs[1]) is None:
+            b.lock(x, f"Reshape {node.name!r} has a dynamic shape or moves the channel axis across others")
+            return
+        x_dims, r, y_dims, y_offset = run
+        carriers = [(j, _digit_ties(x_dims, r, y_dims, j)) for j, d in enumerate(y_dims) if d > 1]
+        if not carriers:
+            b.lock(x, f"Reshape {node.name!r} leaves the channel axis nowhere")
+            return
+        accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)))] or carriers
+        j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
+        if b.new_space(y, y_offset + j) is None:
+            return
+        sx, sy = b.space(x), b.space(y)
+        for c, v in pairs:
+            b.uf.union(sx.base + c, sy.base + v)
+
+    def apply(self, node, view):
+        y = node.outputs[0]
+        keep, space = view.keep(y), view.space(y)
+        if keep is None:
+            return
+        values = np.asarray(node.inputs[1].values).copy()
+        if values[space.axis] > 0:
+            values[space.axis] = len(keep)
+            node.inputs[1] = gs.Constant(f"{node.name}_shape", values)
+
+
+def _reshape_run(sx, sy, axis: int):
+    """(input run dims, channel index in it, output run dims, output index of the run's first axis)."""
+    if sx is None or sy is None:
+        return None
+    if sx and sy and not isinstance(sx[0], int) and not isinstance(sy[0], int) and axis != 0 \
+            and all(isinstance(d, int) for d in list(sx[1:]) + list(sy[1:])) \
+            and np.prod(sx[1:], dtype=np.int64) == np.prod(sy[1:], dtype=np.int64):
+        sy = [sx[0], *sy[1:]]  # a dynamic batch under another name ([N, C, H, W] -> [-1, C·H·W])
+    p = 0
+    while p < min(len(sx), len(sy)) and sx[p] == sy[p] and p != axis:
+        p += 1
+    s = 0
+    while s < min(len(sx), len(sy)) - p and sx[len(sx) - 1 - s] == sy[len(sy) - 1 - s] \
+            and len(sx) - 1 - s != axis:
+        s += 1
+    mid_x, mid_y = list(sx[p:len(sx) - s]), list(sy[p:len(sy) - s])
+    if not all(isinstance(d, int) and d > 0 for d in mid_x + mid_y):
+        return None
+    px, py = np.cumprod([1] + mid_x), np.cumprod([1] + mid_y)
+    r = axis - p
+    bounds = set(px.tolist()) & set(py.tolist())
+    lo = max(v for v in bounds if v <= px[r])
+    hi = min(v for v in bounds if v >= px[r + 1])
+    xs = [i for i in range(len(mid_x)) if px[i] >= lo and px[i + 1] <= hi]
+    ys = [j for j in range(len(mid_y)) if py[j] >= lo and py[j + 1] <= hi]
+    if not ys:
+        return None
+    return [mid_x[i] for i in xs], r - xs[0], [mid_y[j] for j in ys], p + ys[0]
+
+
+def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int) -> tuple[list[tuple[int, int]], int]:
+    """Pairs (input channel, carrier index) sharing an element, and how many atoms they form."""
+    flat = np.arange(int(np.prod(x_dims)), dtype=np.int64)
+    c = flat // int(np.prod(x_dims[r + 1:])) % x_dims[r]
+    v = flat // int(np.prod(y_dims[j + 1:])) % y_dims[j]
+    codes = np.unique(c * y_dims[j] + v)
+    pairs = [(int(k) // y_dims[j], int(k) % y_dims[j]) for k in codes]
+    uf = UnionFind()
+    uf.add(x_dims[r] + y_dims[j])
+    for a, d in pairs:
+        uf.union(a, x_dims[r] + d)
+    return pairs, len({uf.find(i) for i in range(x_dims[r] + y_dims[j])})
+
+
+def _accepts(tensor: gs.Tensor, axis: int, rank: int, depth: int = 4) -> bool:
+    """Would the consumers of `tensor` (seen through transposes and scalings) keep channels on `axis`?"""
+    for node in tensor.outputs:
+        if node.op == "Transpose" and depth:
+            perm = list(node.attrs.get("perm") or range(rank)[::-1])
+            if not _accepts(node.outputs[0], perm.index(axis), rank, depth - 1):
+                return False
+        elif node.op in ("Mul", "Div") and depth and any(_constant(t) is not None for t in node.inputs):
+            if not _accepts(node.outputs[0], axis, rank, depth - 1):
+                return False
+        elif node.op == "MatMul" and not any(_constant(t) is not None for t in node.inputs):
+            if axis >= rank - 2:
+                return False
+        elif node.op == "InstanceNormalization" and axis != 1:
+            return False
+    return True
+
+
+@handles("Split")
+class Split(Handler):
+    """On the channel axis: channel i of output k is input channel offset_k + i; sizes are rewritten."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % space.rank
+        if axis != space.axis:
+            for y in node.outputs:
+                if b.new_space(y, space.axis) is not None:
+                    b.tie(y, x)
+            return
+        offset = 0
+        for y in node.outputs:
+            new = b.new_space(y, axis)
+            if new is None:
+                return
+            b.tie(y, x, offset)
+            offset += new.size
+
+    def apply(self, node, view):
+        space = view.space(node.inputs[0])
+        if space is None or int(node.attrs.get("axis", 0)) % space.rank != space.axis \
+                or view.keep(node.inputs[0]) is None:
+            return
+        sizes = [len(view.keep(y)) if view.keep(y) is not None else view.space(y).size for y in node.outputs]
+        node.attrs.pop("num_outputs", None)
+        split = gs.Constant(f"{node.name}_split", np.asarray(sizes, dtype=np.int64))
+        if len(node.inputs) > 1:
+            node.inputs[1] = split
+        else:
+            node.inputs.append(split)
+
+
+@handles("Slice")
+class Slice(Handler):
+    """A unit-step slice of the channel axis: output channel i is input channel start + i.
+    After pruning, the bounds become the positions of the surviving channels."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        bounds = self._bounds(node, space)
+        if bounds is None:
+            b.lock(x, f"Slice {node.name!r} has non-constant or strided bounds on the channel axis")
+            return
+        if bounds == "other":
+            _follow(node, b, space.axis)
+            return
+        if b.new_space(y, space.axis) is not None:
+            b.tie(y, x, bounds[0])
+
+    @staticmethod
+    def _bounds(node, space):
+        starts, ends = _ints(node, "starts", 1), _ints(node, "ends", 2)
+        axes, steps = _ints(node, "axes", 3), _ints(node, "steps", 4)
+        if starts is None or ends is None or axes is None or steps is None:
+            return None
+        axes = [a % space.rank for a in (axes or range(len(starts)))]
+        if space.axis not in axes:
+            return "other"
+        k = axes.index(space.axis)
+        if steps and steps[k] != 1:
+            return None
+        start = min(max(starts[k] + space.size if starts[k] < 0 else starts[k], 0), space.size)
+        end = min(max(ends[k] + space.size if ends[k] < 0 else ends[k], 0), space.size)
+        return start, end
+
+    def apply(self, node, view):
+        x = node.inputs[0]
+        space, keep = view.space(x), view.keep(x)
+        bounds = self._bounds(node, space) if space is not None else None
+        if keep is None or not isinstance(bounds, tuple):
+            return
+        new_start = int(np.sum(keep < bounds[0]))
+        new_end = new_start + int(np.sum((keep >= bounds[0]) & (keep < bounds[1])))
+        axes = _ints(node, "axes", 3) or list(range(len(_ints(node, "starts", 1))))
+        k = [a % space.rank for a in axes].index(space.axis)
+        for index, value in ((1, new_start), (2, new_end)):
+            values = np.asarray(node.inputs[index].values).copy()
+            values[k] = value
+            node.inputs[index] = gs.Constant(f"{node.name}_{'starts' if index == 1 else 'ends'}", values)

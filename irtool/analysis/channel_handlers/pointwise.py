@@ -1,0 +1,234 @@
+"""Handlers of ops that keep channels where they are: activations, norms, elementwise, axis moves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from irtool.analysis.channel_handlers.base import Handler, _constant, _follow, _ints, _only_use, _take, handles
+
+
+@handles("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu",
+         "Softplus", "Softsign", "Clip", "Identity", "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp",
+         "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample")
+class PassThrough(Handler):
+    """Output channel i is input channel i."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if b.new_space(y, space.axis) is not None:
+            b.tie(x, y)
+
+
+@handles("BatchNormalization", "InstanceNormalization")
+class ChannelNorm(Handler):
+    """Per-channel parameters on axis 1; slicing them is exact (no cross-channel statistics)."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if space.axis != 1 or any(_constant(p) is None or not _only_use(p) for p in node.inputs[1:]):
+            b.lock(x, f"{node.op} {node.name!r} normalizes another axis or has non-constant parameters")
+            return
+        if b.new_space(y, 1) is not None:
+            b.tie(x, y)
+
+    def apply(self, node, view):
+        indices = view.keep(node.inputs[0])
+        for param in node.inputs[1:]:
+            _take(param, indices, 0)
+
+
+@handles("GroupNormalization")
+class GroupNorm(Handler):
+    """Statistics are taken per group of K = C/G channels, so removing part of a group would change them
+    (the masking contract breaks): a group's channels form one atom, whole groups go and num_groups
+    shrinks. scale/bias are per channel [C] (opset 21) or per group [G] (opset 18)."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        groups = int(node.attrs.get("num_groups", 1))
+        if space.axis != 1 or any(_constant(p) is None or not _only_use(p) for p in node.inputs[1:]) \
+                or space.size % groups:
+            b.lock(x, f"GroupNormalization {node.name!r} normalizes another axis or has non-constant parameters")
+            return
+        per_group = space.size // groups
+        for i in range(space.size):
+            b.uf.union(space.base + i, space.base + i - i % per_group)
+        if b.new_space(y, 1) is not None:
+            b.tie(x, y)
+
+    def apply(self, node, view):
+        keep, space = view.keep(node.inputs[0]), view.space(node.inputs[0])
+        if keep is None:
+            return
+        groups = int(node.attrs.get("num_groups", 1))
+        kept_groups = np.unique(keep // (space.size // groups))
+        for param in node.inputs[1:]:
+            size = np.asarray(param.values).shape[0]
+            _take(param, keep if size == space.size else kept_groups, 0)
+        node.attrs["num_groups"] = len(kept_groups)
+
+
+@handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow", "Where")
+class Elementwise(Handler):
+    """Broadcasting elementwise: every operand with the full channel dim shares the output's channels."""
+
+    def propagate(self, node, b):
+        y = node.outputs[0]
+        rank = len(b.shape(y) or [])
+        axes = {b.space(t).axis + rank - len(b.shape(t)) for t in node.inputs if b.space(t) and b.shape(t)}
+        if not axes:
+            return
+        if len(axes) > 1 or not rank:
+            for t in node.inputs:
+                if b.space(t):
+                    b.lock(t, f"{node.op} {node.name!r} mixes channel axes")
+            return
+        axis = axes.pop()
+        if b.new_space(y, axis) is None:
+            return
+        for t in node.inputs:
+            self._couple(node, t, axis, rank, b)
+
+    def _couple(self, node, t, axis, rank, b):
+        y = node.outputs[0]
+        shape = b.shape(t)
+        local = axis - (rank - len(shape)) if shape is not None else -1
+        full = shape is not None and 0 <= local < len(shape) and shape[local] == b.space(y).size
+        if b.space(t) is not None:
+            b.tie(t, y)
+        elif full and (_constant(t) is None or not _only_use(t)):
+            b.lock(y, f"{node.op} {node.name!r} has an operand {t.name!r} with channels from nowhere")
+
+    def apply(self, node, view):
+        y = node.outputs[0]
+        indices, space = view.keep(y), view.space(y)
+        if indices is None:
+            return
+        for t in node.inputs:
+            c = _constant(t)
+            if c is None:
+                continue
+            values = np.asarray(c.values)
+            local = space.axis - (space.rank - values.ndim)
+            if 0 <= local < values.ndim and values.shape[local] > 1:
+                _take(c, indices, local)
+
+
+@handles("Transpose")
+class Transpose(Handler):
+    """The channel axis moves to perm.index(axis)."""
+
+    def propagate(self, node, b):
+        space = b.space(node.inputs[0])
+        if space is None:
+            return
+        perm = node.attrs.get("perm") or list(range(space.rank))[::-1]
+        _follow(node, b, list(perm).index(space.axis))
+
+
+@handles("Squeeze", "Unsqueeze")
+class SqueezeUnsqueeze(Handler):
+    """Axes are removed or inserted around the channel axis, which keeps its size."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        axes, rank_y = _ints(node, "axes", 1), len(b.shape(y) or [])
+        if axes is None or not rank_y:
+            b.lock(x, f"{node.op} {node.name!r} has unknown axes")
+            return
+        if node.op == "Squeeze":
+            axes = [a % space.rank for a in axes] or [i for i, d in enumerate(b.shape(x)) if d == 1]
+            if space.axis in axes:
+                b.lock(x, f"Squeeze {node.name!r} removes the channel axis")
+                return
+            _follow(node, b, space.axis - sum(1 for a in axes if a < space.axis))
+        else:
+            inserted = sorted(a % rank_y for a in axes)
+            kept = [i for i in range(rank_y) if i not in inserted]
+            _follow(node, b, kept[space.axis])
+
+
+@handles("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd")
+class Reduce(Handler):
+    """Reducing other axes keeps channels; reducing the channel axis mixes them (locked)."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        axes = _ints(node, "axes", 1)
+        if axes is None:
+            b.lock(x, f"{node.op} {node.name!r} has unknown axes")
+            return
+        axes = [a % space.rank for a in axes] or list(range(space.rank))
+        if space.axis in axes:
+            b.lock(x, f"{node.op} {node.name!r} reduces over the channel axis")
+            return
+        keepdims = int(node.attrs.get("keepdims", 1))
+        _follow(node, b, space.axis if keepdims else space.axis - sum(1 for a in axes if a < space.axis))
+
+
+@handles("Softmax", "LogSoftmax")
+class Softmax(Handler):
+    """Softmax over another axis keeps channels; over the channel axis it mixes them (locked)."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if int(node.attrs.get("axis", -1)) % space.rank == space.axis:
+            b.lock(x, f"{node.op} {node.name!r} normalizes over the channel axis")
+            return
+        _follow(node, b, space.axis)
+
+
+@handles("Pad")
+class Pad(Handler):
+    """Padding spatial axes keeps channels; padding the channel axis is locked."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        pads = _ints(node, "pads", 1)
+        axes = _ints(node, "axes", 3) or list(range(space.rank))
+        if pads is None:
+            b.lock(x, f"Pad {node.name!r} has non-constant pads")
+            return
+        per_axis = dict(zip([a % space.rank for a in axes], zip(pads[: len(axes)], pads[len(axes):], strict=True),
+                            strict=True))
+        if any(per_axis.get(space.axis, (0, 0))):
+            b.lock(x, f"Pad {node.name!r} pads the channel axis")
+            return
+        _follow(node, b, space.axis)
+
+
+@handles("LayerNormalization")
+class LayerNorm(Handler):
+    """Normalizing over other axes keeps channels. Over the channel axis the statistics would change
+    when channels go, which breaks the masking contract, so such groups are locked."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if space.axis >= int(node.attrs.get("axis", -1)) % space.rank:
+            b.lock(x, f"LayerNormalization {node.name!r} normalizes over the channel axis")
+            return
+        _follow(node, b, space.axis)

@@ -1,0 +1,187 @@
+"""Handlers of ops with weights: their output channels are filters (Conv, ConvTranspose, Gemm, MatMul)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from irtool.analysis.channel_handlers.base import Handler, _constant, _only_use, _take, handles
+from irtool.analysis.channels import Builder, Space
+
+
+@handles("Conv")
+class Conv(Handler):
+    """W: [C_out, C_in/group, k...]; output channels are filters. Grouped convs come in two kinds:
+
+    * depthwise (C_in/group == 1, C_out = m·group): input channel g feeds outputs g·m .. g·m+m-1, so
+      they form one atom; removing it removes whole groups and `group` shrinks to the survivors;
+    * grouped (C_in/group = K_in > 1, C_out/group = K_out): input channel g·K_in+p is read only by the
+      outputs of group g. Removal is group-aligned: position p is tied across all groups (on the input
+      and, with q, on the output), so every group keeps the same positions, W' = W[kept q of every
+      group][:, kept p] stays a valid grouped kernel and `group` is unchanged.
+    """
+
+    def propagate(self, node, b):
+        x, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
+        group = int(node.attrs.get("group", 1))
+        if w is None or not _only_use(w) or (len(node.inputs) > 2 and _constant(node.inputs[2]) is None):
+            b.lock(x, f"Conv {node.name!r} has non-constant or shared weights") if b.space(x) else None
+            return
+        weights = np.asarray(w.values)
+        space_in = b.space(x)
+        if space_in is not None and space_in.axis != 1:
+            b.lock(x, f"Conv {node.name!r} reads channels on axis {space_in.axis}")
+            return
+        if b.new_space(y, 1) is None:
+            return
+        if group > 1 and weights.shape[1] == 1:
+            if space_in is None:
+                b.lock(y, f"depthwise Conv {node.name!r} input has no channel space")
+            else:
+                b.tie_block(x, y, weights.shape[0] // group)
+        elif group > 1:
+            _tie_positions(b, b.space(y), group)
+            if space_in is not None:
+                _tie_positions(b, space_in, group)
+        b.add_filters(node, y, weights.reshape(weights.shape[0], -1))
+
+    def apply(self, node, view):
+        w = node.inputs[1]
+        out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
+        group = int(node.attrs.get("group", 1))
+        k_in, per_group = np.asarray(w.values).shape[1], np.asarray(w.values).shape[0] // group
+        _take(w, out_keep, 0)
+        if len(node.inputs) > 2:
+            _take(node.inputs[2], out_keep, 0)
+        if group > 1 and k_in == 1:
+            node.attrs["group"] = int(np.asarray(w.values).shape[0]) // per_group
+        elif group > 1 and in_keep is not None:
+            positions = in_keep[in_keep < k_in]
+            assert len(in_keep) == group * len(positions), f"grouped Conv {node.name!r}: unaligned removal"
+            _take(w, positions, 1)
+        else:
+            _take(w, in_keep, 1)
+
+
+def _tie_positions(b: Builder, space: Space, groups: int) -> None:
+    """Tie channel g·K+p to channel p for every group g (K = size / groups): one atom per position."""
+    per_group = space.size // groups
+    for i in range(per_group, space.size):
+        b.uf.union(space.base + i % per_group, space.base + i)
+
+
+@handles("Gemm")
+class Gemm(Handler):
+    """Y = A·B (+C), B: [K, N] or [N, K] with transB. Output features are filters."""
+
+    def propagate(self, node, b):
+        a, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
+        space_in = b.space(a)
+        trans_a = int(node.attrs.get("transA", 0))
+        if w is None or not _only_use(w) or (len(node.inputs) > 2 and _constant(node.inputs[2]) is None):
+            if space_in is not None:
+                b.lock(a, f"Gemm {node.name!r} has non-constant or shared weights")
+            return
+        if space_in is not None and (trans_a or space_in.axis != 1):
+            b.lock(a, f"Gemm {node.name!r} reads channels on an axis it does not reduce over")
+            return
+        if b.new_space(y, 1) is None:
+            return
+        weights = np.asarray(w.values)
+        rows = weights if int(node.attrs.get("transB", 0)) else weights.T
+        b.add_filters(node, y, rows)
+
+    def apply(self, node, view):
+        w = node.inputs[1]
+        trans_b = int(node.attrs.get("transB", 0))
+        out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
+        _take(w, out_keep, 0 if trans_b else 1)
+        _take(w, in_keep, 1 if trans_b else 0)
+        if len(node.inputs) > 2 and np.asarray(node.inputs[2].values).ndim >= 1 \
+                and np.asarray(node.inputs[2].values).shape[-1] > 1:
+            bias = node.inputs[2]
+            _take(bias, out_keep, np.asarray(bias.values).ndim - 1)
+
+
+@handles("MatMul")
+class MatMul(Handler):
+    """X·W with a constant W: [K, N] reduces X's last axis; output channels on the last axis are filters.
+
+    Two activations (attention's Q·Kᵀ and P·V): channels may only live on a broadcast batch axis
+    (attention heads), where output [.., h, .., ..] depends on operand slice h alone; such a channel is
+    shared by both operands and the output. Channels on one of the two matrix axes are locked: they are
+    contracted or mixed, and no consumer weight could mask them.
+    """
+
+    def propagate(self, node, b):
+        a, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
+        if w is None and _constant(a) is None:
+            self._batched(node, b)
+            return
+        space_in = b.space(a)
+        if w is None or not _only_use(w) or np.asarray(w.values).ndim != 2:
+            for t in node.inputs:
+                if b.space(t) is not None:
+                    b.lock(t, f"MatMul {node.name!r} has no constant 2-D weight")
+            return
+        shape_a = b.shape(a)
+        if space_in is not None and (shape_a is None or space_in.axis != len(shape_a) - 1):
+            b.lock(a, f"MatMul {node.name!r} reads channels on an axis it does not reduce over")
+            return
+        if b.new_space(y, -1) is None:
+            return
+        b.add_filters(node, y, np.asarray(w.values).T)
+
+    @staticmethod
+    def _batched(node, b):
+        y = node.outputs[0]
+        spaced = [t for t in node.inputs if b.space(t) is not None]
+        rank = len(b.shape(y) or [])
+        if not spaced:
+            return
+        axes = {b.space(t).axis + rank - b.space(t).rank for t in spaced}
+        if not rank or len(axes) > 1 or any(b.space(t).axis >= b.space(t).rank - 2 for t in spaced):
+            for t in spaced:
+                b.lock(t, f"MatMul {node.name!r} contracts or mixes the channels of two activations")
+            return
+        axis = axes.pop()
+        for t in node.inputs:
+            shape = b.shape(t)
+            local = axis - (rank - len(shape)) if shape is not None else -1
+            if b.space(t) is None and (shape is None or (0 <= local < len(shape) and shape[local] != 1)):
+                for s in spaced:
+                    b.lock(s, f"MatMul {node.name!r} meets an operand {t.name!r} with channels from nowhere")
+                return
+        if b.new_space(y, axis) is not None:
+            for t in spaced:
+                b.tie(t, y)
+
+    def apply(self, node, view):
+        w = _constant(node.inputs[1])
+        if w is not None and _constant(node.inputs[0]) is None:
+            _take(w, view.keep(node.outputs[0]), 1)
+            _take(w, view.keep(node.inputs[0]), 0)
+
+
+@handles("ConvTranspose")
+class ConvTranspose(Handler):
+    """W: [C_in, C_out/groups, k...]; output channel j is the filter W[:, j] (group 1 only)."""
+
+    def propagate(self, node, b):
+        x, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
+        space_in = b.space(x)
+        if w is None or not _only_use(w) or int(node.attrs.get("group", 1)) != 1 \
+                or (space_in is not None and space_in.axis != 1):
+            if space_in is not None:
+                b.lock(x, f"ConvTranspose {node.name!r} is grouped or has non-constant weights")
+            return
+        if b.new_space(y, 1) is None:
+            return
+        weights = np.asarray(w.values)
+        b.add_filters(node, y, np.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1))
+
+    def apply(self, node, view):
+        w = node.inputs[1]
+        _take(w, view.keep(node.outputs[0]), 1)
+        _take(w, view.keep(node.inputs[0]), 0)
+        if len(node.inputs) > 2:
+            _take(node.inputs[2], view.keep(node.outputs[0]), 0)
