@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from irtool.ir import io
+from irtool.ir.convert import export_model, import_model
 from irtool.ir.topo import toposort_graph
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Model:
     def from_proto(cls, proto: onnx.ModelProto, *, source: str | None = None, checked: bool = False) -> Model:
         if not checked:
             io.check_is_model(proto, source or "<model>")
-        graph = gs.import_onnx(proto)
+        graph = import_model(proto)  # same graph as gs.import_onnx, built faster (irtool.ir.convert)
         graph.ir_version = proto.ir_version or None
         return cls(graph, metadata={p.key: p.value for p in proto.metadata_props},
                    model_version=proto.model_version, domain=proto.domain, doc_string=proto.doc_string,
@@ -68,7 +69,7 @@ class Model:
         """Export to a ModelProto, nodes in topological order, unused tensors kept as they are."""
         for graph in self.graphs():
             toposort_graph(graph)
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto = export_model(self.graph, do_type_check=False)  # == gs.export_onnx, fewer copies
         proto.model_version = self.model_version
         proto.domain = self.domain
         proto.doc_string = self.doc_string
@@ -78,13 +79,21 @@ class Model:
             entry.key, entry.value = key, self.metadata[key]
         return proto
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-        """Atomic save; refuses to overwrite the file this model was loaded from."""
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
+             proto: onnx.ModelProto | None = None) -> None:
+        """Atomic save; refuses to overwrite the file this model was loaded from.
+
+        `proto` may pass a ModelProto just made by `to_proto()` (e.g. one already verified) to save it
+        without exporting again.
+        """
         if self.source and Path(self.source).exists() and Path(path).exists() \
                 and Path(path).resolve() == Path(self.source).resolve():
             from irtool.errors import InputError
             raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
-        io.write_model_proto(self.to_proto(), path, external_data=external_data)
+        proto = proto if proto is not None else self.to_proto()
+        # io decides by tensor bytes (dims x itemsize, no copy); proto.ByteSize() would serialize the
+        # whole model under upb and raise EncodeError past 2 GiB.
+        io.write_model_proto(proto, path, external_data=external_data)
 
     # ----------------------------------------------------------------- queries
     @property
@@ -105,8 +114,9 @@ class Model:
         while stack:
             graph = stack.pop()
             yield graph
-            for node in reversed(graph.nodes):
-                stack.extend(reversed(list(subgraphs_of(node))))
+            found = [sub for node in graph.nodes if node.attrs
+                     for sub in node.attrs.values() if isinstance(sub, gs.Graph)]
+            stack.extend(reversed(found))
 
     def nodes(self) -> Iterator[gs.Node]:
         for graph in self.graphs():
@@ -141,9 +151,14 @@ def subgraphs_of(node: gs.Node) -> Iterator[gs.Graph]:
 
 def name_unnamed_nodes(model: Model) -> None:
     """Give nameless nodes a deterministic `<op>_<n>` name so names identify nodes everywhere."""
-    used = {node.name for node in model.nodes() if node.name}
+    nodes = list(model.nodes())
+    used = {node.name for node in nodes}
+    if "" not in used and None not in used:
+        return  # every node is named: the common case, one pass
+    used.discard("")
+    used.discard(None)
     counters: dict[str, int] = {}
-    for node in model.nodes():
+    for node in nodes:
         if node.name:
             continue
         index = counters.get(node.op, 0)

@@ -9,7 +9,8 @@ are checked separately: their byte count must match dims x element size.
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import onnx
 from onnx import helper
 
@@ -17,17 +18,39 @@ SMALL_TENSOR_ELEMENTS = 1024
 
 
 def _elements(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return math.prod(tensor.dims)  # 1 for a scalar
+
+
+_MODEL_SCALARS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
+_MODEL_KEPT = {*_MODEL_SCALARS, "opset_import", "functions", "graph"}
+_GRAPH_KEPT = {"name", "node", "input", "output", "value_info", "sparse_initializer", "initializer"}
+
+
+def _is_large(tensor: onnx.TensorProto) -> bool:
+    return _elements(tensor) > SMALL_TENSOR_ELEMENTS and tensor.data_type != onnx.TensorProto.STRING
 
 
 def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of proto without large initializer data (they become typed graph inputs)."""
     out = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+    src = proto.graph
+    if not any(_is_large(tensor) for tensor in src.initializer):
+        # Nothing to leave out: one C-level copy instead of copying node by node, minus the fields
+        # the skeleton never carries.
+        out.CopyFrom(proto)
+        for message, kept in ((out, _MODEL_KEPT), (out.graph, _GRAPH_KEPT)):
+            for field in message.DESCRIPTOR.fields:
+                if field.name not in kept:
+                    message.ClearField(field.name)
+        for field in _MODEL_SCALARS:
+            setattr(out, field, getattr(proto, field))
+        out.graph.name = src.name
+        return out
+    for field in _MODEL_SCALARS:
         setattr(out, field, getattr(proto, field))
     out.opset_import.extend(proto.opset_import)
     out.functions.extend(proto.functions)
-    src, dst = proto.graph, out.graph
+    dst = out.graph
     dst.name = src.name
     dst.node.extend(src.node)
     dst.input.extend(src.input)
@@ -36,11 +59,19 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     dst.sparse_initializer.extend(src.sparse_initializer)
     input_names = {i.name for i in src.input}
     for tensor in src.initializer:
-        if _elements(tensor) <= SMALL_TENSOR_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
+        if not _is_large(tensor):
             dst.initializer.append(tensor)
         elif tensor.name not in input_names:
             dst.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return out
+
+
+def check_skeleton(skel: onnx.ModelProto) -> None:
+    """onnx.checker and strict shape inference (with data propagation) on a skeleton, serialized once.
+    Raises onnx.checker.ValidationError or onnx.shape_inference.InferenceError."""
+    data = skel.SerializeToString()
+    onnx.checker.check_model(data)
+    onnx.shape_inference.infer_shapes(data, strict_mode=True, data_prop=True)
 
 
 def tensor_size_problems(proto: onnx.ModelProto) -> list[str]:
@@ -62,14 +93,19 @@ def infer_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     skel = skeleton(proto)
     if input_shapes:
         _set_input_shapes(skel, input_shapes)
-    inferred = onnx.shape_inference.infer_shapes(skel, strict_mode=strict, data_prop=True)
-    graph = inferred.graph
+    graph = check_types(skel, strict=strict).graph
     types: dict[str, tuple[int, list[int | str] | None]] = {}
     for info in list(graph.input) + list(graph.value_info) + list(graph.output):
         types[info.name] = _value_type(info)
     for tensor in proto.graph.initializer:
         types[tensor.name] = (tensor.data_type, list(tensor.dims))
     return types
+
+
+def check_types(skel: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    """Run onnx shape inference (with data propagation) on a skeleton; return the inferred model.
+    With strict=True an inconsistency raises onnx.shape_inference.InferenceError."""
+    return onnx.shape_inference.infer_shapes(skel, strict_mode=strict, data_prop=True)
 
 
 def _value_type(info: onnx.ValueInfoProto) -> tuple[int, list[int | str] | None]:
@@ -96,7 +132,7 @@ def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> N
         shape = inputs[name].type.tensor_type.shape
         if shape.dim and len(shape.dim) != len(dims):
             raise InputError(f"--input-shape {name}: rank {len(dims)} does not match the model's rank {len(shape.dim)}")
-        for i, (old, new) in enumerate(zip(shape.dim, dims)):
+        for i, (old, new) in enumerate(zip(shape.dim, dims, strict=False)):
             if old.HasField("dim_value") and old.dim_value != new:
                 raise InputError(f"--input-shape {name}: dim {i} is fixed to {old.dim_value} in the model, got {new}")
         shape.ClearField("dim")

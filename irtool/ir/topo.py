@@ -60,7 +60,36 @@ def topo_order(nodes: list[gs.Node]) -> list[int]:
     return order
 
 
+def is_topologically_sorted(nodes: list[gs.Node]) -> bool:
+    """True when `topo_order(nodes)` would return the identity: no value is produced twice and every
+    value a node reads (including from its subgraphs) that a node of the list produces is produced
+    by an earlier node. One linear pass, much cheaper than sorting; False means "sort to know"."""
+    produced: set[str] = set()
+    read_early: set[str] = set()  # read before (or without) being produced
+    graph_type = gs.Graph
+    for node in nodes:
+        uses = node.inputs
+        attrs = node.attrs
+        if attrs:
+            for value in attrs.values():
+                if isinstance(value, graph_type):
+                    uses = outer_uses(node)
+                    break
+        for tensor in uses:
+            if tensor.name not in produced:
+                read_early.add(tensor.name)
+        for out in node.outputs:
+            name = out.name
+            if name:
+                if name in produced:
+                    return False
+                produced.add(name)
+    return read_early.isdisjoint(produced)
+
+
 def toposort_graph(graph: gs.Graph) -> None:
+    if is_topologically_sorted(graph.nodes):
+        return
     order = topo_order(graph.nodes)
     if order != list(range(len(order))):
         graph.nodes = [graph.nodes[i] for i in order]

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.errors import VerificationError
 from irtool.ir.model import Model, subgraphs_of
-from irtool.ir.skeleton import infer_types, skeleton, tensor_size_problems
+from irtool.ir.skeleton import check_skeleton, skeleton, tensor_size_problems
 
 
 def verify(model: Model, proto: onnx.ModelProto | None = None) -> None:
@@ -27,8 +27,7 @@ def verify(model: Model, proto: onnx.ModelProto | None = None) -> None:
     if problems:
         raise VerificationError(_summarize(problems))
     try:
-        onnx.checker.check_model(skeleton(proto))
-        infer_types(proto, strict=True)
+        check_skeleton(skeleton(proto))  # built and serialized once for the checker and shape inference
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise VerificationError(f"onnx rejects the model: {str(e).strip().splitlines()[0]}") from e
 
@@ -39,32 +38,33 @@ def _summarize(problems: list[str]) -> str:
 
 
 def structural_problems(model: Model) -> list[str]:
+    """One linear pass per graph. A subgraph sees the names its enclosing graphs define through a
+    chain of per-graph sets (no copy of the outer names per subgraph)."""
     problems: list[str] = []
     node_names: set[str] = set()
-    stack: list[tuple[gs.Graph, frozenset[str]]] = [(model.graph, frozenset())]
+    stack: list[tuple[gs.Graph, tuple[set[str], ...]]] = [(model.graph, ())]
     while stack:
         graph, visible = stack.pop()
-        problems.extend(_graph_problems(graph, visible, node_names))
-        defined = set(visible) | _defined_names(graph)
+        defined = _check_graph(graph, visible, node_names, problems)
+        inner = (*visible, defined)
         for node in graph.nodes:
-            for sub in subgraphs_of(node):
-                stack.append((sub, frozenset(defined)))
+            if node.attrs:
+                for sub in subgraphs_of(node):
+                    stack.append((sub, inner))
     return problems
 
 
-def _defined_names(graph: gs.Graph) -> set[str]:
-    names = {t.name for t in graph.inputs}
-    for node in graph.nodes:
-        names.update(t.name for t in node.outputs if t.name)
-    names.update(name for name, t in graph.tensors().items() if isinstance(t, gs.Constant))
-    return names
+def _check_graph(graph: gs.Graph, visible: tuple[set[str], ...], node_names: set[str],
+                 problems: list[str]) -> set[str]:
+    """Append graph's problems; return the names it defines (inputs, constants, node outputs)."""
+    input_names = {t.name for t in graph.inputs}
+    constants = {t.name for node in graph.nodes for t in node.inputs if isinstance(t, gs.Constant)}
+    constants.update(t.name for t in graph.outputs if isinstance(t, gs.Constant))
+    available = input_names | constants
 
+    def is_available(name: str) -> bool:
+        return name in available or any(name in scope for scope in visible)
 
-def _graph_problems(graph: gs.Graph, visible: frozenset[str], node_names: set[str]) -> list[str]:
-    problems: list[str] = []
-    available = set(visible) | {t.name for t in graph.inputs}
-    constants = {t.name for t in _constants(graph)}
-    available |= constants
     producers: dict[str, str] = {}
     produced_later = {t.name for node in graph.nodes for t in node.outputs if t.name}
     for node in graph.nodes:
@@ -74,28 +74,27 @@ def _graph_problems(graph: gs.Graph, visible: frozenset[str], node_names: set[st
             problems.append(f"node name {node.name!r} is used twice")
         node_names.add(node.name)
         for tensor in node.inputs:
-            if not tensor.name or tensor.name in available:
+            name = tensor.name
+            if not name or name in available or (visible and is_available(name)):
                 continue
-            if tensor.name in produced_later:
-                problems.append(f"node {node.name!r} uses {tensor.name!r} before it is produced (not in topological order)")
+            if name in produced_later:
+                problems.append(f"node {node.name!r} uses {name!r} before it is produced (not in topological order)")
             else:
-                problems.append(f"node {node.name!r} uses {tensor.name!r}, which nothing defines")
+                problems.append(f"node {node.name!r} uses {name!r}, which nothing defines")
         for tensor in node.outputs:
-            if not tensor.name:
+            name = tensor.name
+            if not name:
                 continue
-            if tensor.name in producers or tensor.name in constants or tensor.name in {t.name for t in graph.inputs}:
-                first = producers.get(tensor.name, "a graph input or initializer")
-                problems.append(f"value {tensor.name!r} has two producers: {first!r} and {node.name!r}")
-            producers[tensor.name] = node.name
+            if name in producers or name in constants or name in input_names:
+                first = producers.get(name, "a graph input or initializer")
+                problems.append(f"value {name!r} has two producers: {first!r} and {node.name!r}")
+            producers[name] = node.name
             if len(tensor.inputs) > 1:
-                problems.append(f"value {tensor.name!r} is produced by {len(tensor.inputs)} nodes")
-            available.add(tensor.name)
+                problems.append(f"value {name!r} is produced by {len(tensor.inputs)} nodes")
+            available.add(name)
     for tensor in graph.outputs:
-        if tensor.name not in available:
+        if not is_available(tensor.name):
             problems.append(f"graph output {tensor.name!r} is not defined")
-    return problems
-
-
-def _constants(graph: gs.Graph) -> list[gs.Constant]:
-    return [t for node in graph.nodes for t in node.inputs if isinstance(t, gs.Constant)] + \
-           [t for t in graph.outputs if isinstance(t, gs.Constant)]
+    if "" in available and "" not in input_names:
+        available.discard("")  # an unnamed constant defines nothing
+    return available
