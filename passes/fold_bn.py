@@ -32,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
-from irtool.ir.rewrite import is_default_domain, is_graph_output, is_used, produced_here, remove_nodes
+from irtool.ir.rewrite import GraphEdit, is_default_domain, is_graph_output, is_used
 from irtool.passmanager import Pass, PassContext, PassResult
 
 # (producer, weight, bias or None, s, t) -> (new weight, new bias, attributes to set) or None to decline.
@@ -52,14 +52,15 @@ class FoldBatchNorm(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         folded = 0
         for graph in list(model.graphs()):
-            for node in list(graph.nodes):
-                if node.op == "BatchNormalization" and _fold_one(model, graph, node):
-                    folded += 1
+            with GraphEdit(graph) as edit:
+                for node in list(graph.nodes):
+                    if node.op == "BatchNormalization" and _fold_one(model, edit, node):
+                        folded += 1
         return PassResult(modified=folded > 0, preserved=(), stats={"bn_folded": folded})
 
 
-def _fold_one(model: Model, graph: gs.Graph, bn: gs.Node) -> bool:
-    producer = _foldable_producer(graph, bn)
+def _fold_one(model: Model, edit: GraphEdit, bn: gs.Node) -> bool:
+    producer = _foldable_producer(edit, bn)
     if producer is None:
         return False
     params = _bn_scale_shift(bn)
@@ -71,17 +72,18 @@ def _fold_one(model: Model, graph: gs.Graph, bn: gs.Node) -> bool:
                                   np.asarray(bias.values), s, t)
     if result is None:
         return False
-    _apply(model, graph, bn, producer, result)
+    _apply(model, edit, bn, producer, result)
     return True
 
 
-def _foldable_producer(graph: gs.Graph, bn: gs.Node) -> gs.Node | None:
+def _foldable_producer(edit: GraphEdit, bn: gs.Node) -> gs.Node | None:
+    graph = edit.graph
     if not is_default_domain(bn) or bn.attrs.get("training_mode", 0):
         return None
     if any(t.name and is_used(graph, t) for t in bn.outputs[1:]) or len(bn.inputs) != 5:
         return None
     y = bn.inputs[0]
-    producer = produced_here(graph, y)
+    producer = edit.produced_here(y)
     if producer is None or producer.op not in FOLDERS or not is_default_domain(producer):
         return None
     if len(y.outputs) != 1 or is_graph_output(graph, y) or producer.outputs[0] is not y:
@@ -114,7 +116,7 @@ def _bn_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return s, beta - mean * s
 
 
-def _apply(model: Model, graph: gs.Graph, bn: gs.Node, producer: gs.Node,
+def _apply(model: Model, edit: GraphEdit, bn: gs.Node, producer: gs.Node,
            result: tuple[np.ndarray, np.ndarray, dict]) -> None:
     new_weight, new_bias, attrs = result
     weight, bias = producer.inputs[1], _bias_input(producer)
@@ -128,7 +130,7 @@ def _apply(model: Model, graph: gs.Graph, bn: gs.Node, producer: gs.Node,
         producer.inputs.append(bias_tensor)
     producer.attrs.update(attrs)
     out = bn.outputs[0]
-    remove_nodes(graph, [bn])
+    edit.remove(bn)
     producer.outputs[0] = out
 
 

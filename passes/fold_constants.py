@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from irtool.ir.model import Model, subgraphs_of
-from irtool.ir.rewrite import ValueTypes, is_default_domain, remove_nodes, static_shape, value_types
+from irtool.ir.rewrite import GraphEdit, ValueTypes, is_default_domain, static_shape, value_types
 from irtool.ir.topo import toposort_graph
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -71,14 +71,16 @@ class FoldConstants(Pass):
         folded = 0
         for graph in list(model.graphs()):
             toposort_graph(graph)
-            for node in list(graph.nodes):
-                values = self._fold(node, types, opsets)
-                if values is None:
-                    continue
-                for tensor, value in zip(_named(node.outputs), values, strict=True):
-                    tensor.to_constant(value)
-                remove_nodes(graph, [node])
-                folded += 1
+            with GraphEdit(graph) as edit:
+                for node in list(graph.nodes):
+                    values = self._fold(node, types, opsets)
+                    if values is None:
+                        continue
+                    outputs = list(_named(node.outputs))
+                    edit.remove(node)  # detach first: to_constant turns the tensors into constants
+                    for tensor, value in zip(outputs, values, strict=True):
+                        tensor.to_constant(value)
+                    folded += 1
         return folded
 
     def _fold(self, node: gs.Node, types: ValueTypes, opsets: dict[str, int]) -> list[np.ndarray] | None:

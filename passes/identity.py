@@ -29,12 +29,11 @@ import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
 from irtool.ir.rewrite import (
+    GraphEdit,
     ValueTypes,
     is_default_domain,
     is_graph_output,
     is_used,
-    produced_here,
-    remove_nodes,
     replace_uses,
     static_shape,
     value_types,
@@ -57,12 +56,13 @@ class EliminateIdentity(Pass):
         types = value_types(model, ctx.input_shapes or None)
         removed = rewritten = 0
         for graph in list(model.graphs()):
-            for node in list(graph.nodes):
-                if not self._is_noop(graph, node, types):
-                    continue
-                outcome = bypass(graph, node)
-                removed += outcome == "removed"
-                rewritten += outcome == "identity"
+            with GraphEdit(graph) as edit:
+                for node in list(graph.nodes):
+                    if not self._is_noop(graph, node, types):
+                        continue
+                    outcome = bypass(edit, node)
+                    removed += outcome == "removed"
+                    rewritten += outcome == "identity"
         stats = {"nodes_removed": removed, "nodes_made_identity": rewritten}
         return PassResult(modified=bool(removed or rewritten), preserved=(), stats=stats)
 
@@ -82,18 +82,19 @@ def _params_constant(node: gs.Node) -> bool:
     return all(isinstance(t, gs.Constant) or not t.name for t in node.inputs[1:])
 
 
-def bypass(graph: gs.Graph, node: gs.Node) -> str:
+def bypass(edit: GraphEdit, node: gs.Node) -> str:
     """Route readers of node's output to its first input; returns 'removed', 'identity' or 'kept'."""
+    graph = edit.graph
     source, out = node.inputs[0], node.outputs[0]
     if not is_graph_output(graph, out):
         replace_uses(out, source)
-        remove_nodes(graph, [node])
+        edit.remove(node)
         return "removed"
-    producer = produced_here(graph, source)
+    producer = edit.produced_here(source)
     if producer is not None and not is_graph_output(graph, source):
         # The producer takes over the output name; source's other readers follow it.
         slot = next(i for i, t in enumerate(producer.outputs) if t is source)
-        remove_nodes(graph, [node])
+        edit.remove(node)
         replace_uses(source, out)
         producer.outputs[slot] = out
         return "removed"

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from irtool.ir import io
-from irtool.ir.convert import export_model, import_model
+from irtool.ir.convert import export_model, import_model, paused_gc
 from irtool.ir.topo import toposort_graph
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Model:
         self.domain = domain
         self.doc_string = doc_string
         self.source = source
+        self._taken: set[str] | None = None
         if graph.ir_version is None:
             graph.ir_version = onnx.helper.find_min_ir_version_for(
                 [onnx.helper.make_opsetid(d, v) for d, v in self.opset_imports.items()])
@@ -67,9 +68,10 @@ class Model:
     # ----------------------------------------------------------------- export
     def to_proto(self) -> onnx.ModelProto:
         """Export to a ModelProto, nodes in topological order, unused tensors kept as they are."""
-        for graph in self.graphs():
-            toposort_graph(graph)
-        proto = export_model(self.graph, do_type_check=False)  # == gs.export_onnx, fewer copies
+        with paused_gc():  # see irtool.ir.convert.paused_gc: large graphs make every GC pass expensive
+            for graph in self.graphs():
+                toposort_graph(graph)
+            proto = export_model(self.graph, do_type_check=False)  # == gs.export_onnx, fewer copies
         proto.model_version = self.model_version
         proto.domain = self.domain
         proto.doc_string = self.doc_string
@@ -123,14 +125,22 @@ class Model:
             yield from graph.nodes
 
     def unique_name(self, prefix: str) -> str:
-        """A node/tensor name not yet used anywhere in the model, deterministic for a given model."""
-        taken = self._names()
-        if prefix not in taken:
-            return prefix
-        index = 1
-        while f"{prefix}_{index}" in taken:
+        """A node/tensor name not yet used anywhere in the model, deterministic for a given model.
+
+        The set of taken names is collected once and then kept up to date with the names handed out
+        here (collecting it per call made passes that add many values quadratic); the pass manager
+        forgets it before every pass, so within a pass new names must come from this method."""
+        if self._taken is None:
+            self._taken = self._names()
+        name, index = prefix, 0
+        while name in self._taken:
             index += 1
-        return f"{prefix}_{index}"
+            name = f"{prefix}_{index}"
+        self._taken.add(name)
+        return name
+
+    def forget_names(self) -> None:
+        self._taken = None
 
     def _names(self) -> set[str]:
         names: set[str] = set()

@@ -17,6 +17,8 @@ from irtool.ir.model import Model
 from irtool.ir.skeleton import _set_input_shapes, _value_type, skeleton
 
 ValueTypes = dict[str, tuple[int, list[int | str] | None]]
+# Standard ops that carry subgraphs; reading every node's attributes through protobuf costs more.
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> int:
@@ -54,6 +56,43 @@ def remove_nodes(graph: gs.Graph, nodes: Iterable[gs.Node]) -> int:
     return len(doomed)
 
 
+class GraphEdit:
+    """Batched edits of one graph: producer lookups in O(1) and node removals applied in one rebuild of
+    the node list (`flush`). Removing nodes one call at a time rebuilds the list each time, which is
+    quadratic on large graphs. Removed nodes are detached at once, so the graph reads consistently
+    before `flush`; only `graph.nodes` still lists them until then."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.members = {id(node) for node in graph.nodes}
+        self.doomed: set[int] = set()
+
+    def produced_here(self, tensor: gs.Tensor) -> gs.Node | None:
+        if not tensor.inputs:
+            return None
+        producer = tensor.inputs[0]
+        return producer if id(producer) in self.members else None
+
+    def remove(self, node: gs.Node) -> None:
+        node.inputs.clear()
+        node.outputs.clear()
+        self.members.discard(id(node))
+        self.doomed.add(id(node))
+
+    def flush(self) -> int:
+        removed = len(self.doomed)
+        if removed:
+            self.graph.nodes = [node for node in self.graph.nodes if id(node) not in self.doomed]
+            self.doomed.clear()
+        return removed
+
+    def __enter__(self) -> GraphEdit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+
 def produced_here(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
     """The node of `graph` itself (not of an enclosing graph) that produces `tensor`, if any."""
     if not tensor.inputs:
@@ -83,9 +122,10 @@ def value_types(model: Model, input_shapes: dict[str, list[int]] | None = None) 
             if types.setdefault(info.name, found) != found:
                 conflicting.add(info.name)
         for node in graph.node:
-            stack.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
-            for attr in node.attribute:
-                stack.extend(attr.graphs)
+            if node.op_type in CONTROL_FLOW or node.domain not in ("", "ai.onnx"):
+                stack.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+                for attr in node.attribute:
+                    stack.extend(attr.graphs)
     initializers: ValueTypes = {}
     for tensor in _all_initializers(proto.graph):
         found = (tensor.data_type, list(tensor.dims))
@@ -105,7 +145,8 @@ def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
         current = stack.pop()
         found.extend(current.initializer)
         for node in current.node:
-            stack.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+            if node.op_type in CONTROL_FLOW or node.domain not in ("", "ai.onnx"):
+                stack.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
     return found
 
 

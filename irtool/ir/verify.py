@@ -13,12 +13,18 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from irtool.errors import VerificationError
+from irtool.ir.convert import paused_gc
 from irtool.ir.model import Model, subgraphs_of
 from irtool.ir.skeleton import check_skeleton, skeleton, tensor_size_problems
 
 
 def verify(model: Model, proto: onnx.ModelProto | None = None) -> None:
     """Raise VerificationError listing the first problems found; return None when the IR is sound."""
+    with paused_gc():
+        _verify(model, proto)
+
+
+def _verify(model: Model, proto: onnx.ModelProto | None) -> None:
     problems = structural_problems(model)
     if problems:
         raise VerificationError(_summarize(problems))
