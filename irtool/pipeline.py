@@ -313,7 +313,9 @@ def format_value(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, enum.Enum):
-        return format_value(value.value)
+        text = str(value.value)  # an enum value is never None, so a bare `none` member stays bare
+        return text if text and not any(c in _SPECIAL or c.isspace() or c in "'\"\\" for c in text) \
+            else format_value(text)
     if isinstance(value, (tuple, list)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
     if isinstance(value, float):
