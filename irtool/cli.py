@@ -359,5 +359,56 @@ def bench(model_path: str, threads: int, runs: int, warmup: int, seed: int, inpu
         click.echo(format_mapping(data), nl=False)
 
 
+# ----------------------------------------------------------------------------------- TensorRT
+def _shapes_option(func):
+    return click.option("--shapes", "shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
+                        help="TensorRT optimization profile for an input, each shape DxDxD, e.g. "
+                             "x:1x3x224x224,8x3x224x224,16x3x224x224 (one shape = fixed; repeatable).")(func)
+
+
+@cli.command("trt-check")
+@click.argument("model_path", metavar="MODEL")
+@_shapes_option
+@click.option("--fp16", is_flag=True, help="Also report FP16 range and precision risks.")
+@click.option("--int8", is_flag=True, help="Require explicit Q/DQ for INT8.")
+@_json_option
+def trt_check(model_path: str, shapes: tuple[str, ...], fp16: bool, int8: bool, as_json: bool) -> None:
+    """Check whether TensorRT's ONNX parser can take MODEL (pure Python: no TensorRT or GPU needed).
+
+    Exits 1 when an error finding says the build would fail.
+    """
+    from irtool.backends.trt_readiness import check_trt_readiness, format_readiness, parse_shape_profiles
+
+    result = check_trt_readiness(model_path, shapes=parse_shape_profiles(shapes), fp16=fp16, int8=int8)
+    if as_json:
+        _echo_json({"model": model_path, **result.to_dict()})
+    else:
+        click.echo(format_readiness(result, model_path), nl=False)
+    if not result.ready:
+        raise IrtoolError(f"{model_path} is not TensorRT-ready: {result.counts()['error']} error finding(s)")
+
+
+@cli.command("build-engine")
+@click.argument("model_path", metavar="MODEL")
+@click.option("-o", "--output", "out", required=True, metavar="ENGINE", help="The serialized engine (.plan).")
+@click.option("--fp16", is_flag=True, help="FP16 kernels (TensorRT 11: the model must already be float16).")
+@click.option("--int8", is_flag=True, help="INT8 from the model's explicit Q/DQ (insert-qdq{profile=trt}).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=1024, show_default=True,
+              metavar="MB", help="Builder workspace memory limit.")
+@click.option("--strongly-typed", is_flag=True, help="Strongly typed network (always on in TensorRT 11).")
+@click.option("--timing-cache", metavar="PATH", help="Timing cache to read (if present) and update.")
+@_shapes_option
+def build_engine(model_path: str, out: str, fp16: bool, int8: bool, workspace_mb: int, strongly_typed: bool,
+                 timing_cache: str | None, shapes: tuple[str, ...]) -> None:
+    """Build a TensorRT engine for MODEL and write it to ENGINE (needs TensorRT and an NVIDIA GPU)."""
+    _check_output_paths(Path(model_path), Path(out), None)
+    from irtool.backends.tensorrt import build_engine as build
+    from irtool.backends.trt_readiness import parse_shape_profiles
+
+    path = build(model_path, out, fp16=fp16, int8=int8, workspace_mb=workspace_mb, strongly_typed=strongly_typed,
+                 shapes=parse_shape_profiles(shapes), timing_cache=timing_cache)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+
+
 if __name__ == "__main__":
     sys.exit(main())
