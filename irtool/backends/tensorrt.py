@@ -522,17 +522,9 @@ class _DeviceBuffers:
 
 # ----------------------------------------------------------------------------------------- files
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write into a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from irtool.ir.io import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), data)
 
 
 def build_engine(model, output: str | os.PathLike, **options: Any) -> Path:

@@ -171,10 +171,12 @@ def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, extern
     if external_data:
         _write_with_external_data(proto, path)
         return
-    _atomic_write_bytes(path, proto.SerializeToString(deterministic=True))
+    atomic_write_bytes(path, proto.SerializeToString(deterministic=True))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write into a temporary file beside `path`, then rename it into place: readers never see a
+    partial file and a failure leaves no output. Every file irtool writes goes through here."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -224,7 +226,7 @@ def _write_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 moved.append(_move_out(tensor, data, data_name))
             data.flush()
             os.fsync(data.fileno())
-        _atomic_write_bytes(tmp_dir / path.name, proto.SerializeToString(deterministic=True))
+        atomic_write_bytes(tmp_dir / path.name, proto.SerializeToString(deterministic=True))
         _default_permissions(data_at)
         os.replace(data_at, path.parent / data_name)
         data_at = path.parent / data_name
