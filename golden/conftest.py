@@ -41,7 +41,7 @@ class GoldenMismatch(AssertionError):
 
 @dataclass(frozen=True)
 class Contract:
-    kind: str  # exact | bounded | lossy
+    kind: str  # exact | bounded | lossy | masked
     tolerance: float = 0.0
 
     @classmethod
@@ -49,9 +49,10 @@ class Contract:
         words = text.split()
         if words == ["exact"]:
             return cls("exact")
-        if len(words) == 2 and words[0] in ("bounded", "lossy"):
+        if len(words) == 2 and words[0] in ("bounded", "lossy", "masked"):
             return cls(words[0], float(words[1]))
-        raise GoldenMismatch(f"contract.txt must be `exact`, `bounded EPS` or `lossy BUDGET`, got {text!r}")
+        raise GoldenMismatch(f"contract.txt must be `exact`, `bounded EPS`, `lossy BUDGET` or `masked EPS`, "
+                             f"got {text!r}")
 
 
 @dataclass
@@ -125,7 +126,10 @@ def run_case(case: Path, update: bool) -> None:
     feeds = [seeded_inputs(proto, sample) for sample in range(SAMPLES)]
     before = [run_ort(to_runnable(original.to_proto()), f) for f in feeds]
     after = [run_ort(to_runnable(transformed.to_proto()), f) for f in feeds]
-    check_contract(Contract.parse((case / "contract.txt").read_text().strip()), before, after)
+    contract = Contract.parse((case / "contract.txt").read_text().strip())
+    if contract.kind == "masked":
+        before = masked_reference(original, pipeline, feeds)
+    check_contract(contract, before, after)
     check_npz(case / "expected_outputs.npz", after, update)
 
 
@@ -140,6 +144,21 @@ def case_context(case: Path, proto: onnx.ModelProto) -> PassContext:
     samples = [seeded_inputs(proto, CALIBRATION_SEED_OFFSET + i) for i in range(count)]
 
     return PassContext(calibration_data=lambda: iter(samples))
+
+
+def masked_reference(original: Model, pipeline, feeds: list[dict]) -> list[dict]:
+    """The pruning oracle: the input model with, in every weighted consumer, the input-channel weights of
+    the channels the pipeline's first pass (a `prune`) removes zeroed."""
+    from irtool.analysis.channels import ChannelGroups
+    from tests.prune.test_prune_masking import masked
+
+    first = pipeline.passes[0].build()
+    if first.name != "prune":
+        raise GoldenMismatch("contract `masked` needs a pipeline that starts with prune")
+    model, ctx = original.copy(), PassContext()
+    removed = first.plan(model, ctx).removed_indices(ctx.analysis(ChannelGroups, model))
+    oracle = to_runnable(masked(original.to_proto(), removed))
+    return [run_ort(oracle, f) for f in feeds]
 
 
 def load_case_model(case: Path) -> onnx.ModelProto:

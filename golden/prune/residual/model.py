@@ -1,0 +1,5 @@
+from tests.prune.graphgen import random_cnn
+
+
+def build():
+    return random_cnn(11, ["residual", "conv"], "flatten")
