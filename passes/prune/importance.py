@@ -59,11 +59,27 @@ def _filters_by_atom(graph: ChannelGraph) -> dict[int, list[Filter]]:
 
 def _norms(atoms: list[int], graph: ChannelGraph, p: int) -> dict[int, float]:
     by_atom = _filters_by_atom(graph)
+    rows = _row_powers(graph, p)
     scores = {}
     for atom in atoms:
-        total = sum(float(np.sum(np.abs(f.weights) ** p)) for f in by_atom[atom])
+        total = sum(rows[id(f)] for f in by_atom[atom])
         scores[atom] = total if p == 1 else math.sqrt(total)
     return scores
+
+
+def _row_powers(graph: ChannelGraph, p: int) -> dict[int, float]:
+    """Σ|w|^p of every filter row (keyed by id of the Filter), one reduction per producer output rather
+    than one per row (ResNet-50 has 26k rows); same float32 row sums as reducing each row alone."""
+    by_output: dict[tuple[str, str, int], list[Filter]] = defaultdict(list)
+    for f in graph.filters:
+        by_output[(f.node, f.tensor, f.weights.size)].append(f)
+    values: dict[int, float] = {}
+    for filters in by_output.values():
+        stacked = np.stack([f.weights.reshape(-1) for f in filters])
+        powered = np.abs(stacked) if p == 1 else np.square(stacked) if p == 2 else np.abs(stacked) ** p
+        sums = np.sum(powered, axis=1).tolist()
+        values.update(zip(map(id, filters), sums, strict=True))
+    return values
 
 
 def _fpgm_rows(graph: ChannelGraph) -> dict[tuple[str, int], float]:
