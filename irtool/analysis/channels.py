@@ -97,6 +97,7 @@ class ChannelGraph:
     spaces: dict[str, Space]
     uf: UnionFind
     filters: list[Filter]
+    slices: list[Filter] = field(default_factory=list)  # consumer input-channel weights, for group importance
     locks: dict[int, str] = field(default_factory=dict)
     groups: list[Group] = field(default_factory=list)
 
@@ -147,6 +148,7 @@ class Builder:
         self.spaces: dict[str, Space] = {}
         self.uf = UnionFind()
         self.filters: list[Filter] = []
+        self.slices: list[Filter] = []
         self.tensor_locks: dict[str, str] = {}
 
     def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
@@ -185,6 +187,11 @@ class Builder:
         for i in range(rows.shape[0]):
             self.filters.append(Filter(node.name, tensor.name, i, rows[i]))
 
+    def add_slices(self, node: gs.Node, tensor: gs.Tensor, rows: np.ndarray) -> None:
+        """Consumer weights that read channel i of `tensor` (row i): they go with the channel too."""
+        for i in range(rows.shape[0]):
+            self.slices.append(Filter(node.name, tensor.name, i, rows[i]))
+
     def lock(self, tensor: gs.Tensor, reason: str) -> None:
         self.tensor_locks.setdefault(tensor.name, reason)
 
@@ -214,7 +221,7 @@ class ChannelGroups(Analysis):
 
 
 def _finish(builder: Builder) -> ChannelGraph:
-    graph = ChannelGraph(builder.spaces, builder.uf, builder.filters)
+    graph = ChannelGraph(builder.spaces, builder.uf, builder.filters, builder.slices)
     for name, reason in sorted(builder.tensor_locks.items()):
         space = builder.spaces.get(name)
         if space is not None:

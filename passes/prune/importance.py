@@ -1,7 +1,10 @@
 """Channel importance: one score per atom (a channel everywhere it flows), higher = keep.
 
-  l1       Σ|w| over every filter row that writes the atom (all producers of a residual channel)
-  l2       sqrt(Σw²) over the same rows
+  l1       Σ|w| over every weight that goes with the atom: the filter rows that write it (all
+           producers of a residual channel) and the consumer input-channel slices that read it
+           (group importance, as Torch-Pruning's GroupMagnitudeImportance: a channel whose readers
+           ignore it is cheap to remove however large its filter)
+  l2       sqrt(Σw²) over the same weights
   fpgm     Σ_j ||w_i − w_j||₂ within each producer (He et al. 2019): filters near the geometric
            median are the most replaceable, so a small distance sum means low importance
   bn-scale Σ|γ| of the BatchNormalization/InstanceNormalization channels in the atom (Liu et al.
@@ -58,20 +61,19 @@ def _filters_by_atom(graph: ChannelGraph) -> dict[int, list[Filter]]:
 
 
 def _norms(atoms: list[int], graph: ChannelGraph, p: int) -> dict[int, float]:
-    by_atom = _filters_by_atom(graph)
-    rows = _row_powers(graph, p)
-    scores = {}
-    for atom in atoms:
-        total = sum(rows[id(f)] for f in by_atom[atom])
-        scores[atom] = total if p == 1 else math.sqrt(total)
-    return scores
+    totals: dict[int, float] = defaultdict(float)
+    for rows in (graph.filters, graph.slices):
+        powers = _row_powers(rows, p)
+        for f in rows:
+            totals[graph.atom(f.tensor, f.index)] += powers[id(f)]
+    return {a: totals[a] if p == 1 else math.sqrt(totals[a]) for a in atoms}
 
 
-def _row_powers(graph: ChannelGraph, p: int) -> dict[int, float]:
-    """Σ|w|^p of every filter row (keyed by id of the Filter), one reduction per producer output rather
-    than one per row (ResNet-50 has 26k rows); same float32 row sums as reducing each row alone."""
+def _row_powers(rows: list[Filter], p: int) -> dict[int, float]:
+    """Σ|w|^p of every row (keyed by id of the Filter), one reduction per node and tensor rather than
+    one per row (ResNet-50 has 26k rows); same float32 row sums as reducing each row alone."""
     by_output: dict[tuple[str, str, int], list[Filter]] = defaultdict(list)
-    for f in graph.filters:
+    for f in rows:
         by_output[(f.node, f.tensor, f.weights.size)].append(f)
     values: dict[int, float] = {}
     for filters in by_output.values():

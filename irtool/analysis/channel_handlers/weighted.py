@@ -42,6 +42,8 @@ class Conv(Handler):
             _tie_positions(b, b.space(y), group)
             if space_in is not None:
                 _tie_positions(b, space_in, group)
+        elif space_in is not None:
+            b.add_slices(node, x, np.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1))
         b.add_filters(node, y, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
@@ -89,6 +91,8 @@ class Gemm(Handler):
         weights = np.asarray(w.values)
         rows = weights if int(node.attrs.get("transB", 0)) else weights.T
         b.add_filters(node, y, rows)
+        if space_in is not None:
+            b.add_slices(node, a, rows.T)
 
     def apply(self, node, view):
         w = node.inputs[1]
@@ -130,6 +134,8 @@ class MatMul(Handler):
         if b.new_space(y, -1) is None:
             return
         b.add_filters(node, y, np.asarray(w.values).T)
+        if space_in is not None:
+            b.add_slices(node, a, np.asarray(w.values))
 
     @staticmethod
     def _batched(node, b):
@@ -178,6 +184,8 @@ class ConvTranspose(Handler):
             return
         weights = np.asarray(w.values)
         b.add_filters(node, y, np.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1))
+        if space_in is not None:
+            b.add_slices(node, x, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
         w = node.inputs[1]
