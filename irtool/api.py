@@ -33,6 +33,7 @@ class OptimizeResult:
     after: Any
     seed: int = 0
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    cost_input_shapes: dict[str, list[int]] = field(default_factory=dict)  # symbolic dims counted as 1
 
 
 def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pipeline, *, seed: int = 0,
@@ -51,6 +52,7 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     seeded by `seed`; `calib_cache` is a folder for calibration statistics.
     """
     from irtool.analysis.cost import model_cost
+    from irtool.analysis.shapes import concrete_input_shapes
     from irtool.calibration.data import as_calibration_data
 
     parsed = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
@@ -59,7 +61,10 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     model = load_model(model_or_path)
     check_input_shapes(model, shapes)
     passes = parsed.build()
-    before = model_cost(model, shapes or None)
+    # Costs are per sample where dims are symbolic (a dynamic batch counts as 1), so MACs are never
+    # "unknown" just because the export kept the batch dynamic; the report states the shapes used.
+    cost_shapes = concrete_input_shapes(model, shapes)
+    before = model_cost(model, cost_shapes)
     calibration = as_calibration_data(calibration_data, model, samples=calib_samples, seed=seed,
                                       batch_size=calib_batch_size, preprocess=calib_preprocess,
                                       input_shapes=shapes)
@@ -68,10 +73,10 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     manager = PassManager(passes, verify_each=verify_each, print_ir_after=print_ir_after,
                           dump_dir=dump_dir, ir_printer=ir_printer)
     records = manager.run(model, ctx)
-    after = model_cost(model, shapes or None)
+    after = model_cost(model, cost_shapes)
     return OptimizeResult(model=model, records=records, pipeline=parsed,
                           pipeline_text=format_pipeline(parsed), before=before, after=after, seed=seed,
-                          input_shapes=shapes)
+                          input_shapes=shapes, cost_input_shapes=cost_shapes)
 
 
 def load_model(model_or_path: Model | Any | str | os.PathLike) -> Model:
