@@ -33,6 +33,9 @@ def test_quickstart_end_to_end(tmp_path: Path):
     accuracy = recorded["accuracy"]
     assert accuracy["torch"] > 0.9
     assert accuracy["onnx"] == accuracy["onnx_optimized"] == accuracy["torch"]
+    assert accuracy["onnx_pruned_int8"] >= accuracy["onnx"] - 0.03  # 30% fewer MACs and INT8, no training
+    small = json.loads((out / "report.pruned.int8.json").read_text())
+    assert abs(1 - small["after"]["macs"] / small["before"]["macs"] - 0.3) < 0.06
     assert recorded["compare"]["top1_agreement"] == 1.0
     assert recorded["compare"]["max_abs"] < 1e-4
 
