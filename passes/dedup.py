@@ -67,7 +67,8 @@ def _is_dense(tensor: gs.Constant) -> bool:
 
 
 def _values(tensor: gs.Constant) -> np.ndarray:
-    return np.ascontiguousarray(tensor.values)
+    # np.ascontiguousarray would make 0-d arrays 1-d and merge a scalar with a [1] tensor of the same bytes.
+    return np.require(tensor.values, requirements="C")
 
 
 def duplicate_groups(constants: list[gs.Constant]) -> list[list[gs.Constant]]:

@@ -402,7 +402,7 @@ class TrtRunner:
         dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
         if array.dtype != dtype and not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise InputError(f"input {name!r}: got {array.dtype}, the engine takes {dtype}")
-        return np.ascontiguousarray(array, dtype=dtype)
+        return np.require(array, dtype=dtype, requirements="C")  # keeps 0-d inputs 0-d
 
     def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if not self._context.set_input_shape(name, tuple(shape)):

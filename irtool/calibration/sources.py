@@ -272,7 +272,7 @@ class IterableSource:
         for where, sample in self._split_all():
             h = hashlib.blake2b(digest_size=16)
             for inp in inputs:
-                array = np.ascontiguousarray(convert_sample(inp, sample[inp.name], where))
+                array = np.require(convert_sample(inp, sample[inp.name], where), requirements="C")
                 h.update(f"{inp.name}|{array.dtype.str}|{array.shape}".encode() + array.tobytes())
             self.digests.append(h.digest())
         self.count = len(self.digests)

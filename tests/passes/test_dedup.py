@@ -112,3 +112,26 @@ def test_groups_are_ordered_by_first_use():
 
 def _arr(value: float) -> np.ndarray:
     return np.full(3, value, np.float32)
+
+
+def test_scalar_and_one_element_vector_are_not_merged():
+    """Same bytes, different rank: merging them changed a Concat's input rank (seen on a ViT export)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from irtool.ir import Model
+    from irtool.passmanager import PassContext, PassManager
+    from irtool.pipeline import parse_pipeline
+
+    nodes = [helper.make_node("Unsqueeze", ["s", "axes"], ["u"], name="unsq"),
+             helper.make_node("Concat", ["u", "v", "x"], ["y"], name="cat", axis=0)]
+    inits = [numpy_helper.from_array(np.array(7, np.int64), "s"), numpy_helper.from_array(np.array([7], np.int64), "v"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [3])], inits)
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    records = PassManager(parse_pipeline("dedup-initializers").build(), verify_each=True).run(model, PassContext())
+    assert records[0].modified is False
+    unsq = next(n for n in model.graph.nodes if n.name == "unsq")
+    assert isinstance(unsq.inputs[0], gs.Constant) and unsq.inputs[0].values.shape == ()
