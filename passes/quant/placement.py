@@ -14,8 +14,9 @@ trt (TensorRT explicit quantization, following NVIDIA's Q/DQ placement guidance)
 ort-cpu (ONNX Runtime CPU; its QDQ transformers fuse DQ -> op -> Q into QLinearConv, QGemm,
 QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...):
   1. Inputs of Conv, ConvTranspose, Gemm, MatMul, and inputs and outputs of Add, Mul, Concat, pooling.
-  2. The output of every quantized layer, after a directly following Relu/Clip (ORT removes the
-     activation into the Q's range), so the layer's Q/DQ chain closes and fusion happens.
+  2. The output of every quantized layer and Add/Mul/pool, after a directly following Relu/Clip
+     (ORT folds that activation into the Q's range and drops it), so the chain closes and fusion
+     happens; a residual `Add -> Relu` is quantized once, after the Relu.
   3. MaxPool's input and output share a scale (it then runs on integers).
   4. Activations u8 asymmetric by default (u8 x s8 is what x86 integer kernels run; s8 activations
      leave layers in float there), weights s8 symmetric per output channel.
@@ -155,7 +156,7 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
             if node.op in ORT_IO_OPS and _io_quantizable(node, plan):
                 for t in node.inputs:
                     plan.add(t)
-                plan.add(node.outputs[0])
+                plan.add(_fused_output(node.outputs[0]))
                 if node.op == "MaxPool":
                     plan.share.append({node.inputs[0].name, node.outputs[0].name})
     return plan
