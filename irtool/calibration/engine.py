@@ -1,9 +1,10 @@
 """The calibration engine: one streaming pass of ONNX Runtime over the calibration data.
 
-The tensors to observe are exposed as extra outputs of a copy of the model (irtool.calibration.tap)
-and every batch updates one MinMax and, for histogram-based methods, one Histogram per tensor
-(irtool.calibration.observers). Nothing is kept per sample, so memory is flat in the number of
-samples; statistics are batch-size invariant and mergeable. With a cache folder, statistics are
+The tensors to observe are summarized inside a copy of the model (irtool.calibration.tap: min, max, a
+NaN/Inf flag and, for histogram-based methods, a fixed strided subsample per sample, so the activations
+themselves never leave ONNX Runtime) and every batch updates one MinMax and, for histogram-based methods,
+one Histogram per tensor (irtool.calibration.observers). Nothing is kept per sample, so memory is flat in
+the number of samples; statistics are batch-size invariant and mergeable. With a cache folder, statistics are
 stored as .npz keyed by a hash of the model, the data's fingerprint and the observer settings.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from irtool.calibration.observers import DEFAULT_BINS, Histogram, MinMax
-from irtool.calibration.tap import tap
+from irtool.calibration.tap import Summary, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
 
@@ -45,12 +46,13 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
             log.info("calibration statistics loaded from cache %s", key[:12])
             return cached
     stats = {n: TensorStats(MinMax(), Histogram(bins) if histograms else None) for n in names}
-    started, batches, samples = time.perf_counter(), 0, 0
-    for values in _progress(tap(model, names, provider()), progress):
+    per_sample = next(iter(stats.values())).histogram.max_per_sample if histograms and stats else 0
+    started, batches, sizes = time.perf_counter(), 0, []
+    for summaries in _progress(tap(model, names, _sized(provider(), sizes), summary=per_sample), progress):
         batches += 1
-        for name, value in values.items():
-            _observe(stats[name], name, value)
-        samples += len(next(iter(values.values()))) if values else 0
+        for name, summary in summaries.items():
+            _observe(stats[name], name, summary)
+    samples = sum(sizes)
     if batches == 0:
         raise InputError("calibration data is empty")
     log.info("calibrated %d tensors on %d batches (%d samples) in %.2f s", len(names), batches, samples,
@@ -60,12 +62,20 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     return stats
 
 
-def _observe(stats: TensorStats, name: str, value: np.ndarray) -> None:
-    if not np.all(np.isfinite(value)):
+def _sized(batches: Iterable[Mapping[str, np.ndarray]], sizes: list[int]):
+    """Pass batches through, noting each one's number of samples."""
+    for batch in batches:
+        first = next(iter(batch.values()), None)
+        sizes.append(len(first) if first is not None and np.ndim(first) else 0)
+        yield batch
+
+
+def _observe(stats: TensorStats, name: str, summary: Summary) -> None:
+    if not summary.finite:
         raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data; the float model is broken")
-    stats.minmax.update(value)
-    if stats.histogram is not None:
-        stats.histogram.update(value)
+    stats.minmax.merge(MinMax(summary.low, summary.high))
+    if stats.histogram is not None and summary.sample is not None:
+        stats.histogram.add(summary.sample)
 
 
 def _progress(iterable, enabled: bool):

@@ -60,7 +60,11 @@ class Histogram:
 
     def update(self, batch: np.ndarray) -> None:
         """`batch` has a leading sample axis; each sample is subsampled at fixed positions."""
-        values = self._subsample(batch)
+        self.add(subsample(batch, self.max_per_sample))
+
+    def add(self, values: np.ndarray) -> None:
+        """Count values already subsampled (`subsample(batch, self.max_per_sample)`, any shape)."""
+        values = values.reshape(-1)
         if not values.size:
             return
         peak = float(np.max(np.abs(values)))
@@ -72,11 +76,6 @@ class Histogram:
         index = np.floor((values.astype(np.float64) + self.radius) * scale).astype(np.int64)
         np.clip(index, 0, self.bins - 1, out=index)
         self.counts += np.bincount(index, minlength=self.bins)
-
-    def _subsample(self, batch: np.ndarray) -> np.ndarray:
-        flat = batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch.reshape(-1, 1)
-        stride = max(1, math.ceil(flat.shape[1] / self.max_per_sample))
-        return flat[:, ::stride].reshape(-1)
 
     def _grow_to(self, peak: float) -> None:
         if peak == 0.0 or peak < self.radius:
@@ -160,6 +159,13 @@ class Histogram:
         errors = [float(np.sum(mags * np.where(centers > t, (centers - t) ** 2, (t / levels) ** 2 / 12.0)))
                   for t in candidates]
         return float(candidates[int(np.argmin(errors))])
+
+
+def subsample(batch: np.ndarray, max_per_sample: int) -> np.ndarray:
+    """At most `max_per_sample` values of each sample (leading axis), at fixed strided positions: [batch, k]."""
+    flat = batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch.reshape(-1, 1)
+    stride = max(1, -(-flat.shape[1] // max_per_sample))
+    return flat[:, ::stride]
 
 
 def _kl_divergence(mags: np.ndarray, cut: int, levels: int) -> float:

@@ -1,0 +1,687 @@
+"""Benchmark: INT8 post-training quantization, irtool's `quant` pipeline vs ONNX Runtime's quantize_static.
+
+Side by side in one run, on the same ONNX models and the same calibration samples:
+
+* models      resnet50     the real ResNet-50 v1.5 topology (3/4/6/3 bottlenecks, 64..2048 channels,
+                           1000 classes), plain torch (tests/prune/archs.py blocks), 1x3x224x224
+              mobilenetv2  the real MobileNetV2 1.0 configuration (inverted residuals, depthwise 3x3,
+                           ReLU6, 1280-wide head, 1000 classes), 1x3x224x224
+              vit          a DeiT-Tiny-sized ViT encoder (224 image, 16x16 patches -> 197 tokens, dim 192,
+                           12 blocks, 3 heads, MLP 768), tests/prune/archs.py's ViT
+  Weights are random from a fixed seed; BatchNorm running statistics are then measured on synthetic
+  images (train-mode passes with cumulative averaging), so activations have realistic scales, and the
+  torch exporter folds BN into the convolutions (both tools get the same BN-free graph).
+* data        fixed-seed smooth random fields (a sum of bilinearly upsampled noise octaves with 1/f
+              amplitudes, per-image brightness/contrast, in [0, 1]) normalized with the ImageNet mean/std;
+              generated lazily per sample (never the whole set in memory), batches of 16. The evaluation set
+              is 64 further samples from another seed.
+* tools       irtool   `cleanup,fold-bn,calibrate{method=M},insert-qdq{profile=ort-cpu}` (the `quant`
+                       pipeline: u8 activations, s8 per-channel weights) through irtool.optimize; the
+                       calibration time is the `calibrate` pass's own time.
+              ort      onnxruntime.quantization.quantize_static(QuantFormat.QDQ, per_channel=True,
+                       activation_type=QUInt8, weight_type=QInt8, calibrate_method=M) fed by a
+                       CalibrationDataReader over the same samples; its calibration time (create_calibrator +
+                       collect_data + compute_data) is measured by wrapping create_calibrator. ORT has no MSE
+                       method: mse is irtool only. Percentile uses 99.99 for both (ORT's default is 99.999).
+* floor       plain float ONNX Runtime inference over the same N samples, same batches and provider (data
+              generation included in both; it is also reported alone).
+
+Every measurement runs in a fresh Python process under RLIMIT_AS = 16 GiB, watched by the parent (killed
+above 16 GiB RSS); peak RSS is that process's VmHWM. ORT's Entropy and Percentile calibrators keep every
+activation of every sample: when the estimate (N x the per-sample activation bytes) would not fit, the run is
+skipped and says so. INT8 latency is measured interleaved (irtool, ORT, float, repeated) at batch 1 with 1 and
+2 intra-op threads, median of the runs.
+
+    python bench/quant_bench.py [--quick] [--models resnet50,mobilenetv2,vit] [--samples 64,256,1024]
+                                [--methods minmax,entropy,percentile,mse] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+log = logging.getLogger("bench.quant")
+
+SECTION = "quant"
+TITLE = "INT8 quantization vs ONNX Runtime quantize_static"
+OUT = HERE / "out" / "quant"
+MODEL_VERSION = "v1"
+BATCH = 16
+EVAL_SAMPLES = 64
+EVAL_SEED = 1
+CALIB_SEED = 0
+PERCENTILE = 99.99
+MEMORY_LIMIT = 16 << 30
+METHODS = ("minmax", "entropy", "percentile", "mse")
+ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+ORT_HISTOGRAM_METHODS = ("entropy", "percentile")
+MODELS = ("resnet50", "mobilenetv2", "vit")
+CNNS = ("resnet50", "mobilenetv2")
+# `cleanup` minus dedup-initializers for the ViT: fold-constants followed by dedup-initializers currently
+# breaks its export (ORT: "/Concat_1: All inputs to Concat must have same rank"), an irtool bug to fix.
+CLEANUP = {"vit": "dce,fold-constants,dce,eliminate-identity"}
+# To keep a full run near 25 min on 2 cores, N >= 1024 runs only these methods (enough for the memory check).
+LARGE_N_METHODS = {"resnet50": ("minmax",), "mobilenetv2": ("minmax", "entropy"), "vit": ("minmax", "entropy")}
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------ data
+def _upsample_matrix(n: int, size: int) -> np.ndarray:
+    """Bilinear interpolation (align_corners) from n points to size points, as a (size, n) matrix."""
+    pos = np.linspace(0.0, n - 1.0, size)
+    low = np.minimum(np.floor(pos).astype(int), n - 2)
+    frac = pos - low
+    m = np.zeros((size, n), np.float32)
+    m[np.arange(size), low] = 1.0 - frac
+    m[np.arange(size), low + 1] = frac
+    return m
+
+
+class Images:
+    """Deterministic smooth random images, sample i of seed s always the same, made on demand."""
+
+    OCTAVES = (3, 6, 12, 24, 48)
+
+    def __init__(self, seed: int, size: int = 224):
+        self.seed, self.size = seed, size
+        self.mats = {n: _upsample_matrix(n, size) for n in self.OCTAVES}
+
+    def sample(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, i])
+        img = np.zeros((3, self.size, self.size), np.float32)
+        for n in self.OCTAVES:
+            m = self.mats[n]
+            noise = rng.standard_normal((3, n, n), dtype=np.float32) * np.float32(3.0 / n)
+            img += m @ noise @ m.T
+        img += rng.standard_normal((3, 1, 1), dtype=np.float32) * 0.3  # per-channel colour cast
+        img = img * np.float32(rng.uniform(0.5, 1.5)) + np.float32(rng.uniform(-0.3, 0.3))
+        img = 1.0 / (1.0 + np.exp(-2.0 * img))  # into (0, 1), like a photo's pixel values
+        return ((img - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+    def batches(self, count: int, batch: int = BATCH):
+        for start in range(0, count, batch):
+            yield np.stack([self.sample(i) for i in range(start, min(count, start + batch))])
+
+
+# ------------------------------------------------------------------------------------------ models
+def _torch_model(name: str):
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT))
+    from tests.prune import archs
+
+    torch.manual_seed(0)
+    if name == "resnet50":
+        model = archs.ResNet(archs.Bottleneck, (3, 4, 6, 3), widths=(64, 128, 256, 512), classes=1000)
+    elif name == "mobilenetv2":
+        class MobileNetV2(nn.Module):
+            CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                      (6, 320, 1, 1))
+
+            def __init__(self):
+                super().__init__()
+                layers, c = [archs.conv_bn(3, 32, 3, 2, act=nn.ReLU6)], 32
+                for t, c_out, n, s in self.CONFIG:
+                    for i in range(n):
+                        layers.append(archs.InvertedResidual(c, c_out, s if i == 0 else 1, t))
+                        c = c_out
+                layers.append(archs.conv_bn(c, 1280, 1, act=nn.ReLU6))
+                self.features = nn.Sequential(*layers)
+                self.classifier = nn.Linear(1280, 1000)
+
+            def forward(self, x):
+                return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+        model = MobileNetV2()
+    elif name == "vit":
+        model = archs.ViT(image=224, patch=16, dim=192, depth=12, heads=3, mlp=768, classes=1000)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=0.02)
+        nn.init.normal_(model.cls, std=0.5)
+        nn.init.normal_(model.pos, std=0.5)
+    else:
+        raise ValueError(name)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out" if m.groups > 1 else "fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, std=0.1)
+            m.momentum = None  # cumulative average: running stats become the statistics of the data seen
+            m.reset_running_stats()
+    return model
+
+
+def build_model(name: str, path: Path) -> None:
+    import io
+
+    import onnx
+    import torch
+
+    model = _torch_model(name)
+    images = Images(seed=2)
+    with torch.no_grad():
+        model.train()  # measure BatchNorm statistics on synthetic images
+        for batch in images.batches(64, 16):
+            model(torch.from_numpy(batch))
+        model.eval()
+        x = torch.from_numpy(images.sample(0)[None])
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
+                          opset_version=17, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    tmp = path.with_suffix(".tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def model_path(name: str) -> Path:
+    import inspect
+
+    # Rebuilt when the code that makes the models (or the blocks it borrows) changes, not for other edits.
+    code = "".join(inspect.getsource(f) for f in (_upsample_matrix, Images, _torch_model, build_model))
+    digest = hashlib.sha256(code.encode() + (ROOT / "tests" / "prune" / "archs.py").read_bytes()).hexdigest()[:10]
+    path = OUT / f"{name}-{MODEL_VERSION}-{digest}.onnx"
+    if not path.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        log.info("building %s (torch export) ...", name)
+        result = subprocess.run([sys.executable, __file__, "--worker", "build", "--spec",
+                                 json.dumps({"model": name, "path": str(path)})], cwd=ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"building {name} failed")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ workers
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: ru_maxrss can carry the parent's peak across fork+exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _session(path: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _provider(n: int):
+    images = Images(CALIB_SEED)
+
+    def provider():
+        return ({"input": b} for b in images.batches(n))
+    return provider
+
+
+def work_float(spec: dict) -> dict:
+    """The floor: float inference over the calibration samples; plus the float outputs on the eval set."""
+    n = spec["n"]
+    started = time.perf_counter()
+    for _ in _provider(n)():
+        pass
+    data_s = time.perf_counter() - started
+    session = _session(spec["model_path"])
+    session.run(None, {"input": Images(CALIB_SEED).sample(0)[None]})  # warm-up, as both tools build first
+    started, cpu = time.perf_counter(), time.process_time()
+    for feeds in _provider(n)():
+        session.run(None, feeds)
+    floor_s, floor_cpu = time.perf_counter() - started, time.process_time() - cpu
+    result = {"floor_s": floor_s, "floor_cpu_s": floor_cpu, "data_s": data_s, "peak_rss_mb": peak_rss_mb()}
+    if spec.get("eval_out"):
+        outs = [session.run(None, {"input": b})[0] for b in Images(EVAL_SEED).batches(EVAL_SAMPLES)]
+        np.save(spec["eval_out"], np.concatenate(outs))
+    return result
+
+
+def _evaluate(spec: dict, quantized: str) -> dict:
+    ref = np.load(spec["eval_ref"]).astype(np.float64)
+    session = _session(quantized)
+    out = np.concatenate([session.run(None, {"input": b})[0] for b in Images(EVAL_SEED).batches(EVAL_SAMPLES)])
+    out = out.astype(np.float64)
+    noise = np.sum((ref - out) ** 2)
+    sqnr = math.inf if noise == 0 else 10.0 * math.log10(np.sum(ref ** 2) / noise)
+    cos = np.sum(ref * out, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
+    return {"sqnr_db": sqnr, "top1": float(np.mean(ref.argmax(1) == out.argmax(1))), "cosine": float(cos.mean())}
+
+
+def work_irtool(spec: dict) -> dict:
+    import onnx
+
+    from irtool.api import optimize
+
+    method, n = spec["method"], spec["n"]
+    proto = onnx.load(spec["model_path"])
+    cleanup = CLEANUP.get(spec["model"], "cleanup")
+    pipeline = f"{cleanup},fold-bn,calibrate{{method={method}}},insert-qdq{{profile=ort-cpu}}"
+    if method == "percentile":
+        pipeline = pipeline.replace("method=percentile", f"method=percentile,percentile={PERCENTILE}")
+    started, cpu = time.perf_counter(), time.process_time()
+    result = optimize(proto, pipeline, calibration_data=_provider(n), calib_batch_size=BATCH)
+    total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
+    seconds = {r.name: r.seconds for r in result.records}
+    result.model.save(spec["out"])
+    out = {"calib_s": seconds["calibrate"], "total_s": total, "total_cpu_s": total_cpu, "passes_s": seconds,
+           "pipeline": pipeline, "peak_rss_mb": peak_rss_mb()}
+    out.update(_evaluate(spec, spec["out"]))
+    return out
+
+
+def work_ort(spec: dict) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    ort_quantize = sys.modules["onnxruntime.quantization.quantize"]
+
+    method, n = spec["method"], spec["n"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = _provider(n)()
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def rewind(self):
+            self.it = _provider(n)()
+
+    calib = {"create_s": 0.0, "collect_s": 0.0, "compute_s": 0.0}
+    original = ort_quantize.create_calibrator
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                calib[key] += time.perf_counter() - started
+        return wrapper
+
+    def create_calibrator(*a, **k):
+        calibrator = timed("create_s", original)(*a, **k)
+        calibrator.collect_data = timed("collect_s", calibrator.collect_data)
+        calibrator.compute_data = timed("compute_s", calibrator.compute_data)
+        return calibrator
+
+    ort_quantize.create_calibrator = create_calibrator
+    proto = onnx.load(spec["model_path"])
+    started, cpu = time.perf_counter(), time.process_time()
+    ort_quantize.quantize_static(proto, spec["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                 calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]),
+                                 extra_options={"CalibPercentile": PERCENTILE})
+    total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
+    out = {"calib_s": sum(calib.values()), "calib_parts_s": calib, "total_s": total, "total_cpu_s": total_cpu,
+           "peak_rss_mb": peak_rss_mb()}
+    out.update(_evaluate(spec, spec["out"]))
+    return out
+
+
+def work_latency(spec: dict) -> dict:
+    """Interleaved latency at batch 1: rounds of `runs` per model, models alternating, median per model."""
+    x = {"input": Images(EVAL_SEED).sample(0)[None]}
+    out = {}
+    for threads in (1, 2):
+        sessions = {k: _session(p, threads) for k, p in spec["models"].items()}
+        times = {k: [] for k in sessions}
+        for s in sessions.values():
+            for _ in range(3):
+                s.run(None, x)
+        for _ in range(spec["rounds"]):
+            for k, s in sessions.items():
+                for _ in range(spec["runs"]):
+                    started = time.perf_counter()
+                    s.run(None, x)
+                    times[k].append((time.perf_counter() - started) * 1e3)
+        out[str(threads)] = {k: float(np.median(v)) for k, v in times.items()}
+        del sessions
+    return out
+
+
+def work_activation_bytes(spec: dict) -> dict:
+    """Float bytes of every node output for one sample (what ORT's histogram calibrators keep per sample),
+    measured by running one sample with every node output exposed as a graph output."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(spec["model_path"])
+    known = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(None, {"input": Images(EVAL_SEED).sample(0)[None]})
+    return {"bytes_per_sample": int(sum(v.nbytes for v in values if v.dtype == np.float32))}
+
+
+WORKERS = {"float": work_float, "irtool": work_irtool, "ort": work_ort, "latency": work_latency,
+           "act_bytes": work_activation_bytes}
+
+
+def run_worker(kind: str, spec: dict) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if kind == "build":
+        build_model(spec["model"], Path(spec["path"]))
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    print(json.dumps(WORKERS[kind](spec)))
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return math.inf
+
+
+def measure(kind: str, spec: dict, timeout: float = 1800) -> dict:
+    """Run one worker in a fresh process; kill it if its RSS passes the memory budget."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
+    # Single-threaded BLAS for the data generator: its small matmuls otherwise fight ORT's spinning threads.
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    killed = threading.Event()
+
+    def watch():
+        started = time.monotonic()
+        while proc.poll() is None:
+            if _rss_mb(proc.pid) > MEMORY_LIMIT / 2**20 or time.monotonic() - started > timeout:
+                killed.set()
+                proc.kill()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    watcher.join()
+    if killed.is_set():
+        return {"error": f"killed: RSS above {MEMORY_LIMIT >> 30} GiB or over {timeout:.0f} s"}
+    if proc.returncode != 0:
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        error = lines[-1] if lines else f"exit code {proc.returncode}"
+        if "MemoryError" in stderr or "bad_alloc" in stderr or "Failed to allocate" in stderr:
+            error = f"failed: exceeded the {MEMORY_LIMIT >> 30} GiB address-space limit ({error[:120]})"
+        return {"error": error[:300]}
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def ort_memory_estimate_mb(act_bytes: int, n: int, method: str) -> float:
+    """ORT's histogram calibrators (Entropy, Percentile) keep every output of the augmented model for every
+    sample, then build per-tensor lists from them (measured: ResNet-50 at N=64, 7.6 GB vs 8.0 estimated).
+    MinMax reduces in the graph and keeps only the per-batch reductions: not estimated, just guarded."""
+    return act_bytes * n * 1.25 / 2**20 + 600
+
+
+def run_model(name: str, samples: list[int], methods: list[str], latency_runs: int, rounds: int) -> dict:
+    path = model_path(name)
+    tmp = OUT / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    eval_ref = str(tmp / f"{name}-eval-ref.npy")
+    act = measure("act_bytes", {"model_path": str(path)})
+    res: dict = {"act_bytes_per_sample": act.get("bytes_per_sample"), "floor": {}, "runs": {}, "latency": {}}
+    log.info("%s: %.1f MB of float activations per sample", name, (act.get("bytes_per_sample") or 0) / 2**20)
+    for n in samples:
+        log.info("%s: float floor N=%d ...", name, n)
+        res["floor"][n] = r = measure("float", {"model_path": str(path), "n": n,
+                                                "eval_out": eval_ref if n == samples[0] else None})
+        log.info("%s: float floor N=%d: %s", name, n, _brief(r))
+        for method in methods:
+            for tool in ("irtool", "ort"):
+                if tool == "ort" and method not in ORT_METHODS:
+                    continue
+                key = f"{tool}/{method}/{n}"
+                if n >= 1024 and method not in LARGE_N_METHODS.get(name, METHODS):
+                    res["runs"][key] = {"skipped": "time budget: at N >= 1024 this model runs "
+                                                   + "/".join(LARGE_N_METHODS[name]) + " only"}
+                    continue
+                out = str(tmp / f"{name}-{tool}-{method}-{n}.onnx")
+                spec = {"model": name, "model_path": str(path), "n": n, "method": method, "out": out,
+                        "eval_ref": eval_ref}
+                if tool == "ort" and method in ORT_HISTOGRAM_METHODS and act.get("bytes_per_sample"):
+                    estimate = ort_memory_estimate_mb(act["bytes_per_sample"], n, method)
+                    budget = min(MEMORY_LIMIT / 2**20, mem_available_mb() - 2048)
+                    if estimate > budget:
+                        res["runs"][key] = {"skipped": f"would exceed memory: ~{estimate / 1024:.1f} GB estimated "
+                                                       f"(N x {act['bytes_per_sample'] / 2**20:.0f} MB kept), "
+                                                       f"budget {budget / 1024:.1f} GB"}
+                        log.warning("%s %s: skipped, %s", name, key, res["runs"][key]["skipped"])
+                        continue
+                log.info("%s %s ...", name, key)
+                res["runs"][key] = r = measure(tool, spec)
+                log.info("%s %s: %s", name, key, _brief(r))
+            pair = {t: str(tmp / f"{name}-{t}-{method}-{n}.onnx") for t in ("irtool", "ort")
+                    if "error" not in res["runs"].get(f"{t}/{method}/{n}", {"error": 1})
+                    and "skipped" not in res["runs"].get(f"{t}/{method}/{n}", {})}
+            if pair:
+                pair["float"] = str(path)
+                log.info("%s %s N=%d: latency %s ...", name, method, n, ",".join(pair))
+                lat = measure("latency", {"models": pair, "runs": latency_runs, "rounds": rounds})
+                res["latency"][f"{method}/{n}"] = lat
+                log.info("%s %s N=%d: latency %s", name, method, n, _brief(lat))
+            for p in pair.values():
+                if p != str(path):
+                    Path(p).unlink(missing_ok=True)
+    return res
+
+
+def _brief(r: dict) -> str:
+    return json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                       if not isinstance(v, dict) or k in ("1", "2")}, default=str)[:300]
+
+
+# ------------------------------------------------------------------------------------------ report
+def _f(v, digits=2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}"
+
+
+def _cell(r: dict | None, key: str, digits=2) -> str:
+    if r is None:
+        return "-"
+    if "skipped" in r:
+        return "skipped"
+    if "error" in r:
+        return "failed"
+    return _f(r.get(key), digits)
+
+
+def render(results: dict, samples: list[int], methods: list[str], command: str, load: tuple, quick: bool) -> str:
+    import onnxruntime
+
+    lines = [
+        f"## {TITLE}",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, "
+        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GB RAM, Python "
+        f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}; shared with other work: `uptime` load "
+        f"average {load[0]} at the start, {load[1]} at the end.  ",
+        f"Setup: batches of {BATCH}, fixed-seed smooth synthetic images normalized like ImageNet; quantized as "
+        "u8 activations x s8 per-channel weights in QDQ format by both tools; percentile = "
+        f"{PERCENTILE}; evaluation on {EVAL_SAMPLES} further synthetic images vs the float model. Each "
+        "measurement is its own process (RLIMIT_AS 16 GiB); peak RSS = VmHWM of that process. "
+        "Calibration s: irtool = its `calibrate` pass; ORT = create_calibrator + collect_data + compute_data "
+        "inside quantize_static. Floor = float ORT inference over the same N samples and batches (data "
+        "generation included; shown alone in brackets). Latency: batch 1, median of interleaved runs."
+        + (" `--quick` run." if quick else ""),
+    ]
+    for name, res in results.items():
+        act = res.get("act_bytes_per_sample") or 0
+        lines += ["", f"### {name} ({act / 2**20:.0f} MB of float activations per sample)", "",
+                  "| method | N | floor s (data s) | calib s irtool / ORT | x floor irtool / ORT "
+                  "| total s irtool / ORT | peak RSS MB irtool / ORT | SQNR dB irtool / ORT | "
+                  + ("top-1 agree irtool / ORT" if name in CNNS else "cosine irtool / ORT")
+                  + " | INT8 ms 1 thr irtool / ORT / float | 2 thr irtool / ORT / float |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for method in methods:
+            for n in samples:
+                fl = res["floor"].get(n, {})
+                a, b = res["runs"].get(f"irtool/{method}/{n}"), res["runs"].get(f"ort/{method}/{n}")
+                if a is None and b is None:
+                    continue
+                floor = fl.get("floor_s")
+                xa = _f(a["calib_s"] / floor) if a and "calib_s" in a and floor else "n/a"
+                xb = _f(b["calib_s"] / floor) if b and "calib_s" in b and floor else "-" if b is None else "n/a"
+                lat = res["latency"].get(f"{method}/{n}", {})
+                acc = "top1" if name in CNNS else "cosine"
+                lines.append(
+                    f"| {method} | {n} | {_f(floor)} ({_f(fl.get('data_s'))}) "
+                    f"| {_cell(a, 'calib_s')} / {_cell(b, 'calib_s')} | {xa} / {xb} "
+                    f"| {_cell(a, 'total_s')} / {_cell(b, 'total_s')} "
+                    f"| {_cell(a, 'peak_rss_mb', 0)} / {_cell(b, 'peak_rss_mb', 0)} "
+                    f"| {_cell(a, 'sqnr_db')} / {_cell(b, 'sqnr_db')} "
+                    f"| {_cell(a, acc, 3)} / {_cell(b, acc, 3)} | "
+                    + " | ".join(f"{_f(lat.get(t, {}).get('irtool'))} / {_f(lat.get(t, {}).get('ort'))} / "
+                                 f"{_f(lat.get(t, {}).get('float'))}" for t in ("1", "2")) + " |")
+        notes = sorted({f"ORT {k.split('/')[1]} N={k.split('/')[2]}: {v['skipped'] if 'skipped' in v else v['error']}"
+                        for k, v in res["runs"].items() if ("skipped" in v or "error" in v) and k.startswith("ort")}
+                       | {f"irtool {k.split('/')[1]} N={k.split('/')[2]}: {v['error']}"
+                          for k, v in res["runs"].items() if "error" in v and k.startswith("irtool")})
+        if notes:
+            lines += [""] + [f"- {note}" for note in notes]
+    lines += ["", "### Targets", ""] + targets(results, samples, methods)
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: dict, samples: list[int], methods: list[str]) -> list[str]:
+    out = []
+
+    def ok(flag: bool) -> str:
+        return "met" if flag else "NOT met"
+
+    for name, res in results.items():
+        runs, floors = res["runs"], res["floor"]
+        speed, floor_x, sqnr, lat, mem = [], [], [], [], []
+        for method in methods:
+            for n in samples:
+                a, b = runs.get(f"irtool/{method}/{n}"), runs.get(f"ort/{method}/{n}")
+                if not a or "calib_s" not in a:
+                    continue
+                fs = floors.get(n, {}).get("floor_s")
+                if fs:
+                    floor_x.append((a["calib_s"] / fs, f"{method}/{n}"))
+                if b and "calib_s" in b:
+                    speed.append((a["calib_s"] / b["calib_s"], f"{method}/{n}"))
+                    sqnr.append((a["sqnr_db"] - b["sqnr_db"], f"{method}/{n}"))
+                la = res["latency"].get(f"{method}/{n}", {})
+                for t in ("1", "2"):
+                    if "ort" in la.get(t, {}) and "irtool" in la.get(t, {}):
+                        lat.append((la[t]["irtool"] / la[t]["ort"], f"{method}/{n}/{t}thr"))
+            lo, hi = runs.get(f"irtool/{method}/{samples[0]}"), runs.get(f"irtool/{method}/{samples[-1]}")
+            if len(samples) > 1 and lo and hi and "peak_rss_mb" in lo and "peak_rss_mb" in hi:
+                mem.append((hi["peak_rss_mb"] / lo["peak_rss_mb"], method))
+
+        def line(label, values, good, fmt, name=name):
+            if not values:
+                return f"- {name}: {label}: no data"
+            bad = [v for v in values if not good(v[0])]
+            shown = ", ".join(f"{k} {fmt(v)}" for v, k in values)
+            return f"- {name}: {label}: **{ok(not bad)}** ({shown})"
+
+        out.append(line("calibration time <= ORT's (irtool/ORT)", speed, lambda v: v <= 1.0,
+                        lambda v: f"{v:.2f}x"))
+        out.append(line("calibration time <= 1.5x float floor", floor_x, lambda v: v <= 1.5, lambda v: f"{v:.2f}x"))
+        out.append(line(f"peak RSS flat in N (N={samples[-1]} / N={samples[0]} <= 1.2)", mem, lambda v: v <= 1.2,
+                        lambda v: f"{v:.2f}x"))
+        out.append(line("INT8 latency <= ORT's (irtool/ORT)", lat, lambda v: v <= 1.0, lambda v: f"{v:.2f}x"))
+        out.append(line("SQNR >= ORT's (irtool - ORT dB)", sqnr, lambda v: v >= 0.0, lambda v: f"{v:+.2f}"))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--samples", default="64,256,1024")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--quick", action="store_true",
+                        help="N=16,64, minmax and entropy, fewer latency runs (a few minutes)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args.worker, json.loads(args.spec))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    samples = [16, 64] if args.quick else [int(s) for s in args.samples.split(",")]
+    methods = ["minmax", "entropy"] if args.quick else args.methods.split(",")
+    runs, rounds = (5, 2) if args.quick else (8, 3)
+    load_start = _uptime()
+    started = time.monotonic()
+    results = {}
+    for name in args.models.split(","):
+        results[name] = run_model(name, samples, methods, runs, rounds)
+        log.info("%s done, %.0f s elapsed", name, time.monotonic() - started)
+    command = os.environ.get("BENCH_COMMAND") or " ".join([".venv/bin/python", "bench/quant_bench.py", *argv])
+    text = render(results, samples, methods, command, (load_start, _uptime()), args.quick)
+    text += f"\nTotal benchmark wall time: {(time.monotonic() - started) / 60:.1f} min.\n"
+    print(text)
+    (HERE / "out").mkdir(exist_ok=True)
+    (HERE / "out" / "quant_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    if not args.no_write:
+        from _markdown import write_section
+
+        write_section(SECTION, text)
+        log.info("wrote section %r of BENCHMARKS.md", TITLE)
+    return 0
+
+
+def _uptime() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
