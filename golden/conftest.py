@@ -225,25 +225,9 @@ def _diff(expected: str, actual: str) -> str:
 def seeded_inputs(proto: onnx.ModelProto, sample: int) -> dict[str, np.ndarray]:
     """Inputs for sample `sample`: normal floats, small ints; a bool scalar alternates per sample
     (so both branches of an If on it run)."""
-    rng = np.random.default_rng(1000 + sample)
-    initializers = {t.name for t in proto.graph.initializer}
-    feeds = {}
-    for info in proto.graph.input:
-        if info.name in initializers:
-            continue
-        tensor_type = info.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tensor_type.shape.dim]
-        feeds[info.name] = _random_array(rng, dtype, shape, sample)
-    return feeds
+    from tests.passes.helpers import random_inputs
 
-
-def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: list[int], sample: int) -> np.ndarray:
-    if dtype == np.bool_:
-        return np.full(shape, sample % 2 == 0) if not shape else rng.random(shape) < 0.5
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
+    return random_inputs(proto, np.random.default_rng(1000 + sample), sample % 2 == 0)
 
 
 def run_ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

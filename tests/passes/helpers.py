@@ -48,8 +48,9 @@ def node(model: Model, name: str) -> gs.Node:
     return next(n for n in model.nodes() if n.name == name)
 
 
-def feeds_for(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
+def random_inputs(proto: onnx.ModelProto, rng: np.random.Generator, flag: bool) -> dict[str, np.ndarray]:
+    """Inputs for every non-initializer graph input: normal floats, small non-negative ints, and a
+    scalar bool set to `flag` (so both branches of an If on it can be run). Symbolic dims become 2."""
     initializers = {t.name for t in proto.graph.initializer}
     feeds = {}
     for info in proto.graph.input:
@@ -59,10 +60,16 @@ def feeds_for(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tensor_type.shape.dim]
         if dtype == np.bool_:
-            feeds[info.name] = np.array(seed % 2 == 0) if not shape else rng.random(shape) < 0.5
+            feeds[info.name] = np.full(shape, flag) if not shape else rng.random(shape) < 0.5
+        elif np.issubdtype(dtype, np.integer):
+            feeds[info.name] = rng.integers(0, 4, size=shape).astype(dtype)
         else:
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def feeds_for(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    return random_inputs(proto, np.random.default_rng(seed), seed % 2 == 0)
 
 
 def run_ort(model: Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
