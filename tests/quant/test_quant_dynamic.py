@@ -250,7 +250,12 @@ def test_random_graphs_verify_and_a_second_run_declines(proto):
     feeds = feeds_for(proto, 0)
     ref, got = run_ort(original, feeds), run_ort(model, feeds)
     for name, value in ref.items():
-        assert np.max(np.abs(got[name] - value), initial=0) <= 0.05 * np.max(np.abs(value), initial=0) + 1e-3
+        # Random graphs can produce NaN (e.g. Sqrt of a negative sum) in the float model too: the
+        # quantized model must produce NaN at exactly those places and stay close everywhere else.
+        finite = ~np.isnan(value)
+        np.testing.assert_array_equal(np.isnan(got[name]), ~finite)
+        error = np.max(np.abs(got[name][finite] - value[finite]), initial=0)
+        assert error <= 0.05 * np.max(np.abs(value[finite]), initial=0) + 1e-3
     once = format_model(model)
     assert run(model, "quant-dynamic{min-size=0}")[0].modified is False and format_model(model) == once
 
