@@ -38,25 +38,36 @@ def digits_split(seed: int = 0):
     return (x[:1000], y[:1000]), (x[1000:1300], y[1000:1300]), (x[1300:], y[1300:])  # train, calib, test
 
 
+def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch: int) -> None:
+    """Adam on cross-entropy, shuffled mini-batches (torch's global seed decides the order)."""
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_t))
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x_t[idx]), y_t[idx]).backward()
+            opt.step()
+    net.eval()
+
+
+def export_digits(net: nn.Module, sample: np.ndarray, keep_batchnorm: bool = False) -> onnx.ModelProto:
+    """Legacy export with a dynamic batch; keep_batchnorm leaves BatchNormalization nodes for fold-bn."""
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.from_numpy(sample),), buffer, dynamo=False, input_names=["x"],
+                      output_names=["logits"], opset_version=17, do_constant_folding=not keep_batchnorm,
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
 def train_digits_net(epochs: int = 10, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
     torch.manual_seed(seed)
     (xt, yt), calib, test = digits_split(seed)
     net = DigitsNet()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    xt_t, yt_t = torch.from_numpy(xt), torch.from_numpy(yt)
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt_t))
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xt_t[idx]), yt_t[idx]).backward()
-            opt.step()
-    net.eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(net, (torch.from_numpy(test[0][:1]),), buffer, dynamo=False, input_names=["x"],
-                      output_names=["logits"], opset_version=17,
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    return onnx.load_from_string(buffer.getvalue()), {"calib": calib, "test": test}
+    fit(net, xt, yt, epochs, batch=64)
+    return export_digits(net, test[0][:1]), {"calib": calib, "test": test}
 
 
 def accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:

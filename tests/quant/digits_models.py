@@ -4,14 +4,12 @@ pipeline) and a dynamic batch axis."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from tests.prune.digits import DigitsNet, digits_split
+from tests.prune.digits import DigitsNet, digits_split, export_digits, fit
 
 
 def plain() -> nn.Module:
@@ -45,22 +43,8 @@ def train(arch: str, epochs: int = 8, seed: int = 0) -> tuple[onnx.ModelProto, d
     torch.manual_seed(seed)
     (xt, yt), calib, test = digits_split(seed)
     net = ARCHS[arch]()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    x_t, y_t = torch.from_numpy(xt), torch.from_numpy(yt)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_t))
-        for i in range(0, len(perm), 50):
-            idx = perm[i:i + 50]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x_t[idx]), y_t[idx]).backward()
-            opt.step()
-    net.eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(net, (torch.from_numpy(test[0][:1]),), buffer, dynamo=False, input_names=["x"],
-                      output_names=["logits"], opset_version=17, do_constant_folding=False,
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    return onnx.load_from_string(buffer.getvalue()), {"calib": calib, "test": test}
+    fit(net, xt, yt, epochs, batch=50)
+    return export_digits(net, test[0][:1], keep_batchnorm=True), {"calib": calib, "test": test}
 
 
 def logits(proto: onnx.ModelProto, x: np.ndarray, optimized_path: str | None = None) -> np.ndarray:
