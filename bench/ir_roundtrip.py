@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _proc import peak_rss_mb  # noqa: E402
 
 log = logging.getLogger("bench.ir_roundtrip")
 
@@ -170,17 +170,6 @@ def run_worker(method: str, path: str, repeats: int) -> None:
         result = WORKERS[method](path, os.path.join(tmp, "out.onnx"), repeats)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, because ru_maxrss carries the parent's peak across fork+exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------ driver

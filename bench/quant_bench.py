@@ -59,6 +59,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from _proc import peak_rss_mb  # noqa: E402
 
 log = logging.getLogger("bench.quant")
 
@@ -219,17 +220,6 @@ def model_path(name: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ workers
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: ru_maxrss can carry the parent's peak across fork+exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _session(path: str, threads: int | None = None):
     import onnxruntime as ort
 
