@@ -231,16 +231,10 @@ def seeded_inputs(proto: onnx.ModelProto, sample: int) -> dict[str, np.ndarray]:
 
 
 def run_ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    """ONNX Runtime without its own graph rewrites: the check is about irtool's rewrites."""
+    from tests.passes.helpers import run_ort as run_unoptimized
 
-    options = ort.SessionOptions()
-    # No ORT graph rewrites: the check is about irtool's rewrites, not ORT's own fusions.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
+    return run_unoptimized(proto, feeds)
 
 
 def check_contract(contract: Contract, before: list[dict], after: list[dict]) -> None:
