@@ -121,3 +121,14 @@ def clip_chain() -> onnx.ModelProto:
     b.node("Clip", [c, b.const("lo", 0.0, np.float32), b.const("hi", 6.0, np.float32)], "act1")
     b.conv("act1", "y", 8, 8)
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+
+
+def residual_mlp(scales=(1.0, 0.01, 0.5)) -> onnx.ModelProto:
+    """Three residual blocks x + W2·relu(W1·x) on [4, 8]; block 1's branch is nearly zero (drop-blocks)."""
+    b = Builder(13)
+    x = "x"
+    for i, scale in enumerate(scales):
+        hidden = b.node("Relu", [b.node("MatMul", [x, b.w(f"w{i}a", 8, 8, scale=scale)], f"mm{i}a")], f"relu{i}")
+        x = b.node("Add", [x, b.node("MatMul", [hidden, b.w(f"w{i}b", 8, 8, scale=scale)], f"mm{i}b")], f"add{i}")
+    b.node("Relu", [x], "y")
+    return b.model({"x": [4, 8]}, "y", [4, 8])
