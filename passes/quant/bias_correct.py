@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.insert_qdq import quantize_weight
+from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, quantize_weight
 from irtool.passes.quant.placement import Selection, weight_axis
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -54,6 +54,7 @@ class BiasCorrect(Pass):
     @dataclass(frozen=True)
     class Options:
         per_channel: bool = True
+        reduce_range: bool = True  # as insert-qdq's ort-cpu default; set false for trt or full-range weights
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if ctx.calibration_data is None:
@@ -63,16 +64,17 @@ class BiasCorrect(Pass):
         means = channel_means(model, axes, ctx.calibration_data())
         largest = 0.0
         for node in layers:
-            delta = _shift(node, means[node.inputs[0].name], self.options.per_channel)
+            delta = _shift(node, means[node.inputs[0].name], self.options.per_channel,
+                           REDUCED_RANGE if self.options.reduce_range else FULL_RANGE)
             _add_to_bias(model, node, delta)
             largest = max(largest, float(np.abs(delta).max()))
         return PassResult(modified=bool(layers), preserved=("shapes",),
                           stats={"layers": len(layers), "largest_shift": round(largest, 6)})
 
 
-def _shift(node: gs.Node, input_mean: np.ndarray, per_channel: bool) -> np.ndarray:
+def _shift(node: gs.Node, input_mean: np.ndarray, per_channel: bool, limit: int) -> np.ndarray:
     w = np.asarray(node.inputs[1].values)
-    q, scale = quantize_weight(w, weight_axis(node, per_channel))
+    q, scale = quantize_weight(w, weight_axis(node, per_channel), limit)
     axis = weight_axis(node, per_channel)
     shape = [1] * w.ndim
     if axis is not None:

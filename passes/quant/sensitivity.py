@@ -39,12 +39,11 @@ def output_sqnr(reference: list[dict[str, np.ndarray]], test: list[dict[str, np.
 
 
 def quantized_sqnr(model: Model, ranges, placement, selection, reference, ctx: PassContext) -> float:
-    from irtool.passes.quant.insert_qdq import ActivationType, Profile, apply_plan, build_plan
+    from irtool.passes.quant.insert_qdq import apply_plan, build_plan
 
     trial = model.copy()
     plan = build_plan(trial, placement, selection)
-    signed = placement.profile is Profile.TRT or placement.activations is ActivationType.S8
-    apply_plan(trial, plan, ranges, signed)
+    apply_plan(trial, plan, ranges, placement)
     return output_sqnr(reference, _outputs(trial, ctx))
 
 
@@ -167,5 +166,6 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
                                batch_size=calib_batch_size, preprocess=calib_preprocess, input_shapes=input_shapes)
     ctx = PassContext(seed=seed, input_shapes=input_shapes, calibration_data=data, calib_cache=calib_cache)
     Calibrate(method=Method(method))(model, ctx)
-    placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True)
+    placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True,
+                          reduce_range=True)
     return sensitivity_report(model, stored_ranges(model), placement, ctx)

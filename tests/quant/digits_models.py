@@ -19,11 +19,11 @@ def plain() -> nn.Module:
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, c: int, expand: int = 4):
+    def __init__(self, c: int, expand: int = 4, act: type[nn.Module] = nn.ReLU6):
         super().__init__()
         h = c * expand
-        self.body = nn.Sequential(nn.Conv2d(c, h, 1), nn.BatchNorm2d(h), nn.ReLU6(),
-                                  nn.Conv2d(h, h, 3, padding=1, groups=h), nn.BatchNorm2d(h), nn.ReLU6(),
+        self.body = nn.Sequential(nn.Conv2d(c, h, 1), nn.BatchNorm2d(h), act(),
+                                  nn.Conv2d(h, h, 3, padding=1, groups=h), nn.BatchNorm2d(h), act(),
                                   nn.Conv2d(h, c, 1), nn.BatchNorm2d(c))
 
     def forward(self, x):
@@ -36,7 +36,24 @@ def mobilenet_like() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-ARCHS = {"plain": plain, "residual": DigitsNet, "mobilenet": mobilenet_like}
+def mobilenet_imbalanced() -> nn.Module:
+    """The MobileNet failure mode of Nagel et al. 2019 (their Fig. 2): after BatchNorm folding, the
+    depthwise channels' weight ranges span orders of magnitude, so per-tensor INT8 weights round the small
+    channels to almost nothing. Made explicit here (a short training run does not get there): depthwise
+    BatchNorm scales start log-uniform over [1e-3, 1]. ReLU, as in that paper, so equalization is exact."""
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        InvertedResidual(16, act=nn.ReLU), InvertedResidual(16, act=nn.ReLU),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    spread = torch.Generator().manual_seed(1)
+    for block in (net[3], net[4]):
+        bn = block.body[4]
+        with torch.no_grad():
+            bn.weight.copy_(10 ** (torch.rand(bn.num_features, generator=spread) * 3 - 3))
+    return net
+
+
+ARCHS = {"plain": plain, "residual": DigitsNet, "mobilenet": mobilenet_like,
+         "mobilenet-imbalanced": mobilenet_imbalanced}
 
 
 def train(arch: str, epochs: int = 8, seed: int = 0) -> tuple[onnx.ModelProto, dict]:

@@ -148,3 +148,33 @@ def test_calibration_cache_is_reused(tmp_path, monkeypatch):
     again = Model.from_proto(proto)
     PassManager(parse_pipeline("calibrate{method=entropy}").build()).run(again, ctx)
     assert again.metadata[METADATA_KEY] == first
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual", "mobilenet"])
+def test_ort_cpu_integer_kernels_compute_what_the_qdq_graph_says(arch):
+    """x86 CPUs without VNNI saturate u8 x s8 products in int16: with the default reduce-range (7-bit
+    weights) ONNX Runtime's fused integer model must agree with its own Q/DQ graph run unfused."""
+    import onnxruntime as ort
+
+    proto, data = trained(arch)
+    model = quantize(proto, "cleanup,fold-bn,calibrate,insert-qdq", data["calib"][0]).model
+    weights = [np.asarray(n.inputs[0].values) for n in model.graph.nodes
+               if n.op == "DequantizeLinear" and hasattr(n.inputs[0], "values")
+               and np.asarray(n.inputs[0].values).dtype == np.int8]
+    assert weights and max(int(np.abs(w).max()) for w in weights) == 63
+    serialized, x = model.to_proto().SerializeToString(), data["test"][0]
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x})[0])
+    assert sqnr_db(outputs[0], outputs[1]) > 35.0
+
+
+def test_full_range_weights_on_request():
+    proto, data = trained("plain")
+    model = quantize(proto, "cleanup,fold-bn,calibrate,insert-qdq{reduce-range=false}", data["calib"][0]).model
+    limits = [int(np.abs(np.asarray(n.inputs[0].values)).max()) for n in model.graph.nodes
+              if n.op == "DequantizeLinear" and np.asarray(getattr(n.inputs[0], "values", 0)).dtype == np.int8]
+    assert limits and max(limits) == 127
