@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from irtool.errors import VerificationError
 from irtool.ir.convert import paused_gc
 from irtool.ir.model import Model, subgraphs_of
-from irtool.ir.skeleton import check_skeleton, skeleton, tensor_size_problems
+from irtool.ir.skeleton import check_model, tensor_size_problems
 
 
 def verify(model: Model, proto: onnx.ModelProto | None = None) -> None:
@@ -33,7 +33,7 @@ def _verify(model: Model, proto: onnx.ModelProto | None) -> None:
     if problems:
         raise VerificationError(_summarize(problems))
     try:
-        check_skeleton(skeleton(proto))  # built and serialized once for the checker and shape inference
+        check_model(proto)  # serialized once for the checker and shape inference
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise VerificationError(f"onnx rejects the model: {str(e).strip().splitlines()[0]}") from e
 
