@@ -8,6 +8,9 @@ Histogram  a fixed number of bins B over [-R, R], where R is always the smallest
            on batch boundaries or order, and two observers merge exactly (bring both to the larger R,
            add). Each sample contributes at most `max_per_sample` values, taken at fixed strided
            positions of that sample, so the subsample too is independent of how samples are batched.
+           The default, 16384 values per sample, still gives a million values per tensor at 64
+           samples; the exact extremes come from MinMax. (At 65536, copying the subsamples out of
+           ONNX Runtime and binning them cost ResNet-50 calibration about 0.5x the float inference.)
 
 Range methods on a histogram (all return a symmetric threshold T on |x|, then clipped to min/max):
   percentile  the p-th percentile of |x|
@@ -16,9 +19,11 @@ Range methods on a histogram (all return a symmetric threshold T on |x|, then cl
               expanded back (empty bins stay empty); pick the T minimizing KL(P || Q). As in NVIDIA's
               implementation the zero bin is replaced by its neighbour (ReLU's zeros would dominate),
               and, because KL is degenerate on spiky discrete data, T is never below the 99th
-              percentile of |x|
+              percentile of |x|. Cuts are searched coarse to fine (~64 evenly spaced, then around the best),
+              all of a round in one vectorized evaluation
   mse         the T minimizing the expected squared error of int8 quantization: clipping error
-              Σ_{|x|>T} (|x|−T)² plus rounding error Δ²/12 per unclipped value, Δ = T/127
+              Σ_{|x|>T} (|x|−T)² plus rounding error Δ²/12 per unclipped value, Δ = T/127,
+              over every bin edge at once (suffix sums of the counts, first and second moments)
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_BINS = 4096
-DEFAULT_MAX_PER_SAMPLE = 1 << 16
+DEFAULT_MAX_PER_SAMPLE = 1 << 14
 QUANT_LEVELS = 128
 ENTROPY_FLOOR_PERCENTILE = 99.0
 
@@ -67,13 +72,14 @@ class Histogram:
         values = values.reshape(-1)
         if not values.size:
             return
-        peak = float(np.max(np.abs(values)))
+        peak = max(-float(values.min()), float(values.max()))
         self._grow_to(peak)
         if self.radius == 0.0:
             self.counts[self.bins // 2] += values.size  # everything is exactly zero so far
             return
         scale = self.bins / (2.0 * self.radius)
-        index = np.floor((values.astype(np.float64) + self.radius) * scale).astype(np.int64)
+        # The radius is strictly above every |value|, so the shifted values are >= 0 and truncation floors.
+        index = ((values.astype(np.float64) + self.radius) * scale).astype(np.int64)
         np.clip(index, 0, self.bins - 1, out=index)
         self.counts += np.bincount(index, minlength=self.bins)
 
@@ -140,25 +146,24 @@ class Histogram:
             return last * width
         mags = mags.copy()
         mags[0] = mags[1]  # the spike of exact zeros (ReLU) would dominate the divergence, as TensorRT notes
-        step = max(1, (last - levels) // 512)
-        candidates = list(range(levels, last + 1, step))
-        if candidates[-1] != last:
-            candidates.append(last)
-        divergences = np.array([_kl_divergence(mags, i, levels) for i in candidates])
-        best = len(divergences) - 1 - int(np.argmin(divergences[::-1]))  # the widest of equal minima
+        cut = _best_cut(mags, levels, last)
         # KL is degenerate on spiky, discrete distributions; never clip more than 1% of the values.
-        return max(candidates[best] * width, self.percentile(ENTROPY_FLOOR_PERCENTILE))
+        return max(cut * width, self.percentile(ENTROPY_FLOOR_PERCENTILE))
 
     def mse(self, levels: int = 127) -> float:
+        """Every bin edge is a candidate; the error of all of them comes from suffix sums in one pass."""
         mags, width = self.magnitude()
         if not mags.any() or not width:
             return 0.0
-        centers = (np.arange(len(mags)) + 0.5) * width
         last = int(np.nonzero(mags)[0][-1]) + 1
-        candidates = np.linspace(width, last * width, num=min(last, 512))
-        errors = [float(np.sum(mags * np.where(centers > t, (centers - t) ** 2, (t / levels) ** 2 / 12.0)))
-                  for t in candidates]
-        return float(candidates[int(np.argmin(errors))])
+        mags = mags[:last]
+        centers = (np.arange(last) + 0.5) * width
+        candidates = np.arange(1, last + 1) * width
+        # Candidate k (the upper edge of bin k-1) clips exactly bins k and above.
+        count, first, second = (_clipped_sums(mags), _clipped_sums(mags * centers), _clipped_sums(mags * centers ** 2))
+        clipping = second - 2.0 * candidates * first + candidates ** 2 * count
+        rounding = (candidates / levels) ** 2 / 12.0 * (mags.sum() - count)
+        return float(candidates[int(np.argmin(clipping + rounding))])
 
 
 def subsample(batch: np.ndarray, max_per_sample: int) -> np.ndarray:
@@ -168,20 +173,56 @@ def subsample(batch: np.ndarray, max_per_sample: int) -> np.ndarray:
     return flat[:, ::stride]
 
 
-def _kl_divergence(mags: np.ndarray, cut: int, levels: int) -> float:
-    # P carries the clipped tail in its last bin; Q is built from the unclipped bins only, so a cut
-    # that clips real mass pays for it (as in TensorRT's calibrator).
-    kept = mags[:cut]
-    p = kept.copy()
-    p[-1] += mags[cut:].sum()
-    chunk = (np.arange(cut) * levels) // cut
+COARSE_CUTS = 64
+
+
+def _clipped_sums(values: np.ndarray) -> np.ndarray:
+    """out[k] = sum(values[k + 1:]): what the candidate at the upper edge of bin k clips."""
+    return np.concatenate([np.cumsum(values[::-1])[::-1][1:], [0.0]])
+
+
+def _best_cut(mags: np.ndarray, levels: int, last: int) -> int:
+    """The cut in [levels, last] of least KL divergence (the widest of equal minima), searched coarse to
+    fine: about 64 evenly spaced cuts, then every cut (or 64 of them) within one coarse step of the best.
+    TensorRT tries every cut; that costs ~40 ms per tensor in numpy, and the divergence is smooth at the
+    coarse step on real activations."""
+    step = max(1, (last - levels) // COARSE_CUTS)
+    cuts = np.unique(np.append(np.arange(levels, last + 1, step), last))
+    best = _widest_min(cuts, kl_divergences(mags, cuts, levels))
+    if step > 1:
+        low, high = max(levels, best - step), min(last, best + step)
+        fine = np.unique(np.append(np.arange(low, high + 1, max(1, (high - low) // COARSE_CUTS)), best))
+        best = _widest_min(fine, kl_divergences(mags, fine, levels))
+    return int(best)
+
+
+def _widest_min(cuts: np.ndarray, divergences: np.ndarray) -> int:
+    return int(cuts[len(cuts) - 1 - int(np.argmin(divergences[::-1]))])
+
+
+def kl_divergences(mags: np.ndarray, cuts: np.ndarray, levels: int) -> np.ndarray:
+    """KL(P || Q) for every cut at once (one row per cut). P is the |x| histogram up to the cut with the
+    clipped tail in its last bin; Q spreads each of `levels` chunks' mass evenly over the chunk's non-empty
+    unclipped bins, so a cut that clips real mass pays for it (as in TensorRT's calibrator)."""
+    cuts = np.asarray(cuts, dtype=np.int64)
+    rows, width = len(cuts), int(cuts.max())
+    bins = np.arange(width)
+    inside = bins[None, :] < cuts[:, None]
+    kept = np.where(inside, mags[None, :width], 0.0)
     nonzero = kept > 0
-    sums = np.bincount(chunk, weights=kept, minlength=levels)
-    used = np.bincount(chunk, weights=nonzero.astype(np.float64), minlength=levels)
-    q = np.where(nonzero, sums[chunk] / np.maximum(used[chunk], 1.0), 0.0)
-    p_sum, q_sum = p.sum(), q.sum()
-    if not p_sum or not q_sum:
-        return math.inf
-    mask = p > 0
-    p, q = p[mask] / p_sum, np.maximum(q[mask] / q_sum, 1e-12)
-    return float(np.sum(p * np.log(p / q)))
+    # Chunk of each bin, numbered per row so one bincount serves every cut; bins past a cut weigh nothing.
+    chunk = np.where(inside, (bins[None, :] * levels) // cuts[:, None], 0) + np.arange(rows)[:, None] * levels
+    sums = np.bincount(chunk.ravel(), weights=kept.ravel(), minlength=rows * levels)
+    used = np.bincount(chunk.ravel(), weights=nonzero.ravel(), minlength=rows * levels)
+    q = np.where(nonzero, (sums / np.maximum(used, 1.0))[chunk], 0.0)
+    p = kept
+    total = mags.sum()
+    p[np.arange(rows), cuts - 1] += total - np.cumsum(mags)[cuts - 1]  # the clipped tail
+    q_sum = q.sum(axis=1)
+    if not total:
+        return np.full(rows, math.inf)
+    p /= total
+    q = np.maximum(q / np.where(q_sum > 0, q_sum, 1.0)[:, None], 1e-12)
+    positive = p > 0
+    terms = np.where(positive, p * np.log(np.where(positive, p, 1.0) / q), 0.0)
+    return np.where(q_sum > 0, terms.sum(axis=1), math.inf)
