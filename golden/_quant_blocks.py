@@ -115,10 +115,10 @@ def depthwise_chain() -> onnx.ModelProto:
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
 
 
-def clip_chain() -> onnx.ModelProto:
+def clip_chain(low: float = 0.0) -> onnx.ModelProto:
     b = Builder(9)
     c = b.conv("x", "conv1", 3, 8)
-    b.node("Clip", [c, b.const("lo", 0.0, np.float32), b.const("hi", 6.0, np.float32)], "act1")
+    b.node("Clip", [c, b.const("lo", low, np.float32), b.const("hi", 6.0, np.float32)], "act1")
     b.conv("act1", "y", 8, 8)
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
 

@@ -10,6 +10,7 @@ import pytest
 from golden._quant_blocks import depthwise_chain, unbalanced_chain
 from irtool.api import optimize
 from irtool.errors import InputError
+from tests.passes.helpers import run_ort
 from tests.prune.digits import calibration
 from tests.quant.digits_models import logits, sqnr_db
 from tests.quant.test_quant_accuracy import trained
@@ -52,13 +53,22 @@ def test_equalize_narrows_per_tensor_quantization_error():
     assert equalized > plain + 6.0, sqnr
 
 
-def test_clip_blocks_equalization_unless_asked():
+def test_relu6_is_equalized_exactly_through_a_per_channel_bound():
     from golden._quant_blocks import clip_chain
 
-    assert optimize(clip_chain(), "equalize").records[0].modified is False
-    result = optimize(clip_chain(), "equalize{clip-as-relu=true}")
-    assert result.records[0].stats == {"pairs": 1, "clips_replaced": 1}
-    assert [n.op for n in result.model.graph.nodes] == ["Conv", "Relu", "Conv"]
+    proto = clip_chain()
+    x = {"x": (np.random.default_rng(0).standard_normal((1, 3, 8, 8)) * 20).astype(np.float32)}  # clips a lot
+    exact = optimize(proto, "equalize")
+    assert exact.records[0].stats == {"pairs": 1, "clips_replaced": 0, "clips_per_channel": 1}
+    assert [n.op for n in exact.model.graph.nodes] == ["Conv", "Relu", "Min", "Conv"]
+    bound = np.asarray(next(n for n in exact.model.graph.nodes if n.op == "Min").inputs[1].values)
+    assert bound.shape == (8, 1, 1) and np.ptp(bound) > 0  # 6 / S_i per channel
+    want = run_ort(proto, x)["y"]
+    np.testing.assert_allclose(run_ort(exact.model, x)["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    lossy = optimize(proto, "equalize{clip-as-relu=true}")
+    assert lossy.records[0].stats == {"pairs": 1, "clips_replaced": 1, "clips_per_channel": 0}
+    assert [n.op for n in lossy.model.graph.nodes] == ["Conv", "Relu", "Conv"]
+    assert optimize(clip_chain(low=-1.0), "equalize").records[0].modified is False
 
 
 def test_bias_correct_needs_data():
