@@ -16,10 +16,11 @@ Side by side in one run, on the same ONNX models and the same calibration sample
               generated lazily per sample (never the whole set in memory), batches of 16. The evaluation set
               is 64 further samples from another seed.
 * tools       irtool   `cleanup,fold-bn,calibrate{method=M},insert-qdq{profile=ort-cpu}` (the `quant`
-                       pipeline: u8 activations, s8 per-channel weights) through irtool.optimize; the
-                       calibration time is the `calibrate` pass's own time.
+                       pipeline: u8 activations, s8 per-channel weights, 7-bit by default) through
+                       irtool.optimize; the calibration time is the `calibrate` pass's own time. On
+                       mobilenetv2 also with equalize + bias-correct (RECOVERY_PIPELINES).
               ort      onnxruntime.quantization.quantize_static(QuantFormat.QDQ, per_channel=True,
-                       activation_type=QUInt8, weight_type=QInt8, calibrate_method=M) fed by a
+                       reduce_range=True, activation_type=QUInt8, weight_type=QInt8, calibrate_method=M) fed by a
                        CalibrationDataReader over the same samples; its calibration time (create_calibrator +
                        collect_data + compute_data) is measured by wrapping create_calibrator. ORT has no MSE
                        method: mse is irtool only. Percentile uses 99.99 for both (ORT's default is 99.999).
@@ -78,9 +79,16 @@ ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percenti
 ORT_HISTOGRAM_METHODS = ("entropy", "percentile")
 MODELS = ("resnet50", "mobilenetv2", "vit")
 CNNS = ("resnet50", "mobilenetv2")
-# `cleanup` minus dedup-initializers for the ViT: fold-constants followed by dedup-initializers currently
-# breaks its export (ORT: "/Concat_1: All inputs to Concat must have same rank"), an irtool bug to fix.
-CLEANUP = {"vit": "dce,fold-constants,dce,eliminate-identity"}
+# The MobileNet recovery target: equalize + bias-correct against plain INT8 (minmax, smallest N), with
+# per-channel weights (the default) and per-tensor weights (where depthwise nets classically collapse).
+RECOVERY_MODELS = ("mobilenetv2",)
+RECOVERY_PIPELINES = {
+    "per-channel": ("cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu}",
+                    "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct,insert-qdq{profile=ort-cpu}"),
+    "per-tensor": ("cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu,per-channel=false}",
+                   "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct{per-channel=false},"
+                   "insert-qdq{profile=ort-cpu,per-channel=false}"),
+}
 # To keep a full run near 25 min on 2 cores, N >= 1024 runs only these methods (enough for the memory check).
 LARGE_N_METHODS = {"resnet50": ("minmax",), "mobilenetv2": ("minmax", "entropy"), "vit": ("minmax", "entropy")}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
@@ -275,8 +283,7 @@ def work_irtool(spec: dict) -> dict:
 
     method, n = spec["method"], spec["n"]
     proto = onnx.load(spec["model_path"])
-    cleanup = CLEANUP.get(spec["model"], "cleanup")
-    pipeline = f"{cleanup},fold-bn,calibrate{{method={method}}},insert-qdq{{profile=ort-cpu}}"
+    pipeline = spec.get("pipeline") or f"cleanup,fold-bn,calibrate{{method={method}}},insert-qdq{{profile=ort-cpu}}"
     if method == "percentile":
         pipeline = pipeline.replace("method=percentile", f"method=percentile,percentile={PERCENTILE}")
     started, cpu = time.perf_counter(), time.process_time()
@@ -328,8 +335,10 @@ def work_ort(spec: dict) -> dict:
     ort_quantize.create_calibrator = create_calibrator
     proto = onnx.load(spec["model_path"])
     started, cpu = time.perf_counter(), time.process_time()
+    # reduce_range: 7-bit weights, as irtool's ort-cpu default; ONNX Runtime's u8 x s8 kernels saturate on x86
+    # CPUs without VNNI (this machine), so full-range weights would compare saturation, not quantizers.
     ort_quantize.quantize_static(proto, spec["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                 reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                  calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]),
                                  extra_options={"CalibPercentile": PERCENTILE})
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -500,7 +509,21 @@ def run_model(name: str, samples: list[int], methods: list[str], latency_runs: i
             for p in pair.values():
                 if p != str(path):
                     Path(p).unlink(missing_ok=True)
+    if name in RECOVERY_MODELS:
+        res["recovery"] = recovery(name, path, samples[0], eval_ref)
     return res
+
+
+def recovery(name: str, path: Path, n: int, eval_ref: str) -> dict:
+    """equalize + bias-correct against plain INT8 (minmax) on the same N and data, per weight granularity."""
+    base = {"model": name, "model_path": str(path), "n": n, "method": "minmax", "eval_ref": eval_ref}
+    out = {"n": n}
+    for mode, (plain, fixed) in RECOVERY_PIPELINES.items():
+        log.info("%s: equalize + bias-correct, %s weights, N=%d ...", name, mode, n)
+        out[mode] = {label: measure("irtool", {**base, "pipeline": text,
+                                               "out": str(OUT / "tmp" / f"{name}-{mode}-{label}.onnx")})
+                     for label, text in (("plain", plain), ("fixed", fixed))}
+    return out
 
 
 def _brief(r: dict) -> str:
@@ -540,7 +563,9 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}; shared with other work: `uptime` load "
         f"average {load[0]} at the start, {load[1]} at the end.  ",
         f"Setup: batches of {BATCH}, fixed-seed smooth synthetic images normalized like ImageNet; quantized as "
-        "u8 activations x s8 per-channel weights in QDQ format by both tools; percentile = "
+        "u8 activations x s8 per-channel 7-bit weights (irtool's default, ORT's reduce_range: this CPU has no "
+        "VNNI, where full-range weights saturate ONNX Runtime's u8 x s8 kernels) in QDQ format by both tools; "
+        "percentile = "
         f"{PERCENTILE}; evaluation on {EVAL_SAMPLES} further synthetic images vs the float model. Each "
         "measurement is its own process (RLIMIT_AS 16 GiB); peak RSS = VmHWM of that process. "
         "Calibration s: irtool = its `calibrate` pass; ORT = create_calibrator + collect_data + compute_data "
@@ -582,8 +607,42 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                           for k, v in res["runs"].items() if "error" in v and k.startswith("irtool")})
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
+    lines += recovery_lines(results)
     lines += ["", "### Targets", ""] + targets(results, samples, methods)
     return "\n".join(lines) + "\n"
+
+
+def recovery_lines(results: dict) -> list[str]:
+    lines = []
+    for name, res in results.items():
+        rec = res.get("recovery")
+        if not rec:
+            continue
+        lines += ["", f"### {name}: equalize + bias-correct vs plain INT8 (minmax, N={rec['n']})", "",
+                  "| weights | pipeline | SQNR dB | top-1 agreement with float | calibrate s | total s |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for mode, (plain, fixed) in RECOVERY_PIPELINES.items():
+            for text, r in ((plain, rec[mode]["plain"]), (fixed, rec[mode]["fixed"])):
+                lines.append(f"| {mode} | `{text}` | {_cell(r, 'sqnr_db')} | {_cell(r, 'top1', 3)} "
+                             f"| {_cell(r, 'calib_s')} | {_cell(r, 'total_s')} |")
+    return lines
+
+
+def recovery_targets(name: str, rec: dict) -> list[str]:
+    """Half the lost signal recovered = the noise power halved (+3.01 dB), or half the top-1 disagreements."""
+    out = []
+    for mode in RECOVERY_PIPELINES:
+        plain, fixed = rec[mode]["plain"], rec[mode]["fixed"]
+        if "sqnr_db" not in plain or "sqnr_db" not in fixed:
+            out.append(f"- {name}: equalize + bias-correct ({mode} weights): no data")
+            continue
+        gain = fixed["sqnr_db"] - plain["sqnr_db"]
+        lost, left = 1.0 - plain["top1"], 1.0 - fixed["top1"]
+        good = gain >= 10 * math.log10(2) or (lost > 0 and left <= lost / 2)
+        out.append(f"- {name}: equalize + bias-correct recover >= half of plain INT8's loss ({mode} weights): "
+                   f"**{'met' if good else 'NOT met'}** (SQNR {gain:+.2f} dB, noise power x{10 ** (-gain / 10):.2f}; "
+                   f"top-1 disagreement {lost:.3f} -> {left:.3f})")
+    return out
 
 
 def targets(results: dict, samples: list[int], methods: list[str]) -> list[str]:
@@ -628,6 +687,8 @@ def targets(results: dict, samples: list[int], methods: list[str]) -> list[str]:
                         lambda v: f"{v:.2f}x"))
         out.append(line("INT8 latency <= ORT's (irtool/ORT)", lat, lambda v: v <= 1.0, lambda v: f"{v:.2f}x"))
         out.append(line("SQNR >= ORT's (irtool - ORT dB)", sqnr, lambda v: v >= 0.0, lambda v: f"{v:+.2f}"))
+        if res.get("recovery"):
+            out += recovery_targets(name, res["recovery"])
     return out
 
 
