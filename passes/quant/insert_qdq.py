@@ -8,6 +8,7 @@ Placement rules are in passes/quant/placement.py. Scales and zero points:
   weights, symmetric int8 per output channel c (per tensor with per-channel=false):
       s_c = max|W_c| / M,  q = clip(round(W / s_c), −M, M),  W ≈ s_c · q,
       M = 127, or 63 with reduce-range (ort-cpu's default; see below)
+  biases of quantized Conv/Gemm (ort-cpu): int32, scale s_x · s_c, zero point 0 (TensorRT keeps float bias)
 Why reduce-range is on by default for ort-cpu: x86 CPUs without VNNI (AVX2, AVX-512F; e.g. AMD Zen 2/3)
 run ONNX Runtime's u8 x s8 kernels with an instruction (vpmaddubsw) that adds two u8·s8 products in int16
 and saturates. With 8-bit weights 2·255·127 > 32767, so the integer model diverges from its own Q/DQ
@@ -112,7 +113,9 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
         _insert_pair(model, tensor, plan.slots[name], *activation_qparams(*shared[name], placement.signed))
         pairs += 1
     for slot in plan.weights:
-        _quantize_weight_slot(model, slot, placement.weight_limit)
+        scale = _quantize_weight_slot(model, slot, placement.weight_limit)
+        if scale is not None and placement.profile is Profile.ORT_CPU:
+            _quantize_bias(model, slot.node, scale, slot.axis)
     toposort_graph(model.graph)  # new Q/DQ nodes were appended at the end
     return pairs
 
@@ -144,11 +147,12 @@ def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32
     model.graph.nodes.extend([q, dq])
 
 
-def _quantize_weight_slot(model: Model, slot: WeightSlot, limit: int) -> None:
+def _quantize_weight_slot(model: Model, slot: WeightSlot, limit: int) -> np.ndarray | None:
+    """Quantize one weight in place; return its scale (None when the weight is not float32)."""
     weight = slot.node.inputs[slot.index]
     values = np.asarray(weight.values)
     if values.dtype != np.float32:
-        return
+        return None
     q, scale = quantize_weight(values, slot.axis, limit)
     base = weight.name
     q_c = gs.Constant(model.unique_name(f"{base}_quantized"), q)
@@ -159,6 +163,31 @@ def _quantize_weight_slot(model: Model, slot: WeightSlot, limit: int) -> None:
     dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"), attrs=attrs,
                  inputs=[q_c, scale_c, zero_c], outputs=[out])
     slot.node.inputs[slot.index] = out
+    model.graph.nodes.append(dq)
+    return scale
+
+
+def _quantize_bias(model: Model, node: gs.Node, weight_scale: np.ndarray, axis: int | None) -> None:
+    """int32 bias with scale s_x · s_w (zero point 0), as ONNX Runtime's integer kernels take it. Without it
+    ONNX Runtime leaves a quantized Gemm in float (it quantizes a float Conv bias itself, not a Gemm's)."""
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+        return
+    source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    bias = np.asarray(node.inputs[2].values)
+    if source is None or source.op != "DequantizeLinear" or bias.dtype != np.float32 or bias.ndim != 1 \
+            or weight_scale.size not in (1, bias.size) or (weight_scale.size > 1 and axis is None):
+        return
+    scale = np.asarray(np.float32(source.inputs[1].values) * weight_scale, dtype=np.float32)
+    q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    base = node.inputs[2].name
+    out = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(bias.shape))
+    attrs = {"axis": 0} if scale.size > 1 else {}
+    dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"), attrs=attrs,
+                 inputs=[gs.Constant(model.unique_name(f"{base}_quantized"), q),
+                         gs.Constant(model.unique_name(f"{base}_scale"), scale),
+                         gs.Constant(model.unique_name(f"{base}_zero_point"), np.zeros(scale.shape, np.int32))],
+                 outputs=[out])
+    node.inputs[2] = out
     model.graph.nodes.append(dq)
 
 
