@@ -112,6 +112,9 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
             continue
         _insert_pair(model, tensor, plan.slots[name], *activation_qparams(*shared[name], placement.signed))
         pairs += 1
+    stored: dict[str, gs.Variable] = {}
+    for node, index in plan.constants:
+        _quantize_constant(model, node, index, placement.signed, stored)
     for slot in plan.weights:
         scale = _quantize_weight_slot(model, slot, placement.weight_limit)
         if scale is not None and placement.profile is Profile.ORT_CPU:
@@ -165,6 +168,27 @@ def _quantize_weight_slot(model: Model, slot: WeightSlot, limit: int) -> np.ndar
     slot.node.inputs[slot.index] = out
     model.graph.nodes.append(dq)
     return scale
+
+
+def _quantize_constant(model: Model, node: gs.Node, index: int, signed: bool, stored: dict) -> None:
+    """Store a float constant operand quantized over its own range (once per constant), read through a DQ."""
+    constant = node.inputs[index]
+    if constant.name not in stored:
+        values = np.asarray(constant.values, dtype=np.float32)
+        if not np.all(np.isfinite(values)):
+            return
+        scale, zero = activation_qparams(float(values.min()), float(values.max()), signed)
+        info = np.iinfo(zero.dtype)
+        q = np.asarray(np.clip(np.round(values / scale) + int(zero), info.min, info.max), dtype=zero.dtype)
+        out = gs.Variable(model.unique_name(f"{constant.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
+        model.graph.nodes.append(gs.Node(
+            "DequantizeLinear", model.unique_name(f"{constant.name}_DequantizeLinear"),
+            inputs=[gs.Constant(model.unique_name(f"{constant.name}_quantized"), q),
+                    gs.Constant(model.unique_name(f"{constant.name}_scale"), np.asarray(scale, np.float32)),
+                    gs.Constant(model.unique_name(f"{constant.name}_zero_point"), zero)],
+            outputs=[out]))
+        stored[constant.name] = out
+    node.inputs[index] = stored[constant.name]
 
 
 def _quantize_bias(model: Model, node: gs.Node, weight_scale: np.ndarray, axis: int | None) -> None:

@@ -18,7 +18,10 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...):
      (ORT folds that activation into the Q's range and drops it), so the chain closes and fusion
      happens; a residual `Add -> Relu` is quantized once, after the Relu.
   3. MaxPool's input and output share a scale (it then runs on integers).
-  4. Activations u8 asymmetric by default (u8 x s8 is what x86 integer kernels run; s8 activations
+  4. A float constant read by such an Add, Mul or Concat (a MatMul's bias, a scale, a class token) is
+     stored quantized with its own range, as ONNX Runtime's QLinearAdd/QLinearMul/QLinearConcat need
+     every input dequantized; left float, the op stays a float island between two requantizations.
+  5. Activations u8 asymmetric by default (u8 x s8 is what x86 integer kernels run; s8 activations
      leave layers in float there), weights s8 symmetric per output channel.
   A quantized tensor is read dequantized by all its main-graph consumers.
 """
@@ -37,6 +40,7 @@ from irtool.ir.topo import topo_order
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ORT_IO_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
+CONSTANT_OPERAND_OPS = ("Add", "Mul", "Concat")
 
 
 @dataclass
@@ -54,6 +58,7 @@ class QuantPlan:
     tensors: dict[str, gs.Tensor] = field(default_factory=dict)
     share: list[set[str]] = field(default_factory=list)
     weights: list[WeightSlot] = field(default_factory=list)
+    constants: list[tuple[gs.Node, int]] = field(default_factory=list)  # float constants stored quantized
     quantized_nodes: list[str] = field(default_factory=list)
 
     def add(self, tensor: gs.Tensor, consumer: gs.Node | None = None, index: int | None = None) -> None:
@@ -67,6 +72,10 @@ class QuantPlan:
         for pair in pairs:
             if all(pair[0] is not s[0] or pair[1] != s[1] for s in slots):
                 slots.append(pair)
+
+
+def _is_float32(tensor: gs.Constant) -> bool:
+    return np.asarray(tensor.values).dtype == np.float32 and np.asarray(tensor.values).size > 0
 
 
 def _is_float_activation(tensor: gs.Tensor) -> bool:
@@ -154,8 +163,10 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
     if selection.only is None:
         for node in model.graph.nodes:
             if node.op in ORT_IO_OPS and _io_quantizable(node, plan):
-                for t in node.inputs:
+                for i, t in enumerate(node.inputs):
                     plan.add(t)
+                    if node.op in CONSTANT_OPERAND_OPS and isinstance(t, gs.Constant) and _is_float32(t):
+                        plan.constants.append((node, i))
                 plan.add(_fused_output(node.outputs[0]))
                 if node.op == "MaxPool":
                     plan.share.append({node.inputs[0].name, node.outputs[0].name})
