@@ -78,9 +78,10 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
         graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), f"{prefix}_{name}"))
         return f"{prefix}_{name}"
 
+    flat = const("flat", [0, -1])
+    per_sample = const("axis1", [1])
     if max_per_sample:
-        flat, one, two, first, big = (const("flat", [0, -1]), const("one", [1]), const("two", [2]),
-                                      const("zero", [0]), const("big", [2**62]))
+        one, two, first, big = const("one", [1]), const("two", [2]), const("zero", [0]), const("big", [2**62])
         m, m1 = const("m", [max_per_sample]), const("m1", [max_per_sample - 1])
     added: dict[str, list[onnx.NodeProto]] = {}
     for i, name in enumerate(names):
@@ -90,15 +91,17 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
             continue
         t = f"{prefix}{i}"
         outs = [f"{t}_min", f"{t}_max", f"{t}_nan"]
-        nodes = [helper.make_node("ReduceMin", [name], [outs[0]], keepdims=0),
-                 helper.make_node("ReduceMax", [name], [outs[1]], keepdims=0),
-                 # A NaN makes the sum NaN (ReduceMin/Max do not propagate NaN reliably); an Inf shows in
-                 # the min or the max.
-                 helper.make_node("ReduceSum", [name], [outs[2]], keepdims=0)]
+        # Reduced per sample over the flattened tensor ([batch, n] -> [batch]) and finished in numpy: ONNX
+        # Runtime parallelizes that, not a reduction to one scalar (ResNet-50-sized tensor, 2 threads:
+        # 2.5 ms against 3.7 ms). A NaN makes the sum NaN (ReduceMin/Max do not propagate NaN reliably);
+        # an Inf shows in the min or the max.
+        nodes = [helper.make_node("Reshape", [name, flat], [f"{t}_flat"]),
+                 _reduce("ReduceMin", f"{t}_flat", outs[0], per_sample, opset),
+                 _reduce("ReduceMax", f"{t}_flat", outs[1], per_sample, opset),
+                 _reduce("ReduceSum", f"{t}_flat", outs[2], per_sample, opset)]
         if max_per_sample:
             outs.append(f"{t}_sample")
-            nodes += [helper.make_node("Reshape", [name, flat], [f"{t}_flat"]),
-                      helper.make_node("Shape", [f"{t}_flat"], [f"{t}_shape"]),
+            nodes += [helper.make_node("Shape", [f"{t}_flat"], [f"{t}_shape"]),
                       helper.make_node("Slice", [f"{t}_shape", one, two], [f"{t}_n"]),
                       helper.make_node("Add", [f"{t}_n", m1], [f"{t}_n1"]),
                       helper.make_node("Div", [f"{t}_n1", m], [f"{t}_div"]),
@@ -114,6 +117,13 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
             elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0] or onnx.TensorProto.FLOAT
             graph.output.append(helper.make_tensor_value_info(name, elem, None))
     return proto, whole, reduced
+
+
+def _reduce(op: str, x: str, out: str, axes: str, opset: int) -> onnx.NodeProto:
+    """A reduction over axis 1, keepdims=0; axes became an input in opset 13 (ReduceSum) / 18 (Min, Max)."""
+    if opset >= (13 if op == "ReduceSum" else 18):
+        return helper.make_node(op, [x, axes], [out], keepdims=0)
+    return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
 
 
 def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx.NodeProto]]) -> None:
@@ -158,8 +168,10 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
             continue
         out = {name: summarize(values.pop(name), summary) for name in whole}
         for name, (low, high, nan, *sample) in reduced.items():
-            low, high = float(values[low]), float(values[high])
-            finite = math.isfinite(low) and math.isfinite(high) and not np.isnan(values[nan])
+            lows, highs = values[low], values[high]
+            low, high = (float(lows.min()), float(highs.max())) if lows.size else (math.inf, -math.inf)
+            finite = math.isfinite(low) and math.isfinite(high) or not lows.size
+            finite = finite and not np.isnan(values[nan]).any()
             out[name] = Summary(low, high, finite,
                                 values[sample[0]] if sample else None)
         yield {name: out[name] for name in names}
