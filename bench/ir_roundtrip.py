@@ -43,7 +43,8 @@ SECTION = "ir_roundtrip"
 TITLE = "IR round trip and cleanup"
 MODEL_DIR = HERE / "out" / "models"
 METHODS = ("plain", "irtool", "gs", "cleanup")
-DEFAULT_REPEATS = {"resnet50": 5, "gen10k": 9, "gen50k": 3, "gen100k": 4}  # best-of: this machine drifts by 2x over minutes
+# Best-of repeats: this machine drifts by 2x over minutes.
+DEFAULT_REPEATS = {"resnet50": 5, "gen10k": 9, "gen50k": 3, "gen100k": 4}
 
 
 # ------------------------------------------------------------------------------------------ workers
