@@ -496,7 +496,7 @@ def test_cli_trt_check_uint8_model(tmp_path):
     data = json.loads(result.stdout)
     assert result.returncode == 1
     assert data["ready"] is False
-    assert data["counts"] == {"error": 12, "warning": 0, "info": 0}
+    assert data["counts"] == {"error": 14, "warning": 0, "info": 0}  # incl. the two int32 bias DQs (zero-point)
     assert {f["code"] for f in data["findings"]} == {"uint8-qdq", "zero-point"}
 
 
