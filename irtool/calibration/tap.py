@@ -169,9 +169,11 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         out = {name: summarize(values.pop(name), summary) for name in whole}
         for name, (low, high, nan, *sample) in reduced.items():
             lows, highs = values[low], values[high]
-            low, high = (float(lows.min()), float(highs.max())) if lows.size else (math.inf, -math.inf)
-            finite = math.isfinite(low) and math.isfinite(high) or not lows.size
-            finite = finite and not np.isnan(values[nan]).any()
+            if lows.size:  # one value per sample
+                low, high = float(lows.min()), float(highs.max())
+                finite = math.isfinite(low) and math.isfinite(high) and not np.isnan(values[nan]).any()
+            else:
+                low, high, finite = math.inf, -math.inf, True
             out[name] = Summary(low, high, finite,
                                 values[sample[0]] if sample else None)
         yield {name: out[name] for name in names}

@@ -13,7 +13,7 @@ breaks depthwise-separable nets. A depthwise Conv2 scales its own filter i; chai
 Clip(0, M) (ReLU6) is not homogeneous, but clip(x / s, 0, M / s) = clip(x, 0, M) / s: an equalized
 Clip(0, M) becomes Relu followed by Min with the per-channel bound M / S_i (S the product of the scales
 applied over all sweeps), which is exact. ONNX Runtime then runs the Min in float between two integer
-layers (a cheap elementwise op; measured in BENCHMARKS.md). With `clip-as-relu=true` the Clip is
+layers (a cheap elementwise op). With `clip-as-relu=true` the Clip is
 replaced by plain Relu instead (what Nagel et al. do), which changes the function where activations
 exceed the clip: on the benchmark's MobileNetV2 it took the float model to -4.5 dB SQNR.
 """

@@ -157,17 +157,22 @@ def _quantize_weight_slot(model: Model, slot: WeightSlot, limit: int) -> np.ndar
     if values.dtype != np.float32:
         return None
     q, scale = quantize_weight(values, slot.axis, limit)
-    base = weight.name
-    q_c = gs.Constant(model.unique_name(f"{base}_quantized"), q)
-    scale_c = gs.Constant(model.unique_name(f"{base}_scale"), scale)
-    zero_c = gs.Constant(model.unique_name(f"{base}_zero_point"), np.zeros(scale.shape, np.int8))
-    out = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
-    attrs = {"axis": slot.axis} if slot.axis is not None else {}
-    dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"), attrs=attrs,
-                 inputs=[q_c, scale_c, zero_c], outputs=[out])
-    slot.node.inputs[slot.index] = out
-    model.graph.nodes.append(dq)
+    slot.node.inputs[slot.index] = _dequantized_constant(model, weight.name, q, scale,
+                                                         np.zeros(scale.shape, np.int8), slot.axis)
     return scale
+
+
+def _dequantized_constant(model: Model, base: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                          axis: int | None = None) -> gs.Variable:
+    """Stored integers `q` read through a new DequantizeLinear; returns its float output."""
+    q_c = gs.Constant(model.unique_name(f"{base}_quantized"), q)
+    scale_c = gs.Constant(model.unique_name(f"{base}_scale"), np.asarray(scale, np.float32))
+    zero_c = gs.Constant(model.unique_name(f"{base}_zero_point"), zero)
+    out = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
+    attrs = {"axis": axis} if axis is not None else {}
+    model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"),
+                                     attrs=attrs, inputs=[q_c, scale_c, zero_c], outputs=[out]))
+    return out
 
 
 def _quantize_constant(model: Model, node: gs.Node, index: int, signed: bool, stored: dict) -> None:
@@ -180,14 +185,7 @@ def _quantize_constant(model: Model, node: gs.Node, index: int, signed: bool, st
         scale, zero = activation_qparams(float(values.min()), float(values.max()), signed)
         info = np.iinfo(zero.dtype)
         q = np.asarray(np.clip(np.round(values / scale) + int(zero), info.min, info.max), dtype=zero.dtype)
-        out = gs.Variable(model.unique_name(f"{constant.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
-        model.graph.nodes.append(gs.Node(
-            "DequantizeLinear", model.unique_name(f"{constant.name}_DequantizeLinear"),
-            inputs=[gs.Constant(model.unique_name(f"{constant.name}_quantized"), q),
-                    gs.Constant(model.unique_name(f"{constant.name}_scale"), np.asarray(scale, np.float32)),
-                    gs.Constant(model.unique_name(f"{constant.name}_zero_point"), zero)],
-            outputs=[out]))
-        stored[constant.name] = out
+        stored[constant.name] = _dequantized_constant(model, constant.name, q, scale, zero)
     node.inputs[index] = stored[constant.name]
 
 
@@ -203,16 +201,8 @@ def _quantize_bias(model: Model, node: gs.Node, weight_scale: np.ndarray, axis: 
         return
     scale = np.asarray(np.float32(source.inputs[1].values) * weight_scale, dtype=np.float32)
     q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    base = node.inputs[2].name
-    out = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(bias.shape))
-    attrs = {"axis": 0} if scale.size > 1 else {}
-    dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"), attrs=attrs,
-                 inputs=[gs.Constant(model.unique_name(f"{base}_quantized"), q),
-                         gs.Constant(model.unique_name(f"{base}_scale"), scale),
-                         gs.Constant(model.unique_name(f"{base}_zero_point"), np.zeros(scale.shape, np.int32))],
-                 outputs=[out])
-    node.inputs[2] = out
-    model.graph.nodes.append(dq)
+    node.inputs[2] = _dequantized_constant(model, node.inputs[2].name, q, scale, np.zeros(scale.shape, np.int32),
+                                           0 if scale.size > 1 else None)
 
 
 class InsertQDQ(Pass):
