@@ -5,11 +5,19 @@ inference), so ONNX Runtime computes them in the same run as the real outputs. V
 one batch at a time and never accumulated here: memory does not grow with the number of samples.
 
 With `summary=M`, float tensors of known rank >= 2 are not copied out whole: the tapped graph reduces each
-in ONNX Runtime to a Summary (min, max, a NaN/Inf flag and, for M > 0, a strided subsample of at most M
-values per sample: flat[:, ::ceil(n / M)] of the tensor reshaped to [batch, n], the positions
-irtool.calibration.observers.subsample takes). Calibration needs nothing else, and copying every activation
-out of the session (ResNet-50: ~106 MB per sample) cost 3-4x the float inference itself. Other tensors are
-tapped whole and summarized in numpy, with the same result.
+in ONNX Runtime to a Summary, and copying every activation out of the session instead (ResNet-50: ~106 MB
+per sample) cost 3-4x the float inference itself. A Summary holds
+  high    the maximum;
+  low     the minimum, except for the output of a Relu, or of a Clip with a constant minimum c >= 0, where it
+          is that bound (0 or c) without a reduction: quantization ranges always include zero, so the exact
+          minimum of such a tensor never matters, and skipping it saves a full read of the tensor;
+  finite  False when the tensor holds an infinity (seen in its max or min) or a NaN. A NaN is looked for only
+          in outputs of ops that can make one from finite inputs (not in NAN_FREE: Log, Sqrt, Div, Pow, ...);
+          the others can only overflow, and an infinity shows in the max or min of the tensor where it
+          appears, if that tensor is observed;
+  sample  for M > 0, about M values per sample at fixed positions (observers.subsample).
+Other tensors (other dtypes, unknown rank; with M > 0 also [N, C, H, W] tensors with a dynamic C, H or W)
+are tapped whole and summarized in numpy by `summarize`, which takes the exact minimum and checks every value.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from irtool.calibration.observers import subsample
+from irtool.calibration.observers import spatial_stride, subsample
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -48,10 +56,10 @@ def tapped_proto(model: Model, names: list[str]) -> onnx.ModelProto:
 class Summary:
     """What calibration needs of one tensor over one batch."""
 
-    low: float
+    low: float   # the minimum; for a Relu/Clip output, the bound its producer sets (see the module docstring)
     high: float
     finite: bool
-    sample: np.ndarray | None = None  # [batch, k] strided subsample, when asked for
+    sample: np.ndarray | None = None  # [batch, k] subsample (observers.subsample), when asked for
 
 
 def summarize(value: np.ndarray, max_per_sample: int) -> Summary:
@@ -63,54 +71,57 @@ def summarize(value: np.ndarray, max_per_sample: int) -> Summary:
     return Summary(float(value.min()), float(value.max()), finite, sample)
 
 
+# Ops that cannot make a NaN out of finite inputs: at worst they overflow to an infinity, which the max or min
+# of that tensor shows. Their outputs skip the NaN reduction (a full extra read of the tensor).
+NAN_FREE = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose", "Erf", "Flatten", "Gelu",
+    "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "MatMul",
+    "MaxPool", "Mul", "Pad", "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Split", "Squeeze", "Sub", "Tanh",
+    "Transpose", "Unsqueeze"})
+
+
+# Producers whose [N, C, H, W] outputs ONNX Runtime keeps in its blocked conv layout (NCHWc), where pooling
+# runs directly and a Slice or Reshape first converts the tensor back.
+NCHWC_PRODUCERS = frozenset({"Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv",
+                             "GlobalAveragePool", "MaxPool", "Relu", "Sigmoid", "Sum", "Tanh"})
+
+
+@dataclass(frozen=True)
+class _Taps:
+    """Output names of one tensor's in-graph summary; the reductions are per sample or per channel, and
+    tap() finishes them in numpy."""
+
+    high: str
+    low: str | None          # None: the tensor's producer bounds it below by `floor`
+    nan: str | None          # None: the producer is NaN-free on finite inputs
+    sample: str | None
+    floor: float = -math.inf
+
+
 def _summarized_proto(model: Model, names: list[str], max_per_sample: int
-                      ) -> tuple[onnx.ModelProto, list[str], dict[str, tuple[str, ...]]]:
-    """A copy of the model whose extra outputs are per-tensor reductions; returns (proto, names tapped
-    whole, {name: (min, max, sum, subsample?) output names})."""
+                      ) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
+    """A copy of the model whose extra outputs summarize the tensors in `names`; returns (proto, names tapped
+    whole, {name: its summary outputs})."""
     proto = model.to_proto()
     types = infer_types(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    graph, whole, reduced = proto.graph, [], {}
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    constants = _constants(graph)
+    builder = _SummaryBuilder(graph, opset, max_per_sample)
+    whole, reduced, added = [], {}, {}
     existing = {o.name for o in graph.output}
-    prefix = "__irtool_tap"
-
-    def const(name: str, values: list[int]) -> str:
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), f"{prefix}_{name}"))
-        return f"{prefix}_{name}"
-
-    flat = const("flat", [0, -1])
-    per_sample = const("axis1", [1])
-    if max_per_sample:
-        one, two, first, big = const("one", [1]), const("two", [2]), const("zero", [0]), const("big", [2**62])
-        m, m1 = const("m", [max_per_sample]), const("m1", [max_per_sample - 1])
-    added: dict[str, list[onnx.NodeProto]] = {}
     for i, name in enumerate(names):
         elem, dims = types.get(name, (None, None))
-        if elem != onnx.TensorProto.FLOAT or dims is None or len(dims) < 2 or opset < 13:
+        if (elem != onnx.TensorProto.FLOAT or dims is None or len(dims) < 2 or opset < 13
+                or (max_per_sample and not _sampleable(dims))):
             whole.append(name)
             continue
-        t = f"{prefix}{i}"
-        outs = [f"{t}_min", f"{t}_max", f"{t}_nan"]
-        # Reduced per sample over the flattened tensor ([batch, n] -> [batch]) and finished in numpy: ONNX
-        # Runtime parallelizes that, not a reduction to one scalar (ResNet-50-sized tensor, 2 threads:
-        # 2.5 ms against 3.7 ms). A NaN makes the sum NaN (ReduceMin/Max do not propagate NaN reliably);
-        # an Inf shows in the min or the max.
-        nodes = [helper.make_node("Reshape", [name, flat], [f"{t}_flat"]),
-                 _reduce("ReduceMin", f"{t}_flat", outs[0], per_sample, opset),
-                 _reduce("ReduceMax", f"{t}_flat", outs[1], per_sample, opset),
-                 _reduce("ReduceSum", f"{t}_flat", outs[2], per_sample, opset)]
-        if max_per_sample:
-            outs.append(f"{t}_sample")
-            nodes += [helper.make_node("Shape", [f"{t}_flat"], [f"{t}_shape"]),
-                      helper.make_node("Slice", [f"{t}_shape", one, two], [f"{t}_n"]),
-                      helper.make_node("Add", [f"{t}_n", m1], [f"{t}_n1"]),
-                      helper.make_node("Div", [f"{t}_n1", m], [f"{t}_div"]),
-                      helper.make_node("Max", [f"{t}_div", one], [f"{t}_stride"]),  # n = 0: step 1
-                      helper.make_node("Slice", [f"{t}_flat", first, big, one, f"{t}_stride"], [outs[3]])]
-        added[name] = nodes
-        for out in outs:
-            graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        reduced[name] = tuple(outs)
+        producer = producers.get(name)
+        floor = _lower_bound(producer, constants)
+        nan_free = producer is None or producer.op_type in NAN_FREE  # graph inputs are checked as they stream
+        added[name], reduced[name] = builder.summary(f"__irtool_tap{i}", name, dims,
+                                                     producer.op_type if producer else "", floor, nan_free)
     _place_after_producers(graph, added)
     for name in whole:
         if name not in existing:
@@ -119,11 +130,128 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
     return proto, whole, reduced
 
 
-def _reduce(op: str, x: str, out: str, axes: str, opset: int) -> onnx.NodeProto:
-    """A reduction over axis 1, keepdims=0; axes became an input in opset 13 (ReduceSum) / 18 (Min, Max)."""
-    if opset >= (13 if op == "ReduceSum" else 18):
-        return helper.make_node(op, [x, axes], [out], keepdims=0)
-    return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
+def _sampleable(dims: list) -> bool:
+    """Whether the graph can take observers.subsample of a tensor of these inferred dims: the rule depends on
+    C, H, W of [N, C, H, W] tensors and on the last dim of other ranks >= 3, so those must be static."""
+    if len(dims) == 4:
+        return all(isinstance(d, int) and d > 0 for d in dims[1:])
+    return len(dims) < 3 or (isinstance(dims[-1], int) and dims[-1] > 0)
+
+
+class _SummaryBuilder:
+    """Nodes that summarize one tensor. [N, C, H, W] tensors are reduced by GlobalMaxPool/GlobalAveragePool
+    and subsampled by a strided 1x1 AveragePool: ONNX Runtime runs those on the blocked layout its convs
+    produce, where a Reshape or Reduce first converts the whole tensor back to NCHW (MobileNetV2, 64 samples:
+    1.20x the float run against 1.48x). Other tensors are flattened per sample ([batch, n]) and reduced over
+    axis 1, which ONNX Runtime parallelizes (a reduction to one scalar it does not)."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int, max_per_sample: int):
+        self.graph, self.opset, self.max_per_sample = graph, opset, max_per_sample
+        self._consts: dict[str, str] = {}
+
+    def summary(self, t: str, name: str, dims: list, producer_op: str, floor: float,
+                nan_free: bool) -> tuple[list[onnx.NodeProto], _Taps]:
+        nodes: list[onnx.NodeProto] = []
+        flat = None
+
+        def flattened() -> str:
+            nonlocal flat
+            if flat is None:
+                flat = f"{t}_flat"
+                nodes.append(helper.make_node("Reshape", [name, self._const("flat", [0, -1])], [flat]))
+            return flat
+
+        pooled = len(dims) == 4
+        taps = _Taps(high=f"{t}_max", low=None if floor > -math.inf else f"{t}_min",
+                     nan=None if nan_free else f"{t}_nan", sample=f"{t}_sample" if self.max_per_sample else None,
+                     floor=floor)
+        if pooled:
+            nodes.append(helper.make_node("GlobalMaxPool", [name], [taps.high]))
+            if taps.nan:
+                nodes.append(helper.make_node("GlobalAveragePool", [name], [taps.nan]))  # NaN if any NaN
+        else:
+            nodes.append(self._reduce("ReduceMax", flattened(), taps.high))
+            if taps.nan:
+                # ReduceMin/Max drop NaN (so does GlobalMaxPool); a sum does not.
+                nodes.append(self._reduce("ReduceSum", flattened(), taps.nan))
+        if taps.low:
+            # Costs a conversion to NCHW on the blocked layout, hence skipped where the producer bounds it.
+            nodes.append(self._reduce("ReduceMin", flattened(), taps.low))
+        if taps.sample:
+            nodes += self._sample(t, name, dims, producer_op, flattened, taps.sample)
+        for out in (taps.high, taps.low, taps.nan, taps.sample):
+            if out:
+                self.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        return nodes, taps
+
+    def _sample(self, t: str, name: str, dims: list, producer_op: str, flattened, out: str) -> list[onnx.NodeProto]:
+        """The subsample of observers.subsample, for the shapes `_sampleable` admits."""
+        m = self.max_per_sample
+        if len(dims) == 4:
+            stride = spatial_stride(*dims[1:], m)
+            if producer_op in NCHWC_PRODUCERS:  # on the blocked layout, without converting the tensor back
+                return [helper.make_node("AveragePool", [name], [out], kernel_shape=[1, 1], strides=[stride, stride])]
+            starts, ends = self._const("zeros2", [0, 0]), self._const("big2", [2**62] * 2)
+            steps = self._const(f"step{stride}", [stride] * 2)
+            return [helper.make_node("Slice", [name, starts, ends, self._const("axes23", [2, 3]), steps], [out])]
+        if len(dims) >= 3 and dims[-1] <= m:
+            rows = f"{t}_rows"
+            reshape = helper.make_node("Reshape", [name, self._const(f"rows{dims[-1]}", [0, -1, dims[-1]])], [rows])
+            return [reshape, *self._strided(t, rows, m // dims[-1], out)]
+        return self._strided(t, flattened(), m, out)
+
+    def _strided(self, t: str, x: str, keep: int, out: str) -> list[onnx.NodeProto]:
+        """Every ceil(k / keep)-th entry of axis 1 of x ([batch, k, ...]); k is known only at run time."""
+        one = self._const("one", [1])
+        return [helper.make_node("Shape", [x], [f"{t}_shape"]),
+                helper.make_node("Slice", [f"{t}_shape", one, self._const("two", [2])], [f"{t}_k"]),
+                helper.make_node("Add", [f"{t}_k", self._const(f"keep{keep}-1", [keep - 1])], [f"{t}_k1"]),
+                helper.make_node("Div", [f"{t}_k1", self._const(f"keep{keep}", [keep])], [f"{t}_div"]),
+                helper.make_node("Max", [f"{t}_div", one], [f"{t}_stride"]),  # k = 0: step 1
+                helper.make_node("Slice", [x, self._const("zero", [0]), self._const("big", [2**62]), one,
+                                           f"{t}_stride"], [out])]
+
+    def _const(self, key: str, values: list[int]) -> str:
+        if key not in self._consts:
+            name = f"__irtool_tap_{key}"
+            self.graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def _reduce(self, op: str, x: str, out: str) -> onnx.NodeProto:
+        """A reduction over axis 1, keepdims=0; axes became an input in opset 13 (ReduceSum) / 18 (Min, Max)."""
+        if self.opset >= (13 if op == "ReduceSum" else 18):
+            return helper.make_node(op, [x, self._const("axis1", [1])], [out], keepdims=0)
+        return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Small constant tensors (initializers and Constant outputs) by name."""
+    out = {init.name: init for init in graph.initializer if np.prod(init.dims, dtype=np.int64) <= 1}
+    arrays = {name: onnx.numpy_helper.to_array(init) for name, init in out.items()}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            arrays[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return arrays
+
+
+def _lower_bound(producer: onnx.NodeProto | None, constants: Mapping[str, np.ndarray]) -> float:
+    """The lower bound a Relu or a Clip with a constant non-negative minimum puts on its output, else -inf.
+    Quantization ranges always include zero, so the true minimum of such a tensor never matters."""
+    if producer is None:
+        return -math.inf
+    if producer.op_type == "Relu":
+        return 0.0
+    if producer.op_type != "Clip":
+        return -math.inf
+    attrs = {a.name: a for a in producer.attribute}
+    if "min" in attrs:  # opset < 11
+        low = attrs["min"].f
+    elif len(producer.input) > 1 and producer.input[1] in constants and constants[producer.input[1]].size == 1:
+        low = float(constants[producer.input[1]].reshape(()))
+    else:
+        return -math.inf
+    return low if low >= 0.0 else -math.inf
 
 
 def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx.NodeProto]]) -> None:
@@ -156,7 +284,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         options.enable_mem_pattern = False
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
-    fetch = whole + [out for outs in reduced.values() for out in outs]
+    fetch = whole + [out for taps in reduced.values() for out in (taps.high, taps.low, taps.nan, taps.sample) if out]
     for index, batch in enumerate(batches):
         missing = [n for n in input_names if n not in batch]
         if missing:
@@ -167,16 +295,22 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
             yield {name: values[name] for name in names}
             continue
         out = {name: summarize(values.pop(name), summary) for name in whole}
-        for name, (low, high, nan, *sample) in reduced.items():
-            lows, highs = values[low], values[high]
-            if lows.size:  # one value per sample
-                low, high = float(lows.min()), float(highs.max())
-                finite = math.isfinite(low) and math.isfinite(high) and not np.isnan(values[nan]).any()
-            else:
-                low, high, finite = math.inf, -math.inf, True
-            out[name] = Summary(low, high, finite,
-                                values[sample[0]] if sample else None)
+        out.update({name: _finish(taps, values) for name, taps in reduced.items()})
         yield {name: out[name] for name in names}
+
+
+def _finish(taps: _Taps, values: Mapping[str, np.ndarray]) -> Summary:
+    """One Summary from a tensor's per-sample (or per-channel) reductions."""
+    highs = values[taps.high]
+    sample = values[taps.sample] if taps.sample else None
+    if sample is not None:
+        sample = sample.reshape(len(sample), -1)
+    if not highs.size:
+        return Summary(math.inf, -math.inf, True, sample)
+    high = float(highs.max())
+    low = float(values[taps.low].min()) if taps.low else taps.floor
+    finite = math.isfinite(low) and math.isfinite(high) and not (taps.nan and np.isnan(values[taps.nan]).any())
+    return Summary(low, high, finite, sample)
 
 
 def channel_means(model: Model, axes: Mapping[str, int],

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from golden._quant_blocks import residual
-from irtool.calibration.tap import summarize, tap
+from golden._quant_blocks import Builder, attention, clip_chain, residual
+from irtool.calibration.observers import Histogram
+from irtool.calibration.tap import _summarized_proto, summarize, tap
 from irtool.ir.model import Model
 
 NAMES = ["x", "stem", "stem_relu", "conv1", "relu1", "conv2", "add", "y"]
@@ -50,3 +51,61 @@ def test_nan_produced_inside_the_model_is_flagged():
     assert summary["log"].finite is False
     (clean,) = list(tap(model, ["log"], [{"x": np.ones((1, 3, 8, 8), np.float32)}], summary=0))
     assert clean["log"].finite is True and clean["log"].low == clean["log"].high == 0.0
+
+
+def _heads() -> Model:
+    """Rank-3 tokens and a rank-4 attention-like Softmax output (not a conv layout): the row and grid
+    subsamples taken by Slice rather than pooling."""
+    b = Builder(11)
+    q = b.node("MatMul", ["x", b.w("wq", 12, 12)], "q")
+    heads = b.node("Reshape", [q, b.const("shape", [0, 2, 6, 6])], "heads")
+    probs = b.node("Softmax", [heads], "probs", axis=-1)
+    b.node("Reshape", [b.node("Div", [probs, b.node("Abs", [heads], "abs")], "ratio"), b.const("back", [0, 6, 12])],
+           "y")
+    return Model.from_proto(b.model({"x": [3, 6, 12]}, "y", [3, 6, 12]))
+
+
+@pytest.mark.parametrize("per_sample", [0, 16, 40, 1 << 14])
+def test_row_and_grid_subsamples_of_non_conv_tensors_equal_the_numpy_reference(per_sample):
+    model, names = _heads(), ["x", "q", "heads", "probs", "ratio", "y"]
+    rng = np.random.default_rng(5)
+    batches = [{"x": rng.standard_normal((3, 6, 12)).astype(np.float32)} for _ in range(2)]
+    batches[1]["x"][0, 0, :] = 0.0  # q's first row is zero: ratio divides by |0| and holds infinities
+    for got, raw in zip(tap(model, names, batches, summary=per_sample), tap(model, names, batches), strict=True):
+        for name in names:
+            want = summarize(raw[name], per_sample)
+            assert (got[name].low, got[name].high, got[name].finite) == (want.low, want.high, want.finite), name
+            if per_sample:
+                np.testing.assert_array_equal(got[name].sample, want.sample)
+    assert not got["ratio"].finite and got["probs"].finite
+
+
+def test_only_what_a_producer_leaves_open_is_reduced():
+    """A Relu (or a Clip with a constant minimum >= 0) output keeps its bound as its low and needs no min
+    reduction; ops that cannot make a NaN from finite inputs get no NaN reduction; the rest get both."""
+    proto, whole, taps = _summarized_proto(Model.from_proto(residual()), ["stem", "stem_relu", "add"], 0)
+    ops = {n.output[0]: n.op_type for n in proto.graph.node}
+    assert whole == []
+    assert taps["stem_relu"].low is None and taps["stem_relu"].floor == 0.0
+    assert ops[taps["stem"].low] == "ReduceMin" and ops[taps["stem"].high] == "GlobalMaxPool"
+    assert all(t.nan is None for t in taps.values())  # Conv, Relu, Add
+    _, _, clip_taps = _summarized_proto(Model.from_proto(clip_chain(0.5)), ["act1"], 0)
+    assert clip_taps["act1"].low is None and clip_taps["act1"].floor == 0.5
+    _, _, signed = _summarized_proto(Model.from_proto(clip_chain(-1.0)), ["act1"], 0)
+    assert signed["act1"].low is not None
+    _, _, attn_taps = _summarized_proto(Model.from_proto(attention()), ["probs", "scores"], 0)
+    assert attn_taps["scores"].nan is None and attn_taps["probs"].nan is not None  # Mul; Softmax is not listed
+
+
+def test_histogram_bins_are_exact_for_tiny_and_edge_values():
+    """floor(v * B / 2R) in float32 is exact for power-of-two R and B: a tiny negative value lands below zero,
+    and values just under the radius land in the top bin."""
+    hist = Histogram(bins=256, max_per_sample=1 << 14)
+    values = np.array([[-1e-30, 1e-30, 0.0, -np.float32(4.0) * (1 - 2**-23), np.float32(4.0) * (1 - 2**-23), 1.0]],
+                      np.float32)
+    hist.update(values)
+    assert hist.radius == 4.0
+    expected = np.zeros(256, np.int64)
+    for bin_ in (127, 128, 128, 0, 255, 160):
+        expected[bin_] += 1
+    np.testing.assert_array_equal(hist.counts, expected)
