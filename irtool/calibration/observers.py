@@ -20,7 +20,7 @@ Range methods on a histogram (all return a symmetric threshold T on |x|, then cl
               implementation the zero bin is replaced by its neighbour (ReLU's zeros would dominate),
               and, because KL is degenerate on spiky discrete data, T is never below the 99th
               percentile of |x|. Cuts are searched coarse to fine (~64 evenly spaced, then around the best),
-              all of a round in one vectorized evaluation
+              all of a round in one vectorized evaluation that works per chunk from prefix sums
   mse         the T minimizing the expected squared error of int8 quantization: clipping error
               Σ_{|x|>T} (|x|−T)² plus rounding error Δ²/12 per unclipped value, Δ = T/127,
               over every bin edge at once (suffix sums of the counts, first and second moments)
@@ -217,7 +217,7 @@ def _clipped_sums(values: np.ndarray) -> np.ndarray:
 def _best_cut(mags: np.ndarray, levels: int, last: int) -> int:
     """The cut in [levels, last] of least KL divergence (the widest of equal minima), searched coarse to
     fine: about 64 evenly spaced cuts, then every cut (or 64 of them) within one coarse step of the best.
-    TensorRT tries every cut; that costs ~40 ms per tensor in numpy, and the divergence is smooth at the
+    TensorRT tries every cut; here that would cost ~10 ms per tensor, and the divergence is smooth at the
     coarse step on real activations."""
     step = max(1, (last - levels) // COARSE_CUTS)
     cuts = np.unique(np.append(np.arange(levels, last + 1, step), last))
@@ -234,28 +234,36 @@ def _widest_min(cuts: np.ndarray, divergences: np.ndarray) -> int:
 
 
 def kl_divergences(mags: np.ndarray, cuts: np.ndarray, levels: int) -> np.ndarray:
-    """KL(P || Q) for every cut at once (one row per cut). P is the |x| histogram up to the cut with the
-    clipped tail in its last bin; Q spreads each of `levels` chunks' mass evenly over the chunk's non-empty
-    unclipped bins, so a cut that clips real mass pays for it (as in TensorRT's calibrator)."""
+    """KL(P || Q) for every cut at once. P is the |x| histogram up to the cut with the clipped tail in its
+    last bin; Q spreads each of `levels` chunks' mass evenly over the chunk's non-empty unclipped bins, so a
+    cut that clips real mass pays for it (as in TensorRT's calibrator).
+
+    Computed per chunk rather than per bin, from prefix sums: with T the total, m the counts and S_j, U_j
+    the mass and the non-empty bins of chunk j, every non-empty bin b < cut-1 contributes
+    (m_b/T)·log(m_b/T) - (m_b/T)·log(S_j / (U_j·Q)), Q the unclipped mass; the first sums to prefix sums of
+    m·log m, the second to S_j·log(S_j / (U_j·Q)) per chunk. Only the last bin, which also holds the tail,
+    is handled alone. That is O(levels) per cut instead of O(cut): ~10x cheaper than per bin."""
+    mags = np.asarray(mags, dtype=np.float64)
     cuts = np.asarray(cuts, dtype=np.int64)
-    rows, width = len(cuts), int(cuts.max())
-    bins = np.arange(width)
-    inside = bins[None, :] < cuts[:, None]
-    kept = np.where(inside, mags[None, :width], 0.0)
-    nonzero = kept > 0
-    # Chunk of each bin, numbered per row so one bincount serves every cut; bins past a cut weigh nothing.
-    chunk = np.where(inside, (bins[None, :] * levels) // cuts[:, None], 0) + np.arange(rows)[:, None] * levels
-    sums = np.bincount(chunk.ravel(), weights=kept.ravel(), minlength=rows * levels)
-    used = np.bincount(chunk.ravel(), weights=nonzero.ravel(), minlength=rows * levels)
-    q = np.where(nonzero, (sums / np.maximum(used, 1.0))[chunk], 0.0)
-    p = kept
-    total = mags.sum()
-    p[np.arange(rows), cuts - 1] += total - np.cumsum(mags)[cuts - 1]  # the clipped tail
-    q_sum = q.sum(axis=1)
+    total = float(mags.sum())
     if not total:
-        return np.full(rows, math.inf)
-    p /= total
-    q = np.maximum(q / np.where(q_sum > 0, q_sum, 1.0)[:, None], 1e-12)
-    positive = p > 0
-    terms = np.where(positive, p * np.log(np.where(positive, p, 1.0) / q), 0.0)
-    return np.where(q_sum > 0, terms.sum(axis=1), math.inf)
+        return np.full(len(cuts), math.inf)
+    mass = np.concatenate([[0.0], np.cumsum(mags)])
+    filled = np.concatenate([[0], np.cumsum(mags > 0)])
+    mlogm = np.concatenate([[0.0], np.cumsum(np.where(mags > 0, mags * np.log(np.where(mags > 0, mags, 1.0)), 0.0))])
+    # Chunk j holds bins b with (b * levels) // cut == j, i.e. from ceil(j * cut / levels) up to the next start.
+    bounds = (np.arange(levels + 1)[None, :] * cuts[:, None] + levels - 1) // levels
+    sums = mass[bounds[:, 1:]] - mass[bounds[:, :-1]]
+    used = filled[bounds[:, 1:]] - filled[bounds[:, :-1]]
+    unclipped = mass[cuts]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        density = np.where(sums > 0, sums / (np.maximum(used, 1) * unclipped[:, None]), 1.0)
+        chunk_terms = np.sum(np.where(sums > 0, sums * np.log(density), 0.0), axis=1)
+    last = mags[cuts - 1]
+    q_last = np.maximum(np.where(last > 0, density[:, -1], 0.0), 1e-12)  # the last bin is in the last chunk
+    p_last = (last + total - unclipped) / total
+    # Bins below the last one: P log P from prefix sums, minus their share of the chunk terms.
+    body = (mlogm[cuts - 1] - math.log(total) * mass[cuts - 1]) / total
+    body -= (chunk_terms - np.where(last > 0, last * np.log(np.where(last > 0, density[:, -1], 1.0)), 0.0)) / total
+    tail = np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0) / q_last), 0.0)
+    return np.where(unclipped > 0, body + tail, math.inf)
