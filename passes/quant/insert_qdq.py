@@ -7,13 +7,13 @@ Placement rules are in passes/quant/placement.py. Scales and zero points:
       low' = min(low, 0), high' = max(high, 0),  s = (high' − low') / 255,  z = round(−low' / s)
   weights, symmetric int8 per output channel c (per tensor with per-channel=false):
       s_c = max|W_c| / M,  q = clip(round(W / s_c), −M, M),  W ≈ s_c · q,
-      M = 127, or 63 with reduce-range (ort-cpu's default; see below)
+      M = 127, or 64 with reduce-range (ort-cpu's default; see below)
   biases of quantized Conv/Gemm (ort-cpu): int32, scale s_x · s_c, zero point 0 (TensorRT keeps float bias)
 Why reduce-range is on by default for ort-cpu: x86 CPUs without VNNI (AVX2, AVX-512F; e.g. AMD Zen 2/3)
 run ONNX Runtime's u8 x s8 kernels with an instruction (vpmaddubsw) that adds two u8·s8 products in int16
 and saturates. With 8-bit weights 2·255·127 > 32767, so the integer model diverges from its own Q/DQ
 definition: the digits CNNs of tests/quant measured 18-20 dB output SQNR in ONNX Runtime against 40-46 dB
-for the same Q/DQ graph run unfused. With 7-bit weights (2·255·63 < 32767) the two agree (36-42 dB).
+for the same Q/DQ graph run unfused. With weights in [-64, 64] (2·255·64 = 32640 <= 32767) the two agree.
 ARM and VNNI CPUs do not saturate; for them `reduce-range=false` buys back about 4 dB of weight noise.
 TensorRT does not saturate either: the trt profile always uses M = 127.
 Tensors that must share a scale (concat inputs for trt, MaxPool in/out for ort-cpu) use the union of
@@ -62,7 +62,7 @@ def activation_qparams(low: float, high: float, signed: bool) -> tuple[np.float3
     return np.float32(scale), np.array(zero, dtype=np.uint8)
 
 
-FULL_RANGE, REDUCED_RANGE = 127, 63
+FULL_RANGE, REDUCED_RANGE = 127, 64  # 2·255·64 = 32640 still fits int16; ORT's reduce_range uses ±64 too
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, limit: int = FULL_RANGE) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +86,7 @@ class Placement:
     profile: Profile
     activations: ActivationType
     per_channel: bool
-    reduce_range: bool = False  # 7-bit weights; only ort-cpu honours it
+    reduce_range: bool = False  # weights in [-64, 64]; only ort-cpu honours it
 
     @property
     def signed(self) -> bool:
