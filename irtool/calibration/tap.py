@@ -113,8 +113,8 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
     existing = {o.name for o in graph.output}
     for i, name in enumerate(names):
         elem, dims = types.get(name, (None, None))
-        if (elem != onnx.TensorProto.FLOAT or dims is None or len(dims) < 2 or opset < 13
-                or (max_per_sample and not _sampleable(dims))):
+        if (elem != onnx.TensorProto.FLOAT or dims is None or len(dims) < 2 or opset < 13 or 0 in dims
+                or (max_per_sample and not _sampleable(dims))):  # empty tensors: pooling over nothing is undefined
             whole.append(name)
             continue
         producer = producers.get(name)
