@@ -97,6 +97,9 @@ class _Taps:
     sample: str | None
     floor: float = -math.inf
 
+    def outputs(self) -> list[str]:
+        return [out for out in (self.high, self.low, self.nan, self.sample) if out]
+
 
 def _summarized_proto(model: Model, names: list[str], max_per_sample: int
                       ) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
@@ -179,9 +182,8 @@ class _SummaryBuilder:
             nodes.append(self._reduce("ReduceMin", flattened(), taps.low))
         if taps.sample:
             nodes += self._sample(t, name, dims, producer_op, flattened, taps.sample)
-        for out in (taps.high, taps.low, taps.nan, taps.sample):
-            if out:
-                self.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        for out in taps.outputs():
+            self.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
         return nodes, taps
 
     def _sample(self, t: str, name: str, dims: list, producer_op: str, flattened, out: str) -> list[onnx.NodeProto]:
@@ -227,8 +229,8 @@ class _SummaryBuilder:
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Small constant tensors (initializers and Constant outputs) by name."""
-    out = {init.name: init for init in graph.initializer if np.prod(init.dims, dtype=np.int64) <= 1}
-    arrays = {name: onnx.numpy_helper.to_array(init) for name, init in out.items()}
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer
+              if np.prod(init.dims, dtype=np.int64) <= 1}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             arrays[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
@@ -284,7 +286,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         options.enable_mem_pattern = False
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
-    fetch = whole + [out for taps in reduced.values() for out in (taps.high, taps.low, taps.nan, taps.sample) if out]
+    fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):
         missing = [n for n in input_names if n not in batch]
         if missing:
