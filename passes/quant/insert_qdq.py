@@ -16,9 +16,10 @@ definition: the digits CNNs of tests/quant measured 18-20 dB output SQNR in ONNX
 for the same Q/DQ graph run unfused. With weights in [-64, 64] (2·255·64 = 32640 <= 32767) the two agree.
 ARM and VNNI CPUs do not saturate; for them `reduce-range=false` buys back about 4 dB of weight noise.
 TensorRT does not saturate either: the trt profile always uses M = 127.
-Tensors that must share a scale (concat inputs for trt, MaxPool in/out for ort-cpu) use the union of
-their ranges. Mixed precision (min-sqnr / keep-fp) keeps the layers to which the output is most
-sensitive in float (passes/quant/sensitivity.py).
+Tensors that must share a scale (concat inputs for trt; tensors joined by data-movement ops alone,
+placement.SHARED_SCALE_OPS) use the union of their ranges; groups that overlap merge first. Mixed
+precision (min-sqnr / keep-fp) keeps the layers to which the output is most sensitive in float
+(passes/quant/sensitivity.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import enum
 import logging
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -124,12 +126,16 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
 
 
 def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Every tensor's range, where overlapping share groups merge and each merged group gets the union."""
     out = {n: ranges[n] for n in plan.tensors if n in ranges}
+    graph = nx.Graph()
     for group in plan.share:
-        members = [n for n in group if n in out]
-        if members:
-            union = (min(out[n][0] for n in members), max(out[n][1] for n in members))
-            out.update({n: union for n in members})
+        members = sorted(n for n in group if n in out)
+        graph.add_nodes_from(members)
+        graph.add_edges_from(zip(members, members[1:], strict=False))  # a path joins them
+    for component in nx.connected_components(graph):
+        union = (min(out[n][0] for n in component), max(out[n][1] for n in component))
+        out.update({n: union for n in component})
     return out
 
 

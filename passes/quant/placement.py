@@ -24,6 +24,11 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...):
   5. Activations u8 asymmetric by default (u8 x s8 is what x86 integer kernels run; s8 activations
      leave layers in float there), weights s8 symmetric per output channel.
   A quantized tensor is read dequantized by all its main-graph consumers.
+Both profiles: a quantized tensor made from another quantized tensor by data-movement ops alone
+(SHARED_SCALE_OPS: Reshape, Transpose, Slice, MaxPool, ...) shares its scale. The values are the same (or a subset),
+so minmax ranges agree anyway, but histogram ranges are estimated from subsamples that differ between the
+two layouts; with two scales ONNX Runtime keeps a DQ -> op -> Q requantization around the op instead of
+moving integers (ViT, percentile: 48 extra Q/DQ pairs around the attention reshapes and transposes).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ORT_IO_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 CONSTANT_OPERAND_OPS = ("Add", "Mul", "Concat")
+SHARED_SCALE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Split",
+                    "Expand", "Tile", "MaxPool", "DepthToSpace", "SpaceToDepth")
 
 
 @dataclass
@@ -142,6 +149,7 @@ def plan_trt(model: Model, selection: Selection, per_channel: bool = True) -> Qu
             for i, t in enumerate(node.inputs):
                 plan.add(t, node, i)
             plan.share.append({t.name for t in node.inputs if t.name in plan.tensors} | {node.outputs[0].name})
+    _share_through_data_movement(plan, model)
     return plan
 
 
@@ -168,9 +176,20 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
                     if node.op in CONSTANT_OPERAND_OPS and isinstance(t, gs.Constant) and _is_float32(t):
                         plan.constants.append((node, i))
                 plan.add(_fused_output(node.outputs[0]))
-                if node.op == "MaxPool":
-                    plan.share.append({node.inputs[0].name, node.outputs[0].name})
+    _share_through_data_movement(plan, model)
     return plan
+
+
+def _share_through_data_movement(plan: QuantPlan, model: Model) -> None:
+    """A quantized tensor made from another by data-movement ops alone (Add -> Reshape -> Transpose -> MatMul:
+    the Add's output and the MatMul's input) shares its scale."""
+    for name, tensor in list(plan.tensors.items()):
+        source = tensor
+        while len(source.inputs) == 1 and source.inputs[0].op in SHARED_SCALE_OPS and source.inputs[0].inputs:
+            source = source.inputs[0].inputs[0]
+            if source.name in plan.tensors:
+                plan.share.append({source.name, name})
+                break
 
 
 def _io_quantizable(node: gs.Node, plan: QuantPlan) -> bool:
