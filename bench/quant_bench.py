@@ -90,6 +90,12 @@ RECOVERY_PIPELINES = {
                    "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct{per-channel=false},"
                    "insert-qdq{profile=ort-cpu,per-channel=false}"),
 }
+# The same target on MobileNet-like nets with trained weights (tests/quant/digits_models.py, trained here on
+# scikit-learn's digits in seconds): the random-weight mobilenetv2 amplifies any perturbation of its first layers
+# (quantizing its first conv alone costs as much output SQNR as quantizing every layer), which no weight
+# transformation can recover. `mobilenet-imbalanced` adds the failure mode of Nagel et al. 2019 (depthwise
+# BatchNorm scales spread over three decades).
+DIGITS_ARCHS = ("mobilenet", "mobilenet-imbalanced")
 # To keep a full run near 25 min on 2 cores, N >= 1024 runs only these methods (enough for the memory check).
 LARGE_N_METHODS = {"resnet50": ("minmax",), "mobilenetv2": ("minmax", "entropy"), "vit": ("minmax", "entropy")}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
@@ -349,6 +355,29 @@ def work_ort(spec: dict) -> dict:
     return out
 
 
+def work_digits(spec: dict) -> dict:
+    """Train a digits MobileNet-like net, then plain INT8 against equalize + bias-correct (RECOVERY_PIPELINES) on
+    its held-out images: output SQNR, top-1 agreement with float, and top-1 accuracy on the true labels."""
+    sys.path.insert(0, str(ROOT))
+    from irtool.api import optimize
+    from tests.prune.digits import calibration
+    from tests.quant.digits_models import logits, sqnr_db, train
+
+    proto, data = train(spec["arch"])
+    (x, labels), x_calib = data["test"], data["calib"][0]
+    ref = logits(proto, x)
+    out = {"float_accuracy": float(np.mean(ref.argmax(1) == labels)), "test_images": len(x),
+           "calib_images": len(x_calib)}
+    for mode, texts in RECOVERY_PIPELINES.items():
+        out[mode] = {}
+        for label, text in zip(("plain", "fixed"), texts, strict=True):
+            quantized = logits(optimize(proto, text, calibration_data=calibration(x_calib)).model.to_proto(), x)
+            top1 = quantized.argmax(1)
+            out[mode][label] = {"sqnr_db": sqnr_db(ref, quantized), "top1": float(np.mean(top1 == ref.argmax(1))),
+                                "accuracy": float(np.mean(top1 == labels))}
+    return out
+
+
 def work_latency(spec: dict) -> dict:
     """Interleaved latency at batch 1: rounds of `runs` per model, models alternating, median per model."""
     x = {"input": Images(EVAL_SEED).sample(0)[None]}
@@ -396,7 +425,7 @@ def work_activation_bytes(spec: dict) -> dict:
 
 
 WORKERS = {"float": work_float, "irtool": work_irtool, "ort": work_ort, "latency": work_latency,
-           "act_bytes": work_activation_bytes}
+           "act_bytes": work_activation_bytes, "digits": work_digits}
 
 
 def run_worker(kind: str, spec: dict) -> None:
@@ -556,7 +585,8 @@ def _cell(r: dict | None, key: str, digits=2) -> str:
     return _f(r.get(key), digits)
 
 
-def render(results: dict, samples: list[int], methods: list[str], command: str, load: tuple, quick: bool) -> str:
+def render(results: dict, samples: list[int], methods: list[str], command: str, load: tuple, quick: bool,
+           digits: dict) -> str:
     import onnxruntime
 
     lines = [
@@ -614,9 +644,33 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                           for k, v in res["runs"].items() if "error" in v and k.startswith("irtool")})
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
-    lines += recovery_lines(results)
+    lines += recovery_lines(results) + digits_lines(digits)
     lines += ["", "### Targets", ""] + targets(results, samples, methods)
+    lines += [line for arch, rec in digits.items() if "error" not in rec
+              for line in recovery_targets(f"{arch} (digits, trained)", rec)]
     return "\n".join(lines) + "\n"
+
+
+def digits_lines(digits: dict) -> list[str]:
+    if not digits:
+        return []
+    first = next(iter(digits.values()))
+    lines = ["", "### MobileNet-like nets trained on digits: equalize + bias-correct vs plain INT8 (minmax)", "",
+             "tests/quant/digits_models.py, trained in the run (fixed seed, 1000 images); calibration on "
+             f"{first.get('calib_images')} further images, evaluation on the {first.get('test_images')} others "
+             "against the float model and the true labels.", "",
+             "| net | weights | pipeline | SQNR dB | top-1 agreement with float | top-1 accuracy (float) |",
+             "|---|---|---|---:|---:|---:|"]
+    for arch, rec in digits.items():
+        if "error" in rec:
+            lines.append(f"| {arch} | error: {rec['error']} | | | | |")
+            continue
+        for mode, texts in RECOVERY_PIPELINES.items():
+            for label, text in zip(("plain", "fixed"), texts, strict=True):
+                r = rec[mode][label]
+                lines.append(f"| {arch} | {mode} | `{text}` | {_f(r['sqnr_db'])} | {_f(r['top1'], 3)} "
+                             f"| {_f(r['accuracy'], 3)} ({_f(rec['float_accuracy'], 3)}) |")
+    return lines
 
 
 def recovery_lines(results: dict) -> list[str]:
@@ -747,12 +801,17 @@ def main(argv: list[str]) -> int:
     for name in args.models.split(","):
         results[name] = run_model(name, samples, methods, runs, rounds)
         log.info("%s done, %.0f s elapsed", name, time.monotonic() - started)
+    digits = {}
+    if "mobilenetv2" in args.models.split(","):
+        for arch in DIGITS_ARCHS:
+            log.info("digits %s: train, plain INT8 vs equalize + bias-correct ...", arch)
+            digits[arch] = measure("digits", {"arch": arch})
     command = os.environ.get("BENCH_COMMAND") or " ".join([".venv/bin/python", "bench/quant_bench.py", *argv])
-    text = render(results, samples, methods, command, (load_start, _uptime()), args.quick)
+    text = render(results, samples, methods, command, (load_start, _uptime()), args.quick, digits)
     text += f"\nTotal benchmark wall time: {(time.monotonic() - started) / 60:.1f} min.\n"
     print(text)
     (HERE / "out").mkdir(exist_ok=True)
-    (HERE / "out" / "quant_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    (HERE / "out" / "quant_bench.json").write_text(json.dumps({**results, "digits": digits}, indent=1, default=str))
     if not args.no_write:
         from _markdown import write_section
 
