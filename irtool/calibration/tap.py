@@ -141,6 +141,13 @@ def _sampleable(dims: list) -> bool:
     return len(dims) < 3 or (isinstance(dims[-1], int) and dims[-1] > 0)
 
 
+def _static_count(dims: list) -> int | None:
+    """The number of elements of these dims, or None when one is not a known positive integer."""
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        return math.prod(dims)
+    return None
+
+
 class _SummaryBuilder:
     """Nodes that summarize one tensor. [N, C, H, W] tensors are reduced by GlobalMaxPool/GlobalAveragePool
     and subsampled by a strided 1x1 AveragePool: ONNX Runtime runs those on the blocked layout its convs
@@ -197,14 +204,21 @@ class _SummaryBuilder:
             steps = self._const(f"step{stride}", [stride] * 2)
             return [helper.make_node("Slice", [name, starts, ends, self._const("axes23", [2, 3]), steps], [out])]
         if len(dims) >= 3 and dims[-1] <= m:
+            if len(dims) == 3:  # already [batch, rows, row]
+                return self._strided(t, name, m // dims[-1], out, _static_count(dims[1:-1]))
             rows = f"{t}_rows"
             reshape = helper.make_node("Reshape", [name, self._const(f"rows{dims[-1]}", [0, -1, dims[-1]])], [rows])
-            return [reshape, *self._strided(t, rows, m // dims[-1], out)]
-        return self._strided(t, flattened(), m, out)
+            return [reshape, *self._strided(t, rows, m // dims[-1], out, _static_count(dims[1:-1]))]
+        return self._strided(t, flattened(), m, out, _static_count(dims[1:]))
 
-    def _strided(self, t: str, x: str, keep: int, out: str) -> list[onnx.NodeProto]:
-        """Every ceil(k / keep)-th entry of axis 1 of x ([batch, k, ...]); k is known only at run time."""
+    def _strided(self, t: str, x: str, keep: int, out: str, count: int | None) -> list[onnx.NodeProto]:
+        """Every ceil(k / keep)-th entry of axis 1 of x ([batch, k, ...]), k = `count` or, when that is None
+        (dynamic dims), read from the shape at run time."""
         one = self._const("one", [1])
+        if count is not None:  # one Slice instead of six nodes: the ViT's tapped graph builds ~25% faster
+            step = max(1, -(-count // keep))
+            return [helper.make_node("Slice", [x, self._const("zero", [0]), self._const("big", [2**62]), one,
+                                               self._const(f"axis1step{step}", [step])], [out])]
         return [helper.make_node("Shape", [x], [f"{t}_shape"]),
                 helper.make_node("Slice", [f"{t}_shape", one, self._const("two", [2])], [f"{t}_k"]),
                 helper.make_node("Add", [f"{t}_k", self._const(f"keep{keep}-1", [keep - 1])], [f"{t}_k1"]),
@@ -284,6 +298,10 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         # Measured on ResNet-50 (batch 16): ORT's memory pattern planning keeps 3.5 GB and runs 2.6 s per
         # batch on the summarized graph; without it 2.0 GB and 2.0 s (the float model: 0.6 GB, 1.4 s).
         options.enable_mem_pattern = False
+        # ONNX Runtime's default order runs the summaries late on the ViT: 1.25 GB peak RSS and a first batch
+        # twice as slow as the next; in priority order (which keeps them next to their producers) 0.52 GB and no
+        # slow first batch. The results are the same, only the order of independent nodes changes.
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]

@@ -65,9 +65,22 @@ def _heads() -> Model:
     return Model.from_proto(b.model({"x": [3, 6, 12]}, "y", [3, 6, 12]))
 
 
+def _dynamic_rows(model: Model) -> Model:
+    """The same model with a symbolic sequence length: the number of rows is read from the shape at run time."""
+    proto = model.to_proto()
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[1].dim_param = "seq"
+    del proto.graph.value_info[:]
+    return Model.from_proto(proto)
+
+
+@pytest.mark.parametrize("rows", ["static", "dynamic"])
 @pytest.mark.parametrize("per_sample", [0, 16, 40, 1 << 14])
-def test_row_and_grid_subsamples_of_non_conv_tensors_equal_the_numpy_reference(per_sample):
-    model, names = _heads(), ["x", "q", "heads", "probs", "ratio", "y"]
+def test_row_and_grid_subsamples_of_non_conv_tensors_equal_the_numpy_reference(per_sample, rows):
+    model, names = _heads() if rows == "static" else _dynamic_rows(_heads()), ["x", "q", "heads", "probs", "ratio", "y"]
+    if rows == "dynamic" and per_sample:
+        proto, _, taps = _summarized_proto(model, names, per_sample)
+        assert any(n.op_type == "Shape" for n in proto.graph.node)  # the run-time stride really is exercised
     rng = np.random.default_rng(5)
     batches = [{"x": rng.standard_normal((3, 6, 12)).astype(np.float32)} for _ in range(2)]
     batches[1]["x"][0, 0, :] = 0.0  # q's first row is zero: ratio divides by |0| and holds infinities
