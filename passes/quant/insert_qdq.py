@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
-from irtool.passes.quant.calibrate import METADATA_KEY, stored_ranges
+from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
 from irtool.passes.quant.placement import QuantPlan, Selection, WeightSlot, plan_ort_cpu, plan_trt
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
@@ -238,6 +238,11 @@ class InsertQDQ(Pass):
         if ranges is None:
             raise InputError("insert-qdq needs calibrated ranges: run `calibrate` before it "
                              "(e.g. --passes calibrate,insert-qdq or the `quant` pipeline)")
+        measured_for = stored_profile(model)
+        if measured_for not in ("any", self.options.profile.value):
+            raise InputError(f"calibrate{{profile={measured_for}}} measured only the tensors that profile "
+                             f"quantizes; insert-qdq{{profile={self.options.profile.value}}} needs others: "
+                             f"calibrate with profile={self.options.profile.value} or without a profile")
         placement = Placement(self.options.profile, self.options.activations, self.options.per_channel,
                               self.options.reduce_range)
         selection = self._selection(model, ranges, placement, ctx)

@@ -217,8 +217,11 @@ def _compute_inputs(plan: QuantPlan, nodes: list[gs.Node], per_channel: bool, al
             plan.weights.append(WeightSlot(node, 1, weight_axis(node, per_channel)))
 
 
-def candidate_tensors(model: Model) -> list[str]:
-    """Every tensor any profile may quantize: what `calibrate` observes."""
+PLANNERS = {"trt": plan_trt, "ort-cpu": plan_ort_cpu}
+
+
+def candidate_tensors(model: Model, profile: str = "any") -> list[str]:
+    """What `calibrate` observes: every tensor the profile ("trt", "ort-cpu") may quantize, or any profile."""
     everything = Selection()
-    names = set(plan_trt(model, everything).tensors) | set(plan_ort_cpu(model, everything).tensors)
-    return sorted(names)
+    planners = PLANNERS.values() if profile == "any" else [PLANNERS[profile]]
+    return sorted({name for plan in planners for name in plan(model, everything).tensors})
