@@ -33,6 +33,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from irtool.calibration.observers import spatial_stride, subsample
+from irtool.calibration.schedule import calibration_session
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -288,21 +289,15 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         threads: int | None = None, summary: int | None = None) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring)."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     if summary is None:
         proto, whole, reduced = tapped_proto(model, names), list(names), {}
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     else:
         proto, whole, reduced = _summarized_proto(model, names, summary)
-        # Measured on ResNet-50 (batch 16): ORT's memory pattern planning keeps 3.5 GB and runs 2.6 s per
-        # batch on the summarized graph; without it 2.0 GB and 2.0 s (the float model: 0.6 GB, 1.4 s).
-        options.enable_mem_pattern = False
-        # ONNX Runtime's default order runs the summaries late on the ViT: 1.25 GB peak RSS and a first batch
-        # twice as slow as the next; in priority order (which keeps them next to their producers) 0.52 GB and no
-        # slow first batch. The results are the same, only the order of independent nodes changes.
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = calibration_session(proto, [t.name for t in model.graph.outputs], threads)
     input_names = [i.name for i in session.get_inputs()]
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):

@@ -1,0 +1,62 @@
+"""The calibration session runs each summary as soon as its input exists, with ONNX Runtime's own kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from golden._quant_blocks import residual
+from irtool.calibration.schedule import _needed, calibration_session, side_nodes_first, worth_rebuilding
+from irtool.calibration.tap import _summarized_proto
+from irtool.ir.model import Model
+
+
+def _chain() -> onnx.GraphProto:
+    """a -> b -> c -> y, with summaries s_a of a and s_b of b listed last (as a renumbering leaves them)."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="A"), helper.make_node("Relu", ["a"], ["b"], name="B"),
+             helper.make_node("Relu", ["b"], ["c"], name="C"), helper.make_node("Relu", ["c"], ["y"], name="Y"),
+             helper.make_node("ReduceMax", ["a"], ["s_a"], name="SA"),
+             helper.make_node("ReduceMax", ["b"], ["s_b"], name="SB"),
+             helper.make_node("Neg", ["s_b"], ["s_b2"], name="SB2")]
+    return helper.make_graph(nodes, "chain", [], [])
+
+
+def test_side_nodes_run_as_soon_as_their_input_exists():
+    graph = _chain()
+    side_nodes_first(graph, _needed(graph, {"y"}))
+    assert [n.name for n in graph.node] == ["A", "SA", "B", "SB", "SB2", "C", "Y"]
+
+
+def test_the_model_outputs_keep_their_relative_order():
+    graph = _chain()
+    side_nodes_first(graph, _needed(graph, {"y", "s_a", "s_b2"}))  # everything is needed: the order stays as it was
+    assert [n.name for n in graph.node] == ["A", "B", "C", "Y", "SA", "SB", "SB2"]
+
+
+def _rebuilt(proto: onnx.ModelProto, tmp_path) -> bool:
+    """Whether calibration_session rebuilds this graph (ONNX Runtime's NCHWc layout, on x86)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    return worth_rebuilding(graph, _needed(graph, {"y"}))
+
+
+def test_the_scheduled_session_computes_what_onnx_runtime_computes(tmp_path):
+    """On a conv net, where the NCHWc transformer renumbers the nodes and the session is rebuilt from the
+    reordered graph, every summary equals the one a plain ONNX Runtime session of the tapped graph gives."""
+    model = Model.from_proto(residual())
+    proto, _, taps = _summarized_proto(model, ["stem_relu", "relu1", "add", "y"], 16)
+    if not _rebuilt(proto, tmp_path):
+        pytest.skip("ONNX Runtime applies no NCHWc layout on this CPU: the session is not rebuilt")
+    fetch = [out for t in taps.values() for out in t.outputs()]
+    plain = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    scheduled = calibration_session(proto, ["y"])
+    for seed in range(3):
+        feeds = {"x": np.random.default_rng(seed).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+        for got, want in zip(scheduled.run(fetch, feeds), plain.run(fetch, feeds), strict=True):
+            np.testing.assert_array_equal(got, want)
