@@ -33,7 +33,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from irtool.calibration.observers import spatial_stride, subsample
-from irtool.calibration.schedule import calibration_session
+from irtool.calibration.schedule import MIN_RENUMBERED_SHARE, calibration_session
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -271,6 +271,16 @@ def _lower_bound(producer: onnx.NodeProto | None, constants: Mapping[str, np.nda
     return low if low >= 0.0 else -math.inf
 
 
+def _nchwc_share(proto: onnx.ModelProto) -> float:
+    """The share of summary nodes that pool a tensor in ONNX Runtime's blocked conv layout: the ones its NCHWc
+    transformer will replace (irtool.calibration.schedule)."""
+    producers = {out: node.op_type for node in proto.graph.node for out in node.output}
+    summary = [n for n in proto.graph.node if n.output and n.output[0].startswith("__irtool_tap")]
+    pooled = [n for n in summary if n.op_type in ("GlobalMaxPool", "GlobalAveragePool", "AveragePool")
+              and producers.get(n.input[0]) in NCHWC_PRODUCERS]
+    return len(pooled) / max(1, len(summary))
+
+
 def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx.NodeProto]]) -> None:
     """Put each tensor's summary nodes right after the node producing it, so it is reduced while hot.
     Appended at the end of the graph instead, the tapped ResNet-50 ran about 2x slower (8.3 vs 4.3 s per
@@ -297,7 +307,8 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     else:
         proto, whole, reduced = _summarized_proto(model, names, summary)
-        session = calibration_session(proto, [t.name for t in model.graph.outputs], threads)
+        session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
+                                      may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE)
     input_names = [i.name for i in session.get_inputs()]
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):

@@ -10,7 +10,7 @@ from onnx import helper
 
 from golden._quant_blocks import residual
 from irtool.calibration.schedule import _needed, calibration_session, side_nodes_first, worth_rebuilding
-from irtool.calibration.tap import _summarized_proto
+from irtool.calibration.tap import _nchwc_share, _summarized_proto
 from irtool.ir.model import Model
 
 
@@ -60,3 +60,12 @@ def test_the_scheduled_session_computes_what_onnx_runtime_computes(tmp_path):
         feeds = {"x": np.random.default_rng(seed).standard_normal((1, 3, 8, 8)).astype(np.float32)}
         for got, want in zip(scheduled.run(fetch, feeds), plain.run(fetch, feeds), strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_only_graphs_whose_summaries_pool_conv_layouts_may_be_renumbered():
+    """The share of summaries that pool a conv-layout tensor decides whether the optimized graph is saved at all."""
+    from tests.calibration.test_tap import _heads
+
+    conv, _, _ = _summarized_proto(Model.from_proto(residual()), ["stem_relu", "relu1", "add", "y"], 16)
+    tokens, _, _ = _summarized_proto(_heads(), ["q", "heads", "probs"], 16)
+    assert _nchwc_share(conv) >= 0.1 and _nchwc_share(tokens) == 0.0
