@@ -138,8 +138,8 @@ def _sampleable(dims: list) -> bool:
     """Whether the graph can take observers.subsample of a tensor of these inferred dims: the rule depends on
     C, H, W of [N, C, H, W] tensors and on the last dim of other ranks >= 3, so those must be static."""
     if len(dims) == 4:
-        return all(isinstance(d, int) and d > 0 for d in dims[1:])
-    return len(dims) < 3 or (isinstance(dims[-1], int) and dims[-1] > 0)
+        return _static_count(dims[1:]) is not None
+    return len(dims) < 3 or _static_count(dims[-1:]) is not None
 
 
 def _static_count(dims: list) -> int | None:

@@ -22,19 +22,11 @@ from irtool.calibration.engine import TensorStats, collect
 from irtool.calibration.observers import DEFAULT_BINS
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.placement import candidate_tensors
+from irtool.passes.quant.placement import Profile, candidate_tensors
 from irtool.passmanager import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 METADATA_KEY = "irtool.calibration"
-
-
-class Profile(enum.Enum):
-    """The insert-qdq profile the ranges are for (its own enum lives in insert_qdq, which imports this module)."""
-
-    ANY = "any"
-    ORT_CPU = "ort-cpu"
-    TRT = "trt"
 
 
 class Method(enum.Enum):
@@ -67,7 +59,7 @@ class Calibrate(Pass):
         method: Method = Method.MINMAX
         percentile: float = 99.99
         bins: int = DEFAULT_BINS
-        profile: Profile = Profile.ANY
+        profile: Profile | None = None  # None: every tensor any profile quantizes
 
         def __post_init__(self):
             if not 50.0 < self.percentile <= 100.0:
@@ -79,23 +71,25 @@ class Calibrate(Pass):
         if ctx.calibration_data is None:
             raise InputError("calibrate needs calibration data (--calib-data PATH, or --calib-data random "
                              "to calibrate on random inputs)")
-        names = candidate_tensors(model, self.options.profile.value)
+        names = candidate_tensors(model, self.options.profile)
         stats = collect(model, names, ctx.calibration_data, histograms=self.options.method is not Method.MINMAX,
                         bins=self.options.bins, cache_dir=ctx.calib_cache, progress=ctx.progress)
         inputs = {t.name for t in model.graph.inputs}
         # Raw model inputs are never clipped: the network never saw them saturated.
         ranges = {n: [float(v) for v in tensor_range(stats[n], Method.MINMAX if n in inputs else self.options.method,
                                                     self.options.percentile)] for n in names}
+        profile = None if self.options.profile is None else self.options.profile.value  # None: any profile
         model.metadata[METADATA_KEY] = json.dumps({"method": self.options.method.value, "ranges": ranges,
-                                                   "profile": self.options.profile.value}, sort_keys=True)
-        stats = {"tensors": len(ranges), "method": self.options.method.value, "profile": self.options.profile.value}
+                                                   "profile": profile}, sort_keys=True)
+        stats = {"tensors": len(ranges), "method": self.options.method.value, "profile": profile}
         return PassResult(modified=True, preserved="*", stats=stats)
 
 
-def stored_profile(model: Model) -> str:
-    """The profile the stored ranges were measured for ("any" when calibrate was not told, or for old models)."""
+def stored_profile(model: Model) -> Profile | None:
+    """The profile the stored ranges were measured for (None: any profile, also for older models)."""
     text = model.metadata.get(METADATA_KEY)
-    return "any" if text is None else json.loads(text).get("profile", "any")
+    stored = None if text is None else json.loads(text).get("profile")
+    return None if stored is None else Profile(stored)
 
 
 def stored_ranges(model: Model) -> dict[str, tuple[float, float]] | None:

@@ -36,16 +36,11 @@ from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
-from irtool.passes.quant.placement import QuantPlan, Selection, WeightSlot, plan_ort_cpu, plan_trt
+from irtool.passes.quant.placement import PLANNERS, Profile, QuantPlan, Selection, WeightSlot
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 
 log = logging.getLogger(__name__)
-
-
-class Profile(enum.Enum):
-    ORT_CPU = "ort-cpu"
-    TRT = "trt"
 
 
 class ActivationType(enum.Enum):
@@ -100,8 +95,7 @@ class Placement:
 
 
 def build_plan(model: Model, placement: Placement, selection: Selection) -> QuantPlan:
-    planner = plan_trt if placement.profile is Profile.TRT else plan_ort_cpu
-    return planner(model, selection, placement.per_channel)
+    return PLANNERS[placement.profile](model, selection, placement.per_channel)
 
 
 def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]], placement: Placement) -> int:
@@ -239,8 +233,8 @@ class InsertQDQ(Pass):
             raise InputError("insert-qdq needs calibrated ranges: run `calibrate` before it "
                              "(e.g. --passes calibrate,insert-qdq or the `quant` pipeline)")
         measured_for = stored_profile(model)
-        if measured_for not in ("any", self.options.profile.value):
-            raise InputError(f"calibrate{{profile={measured_for}}} measured only the tensors that profile "
+        if measured_for not in (None, self.options.profile):
+            raise InputError(f"calibrate{{profile={measured_for.value}}} measured only the tensors that profile "
                              f"quantizes; insert-qdq{{profile={self.options.profile.value}}} needs others: "
                              f"calibrate with profile={self.options.profile.value} or without a profile")
         placement = Placement(self.options.profile, self.options.activations, self.options.per_channel,

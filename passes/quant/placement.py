@@ -33,6 +33,7 @@ moving integers (ViT, percentile: 48 extra Q/DQ pairs around the attention resha
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 
@@ -41,6 +42,12 @@ import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
 from irtool.ir.topo import topo_order
+
+
+class Profile(enum.Enum):
+    ORT_CPU = "ort-cpu"
+    TRT = "trt"
+
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ORT_IO_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
@@ -217,11 +224,11 @@ def _compute_inputs(plan: QuantPlan, nodes: list[gs.Node], per_channel: bool, al
             plan.weights.append(WeightSlot(node, 1, weight_axis(node, per_channel)))
 
 
-PLANNERS = {"trt": plan_trt, "ort-cpu": plan_ort_cpu}
+PLANNERS = {Profile.TRT: plan_trt, Profile.ORT_CPU: plan_ort_cpu}
 
 
-def candidate_tensors(model: Model, profile: str = "any") -> list[str]:
-    """What `calibrate` observes: every tensor the profile ("trt", "ort-cpu") may quantize, or any profile."""
+def candidate_tensors(model: Model, profile: Profile | None = None) -> list[str]:
+    """What `calibrate` observes: every tensor the profile may quantize, or any profile when it is None."""
     everything = Selection()
-    planners = PLANNERS.values() if profile == "any" else [PLANNERS[profile]]
+    planners = PLANNERS.values() if profile is None else [PLANNERS[profile]]
     return sorted({name for plan in planners for name in plan(model, everything).tensors})

@@ -159,14 +159,13 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
     """The CLI's entry: calibrate a private copy of the model, then rank its layers."""
     from irtool.calibration.data import as_calibration_data
     from irtool.passes.quant.calibrate import Calibrate, Method, stored_ranges
-    from irtool.passes.quant.calibrate import Profile as CalibrationProfile
     from irtool.passes.quant.insert_qdq import ActivationType, Placement, Profile
 
     model = Model.load(path)
     data = as_calibration_data(calibration_data, model, samples=calib_samples, seed=seed,
                                batch_size=calib_batch_size, preprocess=calib_preprocess, input_shapes=input_shapes)
     ctx = PassContext(seed=seed, input_shapes=input_shapes, calibration_data=data, calib_cache=calib_cache)
-    Calibrate(method=Method(method), profile=CalibrationProfile(profile))(model, ctx)
+    Calibrate(method=Method(method), profile=Profile(profile))(model, ctx)
     placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True,
                           reduce_range=True)
     return sensitivity_report(model, stored_ranges(model), placement, ctx)
