@@ -1,9 +1,10 @@
 """The calibration engine: one streaming pass of ONNX Runtime over the calibration data.
 
-The tensors to observe are summarized inside a copy of the model (irtool.calibration.tap: min, max, a
-NaN/Inf flag and, for histogram-based methods, a fixed strided subsample per sample, so the activations
-themselves never leave ONNX Runtime) and every batch updates one MinMax and, for histogram-based methods,
-one Histogram per tensor (irtool.calibration.observers). Nothing is kept per sample, so memory is flat in
+The tensors to observe are summarized inside a copy of the model (irtool.calibration.tap: for minmax the min,
+max and a NaN/Inf flag; for histogram-based methods a fixed strided subsample per sample, whose extremes stand
+for the tensor's, and the flag; the activations themselves never leave ONNX Runtime) and every batch updates
+one MinMax and, for histogram-based methods, one Histogram per tensor (irtool.calibration.observers). Nothing
+is kept per sample, so memory is flat in
 the number of samples; statistics are batch-size invariant and mergeable. With a cache folder, statistics are
 stored as .npz keyed by a hash of the model, the data's fingerprint and the observer settings.
 """
@@ -27,7 +28,7 @@ from irtool.ir.model import Model
 
 log = logging.getLogger(__name__)
 Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: histogram methods take extremes from the sample
 
 
 @dataclass
@@ -48,7 +49,8 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     stats = {n: TensorStats(MinMax(), Histogram(bins) if histograms else None) for n in names}
     per_sample = next(iter(stats.values())).histogram.max_per_sample if histograms and stats else 0
     started, batches, sizes = time.perf_counter(), 0, []
-    for summaries in _progress(tap(model, names, _sized(provider(), sizes), summary=per_sample), progress):
+    summaries_of = tap(model, names, _sized(provider(), sizes), summary=per_sample, sample_extremes=histograms)
+    for summaries in _progress(summaries_of, progress):
         batches += 1
         for name, summary in summaries.items():
             _observe(stats[name], name, summary)
@@ -75,7 +77,7 @@ def _observe(stats: TensorStats, name: str, summary: Summary) -> None:
         raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data; the float model is broken")
     stats.minmax.merge(MinMax(summary.low, summary.high))
     if stats.histogram is not None and summary.sample is not None:
-        stats.histogram.add(summary.sample)
+        stats.histogram.add(summary.sample, summary.peak)
 
 
 def _progress(iterable, enabled: bool):

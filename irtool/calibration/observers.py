@@ -67,12 +67,14 @@ class Histogram:
         """`batch` has a leading sample axis; each sample is subsampled at fixed positions."""
         self.add(subsample(batch, self.max_per_sample))
 
-    def add(self, values: np.ndarray) -> None:
-        """Count values already subsampled (`subsample(batch, self.max_per_sample)`, any shape)."""
+    def add(self, values: np.ndarray, peak: float | None = None) -> None:
+        """Count values already subsampled (`subsample(batch, self.max_per_sample)`, any shape); `peak` is
+        their largest magnitude, when the caller has it."""
         values = values.reshape(-1)
         if not values.size:
             return
-        peak = max(-float(values.min()), float(values.max()))
+        if peak is None:
+            peak = max(-float(values.min()), float(values.max()))
         self._grow_to(peak)
         if self.radius == 0.0:
             self.counts[self.bins // 2] += values.size  # everything is exactly zero so far
@@ -174,16 +176,18 @@ class Histogram:
         return float(candidates[int(np.argmin(clipping + rounding))])
 
 
-def subsample(batch: np.ndarray, max_per_sample: int) -> np.ndarray:
+def subsample(batch: np.ndarray, max_per_sample: int, grid: bool | None = None) -> np.ndarray:
     """About `max_per_sample` values of each sample (leading axis) at fixed positions, as [batch, k]:
-      [N, C, H, W]       every channel on a spatial grid of stride `spatial_stride`;
-      other ranks >= 3   whole rows of the last axis (when a row holds at most max_per_sample values),
-                         every ceil(rows / (max_per_sample // row))-th row;
-      otherwise          the flattened sample at stride ceil(n / max_per_sample).
-    ONNX Runtime takes the first two with a strided pooling or slicing that reads a fraction of the tensor;
+      [N, C, H, W], grid  every channel on a spatial grid of stride `spatial_stride` (the default for rank 4);
+      other ranks >= 3    whole rows of the last axis (when a row holds at most max_per_sample values),
+                          every ceil(rows / (max_per_sample // row))-th row;
+      otherwise           the flattened sample at stride ceil(n / max_per_sample).
+    ONNX Runtime takes the first two with a strided pooling or gathering that reads a fraction of the tensor;
     a stride over single values touches every cache line of it (ViT, 16384 per sample: the subsample cost
-    half a float inference)."""
-    if batch.ndim == 4:
+    half a float inference). The calibration graph takes the grid only where ONNX Runtime holds the tensor in
+    its blocked conv layout (tap.NCHWC_PRODUCERS) and pools it there; elsewhere (attention scores) rows, which a
+    Gather copies whole, where a grid's strided Slice cost the ViT 0.5 ms per tensor and batch."""
+    if batch.ndim == 4 and grid is not False:
         stride = spatial_stride(*batch.shape[1:], max_per_sample)
         return batch[:, :, ::stride, ::stride].reshape(batch.shape[0], -1)
     if batch.ndim >= 3 and 0 < batch.shape[-1] <= max_per_sample:

@@ -8,14 +8,19 @@ With `summary=M`, float tensors of known rank >= 2 are not copied out whole: the
 in ONNX Runtime to a Summary, and copying every activation out of the session instead (ResNet-50: ~106 MB
 per sample) cost 3-4x the float inference itself. A Summary holds
   high    the maximum;
-  low     the minimum, except for the output of a Relu, or of a Clip with a constant minimum c >= 0, where it
-          is that bound (0 or c) without a reduction: quantization ranges always include zero, so the exact
-          minimum of such a tensor never matters, and skipping it saves a full read of the tensor;
+  low     the minimum, except for the output of a Relu, Sigmoid or Softmax, or of a Clip with a constant minimum
+          c >= 0, where it is that bound (0 or c) without a reduction: quantization ranges always include zero,
+          so the exact minimum of such a tensor never matters, and skipping it saves a full read of the tensor;
   finite  False when the tensor holds an infinity (seen in its max or min) or a NaN. A NaN is looked for only
           in outputs of ops that can make one from finite inputs (not in NAN_FREE: Log, Sqrt, Div, Pow, ...);
           the others can only overflow, and an infinity shows in the max or min of the tensor where it
           appears, if that tensor is observed;
   sample  for M > 0, about M values per sample at fixed positions (observers.subsample).
+With `sample_extremes` (histogram methods), tensors other than graph inputs get no min/max reduction: low and
+high are the sample's (the floor above still applies), and an infinity outside the sample shows only through
+the NaN check's sum. A histogram threshold lies within the sample's extremes anyway, so the exact extremes only
+decided the range where a threshold exceeded them; the reductions cost the ViT of bench/quant_bench.py about a
+fifth of its float inference.
 Other tensors (other dtypes, unknown rank; with M > 0 also [N, C, H, W] tensors with a dynamic C, H or W)
 are tapped whole and summarized in numpy by `summarize`, which takes the exact minimum and checks every value.
 """
@@ -61,14 +66,15 @@ class Summary:
     high: float
     finite: bool
     sample: np.ndarray | None = None  # [batch, k] subsample (observers.subsample), when asked for
+    peak: float | None = None  # max |value| of the sample, when the extremes were taken from it
 
 
-def summarize(value: np.ndarray, max_per_sample: int) -> Summary:
-    """The numpy reference of the in-graph summary."""
+def summarize(value: np.ndarray, max_per_sample: int, grid: bool | None = None) -> Summary:
+    """The numpy reference of the in-graph summary (`grid`: as observers.subsample)."""
     if not value.size:
         return Summary(math.inf, -math.inf, True, value.reshape(0) if max_per_sample else None)
     finite = bool(np.all(np.isfinite(value)))
-    sample = subsample(value, max_per_sample) if max_per_sample else None
+    sample = subsample(value, max_per_sample, grid) if max_per_sample else None
     return Summary(float(value.min()), float(value.max()), finite, sample)
 
 
@@ -92,8 +98,8 @@ class _Taps:
     """Output names of one tensor's in-graph summary; the reductions are per sample or per channel, and
     tap() finishes them in numpy."""
 
-    high: str
-    low: str | None          # None: the tensor's producer bounds it below by `floor`
+    high: str | None         # None: the extremes come from the sample (tap's `sample_extremes`)
+    low: str | None          # None: the tensor's producer bounds it below by `floor`, or as for `high`
     nan: str | None          # None: the producer is NaN-free on finite inputs
     sample: str | None
     floor: float = -math.inf
@@ -102,10 +108,11 @@ class _Taps:
         return [out for out in (self.high, self.low, self.nan, self.sample) if out]
 
 
-def _summarized_proto(model: Model, names: list[str], max_per_sample: int
+def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sample_extremes: bool = False
                       ) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
     """A copy of the model whose extra outputs summarize the tensors in `names`; returns (proto, names tapped
-    whole, {name: its summary outputs})."""
+    whole, {name: its summary outputs}). With `sample_extremes` (and max_per_sample > 0) the tensors other than
+    graph inputs get no min/max reduction: their extremes are the sample's."""
     proto = model.to_proto()
     types = infer_types(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -113,6 +120,7 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
     producers = {out: node for node in graph.node for out in node.output}
     constants = _constants(graph)
     builder = _SummaryBuilder(graph, opset, max_per_sample)
+    inputs = {i.name for i in graph.input}
     whole, reduced, added = [], {}, {}
     existing = {o.name for o in graph.output}
     for i, name in enumerate(names):
@@ -124,8 +132,9 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int
         producer = producers.get(name)
         floor = _lower_bound(producer, constants)
         nan_free = producer is None or producer.op_type in NAN_FREE  # graph inputs are checked as they stream
+        reduce = not (sample_extremes and max_per_sample) or name in inputs
         added[name], reduced[name] = builder.summary(f"__irtool_tap{i}", name, dims,
-                                                     producer.op_type if producer else "", floor, nan_free)
+                                                     producer.op_type if producer else "", floor, nan_free, reduce)
     _place_after_producers(graph, added)
     for name in whole:
         if name not in existing:
@@ -153,15 +162,16 @@ class _SummaryBuilder:
     """Nodes that summarize one tensor. [N, C, H, W] tensors are reduced by GlobalMaxPool/GlobalAveragePool
     and subsampled by a strided 1x1 AveragePool: ONNX Runtime runs those on the blocked layout its convs
     produce, where a Reshape or Reduce first converts the whole tensor back to NCHW (MobileNetV2, 64 samples:
-    1.20x the float run against 1.48x). Other tensors are flattened per sample ([batch, n]) and reduced over
-    axis 1, which ONNX Runtime parallelizes (a reduction to one scalar it does not)."""
+    1.20x the float run against 1.48x); the pooled sample is a grid only where the producer makes that layout.
+    Other tensors are flattened per sample ([batch, n]) and reduced over axis 1, which ONNX Runtime
+    parallelizes (a reduction to one scalar it does not); their samples are gathered rows."""
 
     def __init__(self, graph: onnx.GraphProto, opset: int, max_per_sample: int):
         self.graph, self.opset, self.max_per_sample = graph, opset, max_per_sample
         self._consts: dict[str, str] = {}
 
     def summary(self, t: str, name: str, dims: list, producer_op: str, floor: float,
-                nan_free: bool) -> tuple[list[onnx.NodeProto], _Taps]:
+                nan_free: bool, reduce: bool = True) -> tuple[list[onnx.NodeProto], _Taps]:
         nodes: list[onnx.NodeProto] = []
         flat = None
 
@@ -173,18 +183,15 @@ class _SummaryBuilder:
             return flat
 
         pooled = len(dims) == 4
-        taps = _Taps(high=f"{t}_max", low=None if floor > -math.inf else f"{t}_min",
+        taps = _Taps(high=f"{t}_max" if reduce else None, low=None if floor > -math.inf or not reduce else f"{t}_min",
                      nan=None if nan_free else f"{t}_nan", sample=f"{t}_sample" if self.max_per_sample else None,
                      floor=floor)
-        if pooled:
-            nodes.append(helper.make_node("GlobalMaxPool", [name], [taps.high]))
-            if taps.nan:
-                nodes.append(helper.make_node("GlobalAveragePool", [name], [taps.nan]))  # NaN if any NaN
-        else:
-            nodes.append(self._reduce("ReduceMax", flattened(), taps.high))
-            if taps.nan:
-                # ReduceMin/Max drop NaN (so does GlobalMaxPool); a sum does not.
-                nodes.append(self._reduce("ReduceSum", flattened(), taps.nan))
+        if taps.high:
+            nodes.append(helper.make_node("GlobalMaxPool", [name], [taps.high]) if pooled
+                         else self._reduce("ReduceMax", flattened(), taps.high))
+        if taps.nan:  # ReduceMin/Max drop NaN (so does GlobalMaxPool); a sum or a mean does not.
+            nodes.append(helper.make_node("GlobalAveragePool", [name], [taps.nan]) if pooled
+                         else self._reduce("ReduceSum", flattened(), taps.nan))
         if taps.low:
             # Costs a conversion to NCHW on the blocked layout, hence skipped where the producer bounds it.
             nodes.append(self._reduce("ReduceMin", flattened(), taps.low))
@@ -195,15 +202,11 @@ class _SummaryBuilder:
         return nodes, taps
 
     def _sample(self, t: str, name: str, dims: list, producer_op: str, flattened, out: str) -> list[onnx.NodeProto]:
-        """The subsample of observers.subsample, for the shapes `_sampleable` admits."""
+        """The subsample of observers.subsample (grid for the conv layout), for the shapes `_sampleable` admits."""
         m = self.max_per_sample
-        if len(dims) == 4:
+        if len(dims) == 4 and producer_op in NCHWC_PRODUCERS:  # on the blocked layout, without converting it back
             stride = spatial_stride(*dims[1:], m)
-            if producer_op in NCHWC_PRODUCERS:  # on the blocked layout, without converting the tensor back
-                return [helper.make_node("AveragePool", [name], [out], kernel_shape=[1, 1], strides=[stride, stride])]
-            starts, ends = self._const("zeros2", [0, 0]), self._const("big2", [2**62] * 2)
-            steps = self._const(f"step{stride}", [stride] * 2)
-            return [helper.make_node("Slice", [name, starts, ends, self._const("axes23", [2, 3]), steps], [out])]
+            return [helper.make_node("AveragePool", [name], [out], kernel_shape=[1, 1], strides=[stride, stride])]
         if len(dims) >= 3 and dims[-1] <= m:
             if len(dims) == 3:  # already [batch, rows, row]
                 return self._strided(t, name, m // dims[-1], out, _static_count(dims[1:-1]))
@@ -215,11 +218,12 @@ class _SummaryBuilder:
     def _strided(self, t: str, x: str, keep: int, out: str, count: int | None) -> list[onnx.NodeProto]:
         """Every ceil(k / keep)-th entry of axis 1 of x ([batch, k, ...]), k = `count` or, when that is None
         (dynamic dims), read from the shape at run time."""
-        one = self._const("one", [1])
-        if count is not None:  # one Slice instead of six nodes: the ViT's tapped graph builds ~25% faster
+        if count is not None:  # one node instead of six: the ViT's tapped graph builds ~25% faster
             step = max(1, -(-count // keep))
-            return [helper.make_node("Slice", [x, self._const("zero", [0]), self._const("big", [2**62]), one,
-                                               self._const(f"axis1step{step}", [step])], [out])]
+            # A Gather of whole rows copies them as blocks, where a strided Slice ran ~1.5x slower.
+            indices = self._const(f"rows{count}step{step}", list(range(0, count, step)))
+            return [helper.make_node("Gather", [x, indices], [out], axis=1)]
+        one = self._const("one", [1])
         return [helper.make_node("Shape", [x], [f"{t}_shape"]),
                 helper.make_node("Slice", [f"{t}_shape", one, self._const("two", [2])], [f"{t}_k"]),
                 helper.make_node("Add", [f"{t}_k", self._const(f"keep{keep}-1", [keep - 1])], [f"{t}_k1"]),
@@ -252,12 +256,16 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return arrays
 
 
+# Ops whose outputs are never negative (Softmax: the ViT's attention probabilities, 12 tensors of 7.5 MB a batch).
+NON_NEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "Softmax"})
+
+
 def _lower_bound(producer: onnx.NodeProto | None, constants: Mapping[str, np.ndarray]) -> float:
-    """The lower bound a Relu or a Clip with a constant non-negative minimum puts on its output, else -inf.
-    Quantization ranges always include zero, so the true minimum of such a tensor never matters."""
+    """The lower bound a Relu, Sigmoid, Softmax or a Clip with a constant non-negative minimum puts on its output,
+    else -inf. Quantization ranges always include zero, so the true minimum of such a tensor never matters."""
     if producer is None:
         return -math.inf
-    if producer.op_type == "Relu":
+    if producer.op_type in NON_NEGATIVE_OPS:
         return 0.0
     if producer.op_type != "Clip":
         return -math.inf
@@ -296,9 +304,10 @@ def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx
 
 
 def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
-        threads: int | None = None, summary: int | None = None) -> Iterator[dict]:
+        threads: int | None = None, summary: int | None = None, sample_extremes: bool = False) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
-    sample at most, 0 for none) yield {name: Summary} instead (see the module docstring)."""
+    sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
+    `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample."""
     if summary is None:
         proto, whole, reduced = tapped_proto(model, names), list(names), {}
         options = ort.SessionOptions()
@@ -306,7 +315,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     else:
-        proto, whole, reduced = _summarized_proto(model, names, summary)
+        proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes)
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
                                       may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE)
     input_names = [i.name for i in session.get_inputs()]
@@ -326,17 +335,30 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
 
 
 def _finish(taps: _Taps, values: Mapping[str, np.ndarray]) -> Summary:
-    """One Summary from a tensor's per-sample (or per-channel) reductions."""
-    highs = values[taps.high]
+    """One Summary from a tensor's per-sample (or per-channel) reductions, or from its sample alone."""
     sample = values[taps.sample] if taps.sample else None
     if sample is not None:
         sample = sample.reshape(len(sample), -1)
+    if taps.high is None:
+        return _from_sample(taps, values, sample)
+    highs = values[taps.high]
     if not highs.size:
         return Summary(math.inf, -math.inf, True, sample)
     high = float(highs.max())
     low = float(values[taps.low].min()) if taps.low else taps.floor
     finite = math.isfinite(low) and math.isfinite(high) and not (taps.nan and np.isnan(values[taps.nan]).any())
     return Summary(low, high, finite, sample)
+
+
+def _from_sample(taps: _Taps, values: Mapping[str, np.ndarray], sample: np.ndarray) -> Summary:
+    """Extremes of the sample; an infinity elsewhere in the tensor shows only through the NaN flag's sum, for
+    the producers that have one."""
+    if not sample.size:
+        return Summary(math.inf, -math.inf, True, sample)
+    low, high = float(sample.min()), float(sample.max())
+    finite = math.isfinite(low) and math.isfinite(high) and not (taps.nan and not np.isfinite(values[taps.nan]).all())
+    peak = max(-low, high)
+    return Summary(taps.floor if taps.floor > -math.inf else low, high, finite, sample, peak)
 
 
 def channel_means(model: Model, axes: Mapping[str, int],

@@ -3,13 +3,15 @@ Runtime) must equal the numpy reference applied to the tensors tapped whole."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
 from golden._quant_blocks import Builder, attention, clip_chain, residual
 from irtool.calibration.observers import Histogram
-from irtool.calibration.tap import _summarized_proto, summarize, tap
+from irtool.calibration.tap import NCHWC_PRODUCERS, _summarized_proto, summarize, tap
 from irtool.ir.model import Model
 
 NAMES = ["x", "stem", "stem_relu", "conv1", "relu1", "conv2", "add", "y"]
@@ -34,12 +36,20 @@ def test_in_graph_summary_equals_the_numpy_reference(opset, per_sample):
     whole = list(tap(model, NAMES, batches))
     summaries = list(tap(model, NAMES, batches, summary=per_sample))
     assert len(summaries) == len(batches)
+    grid = _grids(proto)
     for got, raw in zip(summaries, whole, strict=True):
         for name in NAMES:
-            want = summarize(raw[name], per_sample)
+            want = summarize(raw[name], per_sample, grid[name])
             assert (got[name].low, got[name].high, got[name].finite) == (want.low, want.high, want.finite), name
             if per_sample:
                 np.testing.assert_array_equal(got[name].sample, want.sample)
+
+
+def _grids(proto) -> dict[str, bool]:
+    """Which values the graph samples on a grid: those ONNX Runtime holds in its conv layout (the others, the
+    graph input here, take rows)."""
+    producers = {out: node.op_type for node in proto.graph.node for out in node.output}
+    return defaultdict(bool, {name: op in NCHWC_PRODUCERS for name, op in producers.items()})
 
 
 def test_nan_produced_inside_the_model_is_flagged():
@@ -54,8 +64,8 @@ def test_nan_produced_inside_the_model_is_flagged():
 
 
 def _heads() -> Model:
-    """Rank-3 tokens and a rank-4 attention-like Softmax output (not a conv layout): the row and grid
-    subsamples taken by Slice rather than pooling."""
+    """Rank-3 tokens and a rank-4 attention-like Softmax output (not a conv layout): both sampled by whole rows,
+    gathered rather than pooled."""
     b = Builder(11)
     q = b.node("MatMul", ["x", b.w("wq", 12, 12)], "q")
     heads = b.node("Reshape", [q, b.const("shape", [0, 2, 6, 6])], "heads")
@@ -76,7 +86,7 @@ def _dynamic_rows(model: Model) -> Model:
 
 @pytest.mark.parametrize("rows", ["static", "dynamic"])
 @pytest.mark.parametrize("per_sample", [0, 16, 40, 1 << 14])
-def test_row_and_grid_subsamples_of_non_conv_tensors_equal_the_numpy_reference(per_sample, rows):
+def test_row_subsamples_of_non_conv_tensors_equal_the_numpy_reference(per_sample, rows):
     model, names = _heads() if rows == "static" else _dynamic_rows(_heads()), ["x", "q", "heads", "probs", "ratio", "y"]
     if rows == "dynamic" and per_sample:
         proto, _, taps = _summarized_proto(model, names, per_sample)
@@ -86,8 +96,9 @@ def test_row_and_grid_subsamples_of_non_conv_tensors_equal_the_numpy_reference(p
     batches[1]["x"][0, 0, :] = 0.0  # q's first row is zero: ratio divides by |0| and holds infinities
     for got, raw in zip(tap(model, names, batches, summary=per_sample), tap(model, names, batches), strict=True):
         for name in names:
-            want = summarize(raw[name], per_sample)
-            assert (got[name].low, got[name].high, got[name].finite) == (want.low, want.high, want.finite), name
+            want = summarize(raw[name], per_sample, grid=False)  # no conv layouts here: rows
+            low = 0.0 if name == "probs" else want.low  # a Softmax output's low is its bound, 0
+            assert (got[name].low, got[name].high, got[name].finite) == (low, want.high, want.finite), name
             if per_sample:
                 np.testing.assert_array_equal(got[name].sample, want.sample)
     assert not got["ratio"].finite and got["probs"].finite
@@ -122,3 +133,38 @@ def test_histogram_bins_are_exact_for_tiny_and_edge_values():
     for bin_ in (127, 128, 128, 0, 255, 160):
         expected[bin_] += 1
     np.testing.assert_array_equal(hist.counts, expected)
+
+
+@pytest.mark.parametrize("rows", ["static", "dynamic"])
+def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
+    """Histogram methods take a tensor's extremes from its sample: no min/max reduction in the graph but for the
+    graph inputs, low/high/peak are the sample's (a Softmax keeps its bound as low), and an infinity still
+    shows through the NaN check's sum (`ratio` divides by |0|)."""
+    model, names = _heads() if rows == "static" else _dynamic_rows(_heads()), ["x", "q", "heads", "probs", "ratio", "y"]
+    proto, _, taps = _summarized_proto(model, names, 40, sample_extremes=True)
+    reducers = {n.input[0] for n in proto.graph.node if n.op_type in ("ReduceMax", "ReduceMin", "GlobalMaxPool")}
+    assert {t.high for t in taps.values()} - {None} == {taps["x"].high} and reducers == {"__irtool_tap0_flat"}
+    rng = np.random.default_rng(5)
+    batches = [{"x": rng.standard_normal((3, 6, 12)).astype(np.float32)} for _ in range(2)]
+    batches[1]["x"][0, 0, :] = 0.0
+    exact = list(tap(model, names, batches, summary=40))
+    for index, got in enumerate(tap(model, names, batches, summary=40, sample_extremes=True)):
+        assert (got["x"].low, got["x"].high, got["x"].peak) == (exact[index]["x"].low, exact[index]["x"].high, None)
+        for name in names[1:]:
+            sample, summary = exact[index][name].sample, got[name]
+            np.testing.assert_array_equal(summary.sample, sample)
+            if name in ("ratio", "y") and index == 1:  # y reshapes ratio: its infinity is in its sample
+                assert not summary.finite
+                continue
+            low = 0.0 if name == "probs" else float(sample.min())
+            assert (summary.low, summary.high, summary.finite) == (low, float(sample.max()), True), name
+            assert summary.peak == float(np.abs(sample).max()), name
+
+
+def test_infinity_outside_the_sample_is_caught_by_the_nan_check():
+    """q's last row is zero, so ratio's infinities sit in rows its 16-value sample skips; Div is not NaN-free,
+    and the sum its NaN check takes over the whole tensor is not finite."""
+    x = np.random.default_rng(2).standard_normal((3, 6, 12)).astype(np.float32)
+    x[0, 5, :] = 0.0
+    (got,) = list(tap(_heads(), ["ratio"], [{"x": x}], summary=16, sample_extremes=True))
+    assert np.isfinite(got["ratio"].sample).all() and not got["ratio"].finite
