@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from irtool.calibration.observers import DEFAULT_BINS, Histogram, MinMax
+from irtool.calibration.observers import DEFAULT_BINS, Histogram, MinMax, values_per_sample
 from irtool.calibration.tap import Summary, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
@@ -40,14 +40,14 @@ class TensorStats:
 def collect(model: Model, names: list[str], provider: Provider, *, histograms: bool, bins: int = DEFAULT_BINS,
             cache_dir: str | None = None, progress: bool = False) -> dict[str, TensorStats]:
     """Statistics of `names` over every batch `provider()` yields (from the cache when possible)."""
-    key = _cache_key(model, names, provider, histograms, bins) if cache_dir else None
+    per_sample = values_per_sample(getattr(provider, "num_samples", None)) if histograms else 0
+    key = _cache_key(model, names, provider, per_sample, bins) if cache_dir else None
     if key is not None:
         cached = _load(Path(cache_dir) / f"{key}.npz", names, bins)
         if cached is not None:
             log.info("calibration statistics loaded from cache %s", key[:12])
             return cached
-    stats = {n: TensorStats(MinMax(), Histogram(bins) if histograms else None) for n in names}
-    per_sample = next(iter(stats.values())).histogram.max_per_sample if histograms and stats else 0
+    stats = {n: TensorStats(MinMax(), Histogram(bins, per_sample) if histograms else None) for n in names}
     started, batches, sizes = time.perf_counter(), 0, []
     summaries_of = tap(model, names, _sized(provider(), sizes), summary=per_sample, sample_extremes=histograms)
     for summaries in _progress(summaries_of, progress):
@@ -91,14 +91,14 @@ def _progress(iterable, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------- cache
-def _cache_key(model: Model, names: list[str], provider: Provider, histograms: bool, bins: int) -> str | None:
+def _cache_key(model: Model, names: list[str], provider: Provider, per_sample: int, bins: int) -> str | None:
     fingerprint = getattr(provider, "fingerprint", None)
     if fingerprint is None:
         log.warning("calibration cache skipped: the data source has no fingerprint")
         return None
     digest = hashlib.sha256()
     digest.update(model.to_proto().SerializeToString(deterministic=True))
-    digest.update(json.dumps({"v": CACHE_VERSION, "data": fingerprint(), "names": names, "hist": histograms,
+    digest.update(json.dumps({"v": CACHE_VERSION, "data": fingerprint(), "names": names, "per_sample": per_sample,
                               "bins": bins}, sort_keys=True).encode())
     return digest.hexdigest()
 

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 
-from irtool.calibration.observers import Histogram, MinMax, _best_cut, kl_divergences
+from irtool.calibration.data import CalibrationData
+from irtool.calibration.engine import collect
+from irtool.calibration.observers import Histogram, MinMax, _best_cut, kl_divergences, subsample, values_per_sample
+from irtool.ir.model import Model
 
 
 def feed(hist: Histogram, data: np.ndarray, batch: int) -> Histogram:
@@ -131,3 +135,29 @@ def test_mse_threshold_minimizes_the_brute_force_error():
     last = int(np.nonzero(mags)[0][-1]) + 1
     brute = min((k * width for k in range(1, last + 1)), key=error)
     assert hist.mse() == pytest.approx(brute)
+
+
+def test_values_per_sample_halve_as_the_set_quadruples_down_to_a_floor():
+    assert [values_per_sample(n) for n in (None, 1, 64, 255, 256, 1023, 1024, 4095, 10**6)] == [
+        16384, 16384, 16384, 16384, 8192, 8192, 4096, 4096, 4096]
+
+
+@pytest.mark.parametrize("samples, per_sample", [(64, 16384), (256, 8192)])
+def test_engine_sizes_the_subsample_by_the_set_and_stays_batch_size_invariant(samples, per_sample):
+    """x and y hold 16384 values per sample (4 x 64 x 64); the graph input x is sampled by whole rows of 64 (all
+    of them at 64 samples, every second row from 256 samples on), the Relu output y on a grid (stride 1, then
+    2); batches of 16 and of 40 give the same histograms."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 64, 64])])
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    data = list(np.random.default_rng(7).standard_normal((samples, 4, 64, 64)).astype(np.float32))
+    runs = [collect(model, ["x", "y"], CalibrationData.from_iterable(data, [("x", np.float32, ["n", 4, 64, 64])],
+                                                                     batch_size=batch), histograms=True)
+            for batch in (16, 40)]
+    one = np.zeros((1, 4, 64, 64), np.float32)
+    expected = {"x": subsample(one, per_sample, grid=False).size, "y": subsample(one, per_sample, grid=True).size}
+    assert expected == {"x": per_sample, "y": 16384 if per_sample == 16384 else 4096}
+    for name in ("x", "y"):
+        assert runs[0][name].histogram.counts.sum() == samples * expected[name]
+        np.testing.assert_array_equal(runs[0][name].histogram.counts, runs[1][name].histogram.counts)
