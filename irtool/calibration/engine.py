@@ -4,9 +4,9 @@ The tensors to observe are summarized inside a copy of the model (irtool.calibra
 max and a NaN/Inf flag; for histogram-based methods a fixed strided subsample per sample, whose extremes stand
 for the tensor's, and the flag; the activations themselves never leave ONNX Runtime) and every batch updates
 one MinMax and, for histogram-based methods, one Histogram per tensor (irtool.calibration.observers). Nothing
-is kept per sample, so memory is flat in
-the number of samples; statistics are batch-size invariant and mergeable. With a cache folder, statistics are
-stored as .npz keyed by a hash of the model, the data's fingerprint and the observer settings.
+is kept per sample, so memory is flat in the number of samples; statistics are batch-size invariant and
+mergeable. With a cache folder, statistics are stored as .npz keyed by a hash of the model, the data's
+fingerprint and the observer settings.
 """
 
 from __future__ import annotations
