@@ -9,6 +9,8 @@ through the IR, as JSON in the model's metadata under `irtool.calibration`, so t
 run in separate invocations. Naming the profile observes fewer tensors (the ViT of bench/quant_bench.py:
 98 for trt against 268) and, on ResNet-50, leaves the convs feeding residual Adds unobserved, so ONNX
 Runtime keeps its Conv+Add fusion in the calibration graph; insert-qdq then refuses another profile.
+A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Transpose, Reshape, ...) is not
+observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ import json
 import logging
 from dataclasses import dataclass
 
-import onnx_graphsurgeon as gs
-
 from irtool.calibration.engine import TensorStats, collect
 from irtool.calibration.observers import DEFAULT_BINS
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.placement import Profile, candidate_tensors
+from irtool.passes.quant.placement import PERMUTATION_OPS, Profile, candidate_tensors, moved_from
 from irtool.passmanager import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,16 @@ def tensor_range(stats: TensorStats, method: Method, percentile: float) -> tuple
     return max(low, -threshold), min(high, threshold)
 
 
-# Ops whose output holds exactly the values of their data input, rearranged: the same minimum, maximum and
-# distribution, so the output's statistics are its input's. The ViT of bench/quant_bench.py observes 232 tensors
-# instead of 280 (its attention transposes and head reshapes).
-PERMUTATION_OPS = frozenset({"DepthToSpace", "Flatten", "Identity", "Reshape", "SpaceToDepth", "Squeeze", "Transpose",
-                             "Unsqueeze"})
-
-
 def permutation_sources(model: Model, names: list[str]) -> dict[str, str]:
     """{name: the tensor whose statistics it shares}: up through PERMUTATION_OPS to the first value that is
-    not made by one (itself when its producer is not one)."""
+    not made by one (itself when its producer is not one). The ViT of bench/quant_bench.py observes 232
+    tensors instead of 280 (its attention transposes and head reshapes)."""
     tensors = model.graph.tensors()
     sources = {}
     for name in names:
         tensor = tensors[name]
-        while (len(tensor.inputs) == 1 and tensor.inputs[0].op in PERMUTATION_OPS and tensor.inputs[0].inputs
-               and isinstance(tensor.inputs[0].inputs[0], gs.Variable) and tensor.inputs[0].inputs[0].name):
-            tensor = tensor.inputs[0].inputs[0]
+        while (source := moved_from(tensor, PERMUTATION_OPS)) is not None:
+            tensor = source
         sources[name] = tensor.name
     return sources
 

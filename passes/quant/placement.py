@@ -55,6 +55,18 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 CONSTANT_OPERAND_OPS = ("Add", "Mul", "Concat")
 SHARED_SCALE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Split",
                     "Expand", "Tile", "MaxPool", "DepthToSpace", "SpaceToDepth")
+# The data movement that keeps every value exactly once (no subset, no copies): an output made by these holds
+# its input's values rearranged, so `calibrate` gives it its input's statistics.
+PERMUTATION_OPS = frozenset({"DepthToSpace", "Flatten", "Identity", "Reshape", "SpaceToDepth", "Squeeze", "Transpose",
+                             "Unsqueeze"})
+
+
+def moved_from(tensor: gs.Tensor, ops) -> gs.Variable | None:
+    """The data input of the node making `tensor`, when that node's op is one of `ops` (data movement)."""
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op not in ops or not tensor.inputs[0].inputs:
+        return None
+    source = tensor.inputs[0].inputs[0]
+    return source if isinstance(source, gs.Variable) and source.name else None
 
 
 @dataclass
@@ -192,8 +204,7 @@ def _share_through_data_movement(plan: QuantPlan, model: Model) -> None:
     the Add's output and the MatMul's input) shares its scale."""
     for name, tensor in list(plan.tensors.items()):
         source = tensor
-        while len(source.inputs) == 1 and source.inputs[0].op in SHARED_SCALE_OPS and source.inputs[0].inputs:
-            source = source.inputs[0].inputs[0]
+        while (source := moved_from(source, SHARED_SCALE_OPS)) is not None:
             if source.name in plan.tensors:
                 plan.share.append({source.name, name})
                 break
