@@ -15,8 +15,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,27 @@ class TensorStats:
     histogram: Histogram | None = None
 
 
+@dataclass
+class Timings:
+    """Where a calibration's wall time went, in seconds: reading the data, building the calibration session,
+    running it (with the summaries' numpy finish), and feeding the observers (the histograms' binning)."""
+    data: float = 0.0
+    session: float = 0.0
+    inference: float = 0.0
+    observe: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        parts = {"data": self.data, "session": self.session, "inference": self.inference, "observe": self.observe}
+        return {k: round(v, 4) for k, v in {**parts, **self.extra}.items()}
+
+
 def collect(model: Model, names: list[str], provider: Provider, *, histograms: bool, bins: int = DEFAULT_BINS,
-            cache_dir: str | None = None, progress: bool = False) -> dict[str, TensorStats]:
-    """Statistics of `names` over every batch `provider()` yields (from the cache when possible)."""
+            cache_dir: str | None = None, progress: bool = False,
+            timings: Timings | None = None) -> dict[str, TensorStats]:
+    """Statistics of `names` over every batch `provider()` yields (from the cache when possible); `timings`,
+    when given, receives the time spent per stage."""
+    timings = timings if timings is not None else Timings()
     per_sample = values_per_sample(getattr(provider, "num_samples", None)) if histograms else 0
     key = _cache_key(model, names, provider, per_sample, bins) if cache_dir else None
     if key is not None:
@@ -49,27 +67,49 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
             return cached
     stats = {n: TensorStats(MinMax(), Histogram(bins, per_sample) if histograms else None) for n in names}
     started, batches, sizes = time.perf_counter(), 0, []
-    summaries_of = tap(model, names, _sized(provider(), sizes), summary=per_sample, sample_extremes=histograms)
-    for summaries in _progress(summaries_of, progress):
+    summaries_of = tap(model, names, _sized(provider(), sizes, timings), summary=per_sample,
+                       sample_extremes=histograms, timings=timings)
+    for summaries in _timed(_progress(summaries_of, progress), timings):
         batches += 1
+        observed = time.perf_counter()
         for name, summary in summaries.items():
             _observe(stats[name], name, summary)
+        timings.observe += time.perf_counter() - observed
     samples = sum(sizes)
     if batches == 0:
         raise InputError("calibration data is empty")
-    log.info("calibrated %d tensors on %d batches (%d samples) in %.2f s", len(names), batches, samples,
-             time.perf_counter() - started)
+    log.info("calibrated %d tensors on %d batches (%d samples) in %.2f s (%s)", len(names), batches, samples,
+             time.perf_counter() - started, ", ".join(f"{k} {v:.2f} s" for k, v in timings.as_dict().items()))
     if key is not None:
         _save(Path(cache_dir) / f"{key}.npz", stats)
     return stats
 
 
-def _sized(batches: Iterable[Mapping[str, np.ndarray]], sizes: list[int]):
-    """Pass batches through, noting each one's number of samples."""
-    for batch in batches:
+def _sized(batches: Iterable[Mapping[str, np.ndarray]], sizes: list[int], timings: Timings):
+    """Pass batches through, noting each one's number of samples and the time spent reading it."""
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        batch = next(iterator, None)
+        timings.data += time.perf_counter() - started
+        if batch is None:
+            return
         first = next(iter(batch.values()), None)
         sizes.append(len(first) if first is not None and np.ndim(first) else 0)
         yield batch
+
+
+def _timed(summaries: Iterable[dict], timings: Timings) -> Iterator[dict]:
+    """Pass the summaries through; what their production cost beyond reading the data and building the
+    session (which `_sized` and `tap` book) is the inference."""
+    iterator = iter(summaries)
+    while True:
+        started, before = time.perf_counter(), timings.data + timings.session
+        summary = next(iterator, None)
+        timings.inference += time.perf_counter() - started - (timings.data + timings.session - before)
+        if summary is None:
+            return
+        yield summary
 
 
 def _observe(stats: TensorStats, name: str, summary: Summary) -> None:

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -304,10 +306,13 @@ def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx
 
 
 def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
-        threads: int | None = None, summary: int | None = None, sample_extremes: bool = False) -> Iterator[dict]:
+        threads: int | None = None, summary: int | None = None, sample_extremes: bool = False,
+        timings: Any = None) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
-    `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample."""
+    `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample.
+    `timings` (an engine.Timings) gets the time spent building the session added to its `session`."""
+    started = time.perf_counter()
     if summary is None:
         proto, whole, reduced = tapped_proto(model, names), list(names), {}
         options = ort.SessionOptions()
@@ -318,6 +323,8 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes)
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
                                       may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE)
+    if timings is not None:
+        timings.session += time.perf_counter() - started
     input_names = [i.name for i in session.get_inputs()]
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):

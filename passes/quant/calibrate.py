@@ -18,9 +18,10 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import time
 from dataclasses import dataclass
 
-from irtool.calibration.engine import TensorStats, collect
+from irtool.calibration.engine import TensorStats, Timings, collect
 from irtool.calibration.observers import DEFAULT_BINS
 from irtool.errors import InputError
 from irtool.ir.model import Model
@@ -89,20 +90,34 @@ class Calibrate(Pass):
                              "to calibrate on random inputs)")
         names = candidate_tensors(model, self.options.profile)
         sources = permutation_sources(model, names)
+        timings = Timings()
         observed = collect(model, sorted(set(sources.values())), ctx.calibration_data,
                            histograms=self.options.method is not Method.MINMAX, bins=self.options.bins,
-                           cache_dir=ctx.calib_cache, progress=ctx.progress)
-        stats = {n: observed[sources[n]] for n in names}
-        inputs = {t.name for t in model.graph.inputs}
-        # Raw model inputs are never clipped: the network never saw them saturated.
-        ranges = {n: [float(v) for v in tensor_range(stats[n], Method.MINMAX if n in inputs else self.options.method,
-                                                    self.options.percentile)] for n in names}
+                           cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings)
+        started = time.perf_counter()
+        ranges = self._ranges(model, observed, sources)
+        timings.extra["search"] = time.perf_counter() - started
         profile = None if self.options.profile is None else self.options.profile.value  # None: any profile
         model.metadata[METADATA_KEY] = json.dumps({"method": self.options.method.value, "ranges": ranges,
                                                    "profile": profile}, sort_keys=True)
         stats = {"tensors": len(ranges), "observed": len(observed), "method": self.options.method.value,
-                 "profile": profile}
+                 "profile": profile, "seconds": timings.as_dict()}
         return PassResult(modified=True, preserved="*", stats=stats)
+
+    def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str]
+                ) -> dict[str, list[float]]:
+        """A range per tensor, searched once per observed tensor (and method)."""
+        inputs = {t.name for t in model.graph.inputs}
+        searched: dict[tuple[str, Method], list[float]] = {}
+        ranges = {}
+        for name, source in sources.items():
+            # Raw model inputs are never clipped: the network never saw them saturated.
+            method = Method.MINMAX if name in inputs else self.options.method
+            if (source, method) not in searched:
+                searched[source, method] = [float(v) for v in tensor_range(observed[source], method,
+                                                                           self.options.percentile)]
+            ranges[name] = searched[source, method]
+        return ranges
 
 
 def stored_profile(model: Model) -> Profile | None:

@@ -45,6 +45,9 @@ def test_a_rearranged_value_gets_its_source_range_from_one_observation(method):
     assert sorted(ranges) == ["kt", "q", "swapped", "x", "y"]
     assert ranges["kt"] == ranges["swapped"] == ranges["q"]
     assert record.stats["observed"] == record.stats["tensors"] - 2
+    stages = record.stats["seconds"]
+    assert set(stages) == {"data", "session", "inference", "observe", "search"}
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= record.seconds
     if method == "minmax":  # the exact extremes of q, which the other two hold rearranged
         q = np.concatenate([b["x"] @ _weight() for b in batches])
         assert ranges["kt"] == pytest.approx([float(q.min()), float(q.max())], rel=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from irtool.calibration.data import CalibrationData
-from irtool.calibration.engine import collect
+from irtool.calibration.engine import Timings, collect
 from irtool.calibration.observers import Histogram, MinMax, _best_cut, kl_divergences, subsample, values_per_sample
 from irtool.ir.model import Model
 
@@ -161,3 +163,24 @@ def test_engine_sizes_the_subsample_by_the_set_and_stays_batch_size_invariant(sa
     for name in ("x", "y"):
         assert runs[0][name].histogram.counts.sum() == samples * expected[name]
         np.testing.assert_array_equal(runs[0][name].histogram.counts, runs[1][name].histogram.counts)
+
+
+def test_engine_books_reading_the_data_apart_from_inference():
+    """A source that takes 0.1 s per batch: those 0.3 s are `data`, not `inference` (three runs of one Relu)."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])])
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    batches = [{"x": np.random.default_rng(i).standard_normal((4, 4, 8, 8)).astype(np.float32)} for i in range(3)]
+
+    def slow():
+        for batch in batches:
+            time.sleep(0.1)
+            yield batch
+
+    timings = Timings()
+    collect(model, ["x", "y"], slow, histograms=True, timings=timings)
+    assert timings.data >= 0.3
+    assert 0.0 <= timings.inference < 0.3
+    assert timings.session > 0.0 and timings.observe > 0.0
+    assert list(timings.as_dict()) == ["data", "session", "inference", "observe"]
