@@ -297,9 +297,10 @@ def work_irtool(spec: dict) -> dict:
     result = optimize(proto, pipeline, calibration_data=_provider(n), calib_batch_size=BATCH)
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
     seconds = {r.name: r.seconds for r in result.records}
+    stages = next(r.stats.get("seconds") for r in result.records if r.name == "calibrate")
     result.model.save(spec["out"])
     out = {"calib_s": seconds["calibrate"], "total_s": total, "total_cpu_s": total_cpu, "passes_s": seconds,
-           "pipeline": pipeline, "peak_rss_mb": peak_rss_mb()}
+           "calib_stages_s": stages, "pipeline": pipeline, "peak_rss_mb": peak_rss_mb()}
     out.update(_evaluate(spec, spec["out"]))
     return out
 
@@ -638,6 +639,7 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                     f"| {_cell(a, acc, 3)} / {_cell(b, acc, 3)} | "
                     + " | ".join(f"{_f(lat.get(t, {}).get('irtool'))} / {_f(lat.get(t, {}).get('ort'))} / "
                                  f"{_f(lat.get(t, {}).get('float'))}" for t in ("1", "2")) + " |")
+        lines += stage_lines(res, methods, samples)
         notes = sorted({f"ORT {k.split('/')[1]} N={k.split('/')[2]}: {v['skipped'] if 'skipped' in v else v['error']}"
                         for k, v in res["runs"].items() if ("skipped" in v or "error" in v) and k.startswith("ort")}
                        | {f"irtool {k.split('/')[1]} N={k.split('/')[2]}: {v['error']}"
@@ -649,6 +651,30 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
     lines += [line for arch, rec in digits.items() if "error" not in rec
               for line in recovery_targets(f"{arch} (digits, trained)", rec)]
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("data", "session", "inference", "observe", "search")
+
+
+def stage_lines(res: dict, methods: list[str], samples: list[int]) -> list[str]:
+    """Where irtool's calibration time went (the calibrate pass's own `seconds` stats), next to the floor's
+    two parts: what calibration adds to the floor is the session, the summaries' share of the inference, the
+    binning (observe) and the range search."""
+    lines = ["", "Where irtool's calibration time went, s (the `calibrate` pass's `seconds` stats; inference includes "
+             "the in-graph summaries and their numpy finish, observe the histograms' binning):", "",
+             "| method | N | floor: data + float runs | " + " | ".join(STAGES) + " | beyond the floor, x floor |",
+             "|---|---:|---:|" + "---:|" * len(STAGES) + "---:|"]
+    for method in methods:
+        for n in samples:
+            run, fl = res["runs"].get(f"irtool/{method}/{n}") or {}, res["floor"].get(n, {})
+            stages, floor = run.get("calib_stages_s"), fl.get("floor_s")
+            if not stages or not floor:
+                continue
+            runs = floor - fl.get("data_s", 0.0)
+            lines.append(f"| {method} | {n} | {_f(fl.get('data_s'))} + {_f(runs)} | "
+                         + " | ".join(_f(stages.get(k)) for k in STAGES)
+                         + f" | {_f((run['calib_s'] - floor) / floor)} |")
+    return lines
 
 
 def digits_lines(digits: dict) -> list[str]:
