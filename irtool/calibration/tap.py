@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -44,6 +44,9 @@ from irtool.calibration.schedule import MIN_RENUMBERED_SHARE, calibration_sessio
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
+
+if TYPE_CHECKING:  # the engine imports this module
+    from irtool.calibration.engine import Timings
 
 log = logging.getLogger(__name__)
 
@@ -307,11 +310,11 @@ def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx
 
 def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
         threads: int | None = None, summary: int | None = None, sample_extremes: bool = False,
-        timings: Any = None) -> Iterator[dict]:
+        timings: Timings | None = None) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
     `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample.
-    `timings` (an engine.Timings) gets the time spent building the session added to its `session`."""
+    `timings` gets the time spent building the session added to its `session`."""
     started = time.perf_counter()
     if summary is None:
         proto, whole, reduced = tapped_proto(model, names), list(names), {}
