@@ -27,10 +27,10 @@ Side by side in one run, on the same ONNX models and the same calibration sample
 * floor       plain float ONNX Runtime inference over the same N samples, same batches and provider (data
               generation included in both; its share, timed inside the floor's loop, is also reported).
 
-Cells whose floor runs under 10 s measure the floor and irtool's calibration 3 times and report the medians
-(single runs of a few seconds moved by 30% on this shared machine). Every measurement runs in a fresh Python
-process under RLIMIT_AS = 16 GiB, watched by the parent (killed above 16 GiB RSS); peak RSS is that process's
-VmHWM. ORT's Entropy and Percentile calibrators keep every
+Cells whose floor runs under 10 s time irtool's calibration in 3 rounds, each right after its own float
+floor, and report the median round's ratio (single runs of a few seconds moved by 30-45% on this shared
+machine). Every measurement runs in a fresh Python process under RLIMIT_AS = 16 GiB, watched by the parent
+(killed above 16 GiB RSS); peak RSS is that process's VmHWM. ORT's Entropy and Percentile calibrators keep every
 activation of every sample: when the estimate (N x the per-sample activation bytes) would not fit, the run is
 skipped and says so. INT8 latency is measured interleaved (irtool, ORT, float, repeated in rounds) at batch 1
 with 1 and 2 intra-op threads, median of the runs per cell; the latency target is judged over all cells of a
@@ -76,8 +76,8 @@ EVAL_SAMPLES = 64
 EVAL_SEED = 1
 CALIB_SEED = 0
 PERCENTILE = 99.99
-# Cells whose float floor runs under REPEAT_BELOW_S are measured REPEATS times (floor and irtool alike) and
-# reported by their median; ORT's calibration, 5-50x slower than irtool's there, runs once.
+# Cells whose float floor runs under REPEAT_BELOW_S time irtool in REPEATS paired rounds (floor, then
+# calibration) and report the median ratio; ORT's calibration, 5-50x slower than irtool's there, runs once.
 REPEATS, REPEAT_BELOW_S = 3, 10.0
 MEMORY_LIMIT = 16 << 30
 METHODS = ("minmax", "entropy", "percentile", "mse")
@@ -518,9 +518,6 @@ def run_model(name: str, samples: list[int], methods: list[str], latency_runs: i
         res["floor"][n] = r = measure("float", {"model_path": str(path), "n": n,
                                                 "eval_out": eval_ref if n == samples[0] else None})
         repeats = REPEATS if r.get("floor_s", math.inf) < REPEAT_BELOW_S else 1
-        if repeats > 1:
-            res["floor"][n] = r = median_run(r, [measure("float", {"model_path": str(path), "n": n})
-                                                 for _ in range(repeats - 1)], "floor_s")
         log.info("%s: float floor N=%d: %s", name, n, _brief(r))
         for method in methods:
             for tool in ("irtool", "ort"):
@@ -544,10 +541,10 @@ def run_model(name: str, samples: list[int], methods: list[str], latency_runs: i
                         log.warning("%s %s: skipped, %s", name, key, res["runs"][key]["skipped"])
                         continue
                 log.info("%s %s ...", name, key)
-                res["runs"][key] = r = measure(tool, spec)
                 if tool == "irtool" and repeats > 1:
-                    r = median_run(r, [measure(tool, spec) for _ in range(repeats - 1)], "calib_s")
-                    res["runs"][key] = r
+                    res["runs"][key] = r = paired_runs(spec, {"model_path": str(path), "n": n}, repeats)
+                else:
+                    res["runs"][key] = r = measure(tool, spec)
                 log.info("%s %s: %s", name, key, _brief(r))
             pair = {t: str(tmp / f"{name}-{t}-{method}-{n}.onnx") for t in ("irtool", "ort")
                     if "error" not in res["runs"].get(f"{t}/{method}/{n}", {"error": 1})
@@ -566,15 +563,20 @@ def run_model(name: str, samples: list[int], methods: list[str], latency_runs: i
     return res
 
 
-def median_run(first: dict, others: list[dict], key: str) -> dict:
-    """The run whose `key` is the median of all (the outputs are identical: only the timing differs), with
-    every run's value under `<key>_runs`. Cells of a few seconds moved by 30% between single runs on this
-    shared machine; the floor and irtool's calibration are repeated alike."""
-    runs = [r for r in (first, *others) if key in r]
-    if not runs:
-        return first
-    ordered = sorted(runs, key=lambda r: r[key])
-    return {**ordered[(len(ordered) - 1) // 2], f"{key}_runs": [round(r[key], 3) for r in runs]}
+def paired_runs(spec: dict, floor_spec: dict, repeats: int) -> dict:
+    """`repeats` rounds of (float floor, irtool calibration), each round's ratio taken right away: the floor of
+    one cell moved between 1.9 and 2.8 s from one minute to the next on this shared machine, so a ratio of
+    separately timed medians measured the drift. Returns the run of the median ratio (the outputs are identical,
+    only the timing differs) with `floor_x` = that ratio and every round's ratio."""
+    rounds = []
+    for _ in range(repeats):
+        floor, run = measure("float", floor_spec), measure("irtool", spec)
+        if "error" in run or "floor_s" not in floor:
+            return run
+        rounds.append((run["calib_s"] / floor["floor_s"], run))
+    rounds.sort(key=lambda pair: pair[0])
+    ratio, run = rounds[(len(rounds) - 1) // 2]
+    return {**run, "floor_x": ratio, "floor_x_runs": [round(x, 3) for x, _ in rounds]}
 
 
 def recovery(name: str, path: Path, n: int, eval_ref: str) -> dict:
@@ -633,9 +635,10 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
         f"{PERCENTILE}; evaluation on {EVAL_SAMPLES} further synthetic images vs the float model. Each "
         "measurement is its own process (RLIMIT_AS 16 GiB); peak RSS = VmHWM of that process. "
         "Calibration s: irtool = its `calibrate` pass; ORT = create_calibrator + collect_data + compute_data "
-        f"inside quantize_static. Where the floor is under {REPEAT_BELOW_S:.0f} s, the floor and irtool's "
-        f"calibration are the median of {REPEATS} runs (ORT: one run). Floor = float ORT inference over the "
-        "same N samples and batches (data generation included; its share, timed inside the loop, in brackets). "
+        f"inside quantize_static. Where the floor is under {REPEAT_BELOW_S:.0f} s, irtool's x floor is the median "
+        f"of {REPEATS} rounds (floor, then calibration), its time that round's (ORT: one run). Floor = float ORT "
+        "inference over the same N samples and batches (data generation included; its share, timed inside the "
+        "loop, in brackets). "
         "Latency: batch 1, median of interleaved runs; the latency target pools every cell's paired rounds "
         "(geometric mean irtool/ORT, 95% interval)."
         + (" `--quick` run." if quick else ""),
@@ -655,7 +658,7 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                 if a is None and b is None:
                     continue
                 floor = fl.get("floor_s")
-                xa = _f(a["calib_s"] / floor) if a and "calib_s" in a and floor else "n/a"
+                xa = _f(floor_ratio(a, floor)) if a and "calib_s" in a and floor else "n/a"
                 xb = _f(b["calib_s"] / floor) if b and "calib_s" in b and floor else "-" if b is None else "n/a"
                 lat = res["latency"].get(f"{method}/{n}", {})
                 acc = "top1" if name in CNNS else "cosine"
@@ -682,6 +685,11 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
     return "\n".join(lines) + "\n"
 
 
+def floor_ratio(run: dict, floor: float) -> float:
+    """Calibration time over the floor: the paired rounds' median where the cell was repeated."""
+    return run.get("floor_x", run["calib_s"] / floor)
+
+
 STAGES = ("data", "session", "inference", "observe", "search")
 
 
@@ -702,7 +710,7 @@ def stage_lines(res: dict, methods: list[str], samples: list[int]) -> list[str]:
             runs = floor - fl.get("data_s", 0.0)
             lines.append(f"| {method} | {n} | {_f(fl.get('data_s'))} + {_f(runs)} | "
                          + " | ".join(_f(stages.get(k)) for k in STAGES)
-                         + f" | {_f((run['calib_s'] - floor) / floor)} |")
+                         + f" | {_f(floor_ratio(run, floor) - 1.0)} |")
     return lines
 
 
@@ -777,7 +785,7 @@ def targets(results: dict, samples: list[int], methods: list[str]) -> list[str]:
                     continue
                 fs = floors.get(n, {}).get("floor_s")
                 if fs:
-                    floor_x.append((a["calib_s"] / fs, f"{method}/{n}"))
+                    floor_x.append((floor_ratio(a, fs), f"{method}/{n}"))
                 if b and "calib_s" in b:
                     speed.append((a["calib_s"] / b["calib_s"], f"{method}/{n}"))
                     sqnr.append((a["sqnr_db"] - b["sqnr_db"], f"{method}/{n}"))
