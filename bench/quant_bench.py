@@ -306,7 +306,7 @@ def work_irtool(spec: dict) -> dict:
     result = optimize(proto, pipeline, calibration_data=_provider(n), calib_batch_size=BATCH)
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
     seconds = {r.name: r.seconds for r in result.records}
-    stages = next(r.stats.get("seconds") for r in result.records if r.name == "calibrate")
+    stages = next((r.stats.get("seconds") for r in result.records if r.name == "calibrate"), None)
     result.model.save(spec["out"])
     out = {"calib_s": seconds["calibrate"], "total_s": total, "total_cpu_s": total_cpu, "passes_s": seconds,
            "calib_stages_s": stages, "pipeline": pipeline, "peak_rss_mb": peak_rss_mb()}
