@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +40,16 @@ class TensorStats:
 @dataclass
 class Timings:
     """Where a calibration's wall time went, in seconds: reading the data, building the calibration session,
-    running it (with the summaries' numpy finish), and feeding the observers (the histograms' binning)."""
+    running it (with the summaries' numpy finish), feeding the observers (the histograms' binning), and the
+    range search (the calibrate pass's, after collect)."""
     data: float = 0.0
     session: float = 0.0
     inference: float = 0.0
     observe: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    search: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        parts = {"data": self.data, "session": self.session, "inference": self.inference, "observe": self.observe}
-        return {k: round(v, 4) for k, v in {**parts, **self.extra}.items()}
+        return {k: round(v, 4) for k, v in asdict(self).items()}
 
 
 def collect(model: Model, names: list[str], provider: Provider, *, histograms: bool, bins: int = DEFAULT_BINS,
@@ -78,8 +78,9 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     samples = sum(sizes)
     if batches == 0:
         raise InputError("calibration data is empty")
-    log.info("calibrated %d tensors on %d batches (%d samples) in %.2f s (%s)", len(names), batches, samples,
-             time.perf_counter() - started, ", ".join(f"{k} {v:.2f} s" for k, v in timings.as_dict().items()))
+    log.info("calibrated %d tensors on %d batches (%d samples) in %.2f s (data %.2f s, session %.2f s, "
+             "inference %.2f s, observe %.2f s)", len(names), batches, samples, time.perf_counter() - started,
+             timings.data, timings.session, timings.inference, timings.observe)
     if key is not None:
         _save(Path(cache_dir) / f"{key}.npz", stats)
     return stats

@@ -96,7 +96,7 @@ class Calibrate(Pass):
                            cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings)
         started = time.perf_counter()
         ranges = self._ranges(model, observed, sources)
-        timings.extra["search"] = time.perf_counter() - started
+        timings.search = time.perf_counter() - started
         profile = None if self.options.profile is None else self.options.profile.value  # None: any profile
         model.metadata[METADATA_KEY] = json.dumps({"method": self.options.method.value, "ranges": ranges,
                                                    "profile": profile}, sort_keys=True)
