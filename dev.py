@@ -2,8 +2,8 @@
 """Set-up and entry points for a fresh clone: `python3 dev.py demo` and `python3 dev.py test`.
 
 Both create .venv (once), install the project with its dev extras and the CPU build of torch (again
-only when pyproject.toml or requirements-dev.txt changed), then run inside that environment. Only the
-standard library is used here, because this runs before anything is installed.
+only when one of INSTALL_FILES changed: the install files and the compiled kernel's source), then run inside
+that environment. Only the standard library is used here, because this runs before anything is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".irtool-install-stamp"
-INSTALL_FILES = ("pyproject.toml", "requirements-dev.txt")
+INSTALL_FILES = ("pyproject.toml", "requirements-dev.txt", "setup.py", "irtool/calibration/_binning.c")
 
 
 def _python() -> Path:

@@ -34,6 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+try:  # the compiled kernel (irtool/calibration/_binning.c): same counts, ~3x faster than numpy's five passes
+    from irtool.calibration import _binning
+except ImportError:  # built without a C compiler
+    _binning = None
+
 DEFAULT_BINS = 4096
 DEFAULT_MAX_PER_SAMPLE = 1 << 14
 MIN_PER_SAMPLE = 1 << 12
@@ -96,15 +101,27 @@ class Histogram:
         if self.radius == 0.0:
             self.counts[self.bins // 2] += values.size  # everything is exactly zero so far
             return
+        self._count(values)
+
+    def _count(self, values: np.ndarray) -> None:
+        """Add `values` (|value| < radius) to the counts, with the compiled kernel where it applies."""
+        scale = self.bins / (2.0 * self.radius)
+        if _binning is not None and values.dtype == np.float32 and _float32_exact(scale):
+            outside = _binning.count(np.ascontiguousarray(values), scale, self.bins // 2, self.counts)
+            if outside:  # |value| < radius holds by construction; a breach is a bug, not bad input
+                raise RuntimeError(f"{outside} values outside the histogram's range {self.radius}")
+            return
         self.counts += np.bincount(self._bin_index(values), minlength=self.bins)
 
     def _bin_index(self, values: np.ndarray) -> np.ndarray:
         """floor(value * B / 2R) + B/2. The radius and B are powers of two, so the product is exact (in
         float32 too, unless the scale leaves float32's comfortable range) and so are the floor and the integer
-        shift: every value lands in its true bin, and |value| < R keeps the index within [0, B). Adding R
-        before scaling instead rounds tiny negative values into the zero bin; float32 is ~4x cheaper here."""
+        shift: every value lands in its true bin, and |value| < R keeps the index within [0, B). (The one
+        exception: a negative value so tiny against R that its product underflows float32, |value| <= R·2^-161
+        at 4096 bins, lands in the zero bin.) Adding R before scaling instead rounds every tiny negative value
+        into the zero bin; float32 is ~4x cheaper here. The compiled kernel does the same float32 arithmetic."""
         scale = self.bins / (2.0 * self.radius)
-        dtype = np.float32 if values.dtype == np.float32 and 2.0 ** -100 < scale < 2.0 ** 100 else np.float64
+        dtype = np.float32 if values.dtype == np.float32 and _float32_exact(scale) else np.float64
         scaled = np.multiply(values, dtype(scale), dtype=dtype)
         np.floor(scaled, out=scaled)
         scaled += dtype(self.bins // 2)
@@ -191,6 +208,11 @@ class Histogram:
         clipping = second - 2.0 * candidates * first + candidates ** 2 * count
         rounding = (candidates / levels) ** 2 / 12.0 * (mags.sum() - count)
         return float(candidates[int(np.argmin(clipping + rounding))])
+
+
+def _float32_exact(scale: float) -> bool:
+    """Whether float32 multiplication by this power of two is exact for the values a histogram holds."""
+    return 2.0 ** -100 < scale < 2.0 ** 100
 
 
 def subsample(batch: np.ndarray, max_per_sample: int, grid: bool | None = None) -> np.ndarray:

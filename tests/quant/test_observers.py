@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from irtool.calibration import observers
 from irtool.calibration.data import CalibrationData
 from irtool.calibration.engine import Timings, collect
 from irtool.calibration.observers import Histogram, MinMax, _best_cut, kl_divergences, subsample, values_per_sample
@@ -72,6 +73,64 @@ def test_range_methods_on_a_gaussian():
     assert 2.5 < hist.entropy() <= peak + hist.radius / 2048
     relu = feed(Histogram(), np.maximum(data, 0), 50)
     assert 2.5 < relu.entropy(unsigned=True) <= peak + relu.radius / 2048  # the zero spike does not collapse it
+
+
+def _exact_counts(values: np.ndarray, bins: int, radius: float) -> np.ndarray:
+    """The true bins, in float64 (where v * B / 2R is exact for float32 inputs)."""
+    index = np.floor(values.astype(np.float64) * (bins / (2.0 * radius))).astype(np.int64) + bins // 2
+    return np.bincount(index, minlength=bins)
+
+
+def _awkward_values(radius: float, bins: int) -> np.ndarray:
+    """Values on bin edges, tiny and subnormal ones, signed zeros and the range's edges (-radius doubles the range
+    once), among Gaussians. Negative values whose scaled value underflows float32 at the doubled range are left
+    out: both paths count them in the zero bin (observers.Histogram._bin_index)."""
+    rng = np.random.default_rng(7)
+    width = 2.0 * radius / bins
+    edges = np.arange(-bins // 2, bins // 2) * width
+    tiny = np.concatenate([[-1e-38, -1e-45, 1e-45, -0.0, 0.0, -width / 3, width / 3],
+                           radius * -(2.0 ** -np.arange(1, 170, 7))])
+    limits = np.array([-radius, np.nextafter(np.float32(radius), np.float32(0)), np.nextafter(np.float32(-radius), 0)])
+    gauss = np.clip(rng.standard_normal(100_003) * radius / 4, -radius, radius * 0.999)
+    values = np.concatenate([edges, tiny, limits, gauss, np.maximum(gauss, 0)]).astype(np.float32)
+    return values[(values >= 0) | (values.astype(np.float64) / (2 * width) <= -(2.0 ** -149))]
+
+
+@pytest.mark.parametrize("bins", [256, 4096])
+@pytest.mark.parametrize("radius", [2.0 ** -60, 1.0, 8.0, 2.0 ** 41])
+def test_compiled_binning_counts_every_value_in_its_true_bin_as_numpy_does(monkeypatch, bins, radius):
+    values = _awkward_values(radius, bins)  # the range's lower edge, -radius, makes the histogram double once
+    native = Histogram(bins)
+    native._reach(radius)
+    native.add(values)
+    monkeypatch.setattr(observers, "_binning", None)
+    plain = Histogram(bins)
+    plain._reach(radius)
+    plain.add(values)
+    assert native.radius == plain.radius == 2 * radius
+    np.testing.assert_array_equal(native.counts, _exact_counts(values, bins, native.radius))
+    np.testing.assert_array_equal(plain.counts, native.counts)
+
+
+def test_compiled_binning_is_built_by_the_install():
+    # setup.py builds it (optional, so a machine without a C compiler falls back to numpy); the dev/CI install has
+    # one, and the benchmark's calibration times assume the kernel.
+    assert observers._binning is not None, "irtool/calibration/_binning.c was not built: run `python3 dev.py env`"
+
+
+def test_compiled_binning_counts_nothing_when_a_value_falls_outside_the_bins():
+    kernel = observers._binning
+    counts = np.zeros(8, np.int64)
+    assert kernel.count(np.array([0.5, 4.0, np.nan, -np.inf], np.float32), 1.0, 4, counts) == 3
+    assert not counts.any()
+    assert kernel.count(np.array([0.5, -4.0, 3.99, -0.01], np.float32), 1.0, 4, counts) == 0
+    np.testing.assert_array_equal(counts, [1, 0, 0, 1, 1, 0, 0, 1])
+    with pytest.raises(TypeError, match="float32"):
+        kernel.count(np.zeros(3, np.float64), 1.0, 4, counts)
+    hist = Histogram(8)
+    hist.add(np.array([1.0], np.float32))
+    with pytest.raises(RuntimeError, match="outside the histogram's range"):
+        hist._count(np.array([3.0], np.float32))  # the caller must grow the radius first
 
 
 def test_minmax_merge():
