@@ -300,7 +300,8 @@ class _PrefixSums:
         self.total = float(self.mags.sum())
         nonzero = self.mags > 0
         self.mass = np.concatenate([[0.0], np.cumsum(self.mags)])
-        self.filled = np.concatenate([[0], np.cumsum(nonzero)])
+        # Counts of non-empty bins, as floats: mixing int64 into the float expressions below cost a cast per use.
+        self.filled = np.concatenate([[0.0], np.cumsum(nonzero, dtype=np.float64)])
         mlogm = self.mags * np.log(np.where(nonzero, self.mags, 1.0))
         self.mlogm = np.concatenate([[0.0], np.cumsum(mlogm)])
 
@@ -310,16 +311,19 @@ class _PrefixSums:
             return np.full(len(cuts), math.inf)
         # Chunk j holds bins b with (b * levels) // cut == j, i.e. from ceil(j * cut / levels) up to the next start.
         bounds = (np.arange(levels + 1)[None, :] * cuts[:, None] + levels - 1) // levels
-        sums = np.diff(self.mass[bounds], axis=1)
-        used = np.diff(self.filled[bounds], axis=1)
+        mass, filled = self.mass[bounds], self.filled[bounds]
+        sums, used = mass[:, 1:] - mass[:, :-1], filled[:, 1:] - filled[:, :-1]
         unclipped = self.mass[cuts]
         with np.errstate(divide="ignore", invalid="ignore"):
             # An empty chunk has density 1 (log 0) and weight 0: it adds nothing.
-            density = np.where(sums > 0, sums, 1.0) / (np.maximum(used, 1) * unclipped[:, None])
-            log_density = np.log(density)
-            chunk_terms = np.einsum("ij,ij->i", sums, log_density)
+            spread = np.maximum(used, 1.0)
+            spread *= unclipped[:, None]
+            log_density = np.where(sums > 0, sums, 1.0)
+            log_density /= spread
             last = mags[cuts - 1]
-            q_last = np.maximum(np.where(last > 0, density[:, -1], 0.0), 1e-12)  # the last bin is in the last chunk
+            q_last = np.maximum(np.where(last > 0, log_density[:, -1], 0.0), 1e-12)  # the last bin is in the last chunk
+            np.log(log_density, out=log_density)
+            chunk_terms = np.einsum("ij,ij->i", sums, log_density)
             p_last = (last + total - unclipped) / total
             # Bins below the last one: P log P from prefix sums, minus their share of the chunk terms.
             body = (self.mlogm[cuts - 1] - math.log(total) * self.mass[cuts - 1]) / total
