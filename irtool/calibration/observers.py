@@ -106,7 +106,8 @@ class Histogram:
     def _count(self, values: np.ndarray) -> None:
         """Add `values` (|value| < radius) to the counts, with the compiled kernel where it applies."""
         scale = self.bins / (2.0 * self.radius)
-        if _binning is not None and values.dtype == np.float32 and _float32_exact(scale):
+        if (_binning is not None and values.dtype == np.float32 and self.counts.dtype == np.int64
+                and _float32_exact(scale)):
             outside = _binning.count(np.ascontiguousarray(values), scale, self.bins // 2, self.counts)
             if outside:  # |value| < radius holds by construction; a breach is a bug, not bad input
                 raise RuntimeError(f"{outside} values outside the histogram's range {self.radius}")
