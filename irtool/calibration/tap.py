@@ -341,7 +341,9 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
             continue
         out = {name: summarize(values.pop(name), summary) for name in whole}
         out.update({name: _finish(taps, values) for name, taps in reduced.items()})
-        yield {name: out[name] for name in names}
+        result = {name: out[name] for name in names}
+        del values, out  # only `result` keeps this batch's outputs, so a consumer that empties it frees them
+        yield result
 
 
 def _finish(taps: _Taps, values: Mapping[str, np.ndarray]) -> Summary:
