@@ -4,9 +4,10 @@
    the same float32 arithmetic as the numpy path (Histogram._bin_index): scale is a power of two, so v * scale and
    its floor are exact and both paths give the same counts bit for bit. numpy needs five passes over the values
    and three temporaries (multiply, floor, add, cast, then bincount, which casts to intp again and scans for the
-   maximum): ~3.4 ns per value on the benchmark machine (~9 when the temporaries land in fresh pages) against
-   1.0-1.6 ns here, and the binning is the largest cost of histogram calibration after ONNX Runtime's inference. Four partial histograms let consecutive values that fall in one bin (ReLU's zeros)
-   increment different memory instead of waiting on each other. The GIL is released while counting.
+   maximum): ~3.4 ns per value on the benchmark machine (9-15 when the temporaries land in fresh pages) against
+   1.0-1.9 ns here, and the binning is the largest cost of histogram calibration after ONNX Runtime's inference.
+   Four partial histograms let consecutive values that fall in one bin (ReLU's zeros) increment different memory
+   instead of waiting on each other. The GIL is released while counting.
 
    Returns the number of values whose bin falls outside [0, len(counts)), NaN included; when there are any, nothing
    is counted (the caller treats that as a bug). */

@@ -337,7 +337,9 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         feeds = {n: np.asarray(batch[n]) for n in input_names}
         values = dict(zip(fetch, session.run(fetch, feeds), strict=True))
         if summary is None:
-            yield {name: values[name] for name in names}
+            result = {name: values[name] for name in names}
+            del values  # as below: the consumer's dict alone keeps this batch
+            yield result
             continue
         out = {name: summarize(values.pop(name), summary) for name in whole}
         out.update({name: _finish(taps, values) for name, taps in reduced.items()})
@@ -382,10 +384,16 @@ def channel_means(model: Model, axes: Mapping[str, int],
     count = 0
     for values in tap(model, names, batches):
         count += 1
-        for name, value in values.items():
-            axis = axes[name] % value.ndim
-            other = tuple(i for i in range(value.ndim) if i != axis)
-            sums[name] = sums.get(name, 0.0) + value.astype(np.float64).mean(axis=other)
+        _add_channel_means(sums, axes, values)
     if count == 0:
         raise InputError("calibration data is empty")
     return {name: total / count for name, total in sums.items()}
+
+
+def _add_channel_means(sums: dict[str, np.ndarray], axes: Mapping[str, int], values: dict[str, np.ndarray]) -> None:
+    """Add one batch's channel means to `sums`, then empty `values`, so that batch is freed before the next runs."""
+    for name, value in values.items():
+        axis = axes[name] % value.ndim
+        other = tuple(i for i in range(value.ndim) if i != axis)
+        sums[name] = sums.get(name, 0.0) + value.astype(np.float64).mean(axis=other)
+    values.clear()
