@@ -112,16 +112,15 @@ class Histogram:
             if outside:  # |value| < radius holds by construction; a breach is a bug, not bad input
                 raise RuntimeError(f"{outside} values outside the histogram's range {self.radius}")
             return
-        self.counts += np.bincount(self._bin_index(values), minlength=self.bins)
+        self.counts += np.bincount(self._bin_index(values, scale), minlength=self.bins)
 
-    def _bin_index(self, values: np.ndarray) -> np.ndarray:
-        """floor(value * B / 2R) + B/2. The radius and B are powers of two, so the product is exact (in
-        float32 too, unless the scale leaves float32's comfortable range) and so are the floor and the integer
-        shift: every value lands in its true bin, and |value| < R keeps the index within [0, B). (The one
+    def _bin_index(self, values: np.ndarray, scale: float) -> np.ndarray:
+        """floor(value * scale) + B/2, scale = B / 2R. The radius and B are powers of two, so the product is
+        exact (in float32 too, unless the scale leaves float32's comfortable range) and so are the floor and the
+        integer shift: every value lands in its true bin, and |value| < R keeps the index within [0, B). (The one
         exception: a negative value so tiny against R that its product underflows float32, |value| <= R·2^-161
         at 4096 bins, lands in the zero bin.) Adding R before scaling instead rounds every tiny negative value
         into the zero bin; float32 is ~4x cheaper here. The compiled kernel does the same float32 arithmetic."""
-        scale = self.bins / (2.0 * self.radius)
         dtype = np.float32 if values.dtype == np.float32 and _float32_exact(scale) else np.float64
         scaled = np.multiply(values, dtype(scale), dtype=dtype)
         np.floor(scaled, out=scaled)
