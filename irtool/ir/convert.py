@@ -223,7 +223,10 @@ class _Importer:
 def import_model(proto: onnx.ModelProto) -> gs.Graph:
     """Equivalent to `gs.import_onnx(proto)`, several times faster on large graphs."""
     opset = OnnxImporter.get_opset(proto)
-    import_domains = OnnxImporter.get_import_domains(proto)
+    # Copies: graphsurgeon's exporter appends missing domains to this list, and the proto's own repeated
+    # field would then grow in the caller's model (a pass adding com.microsoft.Gelu changed its input).
+    import_domains = [onnx.helper.make_opsetid(entry.domain, entry.version)
+                      for entry in OnnxImporter.get_import_domains(proto)]
     with paused_gc():
         functions = [OnnxImporter.import_function(f, model_opset=opset, model_import_domains=import_domains)
                      for f in proto.functions]
