@@ -1,4 +1,4 @@
-"""Small blocks for the Q/DQ golden cases (deterministic weights, opset 17, IR 8)."""
+"""Small blocks for the Q/DQ golden cases (deterministic weights, opset 17 and IR 8 unless stated)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ class Builder:
         return self.node("Conv", [x, self.w(f"{name}.w", c_out, c_in // group, k, k), self.w(f"{name}.b", c_out)],
                          name, kernel_shape=[k, k], pads=[k // 2] * 4, group=group)
 
-    def model(self, inputs: dict[str, list[int]], output: str, out_shape: list[int]) -> onnx.ModelProto:
+    def model(self, inputs: dict[str, list[int]], output: str, out_shape: list[int],
+              opset: int = 17) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "block",
                                   [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
                                   [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)], self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        ir_version = 8 if opset < 19 else 9
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
 
 
 def conv() -> onnx.ModelProto:
@@ -132,3 +134,28 @@ def residual_mlp(scales=(1.0, 0.01, 0.5)) -> onnx.ModelProto:
         x = b.node("Add", [x, b.node("MatMul", [hidden, b.w(f"w{i}b", 8, 8, scale=scale)], f"mm{i}b")], f"add{i}")
     b.node("Relu", [x], "y")
     return b.model({"x": [4, 8]}, "y", [4, 8])
+
+
+def erf_gelu(b: Builder, x: str, name: str, spelling: str = "torch") -> str:
+    """0.5·x·(1 + erf(x/√2)) as exporters write it (irtool.ir.gelu lists the spellings):
+    torch: Div √2, Mul(x, a), Mul 0.5; half-first: Mul(x, 0.5), Mul(h, a); keras: Mul(a, 0.5), Mul(·, x);
+    tf: like keras with Mul(x, 1/√2) instead of the Div."""
+    if spelling == "tf":
+        scaled = b.node("Mul", [b.const(f"{name}.inv_sqrt2", np.float32(0.5 ** 0.5), np.float32), x], f"{name}.scaled")
+    else:
+        scaled = b.node("Div", [x, b.const(f"{name}.sqrt2", np.float32(2 ** 0.5), np.float32)], f"{name}.scaled")
+    a = b.node("Add", [b.node("Erf", [scaled], f"{name}.erf"), b.const(f"{name}.one", 1.0, np.float32)], f"{name}.a")
+    half = b.const(f"{name}.half", 0.5, np.float32)
+    if spelling == "torch":
+        return b.node("Mul", [b.node("Mul", [x, a], f"{name}.xa"), half], name)
+    if spelling == "half-first":
+        return b.node("Mul", [b.node("Mul", [x, half], f"{name}.xh"), a], name)
+    return b.node("Mul", [b.node("Mul", [half, a], f"{name}.ah"), x], name)
+
+
+def gelu_mlp(spelling: str = "torch", opset: int = 17) -> onnx.ModelProto:
+    """A transformer MLP on 4 tokens of width 8: x + W2·gelu(W1·x + b1)."""
+    b = Builder(14)
+    hidden = b.node("Add", [b.node("MatMul", ["x", b.w("w1", 8, 16)], "fc1"), b.w("b1", 16)], "fc1_bias")
+    b.node("Add", ["x", b.node("MatMul", [erf_gelu(b, hidden, "gelu", spelling), b.w("w2", 16, 8)], "fc2")], "y")
+    return b.model({"x": [1, 4, 8]}, "y", [1, 4, 8], opset)

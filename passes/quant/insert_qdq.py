@@ -20,6 +20,10 @@ Tensors that must share a scale (concat inputs for trt; tensors joined by data-m
 placement.SHARED_SCALE_OPS) use the union of their ranges; groups that overlap merge first. Mixed
 precision (min-sqnr / keep-fp) keeps the layers to which the output is most sensitive in float
 (passes/quant/sensitivity.py).
+GELU (ort-cpu, fuse-gelu=true): the erf GELU of transformer MLPs stays float between one DQ and one Q;
+ONNX Runtime cannot fuse it there (it gives Div and Mul separate DQ copies first), so the profile emits
+the fused Gelu itself (irtool.ir.gelu; com.microsoft.Gelu below opset 20). The trt profile leaves the
+five ops: TensorRT fuses pointwise chains itself and has no com.microsoft ops.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.errors import InputError
+from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
@@ -222,6 +227,7 @@ class InsertQDQ(Pass):
         keep_last: bool = False
         min_sqnr: float | None = None
         keep_fp: int = 0
+        fuse_gelu: bool = True  # ort-cpu only: see the module docstring
 
         def __post_init__(self):
             if self.keep_fp < 0:
@@ -242,10 +248,11 @@ class InsertQDQ(Pass):
         selection = self._selection(model, ranges, placement, ctx)
         plan = build_plan(model, placement, selection)
         pairs = apply_plan(model, plan, ranges, placement)
+        fused = fuse_gelu(model) if self.options.fuse_gelu and self.options.profile is Profile.ORT_CPU else 0
         del model.metadata[METADATA_KEY]
         return PassResult(modified=True, stats={
             "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),
-            "layers_kept_float": sorted(selection.keep_fp), "profile": self.options.profile.value})
+            "layers_kept_float": sorted(selection.keep_fp), "gelu_fused": fused, "profile": self.options.profile.value})
 
     def _selection(self, model: Model, ranges, placement: Placement, ctx: PassContext) -> Selection:
         base = Selection(tuple(self.options.exclude), tuple(self.options.exclude_ops), self.options.keep_first,

@@ -1,0 +1,153 @@
+"""fuse-gelu: the erf GELU spellings become one Gelu node, checked against ONNX Runtime's own fusion
+(onnxruntime.quantization.fusions.FusionGelu) as an oracle and numerically against the unfused ops;
+insert-qdq{profile=ort-cpu} fuses it so that ONNX Runtime's Q/DQ graph keeps no Erf."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+from onnxruntime.quantization.fusions import FusionGelu
+from onnxruntime.quantization.onnx_model import ONNXModel
+
+from golden._quant_blocks import gelu_mlp
+from irtool.api import optimize
+from tests.passes.helpers import model_of, ops, run
+
+SPELLINGS = ["torch", "half-first", "keras", "tf"]
+
+
+def ort_fusion_count(proto: onnx.ModelProto) -> int:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    fusion = FusionGelu(ONNXModel(copy))
+    fusion.apply()
+    return sum(node.op_type == "Gelu" for node in fusion.model.model.graph.node)
+
+
+def with_constant_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The scalar constants as Constant nodes, as torch.onnx.export writes them."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    scalars = [t for t in out.graph.initializer if not t.dims]
+    for tensor in scalars:
+        out.graph.initializer.remove(tensor)
+    nodes = [helper.make_node("Constant", [], [t.name], name=f"{t.name}.node", value=t) for t in scalars]
+    rest = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + rest)
+    return out
+
+
+def outputs(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("constant_nodes", [False, True], ids=["initializers", "constant-nodes"])
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_fuses_what_onnxruntime_fuses_with_the_same_function(spelling, constant_nodes):
+    proto = gelu_mlp(spelling)
+    proto = with_constant_nodes(proto) if constant_nodes else proto
+    model = model_of(proto)
+    records = run(model, "fuse-gelu")
+    assert records[0].stats["fused"] == ort_fusion_count(proto) == 1
+    assert sorted(ops(model)) == ["Add", "Add", "Gelu", "MatMul", "MatMul"]  # Constant nodes went too
+    feeds = {"x": (np.random.default_rng(3).standard_normal((1, 4, 8)) * 4).astype(np.float32)}
+    want, got = outputs(proto, feeds)[0], outputs(model.to_proto(), feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_opset_decides_the_domain():
+    old, new = model_of(gelu_mlp(opset=17)), model_of(gelu_mlp(opset=20))
+    run(old, "fuse-gelu")
+    run(new, "fuse-gelu")
+    (gelu_old,), (gelu_new,) = ([n for n in m.nodes() if n.op == "Gelu"] for m in (old, new))
+    assert gelu_old.domain == "com.microsoft" and gelu_new.domain in (None, "")
+    assert gelu_new.attrs["approximate"] == "none"
+    assert {o.domain: o.version for o in old.to_proto().opset_import} == {"": 17, "com.microsoft": 1}
+
+
+def test_fuses_inside_if_branches():
+    then_body, else_body = (onnx.parser.parse_graph(f"""
+        {name} () => (float[4] out) {{
+            d = Div(x, sqrt2)
+            e = Erf(d)
+            a = Add(e, one)
+            m = Mul(x, a)
+            out = Mul(m, half)
+        }}""") for name in ("then_g", "else_g"))
+    del else_body.node[3:]  # else: not a GELU
+    else_body.node.append(helper.make_node("Mul", ["a", "half"], ["out"]))
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4] x, bool c) => (float[4] y) <float sqrt2 = {1.4142135}, float one = {1.0}, float half = {0.5}> {
+            y = Identity(x)
+        }""")
+    proto.graph.node[0].CopyFrom(helper.make_node("If", ["c"], ["y"], then_branch=then_body, else_branch=else_body))
+    model = model_of(proto)
+    assert run(model, "fuse-gelu")[0].stats["fused"] == 1
+    (if_node,) = list(model.graph.nodes)
+    assert [n.op for n in if_node.attrs["then_branch"].nodes] == ["Gelu"]
+    assert "Erf" in [n.op for n in if_node.attrs["else_branch"].nodes]
+    x = np.linspace(-5, 5, 4, dtype=np.float32)
+    for flag in (True, False):
+        feeds = {"x": x, "c": np.array(flag)}
+        np.testing.assert_allclose(outputs(model.to_proto(), feeds)[0], outputs(proto, feeds)[0], atol=1e-6)
+
+
+def test_input_model_is_not_modified():
+    proto = gelu_mlp()
+    before = proto.SerializeToString(deterministic=True)
+    result = optimize(proto, "fuse-gelu")
+    assert [o.domain for o in result.model.to_proto().opset_import] == ["", "com.microsoft"]
+    assert proto.SerializeToString(deterministic=True) == before  # the com.microsoft import went to the copy
+
+
+def optimized_ops(proto: onnx.ModelProto, tmp_path) -> list[str]:
+    """The node types ONNX Runtime's CPU provider runs after its own graph optimizations."""
+    path = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def calibration(count: int = 16) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((1, 4, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def test_int8_ort_cpu_runs_one_gelu_where_onnxruntime_would_run_five_ops(tmp_path):
+    proto = gelu_mlp()
+    fused = optimize(proto, "calibrate,insert-qdq", calibration_data=calibration()).model.to_proto()
+    unfused = optimize(proto, "calibrate,insert-qdq{fuse-gelu=false}", calibration_data=calibration()).model.to_proto()
+    fused_ops, unfused_ops = optimized_ops(fused, tmp_path), optimized_ops(unfused, tmp_path)
+    # Why the profile fuses: ONNX Runtime itself leaves the Q/DQ graph's GELU as Div, Erf, Add, Mul, Mul.
+    assert {"Erf", "Div"} <= set(unfused_ops) and "Gelu" not in unfused_ops
+    assert "Gelu" in fused_ops and "Erf" not in fused_ops and "Div" not in fused_ops
+    assert "QLinearMatMul" in fused_ops  # the integer kernels are still there around it
+    feeds = {"x": calibration(1)[0]["x"]}
+    np.testing.assert_array_equal(outputs(fused, feeds)[0], outputs(unfused, feeds)[0])
+
+
+def test_trt_profile_leaves_the_erf_ops():
+    proto = gelu_mlp()
+    result = optimize(proto, "calibrate,insert-qdq{profile=trt}", calibration_data=calibration())
+    assert "Erf" in ops(result.model) and "Gelu" not in ops(result.model)
+    assert [o.domain for o in result.model.to_proto().opset_import] == [""]
+
+
+def test_quant_pipeline_fuses_the_encoder_gelus():
+    torch_models = pytest.importorskip("tests.quant.torch_models")
+    proto = torch_models.encoder_proto()
+    expected = ort_fusion_count(proto)
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((2, 16, 32)).astype(np.float32)} for _ in range(4)]
+    result = optimize(proto, "quant", calibration_data=data)
+    assert expected == 2
+    assert result.records[-1].stats["gelu_fused"] == expected
+    assert "Erf" not in ops(result.model)
