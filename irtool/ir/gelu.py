@@ -51,18 +51,20 @@ def fuse_gelu(model: Model) -> int:
     # the values after it keep theirs.
     types = value_types(model) if not standard and any(found for _, found in matches) else {}
     for edit, found in matches:
+        positions = {id(node): index for index, node in enumerate(edit.graph.nodes)} if found else {}
         with edit:
             for match in found:
-                _replace(model, edit, match, standard, types.get(match.x.name))
+                # Where y's producer was: x is computed before it and y read after it.
+                position = positions[id(match.y.inputs[0])]
+                edit.graph.nodes[position] = _replace(model, edit, match, standard, types.get(match.x.name))
     return sum(len(found) for _, found in matches)
 
 
-def _replace(model: Model, edit: GraphEdit, match: Match, standard: bool, x_type=None) -> None:
+def _replace(model: Model, edit: GraphEdit, match: Match, standard: bool, x_type=None) -> gs.Node:
+    """Detach the chain (and Constant nodes only it read); returns the Gelu node to put in its place."""
     erf_name = match.nodes[1].name
     name = model.unique_name(f"{erf_name.rsplit('/', 1)[0] if '/' in erf_name else erf_name}/Gelu")
     inputs = [tensor for node in match.nodes for tensor in node.inputs]
-    last = match.y.inputs[0]
-    position = next(i for i, node in enumerate(edit.graph.nodes) if node is last)
     for node in match.nodes:
         edit.remove(node)
     for tensor in inputs:  # Constant nodes that fed only the removed ones
@@ -76,7 +78,7 @@ def _replace(model: Model, edit: GraphEdit, match: Match, standard: bool, x_type
     elif x_type is not None and x_type[0]:
         match.y.dtype = onnx.helper.tensor_dtype_to_np_dtype(x_type[0])
         match.y.shape = x_type[1]
-    edit.graph.nodes[position] = gelu  # where the chain's last node was: x is computed before, y read after
+    return gelu
 
 
 def _match(edit: GraphEdit, erf: gs.Node) -> Match | None:
