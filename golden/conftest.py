@@ -177,7 +177,7 @@ def load_case_model(case: Path) -> onnx.ModelProto:
 
 def to_runnable(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not proto.ir_version or proto.ir_version > MAX_ORT_IR_VERSION:
-        proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+        proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     return proto
 
 

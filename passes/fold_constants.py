@@ -159,7 +159,8 @@ def _single_node_model(node: gs.Node, opsets: dict[str, int]) -> tuple[onnx.Mode
     graph = onnx.helper.make_graph([OnnxExporter.export_node(node)], "fold", inputs, outputs)
     imports = [onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items()]
     proto = onnx.helper.make_model(graph, opset_imports=imports)
-    proto.ir_version = onnx.helper.find_min_ir_version_for(imports)
+    # ignore_unknown: onnx knows no IR version for custom domains (com.microsoft, ...) and would raise.
+    proto.ir_version = onnx.helper.find_min_ir_version_for(imports, ignore_unknown=True)
     return proto, feeds
 
 

@@ -41,8 +41,8 @@ class Model:
         self.source = source
         self._taken: set[str] | None = None
         if graph.ir_version is None:
-            graph.ir_version = onnx.helper.find_min_ir_version_for(
-                [onnx.helper.make_opsetid(d, v) for d, v in self.opset_imports.items()])
+            graph.ir_version = onnx.helper.find_min_ir_version_for(  # custom domains have no IR version
+                [onnx.helper.make_opsetid(d, v) for d, v in self.opset_imports.items()], ignore_unknown=True)
         name_unnamed_nodes(self)
 
     # ----------------------------------------------------------------- construction

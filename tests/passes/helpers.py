@@ -77,7 +77,7 @@ def run_ort(model: Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
 
     proto = model.to_proto() if isinstance(model, Model) else model
     if proto.ir_version > 10:
-        proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+        proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
