@@ -26,6 +26,10 @@ Side by side in one run, on the same ONNX models and the same calibration sample
                        method: mse is irtool only. Percentile uses 99.99 for both (ORT's default is 99.999).
 * floor       plain float ONNX Runtime inference over the same N samples, same batches and provider (data
               generation included in both; its share, timed inside the floor's loop, is also reported).
+* accuracy    with mobilenetv2 in --models: the digits nets of the test suite (plain, residual, MobileNet-like,
+              MobileNet-like with imbalanced depthwise BatchNorm), trained in the run on scikit-learn's digits,
+              quantized by both tools with minmax and the settings above; SQNR of the logits, top-1 agreement
+              with float and top-1 accuracy on the held-out images' true labels.
 
 Cells whose floor runs under 10 s time irtool's calibration in 3 rounds, each right after its own float
 floor, and report the median round's ratio (single runs of a few seconds moved by 30-45% on this shared
@@ -54,6 +58,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -101,6 +106,9 @@ RECOVERY_PIPELINES = {
 # transformation can recover. `mobilenet-imbalanced` adds the failure mode of Nagel et al. 2019 (depthwise
 # BatchNorm scales spread over three decades).
 DIGITS_ARCHS = ("mobilenet", "mobilenet-imbalanced")
+# Real accuracy against ONNX Runtime: every digits net of the test suite (plain, residual, MobileNet-like),
+# quantized by both tools with one recipe (minmax, per-channel s8 weights in [-64, 64], u8 activations, QDQ).
+DIGITS_ACCURACY_ARCHS = ("plain", "residual", *DIGITS_ARCHS)
 # To keep a full run near 25 min on 2 cores, N >= 1024 runs only these methods (enough for the memory check).
 LARGE_N_METHODS = {"resnet50": ("minmax",), "mobilenetv2": ("minmax", "entropy"), "vit": ("minmax", "entropy")}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
@@ -366,8 +374,9 @@ def work_ort(spec: dict) -> dict:
 
 
 def work_digits(spec: dict) -> dict:
-    """Train a digits MobileNet-like net, then plain INT8 against equalize + bias-correct (RECOVERY_PIPELINES) on
-    its held-out images: output SQNR, top-1 agreement with float, and top-1 accuracy on the true labels."""
+    """Train a digits net, then quantize it with ONNX Runtime's quantize_static and irtool's same recipe (and, on
+    the MobileNet-like nets, irtool's equalize + bias-correct: RECOVERY_PIPELINES); on its held-out images: output
+    SQNR, top-1 agreement with float, and top-1 accuracy on the true labels."""
     sys.path.insert(0, str(ROOT))
     from irtool.api import optimize
     from tests.prune.digits import calibration
@@ -376,16 +385,49 @@ def work_digits(spec: dict) -> dict:
     proto, data = train(spec["arch"])
     (x, labels), x_calib = data["test"], data["calib"][0]
     ref = logits(proto, x)
+
+    def scores(quantized: np.ndarray) -> dict:
+        top1 = quantized.argmax(1)
+        return {"sqnr_db": sqnr_db(ref, quantized), "top1": float(np.mean(top1 == ref.argmax(1))),
+                "accuracy": float(np.mean(top1 == labels))}
+
     out = {"float_accuracy": float(np.mean(ref.argmax(1) == labels)), "test_images": len(x),
-           "calib_images": len(x_calib)}
-    for mode, texts in RECOVERY_PIPELINES.items():
+           "calib_images": len(x_calib), "ort": scores(logits(_ort_minmax(proto, x_calib), x))}
+    pipelines = RECOVERY_PIPELINES if spec["arch"] in DIGITS_ARCHS else {"per-channel": RECOVERY_PIPELINES[
+        "per-channel"][:1]}
+    for mode, texts in pipelines.items():
         out[mode] = {}
-        for label, text in zip(("plain", "fixed"), texts, strict=True):
-            quantized = logits(optimize(proto, text, calibration_data=calibration(x_calib)).model.to_proto(), x)
-            top1 = quantized.argmax(1)
-            out[mode][label] = {"sqnr_db": sqnr_db(ref, quantized), "top1": float(np.mean(top1 == ref.argmax(1))),
-                                "accuracy": float(np.mean(top1 == labels))}
+        for label, text in zip(("plain", "fixed"), texts, strict=False):  # plain only where not recovering
+            quantized = optimize(proto, text, calibration_data=calibration(x_calib)).model.to_proto()
+            out[mode][label] = scores(logits(quantized, x))
     return out
+
+
+def _ort_minmax(proto, x_calib: np.ndarray, batch: int = 100):
+    """quantize_static as in work_ort (QDQ, per-channel, reduce_range, u8 x s8), minmax, on the digits images."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": x_calib[i:i + batch]} for i in range(0, len(x_calib), batch)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, path = str(Path(tmp) / "float.onnx"), str(Path(tmp) / "ort.onnx")
+        onnx.save(proto, source)  # an in-memory proto trips quantize_static's external-data round trip here
+        quantize_static(source, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        return onnx.load(path)
 
 
 def work_latency(spec: dict) -> dict:
@@ -680,7 +722,8 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
             lines += [""] + [f"- {note}" for note in notes]
     lines += recovery_lines(results) + digits_lines(digits)
     lines += ["", "### Targets", ""] + targets(results, samples, methods)
-    lines += [line for arch, rec in digits.items() if "error" not in rec
+    lines += [line for arch, rec in digits.items() if "error" not in rec for line in digits_accuracy_targets(arch, rec)]
+    lines += [line for arch, rec in digits.items() if "error" not in rec and arch in DIGITS_ARCHS
               for line in recovery_targets(f"{arch} (digits, trained)", rec)]
     return "\n".join(lines) + "\n"
 
@@ -718,7 +761,7 @@ def digits_lines(digits: dict) -> list[str]:
     if not digits:
         return []
     first = next(iter(digits.values()))
-    lines = ["", "### MobileNet-like nets trained on digits: equalize + bias-correct vs plain INT8 (minmax)", "",
+    lines = ["", "### Nets trained on digits: ONNX Runtime vs irtool INT8, and equalize + bias-correct (minmax)", "",
              "tests/quant/digits_models.py, trained in the run (fixed seed, 1000 images); calibration on "
              f"{first.get('calib_images')} further images, evaluation on the {first.get('test_images')} others "
              "against the float model and the true labels.", "",
@@ -728,12 +771,26 @@ def digits_lines(digits: dict) -> list[str]:
         if "error" in rec:
             lines.append(f"| {arch} | error: {rec['error']} | | | | |")
             continue
-        for mode, texts in RECOVERY_PIPELINES.items():
-            for label, text in zip(("plain", "fixed"), texts, strict=True):
-                r = rec[mode][label]
-                lines.append(f"| {arch} | {mode} | `{text}` | {_f(r['sqnr_db'])} | {_f(r['top1'], 3)} "
-                             f"| {_f(r['accuracy'], 3)} ({_f(rec['float_accuracy'], 3)}) |")
+        rows = [("per-channel", ORT_DIGITS, rec["ort"])]
+        rows += [(mode, text, rec[mode][label]) for mode, texts in RECOVERY_PIPELINES.items() if mode in rec
+                 for label, text in zip(("plain", "fixed"), texts, strict=True) if label in rec[mode]]
+        for mode, text, r in rows:
+            shown = text if text == ORT_DIGITS else f"`{text}`"
+            lines.append(f"| {arch} | {mode} | {shown} | {_f(r['sqnr_db'])} | {_f(r['top1'], 3)} "
+                         f"| {_f(r['accuracy'], 3)} ({_f(rec['float_accuracy'], 3)}) |")
     return lines
+
+
+ORT_DIGITS = "ONNX Runtime quantize_static (minmax, QDQ, per-channel, reduce_range, u8 x s8)"
+
+
+def digits_accuracy_targets(arch: str, rec: dict) -> list[str]:
+    """irtool's plain INT8 against quantize_static with the same recipe, on the same trained net and images."""
+    ours, ort = rec["per-channel"]["plain"], rec["ort"]
+    good = ours["sqnr_db"] >= ort["sqnr_db"] and ours["accuracy"] >= ort["accuracy"]
+    return [f"- {arch} (digits, trained): SQNR and accuracy >= ORT's, same recipe: **{'met' if good else 'NOT met'}** "
+            f"(SQNR {ours['sqnr_db']:.2f} vs {ort['sqnr_db']:.2f} dB, accuracy {ours['accuracy']:.3f} vs "
+            f"{ort['accuracy']:.3f}, float {rec['float_accuracy']:.3f})"]
 
 
 def recovery_lines(results: dict) -> list[str]:
@@ -866,8 +923,8 @@ def main(argv: list[str]) -> int:
         log.info("%s done, %.0f s elapsed", name, time.monotonic() - started)
     digits = {}
     if "mobilenetv2" in args.models.split(","):
-        for arch in DIGITS_ARCHS:
-            log.info("digits %s: train, plain INT8 vs equalize + bias-correct ...", arch)
+        for arch in DIGITS_ACCURACY_ARCHS:
+            log.info("digits %s: train, ORT and irtool INT8 (and equalize + bias-correct) ...", arch)
             digits[arch] = measure("digits", {"arch": arch})
     command = os.environ.get("BENCH_COMMAND") or " ".join([".venv/bin/python", "bench/quant_bench.py", *argv])
     text = render(results, samples, methods, command, (load_start, _uptime()), args.quick, digits)
