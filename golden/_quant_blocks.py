@@ -153,9 +153,36 @@ def erf_gelu(b: Builder, x: str, name: str, spelling: str = "torch") -> str:
     return b.node("Mul", [b.node("Mul", [half, a], f"{name}.ah"), x], name)
 
 
-def gelu_mlp(spelling: str = "torch", opset: int = 17) -> onnx.ModelProto:
-    """A transformer MLP on 4 tokens of width 8: x + W2·gelu(W1·x + b1)."""
+def tanh_gelu(b: Builder, x: str, name: str, spelling: str = "tanh-pow", cubic: float = 0.044715) -> str:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): tanh-pow as torch's legacy exporter writes
+    gelu(approximate="tanh") but with Pow for x³; tanh-mul as Hugging Face's gelu_new folded by hand,
+    √(2/π)·x·(1 + 0.044715·x·x), with Mul(Mul(x, 0.5), a) at the end."""
+    f32 = np.float32
+    if spelling == "tanh-pow":
+        cube = b.node("Pow", [x, b.const(f"{name}.three", 3.0, f32)], f"{name}.cube")
+        inner = b.node("Add", [x, b.node("Mul", [b.const(f"{name}.k", cubic, f32), cube], f"{name}.kcube")],
+                       f"{name}.inner")
+        arg = b.node("Mul", [b.const(f"{name}.c", (2 / np.pi) ** 0.5, f32), inner], f"{name}.arg")
+    else:
+        square = b.node("Mul", [x, x], f"{name}.square")
+        poly = b.node("Add", [b.const(f"{name}.one_", 1.0, f32),
+                              b.node("Mul", [square, b.const(f"{name}.k", cubic, f32)], f"{name}.ksquare")],
+                      f"{name}.poly")
+        arg = b.node("Mul", [b.node("Mul", [x, b.const(f"{name}.c", (2 / np.pi) ** 0.5, f32)], f"{name}.cx"), poly],
+                     f"{name}.arg")
+    a = b.node("Add", [b.node("Tanh", [arg], f"{name}.tanh"), b.const(f"{name}.one", 1.0, f32)], f"{name}.a")
+    half = b.const(f"{name}.half", 0.5, f32)
+    if spelling == "tanh-pow":
+        return b.node("Mul", [half, b.node("Mul", [x, a], f"{name}.xa")], name)
+    return b.node("Mul", [b.node("Mul", [x, half], f"{name}.xh"), a], name)
+
+
+def gelu_mlp(spelling: str = "torch", opset: int = 17, cubic: float = 0.044715) -> onnx.ModelProto:
+    """A transformer MLP on 4 tokens of width 8: x + W2·gelu(W1·x + b1), GELU in one of the spellings of
+    erf_gelu or tanh_gelu."""
     b = Builder(14)
     hidden = b.node("Add", [b.node("MatMul", ["x", b.w("w1", 8, 16)], "fc1"), b.w("b1", 16)], "fc1_bias")
-    b.node("Add", ["x", b.node("MatMul", [erf_gelu(b, hidden, "gelu", spelling), b.w("w2", 16, 8)], "fc2")], "y")
+    act = tanh_gelu(b, hidden, "gelu", spelling, cubic) if spelling.startswith("tanh") else \
+        erf_gelu(b, hidden, "gelu", spelling)
+    b.node("Add", ["x", b.node("MatMul", [act, b.w("w2", 16, 8)], "fc2")], "y")
     return b.model({"x": [1, 4, 8]}, "y", [1, 4, 8], opset)

@@ -20,10 +20,10 @@ Tensors that must share a scale (concat inputs for trt; tensors joined by data-m
 placement.SHARED_SCALE_OPS) use the union of their ranges; groups that overlap merge first. Mixed
 precision (min-sqnr / keep-fp) keeps the layers to which the output is most sensitive in float
 (passes/quant/sensitivity.py).
-GELU (ort-cpu, fuse-gelu=true): the erf GELU of transformer MLPs stays float between one DQ and one Q;
-ONNX Runtime cannot fuse it there (it gives Div and Mul separate DQ copies first), so the profile emits
-the fused Gelu itself (irtool.ir.gelu; com.microsoft.Gelu below opset 20). The trt profile leaves the
-five ops: TensorRT fuses pointwise chains itself and has no com.microsoft ops.
+GELU (ort-cpu, fuse-gelu=true): the GELU of transformer MLPs stays float between one DQ and one Q; ONNX
+Runtime cannot fuse it there (it gives each reader of x its own DQ copy first), so the profile emits the
+fused op itself (irtool.ir.gelu; com.microsoft.Gelu / FastGelu below opset 20, for the erf and tanh forms).
+The trt profile leaves the ops: TensorRT fuses pointwise chains itself and has no com.microsoft ops.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """fuse-gelu: the erf GELU spellings become one Gelu node, checked against ONNX Runtime's own fusion
-(onnxruntime.quantization.fusions.FusionGelu) as an oracle and numerically against the unfused ops;
-insert-qdq{profile=ort-cpu} fuses it so that ONNX Runtime's Q/DQ graph keeps no Erf."""
+(onnxruntime.quantization.fusions.FusionGelu) as an oracle and numerically against the unfused ops; the tanh
+form (FastGelu) from every spelling torch's two exporters write; insert-qdq{profile=ort-cpu} fuses both so
+that ONNX Runtime's Q/DQ graph keeps no Erf or Tanh."""
 
 from __future__ import annotations
+
+import io
+import math
 
 import numpy as np
 import onnx
@@ -59,6 +63,53 @@ def test_fuses_what_onnxruntime_fuses_with_the_same_function(spelling, constant_
     feeds = {"x": (np.random.default_rng(3).standard_normal((1, 4, 8)) * 4).astype(np.float32)}
     want, got = outputs(proto, feeds)[0], outputs(model.to_proto(), feeds)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("spelling", ["tanh-pow", "tanh-mul"])
+def test_fuses_the_tanh_form_with_the_same_function(spelling):
+    proto = with_constant_nodes(gelu_mlp(spelling))
+    model = model_of(proto)
+    assert run(model, "fuse-gelu")[0].stats["fused"] == 1
+    assert sorted(ops(model)) == ["Add", "Add", "FastGelu", "MatMul", "MatMul"]
+    feeds = {"x": (np.random.default_rng(4).standard_normal((1, 4, 8)) * 4).astype(np.float32)}
+    np.testing.assert_allclose(outputs(model.to_proto(), feeds)[0], outputs(proto, feeds)[0], rtol=0, atol=2e-6)
+
+
+def test_tanh_form_with_other_constants_is_left_alone():
+    model = model_of(gelu_mlp("tanh-pow", cubic=0.04))
+    assert run(model, "fuse-gelu")[0].stats["fused"] == 0
+    assert "Tanh" in ops(model)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy-exporter", "dynamo-exporter"])
+@pytest.mark.parametrize("form", ["approximate-tanh", "gelu-new-pow", "gelu-new-folded"])
+def test_fuses_every_tanh_spelling_torch_exports(form, dynamo):
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if form == "approximate-tanh":
+                g = torch.nn.functional.gelu(h, approximate="tanh")
+            elif form == "gelu-new-pow":  # Hugging Face's gelu_new
+                g = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+            else:
+                g = 0.5 * h * (1.0 + torch.tanh(0.7978845608028654 * h * (1.0 + 0.044715 * h * h)))
+            return self.out(g)
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(Net().eval(), (torch.randn(2, 8),), buffer, opset_version=17, dynamo=dynamo, input_names=["x"])
+    proto = onnx.load_from_string(buffer.getvalue())
+    result = optimize(proto, "cleanup,fuse-gelu")
+    assert result.records[-1].stats["fused"] == 1
+    assert "Tanh" not in ops(result.model) and "FastGelu" in ops(result.model)
+    feeds = {proto.graph.input[0].name: (np.random.default_rng(5).standard_normal((2, 8)) * 3).astype(np.float32)}
+    np.testing.assert_allclose(outputs(result.model.to_proto(), feeds)[0], outputs(proto, feeds)[0], atol=1e-6)
 
 
 def test_opset_decides_the_domain():
@@ -132,6 +183,15 @@ def test_int8_ort_cpu_runs_one_gelu_where_onnxruntime_would_run_five_ops(tmp_pat
     assert "QLinearMatMul" in fused_ops  # the integer kernels are still there around it
     feeds = {"x": calibration(1)[0]["x"]}
     np.testing.assert_array_equal(outputs(fused, feeds)[0], outputs(unfused, feeds)[0])
+
+
+def test_int8_ort_cpu_runs_one_fastgelu_for_the_tanh_form(tmp_path):
+    proto = gelu_mlp("tanh-pow")
+    fused = optimize(proto, "calibrate,insert-qdq", calibration_data=calibration()).model.to_proto()
+    unfused = optimize(proto, "calibrate,insert-qdq{fuse-gelu=false}", calibration_data=calibration()).model.to_proto()
+    assert "Tanh" in optimized_ops(unfused, tmp_path)  # ONNX Runtime does not fuse it between Q/DQ either
+    fused_ops = optimized_ops(fused, tmp_path)
+    assert "FastGelu" in fused_ops and "Tanh" not in fused_ops and "QLinearMatMul" in fused_ops
 
 
 def test_trt_profile_leaves_the_erf_ops():

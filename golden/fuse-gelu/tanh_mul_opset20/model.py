@@ -1,0 +1,5 @@
+from golden._quant_blocks import gelu_mlp
+
+
+def build():
+    return gelu_mlp("tanh-mul", opset=20)
