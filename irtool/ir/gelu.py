@@ -101,64 +101,47 @@ def _match(edit: GraphEdit, erf: gs.Node) -> Match | None:
     scale_node = edit.produced_here(scaled)
     if scale_node is None or _only_reader(edit, scaled) is not erf:
         return None
-    x = _scaled_input(scale_node)
-    add = _only_reader(edit, erf.outputs[0], "Add")
-    if x is None or add is None or _other_input(add, erf.outputs[0], 1.0) is None:
+    x, tail = _scaled_input(scale_node), _tail(edit, erf)
+    if x is None or tail is None or tail[0] is not x:
         return None
-    first = _only_reader(edit, add.outputs[0], "Mul")
-    tail = None if first is None else _tail(edit, x, add.outputs[0], first)
-    if tail is None:
-        return None
-    extra, y = tail
-    return Match(x, y, [scale_node, erf, add, first, extra])
-
-
-def _tail(edit: GraphEdit, x: gs.Tensor, a: gs.Tensor, first: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
-    """The other Mul of the GELU and its output, given `first` = the Mul that reads a = 1 + erf(...)."""
-    other = _other_input(first, a)
-    if other is None:
-        return None
-    if other is x or _is_scalar(other, 0.5):  # Mul(x, a) then ·0.5, or Mul(a, 0.5) then ·x (Keras)
-        second = _only_reader(edit, first.outputs[0], "Mul")
-        last = None if second is None else _other_input(second, first.outputs[0])
-        ok = last is not None and (_is_scalar(last, 0.5) if other is x else last is x)
-        return (second, second.outputs[0]) if ok else None
-    half = edit.produced_here(other)  # Mul(Mul(x, 0.5), a)
-    if half is None or half.op != "Mul" or not is_default_domain(half) or _only_reader(edit, other) is not first:
-        return None
-    return (half, first.outputs[0]) if _other_input(half, x, 0.5) is not None else None
+    return Match(x, tail[2], [scale_node, erf, *tail[1]])
 
 
 def _match_tanh(edit: GraphEdit, tanh: gs.Node) -> Match | None:
-    add = _only_reader(edit, tanh.outputs[0], "Add")
-    if add is None or _other_input(add, tanh.outputs[0], 1.0) is None:
-        return None
-    first = _only_reader(edit, add.outputs[0], "Mul")
-    x = None if first is None else _tanh_input(edit, add.outputs[0], first)
-    tail = None if x is None else _tail(edit, x, add.outputs[0], first)
-    cone = None if tail is None else _cone(edit, tanh.inputs[0], x)
+    tail = _tail(edit, tanh)
+    cone = None if tail is None else _cone(edit, tanh.inputs[0], tail[0])
     if cone is None:
         return None
-    nodes = [*cone, tanh, add, first, tail[0]]
-    if not _closed(edit, nodes, tail[1]) or not _is_tanh_gelu(edit, x, nodes, tail[1]):
+    x, rest, y = tail
+    nodes = [*cone, tanh, *rest]
+    if not _closed(edit, nodes, y) or not _is_tanh_gelu(edit, x, nodes, y):
         return None
-    return Match(x, tail[1], nodes, tanh=True)
+    return Match(x, y, nodes, tanh=True)
 
 
-def _tanh_input(edit: GraphEdit, a: gs.Tensor, first: gs.Node) -> gs.Tensor | None:
-    """x, read by the Mul tail after a = 1 + tanh(...): Mul(x, a), Mul(Mul(x, 0.5), a) or Mul(Mul(a, 0.5), x)."""
-    other = _other_input(first, a)
+def _tail(edit: GraphEdit, core: gs.Node) -> tuple[gs.Tensor, list[gs.Node], gs.Tensor] | None:
+    """After the Erf or Tanh: a = Add(core, 1), then Mul(Mul(x, a), 0.5), Mul(Mul(x, 0.5), a) or
+    Mul(Mul(a, 0.5), x). Returns (x, the Add and the two Muls, y) or None."""
+    add = _only_reader(edit, core.outputs[0], "Add")
+    if add is None or _other_input(add, core.outputs[0], 1.0) is None:
+        return None
+    a = add.outputs[0]
+    first = _only_reader(edit, a, "Mul")
+    other = None if first is None else _other_input(first, a)
     if other is None:
         return None
-    if _is_scalar(other, 0.5):
-        second = _only_reader(edit, first.outputs[0], "Mul")
-        return None if second is None else _other_input(second, first.outputs[0])
     half = edit.produced_here(other)
-    if half is not None and half.op == "Mul" and len(half.inputs) == 2:
+    if half is not None and half.op == "Mul" and is_default_domain(half) and _only_reader(edit, other) is first:
         for index in (0, 1):
-            if _is_scalar(half.inputs[1 - index], 0.5):
-                return half.inputs[index]
-    return other
+            if len(half.inputs) == 2 and _is_scalar(half.inputs[1 - index], 0.5):
+                return half.inputs[index], [add, half, first], first.outputs[0]
+    second = _only_reader(edit, first.outputs[0], "Mul")
+    last = None if second is None else _other_input(second, first.outputs[0])
+    if last is None:
+        return None
+    if _is_scalar(other, 0.5):  # Keras: 0.5 first, x last
+        return last, [add, first, second], second.outputs[0]
+    return (other, [add, first, second], second.outputs[0]) if _is_scalar(last, 0.5) else None
 
 
 def _cone(edit: GraphEdit, start: gs.Tensor, x: gs.Tensor) -> list[gs.Node] | None:
