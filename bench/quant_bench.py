@@ -324,7 +324,7 @@ def work_irtool(spec: dict) -> dict:
 
 def work_ort(spec: dict) -> dict:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import CalibrationDataReader
     ort_quantize = sys.modules["onnxruntime.quantization.quantize"]
 
     method, n = spec["method"], spec["n"]
@@ -360,12 +360,7 @@ def work_ort(spec: dict) -> dict:
     ort_quantize.create_calibrator = create_calibrator
     proto = onnx.load(spec["model_path"])
     started, cpu = time.perf_counter(), time.process_time()
-    # reduce_range: weights in [-64, 64], as irtool's ort-cpu default; ONNX Runtime's u8 x s8 kernels saturate on x86
-    # CPUs without VNNI (this machine), so full-range weights would compare saturation, not quantizers.
-    ort_quantize.quantize_static(proto, spec["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                 reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                 calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]),
-                                 extra_options={"CalibPercentile": PERCENTILE})
+    _quantize_static(proto, spec["out"], Reader(), method)
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
     out = {"calib_s": sum(calib.values()), "calib_parts_s": calib, "total_s": total, "total_cpu_s": total_cpu,
            "peak_rss_mb": peak_rss_mb()}
@@ -403,16 +398,23 @@ def work_digits(spec: dict) -> dict:
     return out
 
 
+def _quantize_static(model, out: str, reader, method: str) -> None:
+    """ONNX Runtime's quantize_static with the benchmark's settings (QDQ, per-channel, u8 x s8)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    ort_quantize = sys.modules["onnxruntime.quantization.quantize"]  # where work_ort times create_calibrator
+
+    # reduce_range: weights in [-64, 64], as irtool's ort-cpu default; ONNX Runtime's u8 x s8 kernels saturate on x86
+    # CPUs without VNNI (this machine), so full-range weights would compare saturation, not quantizers.
+    ort_quantize.quantize_static(model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                 reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                 calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]),
+                                 extra_options={"CalibPercentile": PERCENTILE})
+
+
 def _ort_minmax(proto, x_calib: np.ndarray, batch: int = 100):
-    """quantize_static as in work_ort (QDQ, per-channel, reduce_range, u8 x s8), minmax, on the digits images."""
+    """_quantize_static with minmax on the digits images."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -424,9 +426,7 @@ def _ort_minmax(proto, x_calib: np.ndarray, batch: int = 100):
     with tempfile.TemporaryDirectory() as tmp:
         source, path = str(Path(tmp) / "float.onnx"), str(Path(tmp) / "ort.onnx")
         onnx.save(proto, source)  # an in-memory proto trips quantize_static's external-data round trip here
-        quantize_static(source, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        _quantize_static(source, path, Reader(), "minmax")
         return onnx.load(path)
 
 
