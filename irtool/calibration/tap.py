@@ -40,7 +40,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from irtool.calibration.observers import spatial_stride, subsample
-from irtool.calibration.schedule import MIN_RENUMBERED_SHARE, calibration_session
+from irtool.calibration.schedule import MIN_RENUMBERED_SHARE, calibration_session, session_with_weights
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -51,8 +51,9 @@ if TYPE_CHECKING:  # the engine imports this module
 log = logging.getLogger(__name__)
 
 
-def tapped_proto(model: Model, names: list[str]) -> onnx.ModelProto:
-    proto = model.to_proto()
+def tapped_proto(model: Model, names: list[str], weights: dict | None = None) -> onnx.ModelProto:
+    """The model with `names` as extra outputs; `weights`: see Model.to_proto."""
+    proto = model.to_proto(weights)
     types = infer_types(proto)
     existing = {o.name for o in proto.graph.output}
     for name in names:
@@ -113,12 +114,12 @@ class _Taps:
         return [out for out in (self.high, self.low, self.nan, self.sample) if out]
 
 
-def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sample_extremes: bool = False
-                      ) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
+def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sample_extremes: bool = False,
+                      weights: dict | None = None) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
     """A copy of the model whose extra outputs summarize the tensors in `names`; returns (proto, names tapped
     whole, {name: its summary outputs}). With `sample_extremes` (and max_per_sample > 0) the tensors other than
-    graph inputs get no min/max reduction: their extremes are the sample's."""
-    proto = model.to_proto()
+    graph inputs get no min/max reduction: their extremes are the sample's. `weights`: see Model.to_proto."""
+    proto = model.to_proto(weights)
     types = infer_types(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = proto.graph
@@ -315,17 +316,18 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
     `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample.
     `timings` gets the time spent building the session added to its `session`."""
-    started = time.perf_counter()
+    started, weights = time.perf_counter(), {}
     if summary is None:
-        proto, whole, reduced = tapped_proto(model, names), list(names), {}
+        proto, whole, reduced = tapped_proto(model, names, weights), list(names), {}
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = session_with_weights(proto, options, weights)
     else:
-        proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes)
+        proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes, weights)
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
-                                      may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE)
+                                      may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE, weights=weights)
+    del proto, weights  # the session holds what it needs
     if timings is not None:
         timings.session += time.perf_counter() - started
     input_names = [i.name for i in session.get_inputs()]

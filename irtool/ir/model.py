@@ -66,12 +66,14 @@ class Model:
         return Model.from_proto(self.to_proto(), source=self.source, checked=True)
 
     # ----------------------------------------------------------------- export
-    def to_proto(self) -> onnx.ModelProto:
-        """Export to a ModelProto, nodes in topological order, unused tensors kept as they are."""
+    def to_proto(self, weights: dict | None = None) -> onnx.ModelProto:
+        """Export to a ModelProto, nodes in topological order, unused tensors kept as they are. With a
+        `weights` dict, large weights stay out of the proto (irtool.ir.convert.export_model): only for an
+        ONNX Runtime session given them with `add_external_initializers`."""
         with paused_gc():  # see irtool.ir.convert.paused_gc: large graphs make every GC pass expensive
             for graph in self.graphs():
                 toposort_graph(graph)
-            proto = export_model(self.graph, do_type_check=False)  # == gs.export_onnx, fewer copies
+            proto = export_model(self.graph, do_type_check=False, weights=weights)  # == gs.export_onnx, fewer copies
         proto.model_version = self.model_version
         proto.domain = self.domain
         proto.doc_string = self.doc_string

@@ -1,0 +1,109 @@
+"""Calibration sessions take the model's large weights from its arrays, in place, instead of through the proto."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from irtool.calibration.schedule import calibration_session, session_with_weights
+from irtool.ir.convert import WEIGHTS_IN_MEMORY
+from irtool.ir.model import Model
+
+RNG = np.random.default_rng(0)
+
+
+def _conv_net() -> onnx.ModelProto:
+    """Conv 16 -> 32 (4608 weights), Relu, GlobalAveragePool, Flatten, Gemm 32 -> 40 (1280 weights); a bfloat16
+    table and an int64 index table, both large, beside it."""
+    w = RNG.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1
+    g = RNG.standard_normal((40, 32)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "g", "gb"], ["y"], transB=1),
+             helper.make_node("Cast", ["bf"], ["bf32"], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["bf32", "idx"], ["t"])]
+    bf16 = helper.make_tensor("bf", TensorProto.BFLOAT16, [2048], np.arange(2048, dtype=np.float32) / 7,
+                              raw=False)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(32, np.float32), "b"),
+             numpy_helper.from_array(g, "g"), numpy_helper.from_array(np.full(40, 0.5, np.float32), "gb"),
+             bf16, numpy_helper.from_array(np.arange(2000, dtype=np.int64) % 2048, "idx")]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 40]),
+                               helper.make_tensor_value_info("t", TensorProto.FLOAT, [2000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _feeds(seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((2, 16, 8, 8)).astype(np.float32)}
+
+
+def test_large_plain_weights_stay_out_of_the_proto_and_come_back_as_arrays():
+    source = _conv_net()
+    weights: dict[str, np.ndarray] = {}
+    proto = Model.from_proto(source).to_proto(weights)
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert sorted(weights) == ["g", "idx", "w"]  # large and plain; the bfloat16 table is exported whole
+    for name in weights:
+        tensor = inits[name]
+        assert tensor.data_location == TensorProto.EXTERNAL and not tensor.raw_data
+        assert {e.key: e.value for e in tensor.external_data} == {"location": WEIGHTS_IN_MEMORY}
+        original = numpy_helper.to_array(next(t for t in source.graph.initializer if t.name == name))
+        np.testing.assert_array_equal(weights[name], original)
+        assert list(tensor.dims) == list(original.shape) and weights[name].flags.c_contiguous
+    assert inits["bf"] == next(t for t in source.graph.initializer if t.name == "bf")
+    assert inits["b"].raw_data and inits["gb"].raw_data  # small: inline, where shape inference can read them
+    assert sum(len(t.raw_data) for t in proto.graph.initializer) < 5000
+
+
+def test_arrays_edited_in_the_ir_are_handed_over_too():
+    """After a pass replaced a weight by a numpy array (not a lazily read proto), that array is what the session
+    gets."""
+    model = Model.from_proto(_conv_net())
+    conv = next(n for n in model.graph.nodes if n.op == "Conv")
+    conv.inputs[1].values = conv.inputs[1].values * 2
+    weights: dict[str, np.ndarray] = {}
+    model.to_proto(weights)
+    np.testing.assert_array_equal(weights["w"], conv.inputs[1].values)
+
+
+def test_a_session_given_the_weights_computes_what_the_whole_proto_computes():
+    model = Model.from_proto(_conv_net())
+    plain = ort.InferenceSession(model.to_proto().SerializeToString(), providers=["CPUExecutionProvider"])
+    weights: dict[str, np.ndarray] = {}
+    aside = session_with_weights(model.to_proto(weights), ort.SessionOptions(), weights)
+    scheduled = calibration_session(model.to_proto(weights), ["y", "t"], weights=weights)
+    for seed in range(3):
+        want = plain.run(None, _feeds(seed))
+        for session in (aside, scheduled):
+            for got, ref in zip(session.run(None, _feeds(seed)), want, strict=True):
+                np.testing.assert_array_equal(got, ref)
+
+
+def test_the_session_keeps_the_arrays_alive():
+    """ONNX Runtime may read the arrays in place (where it does not prepack or transform a weight) and holds no
+    reference to them: the session does, so the caller's dict may go away (a lazily read model's arrays exist
+    nowhere else)."""
+    model = Model.from_proto(_conv_net())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no transformed copies either
+    want = ort.InferenceSession(model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"]
+                                ).run(None, _feeds(1))
+    weights: dict[str, np.ndarray] = {}
+    session = session_with_weights(model.to_proto(weights), options, weights)
+    alive = [weakref.ref(array) for array in weights.values()]
+    del weights
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
+    litter = [np.full(4608, 1e30, np.float32) for _ in range(200)]
+    for got, ref in zip(session.run(None, _feeds(1)), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    assert len(litter) == 200
