@@ -1,4 +1,4 @@
-"""Calibration sessions take the model's large weights from its arrays, in place, instead of through the proto."""
+"""Calibration sessions take the large weights from the IR's arrays, in place; channel means pool in the graph."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from irtool.calibration.schedule import calibration_session, session_with_weights
+from irtool.calibration.tap import _pooled_proto, channel_means
 from irtool.ir.convert import WEIGHTS_IN_MEMORY
 from irtool.ir.model import Model
 
 RNG = np.random.default_rng(0)
 
 
-def _conv_net() -> onnx.ModelProto:
+def _conv_net(batch: int | str = 2) -> onnx.ModelProto:
     """Conv 16 -> 32 (4608 weights), Relu, GlobalAveragePool, Flatten, Gemm 32 -> 40 (1280 weights); a bfloat16
     table and an int64 index table, both large, beside it."""
     w = RNG.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1
@@ -34,8 +35,8 @@ def _conv_net() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(32, np.float32), "b"),
              numpy_helper.from_array(g, "g"), numpy_helper.from_array(np.full(40, 0.5, np.float32), "gb"),
              bf16, numpy_helper.from_array(np.arange(2000, dtype=np.int64) % 2048, "idx")]
-    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 40]),
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 40]),
                                helper.make_tensor_value_info("t", TensorProto.FLOAT, [2000])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -107,3 +108,32 @@ def test_the_session_keeps_the_arrays_alive():
     for got, ref in zip(session.run(None, _feeds(1)), want, strict=True):
         np.testing.assert_array_equal(got, ref)
     assert len(litter) == 200
+
+
+def test_channel_means_pool_conv_inputs_in_graph_and_weigh_every_sample_alike():
+    """Conv inputs are averaged per sample by a pool in the graph, the Gemm's [N, K] input comes out whole; with
+    batches of 3 and 1 samples the result is the mean over all four samples (float64 reference), and the session
+    fetches no whole [N, C, H, W] tensor."""
+    model = Model.from_proto(_conv_net(batch="N"))
+    batches = [{"x": np.concatenate([_feeds(s)["x"] for s in (1, 2)])[:3]}, {"x": _feeds(3)["x"][:1]}]
+    axes = {"x": 1, "r": 1, "f": -1}
+    proto, pooled = _pooled_proto(model, axes, {})
+    assert sorted(pooled) == ["r", "x"] and "r" not in {o.name for o in proto.graph.output}
+    reference = ort.InferenceSession(_with_outputs(model, ["r", "f"]), providers=["CPUExecutionProvider"])
+    everything = {"x": [], "r": [], "f": []}
+    for batch in batches:
+        r, f = reference.run(["r", "f"], batch)
+        everything["x"].append(batch["x"])
+        everything["r"].append(r)
+        everything["f"].append(f)
+    got = channel_means(model, axes, batches)
+    for name, axis in axes.items():
+        values = np.concatenate(everything[name]).astype(np.float64)
+        want = values.mean(axis=tuple(i for i in range(values.ndim) if i != axis % values.ndim))
+        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-7)
+
+
+def _with_outputs(model: Model, names: list[str]) -> bytes:
+    proto = model.to_proto()
+    proto.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return proto.SerializeToString()
