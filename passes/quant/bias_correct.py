@@ -7,7 +7,9 @@ channel means E[x_i] measured on the float model over the calibration data, the 
 to every quantized Conv/Gemm bias (border padding, where x is 0, is ignored). Measuring each layer's
 shift in a fully quantized model instead would double-count: a layer's shift also contains the
 upstream layers' errors, which their own corrections already remove. Runs between `calibrate` and
-`insert-qdq` (it only needs the data, not the ranges, but shares insert-qdq's weight options).
+`insert-qdq` (it only needs the data, not the ranges, but shares insert-qdq's weight options). It corrects
+every layer insert-qdq may quantize and records their original biases in the model's metadata: insert-qdq
+puts them back on the layers whose weights it leaves float (exclusions, keep-first/last, mixed precision).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx_graphsurgeon as gs
 from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, quantize_weight
+from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, quantize_weight, record_bias_corrections
 from irtool.passes.quant.placement import Selection, weight_axis
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -29,6 +31,13 @@ BIASED = ("Conv", "Gemm")
 
 def _channel_axis(node: gs.Node) -> int:
     return 1 if node.op == "Conv" else -1
+
+
+def _original_bias(node: gs.Node) -> dict | None:
+    if len(node.inputs) > 2:
+        values = np.asarray(node.inputs[2].values)
+        return {"shape": list(values.shape), "values": [float(v) for v in values.ravel()]}
+    return None
 
 
 def _add_to_bias(model: Model, node: gs.Node, delta: np.ndarray) -> None:
@@ -59,15 +68,19 @@ class BiasCorrect(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if ctx.calibration_data is None:
             raise InputError("bias-correct needs calibration data (--calib-data PATH)")
-        layers = [n for n in Selection().enabled(model) if n.op in BIASED and not n.attrs.get("transA", 0)]
+        # A bias computed in the graph is left alone: the correction replaces a constant bias.
+        layers = [n for n in Selection().enabled(model) if n.op in BIASED and not n.attrs.get("transA", 0)
+                  and (len(n.inputs) < 3 or isinstance(n.inputs[2], gs.Constant))]
         axes = {n.inputs[0].name: _channel_axis(n) for n in layers}
         means = channel_means(model, axes, ctx.calibration_data())
-        largest = 0.0
+        largest, originals = 0.0, {}
         for node in layers:
             delta = _shift(node, means[node.inputs[0].name], self.options.per_channel,
                            REDUCED_RANGE if self.options.reduce_range else FULL_RANGE)
+            originals[node.name] = _original_bias(node)
             _add_to_bias(model, node, delta)
             largest = max(largest, float(np.abs(delta).max()))
+        record_bias_corrections(model, originals)
         return PassResult(modified=bool(layers), preserved=("shapes",),
                           stats={"layers": len(layers), "largest_shift": round(largest, 6)})
 

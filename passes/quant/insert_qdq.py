@@ -29,6 +29,7 @@ The trt profile leaves the ops: TensorRT fuses pointwise chains itself and has n
 from __future__ import annotations
 
 import enum
+import json
 import logging
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_r
 from irtool.passes.quant.placement import PLANNERS, Profile, QuantPlan, Selection, WeightSlot
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
+
+# bias-correct's record of the biases it changed (record_bias_corrections), read and dropped here.
+BIAS_CORRECTION_KEY = "irtool.bias_correction"
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +120,41 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
     stored: dict[str, gs.Variable] = {}
     for node, index in plan.constants:
         _quantize_constant(model, node, index, placement.signed, stored)
+    quantized = set()
     for slot in plan.weights:
         scale = _quantize_weight_slot(model, slot, placement.weight_limit)
-        if scale is not None and placement.profile is Profile.ORT_CPU:
-            _quantize_bias(model, slot.node, scale, slot.axis)
+        if scale is not None:
+            quantized.add(slot.node.name)
+            if placement.profile is Profile.ORT_CPU:
+                _quantize_bias(model, slot.node, scale, slot.axis)
+    restore_uncorrected_biases(model, quantized)
     toposort_graph(model.graph)  # new Q/DQ nodes were appended at the end
     return pairs
+
+
+def record_bias_corrections(model: Model, originals: dict[str, dict | None]) -> None:
+    """Note each corrected layer's bias before correction ({"shape", "values"}, None: it had none), for
+    restore_uncorrected_biases; a layer corrected twice keeps its first original."""
+    record = json.loads(model.metadata.get(BIAS_CORRECTION_KEY, "{}"))
+    for name, bias in originals.items():
+        record.setdefault(name, bias)
+    model.metadata[BIAS_CORRECTION_KEY] = json.dumps(record, sort_keys=True)
+
+
+def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
+    """Give every layer that `bias-correct` corrected but whose weight stays float (excluded, or kept float by
+    mixed precision) its original bias back: the correction cancels a weight rounding error it does not have."""
+    record = json.loads(model.metadata.get(BIAS_CORRECTION_KEY, "{}"))
+    for node in model.graph.nodes:
+        if node.name not in record or node.name in quantized or len(node.inputs) < 3:
+            continue
+        original = record[node.name]
+        if original is None:
+            node.inputs.pop()
+        else:
+            dtype = np.asarray(node.inputs[2].values).dtype
+            values = np.asarray(original["values"], dtype).reshape(original["shape"])
+            node.inputs[2] = gs.Constant(model.unique_name(f"{node.name}_bias"), values)
 
 
 def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -250,6 +283,7 @@ class InsertQDQ(Pass):
         pairs = apply_plan(model, plan, ranges, placement)
         fused = fuse_gelu(model) if self.options.fuse_gelu and self.options.profile is Profile.ORT_CPU else 0
         del model.metadata[METADATA_KEY]
+        model.metadata.pop(BIAS_CORRECTION_KEY, None)
         return PassResult(modified=True, stats={
             "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),
             "layers_kept_float": sorted(selection.keep_fp), "gelu_fused": fused, "profile": self.options.profile.value})

@@ -90,3 +90,37 @@ def test_equalize_and_bias_correct_recover_half_of_the_int8_loss_on_mobilenet():
     assert noise_fixed <= 0.5 * noise_plain, (sqnr_db(ref, logits(plain, x)), sqnr_db(ref, logits(fixed, x)))
     y = data["test"][1]
     assert (logits(fixed, x).argmax(1) == y).mean() >= (logits(plain, x).argmax(1) == y).mean()
+
+
+def _conv_biases(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each Conv's float bias by node name (a quantized one, read through a DequantizeLinear, is left out)."""
+    w = weights(proto)
+    return {n.name: w[n.input[2]] for n in proto.graph.node if n.op_type == "Conv" and n.input[2] in w}
+
+
+@pytest.mark.parametrize("options", ["exclude=conv1", "keep-first=true", "keep-fp=1"])
+def test_layers_left_float_get_their_original_bias_back(options):
+    """bias-correct corrects every layer insert-qdq may quantize; the ones insert-qdq then leaves float (here the
+    first conv, by exclusion, keep-first or mixed precision) have no weight rounding to cancel, so they get
+    their bias back exactly, while the quantized layer keeps its correction; the record leaves the model."""
+    proto = unbalanced_chain()
+    x = np.random.default_rng(2).standard_normal((8, 1, 3, 8, 8)).astype(np.float32)
+    data = lambda: iter({"x": s} for s in x)  # noqa: E731
+    original = _conv_biases(proto)
+    corrected = optimize(proto, "calibrate,bias-correct", calibration_data=data)
+    assert "irtool.bias_correction" in corrected.model.metadata
+    before = _conv_biases(corrected.model.to_proto())
+    assert all(not np.array_equal(before[k], original[k]) for k in original)
+    result = optimize(proto, f"calibrate,bias-correct,insert-qdq{{{options}}}", calibration_data=data)
+    out = result.model.to_proto()
+    kept = next(r.stats["layers_kept_float"] for r in result.records if r.name == "insert-qdq")
+    float_convs = {n.name for n in out.graph.node if n.op_type == "Conv"
+                   and not any(p.output[0] == n.input[1] and p.op_type == "DequantizeLinear" for p in out.graph.node)}
+    assert len(float_convs) == 1 and (options != "keep-fp=1" or set(kept) == float_convs)
+    after = _conv_biases(out)
+    assert set(after) == float_convs
+    for name in float_convs:
+        np.testing.assert_array_equal(after[name], original[name])
+    bias_of = {n.name: n.input[2] for n in out.graph.node if n.op_type == "Conv"}
+    assert all("_corrected" in bias_of[name] for name in set(original) - float_convs)
+    assert "irtool.bias_correction" not in result.model.metadata
