@@ -28,6 +28,18 @@ def _outputs(model: Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
     return list(tap(model, names, islice(ctx.calibration_data(), MAX_EVAL_BATCHES)))
 
 
+def float_outputs(model: Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    """The float model's outputs, the reference of every SQNR here. After `bias-correct` the model carries
+    corrected biases, which only quantized weights should see: they are restored on a copy first."""
+    from irtool.passes.quant.insert_qdq import BIAS_CORRECTION_KEY, restore_uncorrected_biases
+
+    if BIAS_CORRECTION_KEY not in model.metadata:
+        return _outputs(model, ctx)
+    original = model.copy()
+    restore_uncorrected_biases(original, set())
+    return _outputs(original, ctx)
+
+
 def output_sqnr(reference: list[dict[str, np.ndarray]], test: list[dict[str, np.ndarray]]) -> float:
     signal = noise = 0.0
     for ref, out in zip(reference, test, strict=True):
@@ -51,7 +63,7 @@ def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext) -
     """(layer, SQNR with only that layer quantized), most sensitive first."""
     from irtool.passes.quant.placement import Selection
 
-    reference = _outputs(model, ctx)
+    reference = float_outputs(model, ctx)
     layers = [n.name for n in base.enabled(model)]
     results = []
     for index, name in enumerate(layers):
@@ -68,7 +80,7 @@ def keep_in_float(model: Model, ranges, placement, base, ctx: PassContext, *, mi
 
     if ctx.calibration_data is None:
         raise InputError("mixed precision (min-sqnr / keep-fp) needs calibration data")
-    reference = _outputs(model, ctx)
+    reference = float_outputs(model, ctx)
     if min_sqnr is not None and not keep_fp:
         # The common case costs one evaluation: the fully quantized model already meets the target.
         full = quantized_sqnr(model, ranges, placement, base, reference, ctx)
@@ -148,7 +160,7 @@ def sensitivity_report(model: Model, ranges, placement, ctx: PassContext) -> Sen
     base = Selection()
     ops = {n.name: n.op for n in model.graph.nodes}
     ranked = layer_sensitivity(model, ranges, placement, base, ctx)
-    full = quantized_sqnr(model, ranges, placement, base, _outputs(model, ctx), ctx)
+    full = quantized_sqnr(model, ranges, placement, base, float_outputs(model, ctx), ctx)
     return SensitivityReport([(name, ops[name], sqnr) for name, sqnr in ranked], full,
                              placement.profile.value, placement.activations.value)
 

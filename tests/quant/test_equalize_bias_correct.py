@@ -124,3 +124,27 @@ def test_layers_left_float_get_their_original_bias_back(options):
     bias_of = {n.name: n.input[2] for n in out.graph.node if n.op_type == "Conv"}
     assert all("_corrected" in bias_of[name] for name in set(original) - float_convs)
     assert "irtool.bias_correction" not in result.model.metadata
+
+
+def test_sensitivity_is_measured_against_the_float_model_not_the_corrected_one():
+    """After bias-correct, a layer's sensitivity is the SQNR, against the original float model's outputs, of the
+    model with only that layer quantized (and corrected): the same number insert-qdq with the other layer
+    excluded gives. Against the corrected float model it would count the correction itself as noise."""
+    from irtool.passes.quant.calibrate import stored_ranges
+    from irtool.passes.quant.insert_qdq import ActivationType, Placement, Profile
+    from irtool.passes.quant.placement import Selection
+    from irtool.passes.quant.sensitivity import layer_sensitivity, output_sqnr
+    from irtool.passmanager import PassContext
+
+    proto = unbalanced_chain()
+    x = np.random.default_rng(3).standard_normal((8, 1, 3, 8, 8)).astype(np.float32)
+    data = lambda: iter({"x": s} for s in x)  # noqa: E731
+    model = optimize(proto, "calibrate,bias-correct", calibration_data=data).model
+    placement = Placement(Profile.ORT_CPU, ActivationType.U8, True, True)
+    ctx = PassContext(calibration_data=data)
+    got = dict(layer_sensitivity(model, stored_ranges(model), placement, Selection(), ctx))
+    reference = [{"y": run(proto, s)} for s in x]
+    for layer, other in (("conv1", "y"), ("y", "conv1")):
+        only = optimize(proto, f"calibrate,bias-correct,insert-qdq{{exclude=^{other}$}}",
+                        calibration_data=data).model.to_proto()
+        assert got[layer] == pytest.approx(output_sqnr(reference, [{"y": run(only, s)} for s in x]), abs=1e-6)
