@@ -71,6 +71,8 @@ class BiasCorrect(Pass):
         # A bias computed in the graph is left alone: the correction replaces a constant bias.
         layers = [n for n in Selection().enabled(model) if n.op in BIASED and not n.attrs.get("transA", 0)
                   and (len(n.inputs) < 3 or isinstance(n.inputs[2], gs.Constant))]
+        if not layers:  # no data pass for nothing (a transformer exported with MatMul + Add only)
+            return PassResult(modified=False, stats={"layers": 0, "largest_shift": 0.0})
         axes = {n.inputs[0].name: _channel_axis(n) for n in layers}
         means = channel_means(model, axes, ctx.calibration_data())
         largest, originals = 0.0, {}

@@ -137,3 +137,10 @@ def _with_outputs(model: Model, names: list[str]) -> bytes:
     proto = model.to_proto()
     proto.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
     return proto.SerializeToString()
+
+
+def test_channel_means_of_nothing_is_empty():
+    """ONNX Runtime returns every output when asked for none: no value names, no run (bias-correct on a
+    transformer whose layers are MatMul + Add)."""
+    model = Model.from_proto(_conv_net())
+    assert channel_means(model, {}, [_feeds(0)]) == {}
