@@ -99,7 +99,7 @@ def test_same_seed_same_bytes():
 def test_mixed_precision_keeps_sensitive_layers_in_float():
     proto, data = trained("mobilenet")
     x, x_calib = data["test"][0], data["calib"][0]
-    full = quantize(proto, "quant", x_calib)
+    full = quantize(proto, "cleanup,fold-bn,calibrate,insert-qdq", x_calib)
     kept = quantize(proto, "cleanup,fold-bn,calibrate,insert-qdq{keep-fp=2}", x_calib)
     assert len(kept.records[-1].stats["layers_kept_float"]) == 2
     assert kept.records[-1].stats["layers_quantized"] == full.records[-1].stats["layers_quantized"] - 2
@@ -109,6 +109,21 @@ def test_mixed_precision_keeps_sensitive_layers_in_float():
     reached = quantize(proto, f"cleanup,fold-bn,calibrate,insert-qdq{{min-sqnr={target:.1f}}}", x_calib)
     stats = reached.records[-1].stats
     assert 1 <= len(stats["layers_kept_float"]) < full.records[-1].stats["layers_quantized"]
+
+
+@pytest.mark.parametrize("arch", ["plain", "mobilenet"])
+def test_the_quant_pipeline_corrects_biases(arch):
+    """`quant` runs bias-correct: on the trained nets its logit SQNR beats the same pipeline without it (measured
+    +1.2 dB on the plain CNN, +4.0 dB on the MobileNet-like one), with biases changed on every quantized layer."""
+    proto, data = trained(arch)
+    x, x_calib = data["test"][0], data["calib"][0]
+    ref = logits(proto, x)
+    corrected = quantize(proto, "quant", x_calib)
+    plain = quantize(proto, "cleanup,fold-bn,calibrate{profile=ort-cpu},insert-qdq{min-sqnr=20}", x_calib)
+    stats = {r.name: r.stats for r in corrected.records}
+    assert stats["bias-correct"]["layers"] == stats["insert-qdq"]["layers_quantized"]
+    gain = sqnr_db(ref, logits(corrected.model.to_proto(), x)) - sqnr_db(ref, logits(plain.model.to_proto(), x))
+    assert gain > (0.5 if arch == "plain" else 2.0), gain
 
 
 def test_exclusions_and_first_last():
