@@ -36,7 +36,7 @@ def _channel_axis(node: gs.Node) -> int:
 def _original_bias(node: gs.Node) -> dict | None:
     if len(node.inputs) > 2:
         values = np.asarray(node.inputs[2].values)
-        return {"shape": list(values.shape), "values": [float(v) for v in values.ravel()]}
+        return {"name": node.inputs[2].name, "shape": list(values.shape), "values": [float(v) for v in values.ravel()]}
     return None
 
 

@@ -133,7 +133,7 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
 
 
 def record_bias_corrections(model: Model, originals: dict[str, dict | None]) -> None:
-    """Note each corrected layer's bias before correction ({"shape", "values"}, None: it had none), for
+    """Note each corrected layer's bias before correction ({"name", "shape", "values"}, None: none), for
     restore_uncorrected_biases; a layer corrected twice keeps its first original."""
     record = json.loads(model.metadata.get(BIAS_CORRECTION_KEY, "{}"))
     for name, bias in originals.items():
@@ -154,7 +154,7 @@ def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
         else:
             dtype = np.asarray(node.inputs[2].values).dtype
             values = np.asarray(original["values"], dtype).reshape(original["shape"])
-            node.inputs[2] = gs.Constant(model.unique_name(f"{node.name}_bias"), values)
+            node.inputs[2] = gs.Constant(model.unique_name(original["name"]), values)
 
 
 def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
