@@ -59,9 +59,22 @@ def tapped_proto(model: Model, names: list[str], weights: dict | None = None) ->
     for name in names:
         if name in existing:
             continue
-        elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0] or onnx.TensorProto.FLOAT
-        proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+        _add_output(proto.graph, name, types)
     return proto
+
+
+def _add_output(graph: onnx.GraphProto, name: str, types: Mapping) -> None:
+    """Make `name` a graph output, typed as shape inference found it (float when it found nothing)."""
+    elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0] or onnx.TensorProto.FLOAT
+    graph.output.append(helper.make_tensor_value_info(name, elem, None))
+
+
+def _feeds(input_names: list[str], batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """The session's inputs from one calibration batch; a missing one is the caller's error, named."""
+    missing = [n for n in input_names if n not in batch]
+    if missing:
+        raise InputError(f"calibration batch {index} lacks model input(s) {', '.join(missing)}")
+    return {n: np.asarray(batch[n]) for n in input_names}
 
 
 @dataclass
@@ -144,8 +157,7 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sampl
     _place_after_producers(graph, added)
     for name in whole:
         if name not in existing:
-            elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0] or onnx.TensorProto.FLOAT
-            graph.output.append(helper.make_tensor_value_info(name, elem, None))
+            _add_output(graph, name, types)
     return proto, whole, reduced
 
 
@@ -333,10 +345,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
     input_names = [i.name for i in session.get_inputs()]
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):
-        missing = [n for n in input_names if n not in batch]
-        if missing:
-            raise InputError(f"calibration batch {index} lacks model input(s) {', '.join(missing)}")
-        feeds = {n: np.asarray(batch[n]) for n in input_names}
+        feeds = _feeds(input_names, batch, index)
         values = dict(zip(fetch, session.run(fetch, feeds), strict=True))
         if summary is None:
             result = {name: values[name] for name in names}
@@ -398,10 +407,7 @@ def channel_means(model: Model, axes: Mapping[str, int],
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for index, batch in enumerate(batches):
-        missing = [n for n in inputs if n not in batch]
-        if missing:
-            raise InputError(f"calibration batch {index} lacks model input(s) {', '.join(missing)}")
-        values = session.run(fetch, {n: np.asarray(batch[n]) for n in inputs})
+        values = session.run(fetch, _feeds(inputs, batch, index))
         for name, value in zip(names, values, strict=True):
             axis = 1 if name in pooled else axes[name] % value.ndim
             other = tuple(i for i in range(value.ndim) if i != axis)
@@ -431,6 +437,6 @@ def _pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple
             added[name] = [helper.make_node("GlobalAveragePool", [name], [pooled[name]])]
             graph.output.append(helper.make_tensor_value_info(pooled[name], elem, None))
         elif name not in existing:
-            graph.output.append(helper.make_tensor_value_info(name, elem or onnx.TensorProto.FLOAT, None))
+            _add_output(graph, name, types)
     _place_after_producers(graph, added)
     return proto, pooled

@@ -72,10 +72,10 @@ def quantized_sqnr(model: Model, ranges, placement, selection, reference, ctx: P
 
 
 def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext) -> list[tuple[str, float]]:
-    """(layer, SQNR with only that layer quantized), most sensitive first."""
+    """(layer, SQNR with only that layer quantized), most sensitive first. Its callers pass a context from
+    with_eval_batches, so the sweep reads the data once."""
     from irtool.passes.quant.placement import Selection
 
-    ctx = with_eval_batches(ctx)
     reference = float_outputs(model, ctx)
     layers = [n.name for n in base.enabled(model)]
     results = []
