@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -122,11 +123,15 @@ def _observe_batch(stats: dict[str, TensorStats], summaries: dict[str, Summary])
 
 
 def _observe(stats: TensorStats, name: str, summary: Summary) -> None:
-    if not summary.finite:
+    low, high, finite = summary.low, summary.high, summary.finite
+    if finite and stats.histogram is not None and summary.sample is not None:
+        sample_low, sample_high = stats.histogram.add_sample(summary.sample)  # NaN when one is NaN or infinite
+        if high is None:  # the extremes are the sample's (tap's sample_extremes); low holds its producer's floor
+            low = low if low > -math.inf and summary.sample.size else sample_low
+            high, finite = sample_high, not math.isnan(sample_high)
+    if not finite:
         raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data; the float model is broken")
-    stats.minmax.merge(MinMax(summary.low, summary.high))
-    if stats.histogram is not None and summary.sample is not None:
-        stats.histogram.add(summary.sample, summary.peak)
+    stats.minmax.merge(MinMax(low, high))
 
 
 def _progress(iterable, enabled: bool):

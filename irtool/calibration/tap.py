@@ -16,11 +16,12 @@ per sample) cost 3-4x the float inference itself. A Summary holds
           the others can only overflow, and an infinity shows in the max or min of the tensor where it
           appears, if that tensor is observed;
   sample  for M > 0, about M values per sample at fixed positions (observers.subsample).
-With `sample_extremes` (histogram methods), tensors other than graph inputs get no min/max reduction: low and
-high are the sample's (the floor above still applies), and an infinity outside the sample shows only through
-the NaN check's sum. A histogram threshold lies within the sample's extremes anyway, so the exact extremes only
-decided the range where a threshold exceeded them; the reductions cost the ViT of bench/quant_bench.py about a
-fifth of its float inference.
+With `sample_extremes` (histogram methods), tensors other than graph inputs get no min/max reduction: their
+extremes are the sample's, which the histogram takes in the pass that counts the sample (high is None and low
+holds the floor above, -inf for none), and an infinity outside the sample shows only through the NaN check's
+sum. A histogram threshold lies within the sample's extremes anyway, so the exact extremes only decided the
+range where a threshold exceeded them; the reductions cost the ViT of bench/quant_bench.py about a fifth of
+its float inference.
 Other tensors (other dtypes, unknown rank; with M > 0 also [N, C, H, W] tensors with a dynamic C, H or W)
 are tapped whole and summarized in numpy by `summarize`, which takes the exact minimum and checks every value.
 """
@@ -82,10 +83,9 @@ class Summary:
     """What calibration needs of one tensor over one batch."""
 
     low: float   # the minimum; for a Relu/Clip output, the bound its producer sets (see the module docstring)
-    high: float
+    high: float | None  # None: the extremes are the sample's, left to its histogram (`sample_extremes`)
     finite: bool
     sample: np.ndarray | None = None  # [batch, k] subsample (observers.subsample), when asked for
-    peak: float | None = None  # max |value| of the sample, when the extremes were taken from it
 
 
 def summarize(value: np.ndarray, max_per_sample: int, grid: bool | None = None) -> Summary:
@@ -376,14 +376,11 @@ def _finish(taps: _Taps, values: Mapping[str, np.ndarray]) -> Summary:
 
 
 def _from_sample(taps: _Taps, values: Mapping[str, np.ndarray], sample: np.ndarray) -> Summary:
-    """Extremes of the sample; an infinity elsewhere in the tensor shows only through the NaN flag's sum, for
-    the producers that have one."""
-    if not sample.size:
-        return Summary(math.inf, -math.inf, True, sample)
-    low, high = float(sample.min()), float(sample.max())
-    finite = math.isfinite(low) and math.isfinite(high) and not (taps.nan and not np.isfinite(values[taps.nan]).all())
-    peak = max(-low, high)
-    return Summary(taps.floor if taps.floor > -math.inf else low, high, finite, sample, peak)
+    """The sample without extremes: the histogram that counts it takes them in the same pass
+    (Histogram.add_sample). An infinity elsewhere in the tensor shows only through the NaN flag's sum, for the
+    producers that have one."""
+    finite = not (taps.nan and not np.isfinite(values[taps.nan]).all())
+    return Summary(taps.floor, None, finite, sample)
 
 
 def channel_means(model: Model, axes: Mapping[str, int],

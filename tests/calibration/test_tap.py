@@ -10,8 +10,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from golden._quant_blocks import Builder, attention, clip_chain, residual
-from irtool.calibration.observers import Histogram
+from irtool.calibration.engine import collect
+from irtool.calibration.observers import Histogram, values_per_sample
 from irtool.calibration.tap import NCHWC_PRODUCERS, _summarized_proto, summarize, tap
+from irtool.errors import InputError
 from irtool.ir.model import Model
 
 NAMES = ["x", "stem", "stem_relu", "conv1", "relu1", "conv2", "add", "y"]
@@ -138,8 +140,9 @@ def test_histogram_bins_are_exact_for_tiny_and_edge_values():
 @pytest.mark.parametrize("rows", ["static", "dynamic"])
 def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
     """Histogram methods take a tensor's extremes from its sample: no min/max reduction in the graph but for the
-    graph inputs, low/high/peak are the sample's (a Softmax keeps its bound as low), and an infinity still
-    shows through the NaN check's sum (`ratio` divides by |0|)."""
+    graph inputs; the Summary leaves the extremes to the histogram (high None, low the producer's floor: a
+    Softmax's 0) and the engine's statistics are the sample's; an infinity still shows through the NaN check's
+    sum (`ratio` divides by |0|) or in the sample's extremes (`y`)."""
     model, names = _heads() if rows == "static" else _dynamic_rows(_heads()), ["x", "q", "heads", "probs", "ratio", "y"]
     proto, _, taps = _summarized_proto(model, names, 40, sample_extremes=True)
     reducers = {n.input[0] for n in proto.graph.node if n.op_type in ("ReduceMax", "ReduceMin", "GlobalMaxPool")}
@@ -149,16 +152,23 @@ def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
     batches[1]["x"][0, 0, :] = 0.0
     exact = list(tap(model, names, batches, summary=40))
     for index, got in enumerate(tap(model, names, batches, summary=40, sample_extremes=True)):
-        assert (got["x"].low, got["x"].high, got["x"].peak) == (exact[index]["x"].low, exact[index]["x"].high, None)
+        assert (got["x"].low, got["x"].high) == (exact[index]["x"].low, exact[index]["x"].high)
         for name in names[1:]:
             sample, summary = exact[index][name].sample, got[name]
             np.testing.assert_array_equal(summary.sample, sample)
-            if name in ("ratio", "y") and index == 1:  # y reshapes ratio: its infinity is in its sample
-                assert not summary.finite
-                continue
-            low = 0.0 if name == "probs" else float(sample.min())
-            assert (summary.low, summary.high, summary.finite) == (low, float(sample.max()), True), name
-            assert summary.peak == float(np.abs(sample).max()), name
+            floor = 0.0 if name == "probs" else -np.inf
+            finite = not (name == "ratio" and index == 1)  # y reshapes ratio: its infinity is in its sample
+            assert (summary.low, summary.high, summary.finite) == (floor, None, finite), name
+    stats = collect(model, names, lambda: batches[:1], histograms=True)
+    (exact,) = tap(model, names, batches[:1], summary=values_per_sample(None))  # the engine's sample size
+    for name in names[1:]:
+        sample = exact[name].sample
+        low = 0.0 if name == "probs" else float(sample.min())
+        assert (stats[name].minmax.low, stats[name].minmax.high) == (low, float(sample.max())), name
+    assert (stats["x"].minmax.low, stats["x"].minmax.high) == (exact["x"].low, exact["x"].high)
+    for name in ("ratio", "y"):  # by the NaN check's sum, and by the extremes the histogram takes of the sample
+        with pytest.raises(InputError, match=f"'{name}' holds NaN or Inf"):
+            collect(model, [name], lambda: batches, histograms=True)
 
 
 def test_infinity_outside_the_sample_is_caught_by_the_nan_check():

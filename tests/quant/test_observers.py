@@ -122,9 +122,11 @@ def test_compiled_binning_is_built_by_the_install():
 def test_compiled_binning_counts_nothing_when_a_value_falls_outside_the_bins():
     kernel = observers._binning
     counts = np.zeros(8, np.int64)
-    assert kernel.count(np.array([0.5, 4.0, np.nan, -np.inf], np.float32), 1.0, 4, counts) == 3
+    assert kernel.count(np.array([0.5, 4.0, -0.25], np.float32), 1.0, 4, counts) == (-0.25, 4.0, False)
+    assert kernel.count(np.array([0.5, -4.5], np.float32), 1.0, 4, counts) == (-4.5, 0.5, False)
     assert not counts.any()
-    assert kernel.count(np.array([0.5, -4.0, 3.99, -0.01], np.float32), 1.0, 4, counts) == 0
+    assert kernel.count(np.array([0.5, -4.0, 3.99, -0.01], np.float32), 1.0, 4, counts) == pytest.approx(
+        (-4.0, 3.99, True))
     np.testing.assert_array_equal(counts, [1, 0, 0, 1, 1, 0, 0, 1])
     with pytest.raises(TypeError, match="float32"):
         kernel.count(np.zeros(3, np.float64), 1.0, 4, counts)
@@ -132,6 +134,47 @@ def test_compiled_binning_counts_nothing_when_a_value_falls_outside_the_bins():
     hist.add(np.array([1.0], np.float32))
     with pytest.raises(RuntimeError, match="outside the histogram's range"):
         hist._count(np.array([3.0], np.float32))  # the caller must grow the radius first
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 64, 95, 1000, 100_003])
+def test_compiled_extremes_are_numpys_and_nan_for_a_value_that_is_not_finite(size):
+    """The kernel keeps 32 running extremes side by side and a tail: plant the extremes at every kind of position."""
+    kernel = observers._binning
+    rng = np.random.default_rng(size)
+    for position in sorted({0, size // 2, size - 1}) if size else []:
+        values = rng.standard_normal(size).astype(np.float32)
+        values[position] = 100.0
+        assert kernel.extremes(values) == (float(values.min()), 100.0)
+        values[position] = -100.0
+        assert kernel.extremes(values) == (-100.0, float(values.max()))
+        for bad in (np.nan, np.inf, -np.inf):
+            values[position] = bad
+            low, high = kernel.extremes(values)
+            assert np.isnan(low) and np.isnan(high)
+            counts = np.zeros(8, np.int64)
+            low, high, counted = kernel.count(values, 2.0 ** -10, 4, counts)
+            assert np.isnan(low) and np.isnan(high) and not counted and not counts.any()
+    if not size:
+        assert kernel.extremes(np.zeros(0, np.float32)) == (np.inf, -np.inf)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_add_sample_counts_and_returns_the_extremes_or_nan_without_counting(monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setattr(observers, "_binning", None)
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((4, 300)).astype(np.float32) * scale for scale in (0.1, 1.0, 30.0, 2.0)]
+    hist, reference = Histogram(256), Histogram(256)
+    for batch in batches:  # the range grows twice, from zero
+        assert hist.add_sample(batch) == (float(batch.min()), float(batch.max()))
+        reference.update(batch)
+    np.testing.assert_array_equal(hist.counts, reference.counts)
+    assert hist.radius == reference.radius
+    poisoned = batches[0].copy()
+    poisoned[2, 7] = np.nan
+    assert all(np.isnan(hist.add_sample(poisoned)))
+    np.testing.assert_array_equal(hist.counts, reference.counts)
+    assert hist.add_sample(np.zeros((0, 5), np.float32)) == (np.inf, -np.inf)
 
 
 def test_minmax_merge():
@@ -167,6 +210,26 @@ def test_vectorized_kl_matches_the_plain_divergence(seed):
     got = kl_divergences(mags, cuts, 128)
     want = [_kl_reference(mags, int(c), 128) for c in cuts]
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_kl_matches_numpys_and_picks_the_same_cut(monkeypatch, seed):
+    rng = np.random.default_rng(seed)
+    mags = np.floor(rng.exponential(50.0, 2048) * (rng.random(2048) > 0.2) * np.linspace(3, 0, 2048) ** 2)
+    last = int(np.nonzero(mags)[0][-1]) + 1
+    cuts = np.arange(128, last + 1)
+    compiled, searched = kl_divergences(mags, cuts, 128), _best_cut(mags, 128, last)
+    monkeypatch.setattr(observers, "_binning", None)
+    assert compiled == pytest.approx(kl_divergences(mags, cuts, 128), rel=1e-9)
+    assert searched == _best_cut(mags, 128, last)
+    assert kl_divergences(np.zeros(300), [128, 300], 128).tolist() == [np.inf, np.inf]
+
+
+def test_compiled_kl_refuses_cuts_outside_the_histogram():
+    out = np.empty(1)
+    for cut in (127, 301):
+        with pytest.raises(ValueError, match="outside"):
+            observers._binning.divergences(np.ones(300), np.array([cut], np.int64), 128, out)
 
 
 def test_entropy_coarse_to_fine_search_finds_the_exhaustive_minimum_on_a_laplacian():
@@ -255,16 +318,16 @@ def test_engine_frees_each_batch_of_samples_before_the_next_batch_runs(monkeypat
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])])
     model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     seen: list[weakref.ref] = []
-    add = Histogram.add
+    add_sample = Histogram.add_sample
 
-    def recording_add(self, values, peak=None):
+    def recording_add(self, values):
         root = values
         while isinstance(root.base, np.ndarray):
             root = root.base
         seen.append(weakref.ref(root))
-        add(self, values, peak)
+        return add_sample(self, values)
 
-    monkeypatch.setattr(Histogram, "add", recording_add)
+    monkeypatch.setattr(Histogram, "add_sample", recording_add)
     alive_when_asked = []
 
     def source():
