@@ -178,3 +178,49 @@ def test_infinity_outside_the_sample_is_caught_by_the_nan_check():
     x[0, 5, :] = 0.0
     (got,) = list(tap(_heads(), ["ratio"], [{"x": x}], summary=16, sample_extremes=True))
     assert np.isfinite(got["ratio"].sample).all() and not got["ratio"].finite
+
+
+def test_bound_runner_writes_each_batch_into_the_last_ones_arrays_and_matches_plain_runs(capfd):
+    """reuse_outputs: batches of one shape share the output arrays, and a new shape (the short last batch) gets
+    new ones."""
+    model = _relu_nonzero(nonzero=False)
+    rng = np.random.default_rng(4)
+    batches = [{"x": rng.standard_normal((size, 6)).astype(np.float32)} for size in (3, 3, 3, 2, 2)]
+    arrays = _check_against_plain_runs(model, ["y"], batches)
+    assert arrays[1] is arrays[0] and arrays[2] is arrays[0]
+    assert arrays[3] is not arrays[0] and arrays[4] is arrays[3]
+
+
+def test_bound_runner_runs_unbound_once_an_output_shape_changes_with_the_data(capfd):
+    """NonZero's output shape depends on the data: the bound run fails (quietly: no ONNX Runtime error line) and
+    that batch and the rest run unbound."""
+    model = _relu_nonzero(nonzero=True)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    batches = [{"x": x}, {"x": 2.0 * x}, {"x": np.abs(x) + 1.0}, {"x": x}]
+    assert np.count_nonzero(batches[1]["x"] > 0) == np.count_nonzero(x > 0) != 18
+    arrays = _check_against_plain_runs(model, ["y", "where"], batches)
+    assert arrays[1] is arrays[0]  # as many non-zeros: bound
+    assert arrays[2] is not arrays[0] and arrays[3] is not arrays[2]  # 18 non-zeros: unbound from then on
+    assert "ONNXRuntimeError" not in capfd.readouterr().err
+
+
+def _relu_nonzero(nonzero: bool) -> Model:
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])]
+    if nonzero:
+        nodes.append(helper.make_node("NonZero", ["y"], ["where"]))
+        outputs.append(helper.make_tensor_value_info("where", TensorProto.INT64, [2, "k"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])], outputs)
+    return Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def _check_against_plain_runs(model: Model, names: list[str], batches: list[dict]) -> list[np.ndarray]:
+    """The bound runs' outputs equal plain runs'; returns each batch's array of names[0]."""
+    plain = [{k: v.copy() for k, v in out.items()} for out in tap(model, names, batches)]
+    arrays = []
+    for want, have in zip(plain, tap(model, names, batches, reuse_outputs=True), strict=True):
+        arrays.append(have[names[0]])
+        for name in names:
+            np.testing.assert_array_equal(have[name], want[name])
+    return arrays
