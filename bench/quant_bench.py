@@ -31,14 +31,15 @@ Side by side in one run, on the same ONNX models and the same calibration sample
               quantized by both tools with minmax and the settings above; SQNR of the logits, top-1 agreement
               with float and top-1 accuracy on the held-out images' true labels.
 
-Cells whose floor runs under 10 s time irtool's calibration in 3 rounds, each right after its own float
-floor, and report the median round's ratio (single runs of a few seconds moved by 30-45% on this shared
-machine). Every measurement runs in a fresh Python process under RLIMIT_AS = 16 GiB, watched by the parent
-(killed above 16 GiB RSS); peak RSS is that process's VmHWM. ORT's Entropy and Percentile calibrators keep every
-activation of every sample: when the estimate (N x the per-sample activation bytes) would not fit, the run is
-skipped and says so. INT8 latency is measured interleaved (irtool, ORT, float, repeated in rounds) at batch 1
-with 1 and 2 intra-op threads, median of the runs per cell; the latency target is judged over all cells of a
-model by the geometric mean of the paired per-round ratios irtool/ORT and its 95% interval.
+Cells whose floor runs under 10 s time irtool's calibration in 5 rounds, each right after its own float floor, and
+report the median round's ratio (single runs of a few seconds moved by 30-45% on this shared machine; the rounds of
+one cell spread over 1.10-1.95x in a 3-round run). Every measurement runs in a fresh Python process under RLIMIT_AS
+= 16 GiB, watched by the parent (killed above 16 GiB RSS); peak RSS is that process's VmHWM. ORT's Entropy and
+Percentile calibrators keep every activation of every sample: when the estimate (N x the per-sample activation
+bytes) would not fit, the run is skipped and says so. INT8 latency is measured interleaved (irtool, ORT, float,
+repeated in rounds) at batch 1 with 1 and 2 intra-op threads, median of the runs per cell; the latency target is
+judged over all cells of a model by the geometric mean of the paired per-round ratios irtool/ORT and its 95%
+interval.
 
     python bench/quant_bench.py [--quick] [--models resnet50,mobilenetv2,vit] [--samples 64,256,1024]
                                 [--methods minmax,entropy,percentile,mse] [--no-write]
@@ -83,7 +84,7 @@ CALIB_SEED = 0
 PERCENTILE = 99.99
 # Cells whose float floor runs under REPEAT_BELOW_S time irtool in REPEATS paired rounds (floor, then
 # calibration) and report the median ratio; ORT's calibration, 5-50x slower than irtool's there, runs once.
-REPEATS, REPEAT_BELOW_S = 3, 10.0
+REPEATS, REPEAT_BELOW_S = 5, 10.0
 MEMORY_LIMIT = 16 << 30
 METHODS = ("minmax", "entropy", "percentile", "mse")
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
