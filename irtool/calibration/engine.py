@@ -69,7 +69,7 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     stats = {n: TensorStats(MinMax(), Histogram(bins, per_sample) if histograms else None) for n in names}
     started, batches, sizes = time.perf_counter(), 0, []
     summaries_of = tap(model, names, _sized(provider(), sizes, timings), summary=per_sample,
-                       sample_extremes=histograms, timings=timings, reuse_outputs=True)
+                       sample_extremes=histograms, timings=timings)
     for summaries in _timed(_progress(summaries_of, progress), timings):
         batches += 1
         observed = time.perf_counter()

@@ -33,7 +33,6 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -324,13 +323,11 @@ def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx
 
 def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
         threads: int | None = None, summary: int | None = None, sample_extremes: bool = False,
-        timings: Timings | None = None, reuse_outputs: bool = False) -> Iterator[dict]:
+        timings: Timings | None = None) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
     `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample.
-    `timings` gets the time spent building the session added to its `session`. With `reuse_outputs`, a batch's
-    arrays are overwritten by the next batch's (_BoundRunner): for a consumer done with each batch before it
-    asks for the next."""
+    `timings` gets the time spent building the session added to its `session`."""
     started, weights = time.perf_counter(), {}
     if summary is None:
         proto, whole, reduced = tapped_proto(model, names, weights), list(names), {}
@@ -347,10 +344,9 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         timings.session += time.perf_counter() - started
     input_names = [i.name for i in session.get_inputs()]
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
-    run = _BoundRunner(session, fetch).run if reuse_outputs else partial(session.run, fetch)
     for index, batch in enumerate(batches):
         feeds = _feeds(input_names, batch, index)
-        values = dict(zip(fetch, run(feeds), strict=True))
+        values = dict(zip(fetch, session.run(fetch, feeds), strict=True))
         if summary is None:
             result = {name: values[name] for name in names}
             del values  # as below: the consumer's dict alone keeps this batch
@@ -361,50 +357,6 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         result = {name: out[name] for name in names}
         del values, out  # only `result` keeps this batch's outputs, so a consumer that empties it frees them
         yield result
-
-
-class _BoundRunner:
-    """session.run(fetch, feeds), except that from the second batch of the same input shapes on, ONNX Runtime
-    writes the outputs into the previous batch's arrays through an IO binding instead of allocating fresh ones
-    and copying them out. The bench's MobileNetV2 (67 outputs of ~1 MB a batch): the summarized graph ran in
-    1.16x the float model's time, 1.04x with its outputs bound. An output whose shape depends on the data
-    fails the bound run; that batch and the rest then run unbound."""
-
-    def __init__(self, session: ort.InferenceSession, fetch: list[str]):
-        self.session, self.fetch = session, fetch
-        self.binding = session.io_binding()
-        self.shapes: dict | None = None  # the input shapes the bound outputs were made for
-        self.outputs: list[np.ndarray] = []
-        self.quiet = ort.RunOptions()
-        self.quiet.log_severity_level = 4  # a failed bound run is expected and handled: no ERROR line from ORT
-        self.unbound = False
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        shapes = {name: (array.dtype, array.shape) for name, array in feeds.items()}
-        if shapes == self.shapes and not self.unbound:
-            inputs = {name: np.ascontiguousarray(array) for name, array in feeds.items()}  # alive for the run
-            for name, array in inputs.items():
-                self.binding.bind_cpu_input(name, array)
-            try:
-                self.session.run_with_iobinding(self.binding, self.quiet)
-                return self.outputs
-            except Exception as error:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only
-                log.debug("bound calibration run failed (%s); running unbound from here on", error)
-                self.unbound = True
-        outputs = self.session.run(self.fetch, dict(feeds))
-        self._bind(shapes, outputs)
-        return outputs
-
-    def _bind(self, shapes: dict, outputs: list[np.ndarray]) -> None:
-        self.binding.clear_binding_outputs()
-        self.shapes, self.outputs = None, outputs
-        if self.unbound:
-            return
-        for name, array in zip(self.fetch, outputs, strict=True):
-            if not (isinstance(array, np.ndarray) and array.flags.c_contiguous and array.dtype.kind in "fiub"):
-                return
-            self.binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        self.shapes = shapes
 
 
 def _finish(taps: _Taps, values: Mapping[str, np.ndarray]) -> Summary:
