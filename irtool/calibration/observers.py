@@ -111,13 +111,12 @@ class Histogram:
         values = values.reshape(-1)
         if not values.size:
             return math.inf, -math.inf
-        compiled = _binning is not None and values.dtype == np.float32 and self.counts.dtype == np.int64
-        if compiled and self.radius and _float32_exact(self._scale()):
+        if self._kernel_counts(values):
             low, high, counted = _binning.count(np.ascontiguousarray(values), self._scale(), self.bins // 2,
                                                 self.counts)
             if counted:
                 return low, high
-        elif compiled:
+        elif _binning is not None and values.dtype == np.float32:  # no range yet
             low, high = _binning.extremes(np.ascontiguousarray(values))
         else:
             low, high = float(values.min()), float(values.max())
@@ -129,11 +128,15 @@ class Histogram:
     def _scale(self) -> float:
         return self.bins / (2.0 * self.radius)
 
+    def _kernel_counts(self, values: np.ndarray) -> bool:
+        """Whether the compiled kernel can count these values into this histogram (it needs a range)."""
+        return (_binning is not None and values.dtype == np.float32 and self.counts.dtype == np.int64
+                and self.radius > 0.0 and _float32_exact(self._scale()))
+
     def _count(self, values: np.ndarray) -> None:
         """Add `values` (|value| < radius) to the counts, with the compiled kernel where it applies."""
         scale = self._scale()
-        if (_binning is not None and values.dtype == np.float32 and self.counts.dtype == np.int64
-                and _float32_exact(scale)):
+        if self._kernel_counts(values):
             low, high, counted = _binning.count(np.ascontiguousarray(values), scale, self.bins // 2, self.counts)
             if not counted:  # |value| < radius holds by construction; a breach is a bug, not bad input
                 raise RuntimeError(f"values in [{low}, {high}] outside the histogram's range {self.radius}")

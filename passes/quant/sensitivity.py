@@ -71,12 +71,13 @@ def quantized_sqnr(model: Model, ranges, placement, selection, reference, ctx: P
     return output_sqnr(reference, _outputs(trial, ctx))
 
 
-def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext) -> list[tuple[str, float]]:
+def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext,
+                      reference: list[dict[str, np.ndarray]] | None = None) -> list[tuple[str, float]]:
     """(layer, SQNR with only that layer quantized), most sensitive first. Its callers pass a context from
-    with_eval_batches, so the sweep reads the data once."""
+    with_eval_batches, so the sweep reads the data once, and the float outputs they already have."""
     from irtool.passes.quant.placement import Selection
 
-    reference = float_outputs(model, ctx)
+    reference = float_outputs(model, ctx) if reference is None else reference
     layers = [n.name for n in base.enabled(model)]
     results = []
     for index, name in enumerate(layers):
@@ -101,7 +102,7 @@ def keep_in_float(model: Model, ranges, placement, base, ctx: PassContext, *, mi
         if full >= min_sqnr:
             log.info("mixed precision: all layers quantized reach %.1f dB >= %.1f dB", full, min_sqnr)
             return set()
-    ranked = [name for name, _ in layer_sensitivity(model, ranges, placement, base, ctx)]
+    ranked = [name for name, _ in layer_sensitivity(model, ranges, placement, base, ctx, reference)]
     if min_sqnr is None:
         return set(ranked[:keep_fp])
 
@@ -174,8 +175,9 @@ def sensitivity_report(model: Model, ranges, placement, ctx: PassContext) -> Sen
     base = Selection()
     ctx = with_eval_batches(ctx)
     ops = {n.name: n.op for n in model.graph.nodes}
-    ranked = layer_sensitivity(model, ranges, placement, base, ctx)
-    full = quantized_sqnr(model, ranges, placement, base, float_outputs(model, ctx), ctx)
+    reference = float_outputs(model, ctx)
+    ranked = layer_sensitivity(model, ranges, placement, base, ctx, reference)
+    full = quantized_sqnr(model, ranges, placement, base, reference, ctx)
     return SensitivityReport([(name, ops[name], sqnr) for name, sqnr in ranked], full,
                              placement.profile.value, placement.activations.value)
 
