@@ -54,8 +54,9 @@ Feeds = dict[str, np.ndarray]
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-# Random integer inputs stay below this, so they are valid indices into any table with >= 4 rows.
-INT_INPUT_HIGH = 4
+# Random integer inputs are 0 or 1: valid indices into any table of two rows or more, and valid attention-mask
+# values (with 2 or 3, a BERT-style padding bias (1 - mask) * finfo(float32).min overflows to inf).
+INT_INPUT_HIGH = 2
 
 
 # ----------------------------------------------------------------------------------------- model access

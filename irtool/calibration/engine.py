@@ -130,7 +130,8 @@ def _observe(stats: TensorStats, name: str, summary: Summary) -> None:
             low = low if low > -math.inf and summary.sample.size else sample_low
             high, finite = sample_high, not math.isnan(sample_high)
     if not finite:
-        raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data; the float model is broken")
+        raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data: the float model "
+                         "overflows or divides by zero on these inputs")
     stats.minmax.merge(MinMax(low, high))
 
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.lib import format as npy_format
 
+from irtool.backends.ort import INT_INPUT_HIGH
 from irtool.calibration.images import IMAGE_SUFFIXES, Preprocess, load_image
 from irtool.calibration.validate import (
     ModelInput,
@@ -33,7 +34,6 @@ from irtool.calibration.validate import (
 )
 from irtool.errors import InputError
 
-_INT_HIGH = 4  # random integer inputs are drawn from [0, 4), safe as indices into small tables
 _SKIP_BYTES = 1 << 18
 
 
@@ -361,5 +361,5 @@ def _random_array(rng: np.random.Generator, inp: ModelInput) -> np.ndarray:
     if inp.dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(bool)
     if inp.dtype.kind in "iu":
-        return rng.integers(0, _INT_HIGH, shape).astype(inp.dtype)
+        return rng.integers(0, INT_INPUT_HIGH, shape).astype(inp.dtype)
     return rng.standard_normal(shape).astype(inp.dtype)

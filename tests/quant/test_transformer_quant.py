@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from irtool.api import optimize
-from tests.quant.torch_models import encoder_proto
+from tests.quant.torch_models import TOKENS, VOCAB, encoder_proto, sentence_encoder_proto
 
 
 def with_outliers(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -60,3 +60,49 @@ def test_quant_dynamic_keeps_cosine_099():
     test = data(2, 8)
     out = optimize(proto, "quant-dynamic").model.to_proto()
     assert mean_cosine(embeddings(proto, test), embeddings(out, test)) >= 0.99
+
+
+def sentences(seed: int, count: int, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """Token batches padded as a tokenizer pads them: lengths 4..24, id 0 and mask 0 past each sentence's end."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        lengths = rng.integers(4, TOKENS + 1, batch)
+        mask = (np.arange(TOKENS)[None] < lengths[:, None]).astype(np.int64)
+        out.append({"input_ids": rng.integers(1, VOCAB, (batch, TOKENS)) * mask, "attention_mask": mask})
+    return out
+
+
+def activation_scales(proto: onnx.ModelProto) -> list[float]:
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return [float(values[n.input[1]]) for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in values and values[n.input[1]].size == 1]
+
+
+@pytest.mark.parametrize("padding", ["finfo", "inf"])
+@pytest.mark.parametrize("pipeline, target", [("quant", 0.98), ("quant-dynamic", 0.99)])
+def test_sentence_encoder_on_padded_batches(pipeline, target, padding):
+    """A MiniLM-shaped export (int64 ids and mask, the padding added to the scores as finfo.min or -inf)
+    keeps its sentence embeddings on padded batches. A quantized range that took in the padding bias (scale
+    ~1e36) would round every attention score of the batch to one value; an infinity in calibration must not
+    stop it (softmax makes it a 0)."""
+    proto = sentence_encoder_proto(padding)
+    test = sentences(1, 6)
+    reference = embeddings(proto, test)
+    result = optimize(proto, pipeline, calibration_data=sentences(0, 8) if pipeline == "quant" else None)
+    quantized = result.model.to_proto()
+    assert mean_cosine(reference, embeddings(quantized, test)) >= target
+    if pipeline == "quant":
+        stats = result.records[-1].stats
+        assert stats["layers_kept_float"] == [] and stats["layers_quantized"] == 24  # 18 Linear + 6 attention MatMul
+        scales = activation_scales(quantized)
+        assert len(scales) == stats["qdq_pairs"] and 0.0 < min(scales) and max(scales) < 1.0
+
+
+def test_sentence_encoder_random_calibration_stays_finite():
+    """Random integer inputs are 0 or 1: valid ids and mask values. With 2 or 3, (1 - mask) * finfo.min
+    overflowed to inf and calibration stopped on a NaN/Inf the data, not the model, made."""
+    result = optimize(sentence_encoder_proto(), "cleanup,calibrate,insert-qdq", calibration_data="random")
+    scales = activation_scales(result.model.to_proto())
+    assert len(scales) == result.records[-1].stats["qdq_pairs"] > 0
+    assert all(np.isfinite(scales)) and 0.0 < min(scales)

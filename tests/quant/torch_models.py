@@ -9,6 +9,7 @@ import warnings
 import onnx
 
 D_MODEL, HEADS, D_FF, SEQ = 64, 4, 256, 16
+VOCAB, TOKENS = 1000, 24  # the sentence encoder's vocabulary and padded sentence length
 
 
 def _torch():
@@ -55,6 +56,60 @@ def _encoder_class():
     return EncoderBlock
 
 
+def _sentence_encoder_class():
+    torch = _torch()
+    nn = torch.nn
+
+    class SentenceEncoder(nn.Module):
+        """A MiniLM-shaped sentence embedder as Hugging Face exports one: int64 input_ids and attention_mask,
+        word + position + token-type embeddings, post-norm BERT layers whose padding mask is added to the
+        attention scores, GELU MLPs, and mask-weighted mean pooling. `padding`: "finfo", the bias is
+        (1 - mask) * finfo(float32).min (BERT's extended mask); "inf", masked_fill(mask == 0, -inf), the
+        boolean-mask form newer exports use."""
+
+        def __init__(self, padding: str):
+            super().__init__()
+            self.padding = padding
+            self.word, self.position = nn.Embedding(VOCAB, D_MODEL), nn.Embedding(TOKENS, D_MODEL)
+            self.token_type = nn.Embedding(2, D_MODEL)
+            self.norm = nn.LayerNorm(D_MODEL)
+            self.layers = nn.ModuleList(_BertLayer() for _ in range(3))
+
+        def forward(self, input_ids, attention_mask):
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            x = self.word(input_ids) + self.position(positions) + self.token_type(torch.zeros_like(input_ids))
+            x = self.norm(x)
+            mask = attention_mask[:, None, None, :].to(x.dtype)
+            if self.padding == "inf":
+                bias = torch.zeros_like(mask).masked_fill(mask == 0, float("-inf"))
+            else:
+                bias = (1.0 - mask) * torch.finfo(torch.float32).min
+            for layer in self.layers:
+                x = layer(x, bias)
+            weights = attention_mask.unsqueeze(-1).to(x.dtype)
+            return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+    class _BertLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.out = (nn.Linear(D_MODEL, D_MODEL) for _ in range(4))
+            self.ln1, self.ln2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
+            self.fc1, self.fc2 = nn.Linear(D_MODEL, D_FF), nn.Linear(D_FF, D_MODEL)
+
+        def forward(self, x, bias):
+            b, t, d = x.shape
+
+            def heads(y):
+                return y.view(b, t, HEADS, d // HEADS).transpose(1, 2)
+
+            scores = heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2) / (d // HEADS) ** 0.5 + bias
+            context = (torch.softmax(scores, -1) @ heads(self.v(x))).transpose(1, 2).reshape(b, t, d)
+            x = self.ln1(x + self.out(context))
+            return self.ln2(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
+
+    return SentenceEncoder
+
+
 def _cnn_class():
     torch = _torch()
     nn = torch.nn
@@ -91,12 +146,26 @@ def _export(module, shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
+def _export_sentence_encoder(module) -> bytes:
+    torch = _torch()
+    buffer = io.BytesIO()
+    ids, mask = torch.randint(1, VOCAB, (2, TOKENS)), torch.ones(2, TOKENS, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (ids, mask), buffer, dynamo=False, input_names=["input_ids", "attention_mask"],
+                          output_names=["embedding"], opset_version=17,
+                          dynamic_axes={name: {0: "batch"} for name in ("input_ids", "attention_mask", "embedding")})
+    return buffer.getvalue()
+
+
 @functools.lru_cache(maxsize=None)
 def _exported(kind: str) -> bytes:
     torch = _torch()
     torch.manual_seed(0)
     if kind == "encoder":
         return _export(_encoder_class()(), (2, SEQ, 32))
+    if kind.startswith("sentence-"):
+        return _export_sentence_encoder(_sentence_encoder_class()(kind.removeprefix("sentence-")))
     module = _cnn_class()()
     _randomize_batchnorm(module)
     return _export(module, (2, 3, 16, 16))
@@ -105,6 +174,14 @@ def _exported(kind: str) -> bytes:
 def encoder_proto() -> onnx.ModelProto:
     """Two pre-norm encoder blocks (d_model 64, 4 heads, MLP 256) on [2, 16, 32] inputs; output [2, 16, 64]."""
     proto = onnx.load_from_string(_exported("encoder"))
+    proto.ir_version = 8
+    return proto
+
+
+def sentence_encoder_proto(padding: str = "finfo") -> onnx.ModelProto:
+    """The MiniLM-shaped sentence embedder (3 layers, d_model 64): int64 input_ids and attention_mask of
+    [batch, 24]; output [batch, 64]. `padding`: "finfo" or "inf", how the mask reaches the scores."""
+    proto = onnx.load_from_string(_exported(f"sentence-{padding}"))
     proto.ir_version = 8
     return proto
 
