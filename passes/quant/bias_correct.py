@@ -3,7 +3,7 @@
 Weight rounding is not zero-mean per output channel: with ε = W_q − W (W_q the int8 weights that
 `insert-qdq` will produce, dequantized) a layer's output shifts by E[ε·x] = ε·E[x]. With the input
 channel means E[x_i] measured on the float model over the calibration data, the pass adds
-    δ_c = − Σ_i Σ_k ε[c, i, k] · E[x_i]       (Conv; depthwise: − Σ_k ε[c, 0, k] · E[x_c]; Gemm: − ε·E[x])
+    δ_c = − Σ_i Σ_k ε[c, i, k] · E[x_i]       (Conv, i over the input channels of c's group; Gemm: − ε·E[x])
 to every quantized Conv/Gemm bias (border padding, where x is 0, is ignored). Measuring each layer's
 shift in a fully quantized model instead would double-count: a layer's shift also contains the
 upstream layers' errors, which their own corrections already remove. Runs between `calibrate` and
@@ -98,7 +98,9 @@ def _shift(node: gs.Node, input_mean: np.ndarray, per_channel: bool, limit: int)
     if node.op == "Gemm":
         rows = error if node.attrs.get("transB", 0) else error.T
         return -(rows @ input_mean)
-    summed = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)
-    if summed.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1:
-        return -(summed[:, 0] * input_mean)
-    return -(summed @ input_mean)
+    summed = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [out, in per group]
+    # Output channel c of a grouped conv reads the input channels of group c // (out / groups) (depthwise:
+    # one each, several outputs per input with a channel multiplier).
+    groups = int(node.attrs.get("group", 1))
+    group_means = np.asarray(input_mean, dtype=np.float64).reshape(groups, summed.shape[1])
+    return -(summed * np.repeat(group_means, summed.shape[0] // groups, axis=0)).sum(axis=1)

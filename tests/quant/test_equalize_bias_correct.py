@@ -165,3 +165,44 @@ def test_a_sensitivity_sweep_reads_the_data_once():
     result = optimize(proto, "calibrate,insert-qdq{keep-fp=1}", calibration_data=data)
     assert len(next(r.stats["layers_kept_float"] for r in result.records if r.name == "insert-qdq")) == 1
     assert len(reads) == 3
+
+
+def _conv_model(w: np.ndarray, b: np.ndarray, group: int) -> onnx.ModelProto:
+    from onnx import helper, numpy_helper
+
+    cin = w.shape[1] * group
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group, kernel_shape=[3, 3])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, cin, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("cout, group", [(6, 1), (12, 4), (8, 8), (16, 8)],
+                         ids=["dense", "grouped", "depthwise", "depthwise-x2"])
+def test_bias_correct_cancels_the_mean_shift_of_every_conv_grouping(cout, group):
+    """With the INT8 weights and the corrected bias, each output channel's mean over the data equals the float
+    model's (checked by ONNX Runtime, not by the pass's formula). Inputs are constant over space, so a 3x3
+    window's mean is the channel mean exactly. Grouped convs (ResNeXt, RegNet) stopped `quant` with a shape
+    error, and a depthwise conv with a channel multiplier took the wrong input means."""
+    from irtool.passes.quant.insert_qdq import REDUCED_RANGE, quantize_weight
+
+    rng = np.random.default_rng(5)
+    cin = 8
+    w = rng.standard_normal((cout, cin // group, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    levels = rng.normal(0.5, 1.0, (32, cin)).astype(np.float32)
+    x = np.ascontiguousarray(np.broadcast_to(levels[:, :, None, None], (32, cin, 6, 6)))
+    proto = _conv_model(w, b, group)
+    corrected = weights(optimize(proto, "bias-correct", calibration_data=[{"x": x}]).model.to_proto())
+    bias = next(v for k, v in corrected.items() if k.startswith("b"))
+    q, scale = quantize_weight(w, 0, REDUCED_RANGE)
+    w_int8 = (q * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+    target = run(proto, x).mean((0, 2, 3))
+    plain = run(_conv_model(w_int8, b, group), x).mean((0, 2, 3))
+    fixed = run(_conv_model(w_int8, bias.astype(np.float32), group), x).mean((0, 2, 3))
+    assert np.abs(plain - target).max() > 1e-3  # the rounding shift is there to cancel
+    np.testing.assert_allclose(fixed, target, atol=2e-5)
