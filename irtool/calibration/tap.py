@@ -346,7 +346,8 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):
         feeds = _feeds(input_names, batch, index)
-        values = dict(zip(fetch, session.run(fetch, feeds), strict=True))
+        # ONNX Runtime returns every output when asked for none (a model with nothing to observe).
+        values = dict(zip(fetch, session.run(fetch, feeds) if fetch else [], strict=True))
         if summary is None:
             result = {name: values[name] for name in names}
             del values  # as below: the consumer's dict alone keeps this batch

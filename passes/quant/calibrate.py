@@ -25,7 +25,7 @@ from irtool.calibration.engine import TensorStats, Timings, collect
 from irtool.calibration.observers import DEFAULT_BINS
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.placement import PERMUTATION_OPS, Profile, candidate_tensors, moved_from
+from irtool.passes.quant.placement import PERMUTATION_OPS, Profile, candidate_tensors, moved_from, refuse_quantized
 from irtool.passmanager import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Calibrate(Pass):
         if ctx.calibration_data is None:
             raise InputError("calibrate needs calibration data (--calib-data PATH, or --calib-data random "
                              "to calibrate on random inputs)")
+        refuse_quantized(model, "calibrate")
         names = candidate_tensors(model, self.options.profile)
         sources = permutation_sources(model, names)
         timings = Timings()

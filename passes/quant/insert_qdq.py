@@ -42,7 +42,7 @@ from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
-from irtool.passes.quant.placement import PLANNERS, Profile, QuantPlan, Selection, WeightSlot
+from irtool.passes.quant.placement import PLANNERS, Profile, QuantPlan, Selection, WeightSlot, refuse_quantized
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 
@@ -267,6 +267,7 @@ class InsertQDQ(Pass):
                 raise ValueError("keep-fp must be >= 0")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        refuse_quantized(model, "insert-qdq")
         ranges = stored_ranges(model)
         if ranges is None:
             raise InputError("insert-qdq needs calibrated ranges: run `calibrate` before it "

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import topo_order
 
@@ -59,6 +60,21 @@ SHARED_SCALE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "
 # its input's values rearranged, so `calibrate` gives it its input's statistics.
 PERMUTATION_OPS = frozenset({"DepthToSpace", "Flatten", "Identity", "Reshape", "SpaceToDepth", "Squeeze", "Transpose",
                              "Unsqueeze"})
+
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+                           "MatMulInteger", "QGemm", "QAttention"})
+
+
+def refuse_quantized(model: Model, what: str) -> None:
+    """An InputError when the model already holds quantization nodes: static quantization plans from float
+    layers, and on a Q/DQ model it found nothing to observe (ONNX Runtime then returned every output for none
+    asked, and calibrate stopped on a zip of mismatched lengths)."""
+    ops = [n.op for n in model.graph.nodes if n.op in QUANTIZED_OPS or n.op.startswith("QLinear")]
+    if ops:
+        kinds = ", ".join(sorted(set(ops)))
+        raise InputError(f"{what}: the model is already quantized ({len(ops)} {kinds} node(s)); "
+                         "quantize the float model instead")
 
 
 def moved_from(tensor: gs.Tensor, ops) -> gs.Variable | None:

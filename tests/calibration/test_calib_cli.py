@@ -120,3 +120,35 @@ def test_cli_calibration_usage_errors(tmp_path: Path, args: list[str], fragment:
     np.savez(tmp_path / "d.npz", x=conv_samples(2))
     result = run_cli("opt", model, "-o", "out.onnx", *args, "--passes", "dce", cwd=tmp_path)
     assert_one_line_error(result, 2, fragment)
+
+
+@pytest.mark.parametrize("passes", ["quant", "calibrate,insert-qdq", "insert-qdq"])
+def test_cli_refuses_to_quantize_a_quantized_model(tmp_path: Path, passes: str):
+    """A Q/DQ model given to the quantizer again: one line naming what it holds, no output. calibrate found
+    nothing to observe on it, and ONNX Runtime, asked for no outputs, returned all of them (a zip error)."""
+    model = write_conv_net(tmp_path / "net.onnx")
+    np.savez(tmp_path / "x.npz", x=conv_samples(8))
+    first = run_cli("opt", model, "-o", tmp_path / "q.onnx", "--calib-data", tmp_path / "x.npz", "--passes", "quant")
+    assert first.returncode == 0, first.stderr
+    result = run_cli("opt", tmp_path / "q.onnx", "-o", tmp_path / "qq.onnx", "--calib-data", tmp_path / "x.npz",
+                     "--passes", passes)
+    line = assert_one_line_error(result, 2, "the model is already quantized", "DequantizeLinear, QuantizeLinear")
+    assert line.count("already quantized") == 1 and not (tmp_path / "qq.onnx").exists()
+
+
+def test_calibrate_with_nothing_to_observe_runs_no_inference():
+    """A model without a quantizable tensor: no statistics, no Q/DQ, the same outputs (ONNX Runtime is not asked
+    for an empty list of outputs, which it answers with every output)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([-1, 2, 2], np.int64), "s")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    result = optimize(proto, "calibrate,insert-qdq", calibration_data=[{"x": np.ones((3, 4), np.float32)}])
+    calibrate, insert = (r.stats for r in result.records)
+    assert calibrate["tensors"] == calibrate["observed"] == 0 and insert["qdq_pairs"] == 0
+    assert [n.op_type for n in result.model.to_proto().graph.node] == ["Reshape"]
