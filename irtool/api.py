@@ -42,14 +42,15 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
              calibration_data: Any = None,
              ir_printer: Callable[[str], None] | None = None, calib_samples: int | None = None,
              calib_batch_size: int | None = None, calib_preprocess: str | None = None,
-             calib_cache: str | os.PathLike | None = None) -> OptimizeResult:
+             calib_cache: str | os.PathLike | None = None, progress: bool = False) -> OptimizeResult:
     """Run `pipeline` (text or parsed) on a copy of the model; raise a typed IrtoolError on failure.
 
     `ir_printer` receives the IR text for `print_ir_after`; by default it is logged at INFO.
     `calibration_data` is a CalibrationData, a path (.npz file, folder of .npy/.npz files or images),
     "random", or a list / zero-argument callable of {input name: array} dicts; it is validated against
     the model's inputs before any pass runs (irtool.calibration.data). `calib_samples` picks a subset
-    seeded by `seed`; `calib_cache` is a folder for calibration statistics.
+    seeded by `seed`; `calib_cache` is a folder for calibration statistics. `progress` draws progress bars
+    of long work (calibration, sensitivity sweeps) on stderr.
     """
     from irtool.analysis.cost import model_cost
     from irtool.analysis.shapes import concrete_input_shapes
@@ -69,7 +70,7 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
                                       batch_size=calib_batch_size, preprocess=calib_preprocess,
                                       input_shapes=shapes)
     ctx = PassContext(seed=seed, input_shapes=shapes, calibration_data=calibration,
-                      calib_cache=None if calib_cache is None else os.fspath(calib_cache))
+                      calib_cache=None if calib_cache is None else os.fspath(calib_cache), progress=progress)
     manager = PassManager(passes, verify_each=verify_each, print_ir_after=print_ir_after,
                           dump_dir=dump_dir, ir_printer=ir_printer)
     records = manager.run(model, ctx)

@@ -110,6 +110,9 @@ def _calibration_options(func):
                      help="Image preprocessing: resize=256,crop=224,mean=0.485;0.456;0.406,"
                           "std=0.229;0.224;0.225,scale=1/255,layout=nchw|nhwc,order=rgb|bgr|gray."),
         click.option("--calib-cache", metavar="DIR", help="Folder for cached calibration statistics."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bars of calibration and sensitivity sweeps on stderr (default: when stderr "
+                          "is a terminal)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -117,6 +120,8 @@ def _calibration_options(func):
 
 
 def _check_calibration_options(calib: dict[str, Any]) -> None:
+    if calib["progress"] is None:
+        calib["progress"] = sys.stderr.isatty()
     if calib["calibration_data"] is None:
         given = [f"--{k.replace('_', '-')}" for k in ("calib_samples", "calib_batch_size", "calib_preprocess")
                  if calib[k] is not None]

@@ -26,6 +26,7 @@ from irtool.calibration.observers import DEFAULT_BINS, Histogram, MinMax, values
 from irtool.calibration.tap import Summary, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
+from irtool.progress import bar
 
 log = logging.getLogger(__name__)
 Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -70,7 +71,8 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     started, batches, sizes = time.perf_counter(), 0, []
     summaries_of = tap(model, names, _sized(provider(), sizes, timings), summary=per_sample,
                        sample_extremes=histograms, timings=timings)
-    for summaries in _timed(_progress(summaries_of, progress), timings):
+    bar_total = getattr(provider, "num_batches", None)
+    for summaries in _timed(bar(summaries_of, progress, "calibrating", "batch", bar_total), timings):
         batches += 1
         observed = time.perf_counter()
         _observe_batch(stats, summaries)
@@ -133,16 +135,6 @@ def _observe(stats: TensorStats, name: str, summary: Summary) -> None:
         raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data: the float model "
                          "overflows or divides by zero on these inputs")
     stats.minmax.merge(MinMax(low, high))
-
-
-def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc="calibrating", unit="batch", leave=False)
 
 
 # ----------------------------------------------------------------------------------- cache

@@ -18,6 +18,7 @@ import numpy as np
 from irtool.calibration.tap import tap
 from irtool.ir.model import Model
 from irtool.passmanager import PassContext
+from irtool.progress import bar
 
 log = logging.getLogger(__name__)
 # Every SQNR here is measured on the first batches of the calibration data holding EVAL_SAMPLES samples; the
@@ -89,7 +90,7 @@ def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext,
     reference = float_outputs(model, ctx) if reference is None else reference
     layers = [n.name for n in base.enabled(model)]
     results = []
-    for index, name in enumerate(layers):
+    for index, name in enumerate(bar(layers, ctx.progress, "quant-sensitivity", "layer")):
         ctx.logger.info("quant-sensitivity: layer %d/%d %s", index + 1, len(layers), name)
         only = Selection(base.exclude, base.exclude_ops, base.keep_first, base.keep_last, only=frozenset([name]))
         results.append((name, quantized_sqnr(model, ranges, placement, only, reference, ctx)))
@@ -199,7 +200,7 @@ def sensitivity_report(model: Model, ranges, placement, ctx: PassContext) -> Sen
 
 def report_for_path(path: str, *, profile: str, method: str, seed: int, input_shapes: dict,
                     calibration_data, calib_samples=None, calib_batch_size=None, calib_preprocess=None,
-                    calib_cache=None) -> SensitivityReport:
+                    calib_cache=None, progress: bool = False) -> SensitivityReport:
     """The CLI's entry: calibrate a private copy of the model, then rank its layers."""
     from irtool.calibration.data import as_calibration_data
     from irtool.passes.quant.calibrate import Calibrate, Method, stored_ranges
@@ -208,7 +209,8 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
     model = Model.load(path)
     data = as_calibration_data(calibration_data, model, samples=calib_samples, seed=seed,
                                batch_size=calib_batch_size, preprocess=calib_preprocess, input_shapes=input_shapes)
-    ctx = PassContext(seed=seed, input_shapes=input_shapes, calibration_data=data, calib_cache=calib_cache)
+    ctx = PassContext(seed=seed, input_shapes=input_shapes, calibration_data=data, calib_cache=calib_cache,
+                      progress=progress)
     Calibrate(method=Method(method), profile=Profile(profile))(model, ctx)
     placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True,
                           reduce_range=True)

@@ -152,3 +152,23 @@ def test_calibrate_with_nothing_to_observe_runs_no_inference():
     calibrate, insert = (r.stats for r in result.records)
     assert calibrate["tensors"] == calibrate["observed"] == 0 and insert["qdq_pairs"] == 0
     assert [n.op_type for n in result.model.to_proto().graph.node] == ["Reshape"]
+
+
+def test_cli_draws_progress_bars_when_asked_and_not_into_logs(tmp_path: Path):
+    """--progress draws tqdm bars on stderr for calibration batches (3 of 16 samples) and the mixed-precision
+    sweep's layers (2); by default they follow stderr being a terminal, so a build log (a pipe here) gets none.
+    The model written is the same either way."""
+    model = write_conv_net(tmp_path / "net.onnx")
+    np.savez(tmp_path / "x.npz", x=conv_samples(48))
+
+    def opt(out: str, *extra: str):
+        result = run_cli("opt", model, "-o", tmp_path / out, "--calib-data", tmp_path / "x.npz",
+                         "--pipeline", "calibrate,insert-qdq{min-sqnr=200}", *extra)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    shown = opt("shown.onnx", "--progress")
+    assert "calibrating:" in shown and "/3 [" in shown and "quant-sensitivity:" in shown and "/2 [" in shown
+    piped = opt("piped.onnx")
+    assert "calibrating" not in piped and "quant-sensitivity" not in piped
+    assert (tmp_path / "shown.onnx").read_bytes() == (tmp_path / "piped.onnx").read_bytes()
