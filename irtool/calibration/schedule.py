@@ -57,7 +57,7 @@ def calibration_session(proto: onnx.ModelProto, model_outputs: Iterable[str], th
         return session_with_weights(proto, _options(threads), weights)
     with tempfile.TemporaryDirectory(prefix="irtool-calibration-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "optimized.onnx"
-        options = _options(threads)
+        options = _options(threads, prepack=False)
         options.optimized_model_filepath = str(path)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -70,15 +70,21 @@ def calibration_session(proto: onnx.ModelProto, model_outputs: Iterable[str], th
             return session
         side_nodes_first(graph, needed)
         onnx.save(optimized, str(path))  # the weights stay in weights.bin next to it
-        options = _options(threads)
+        options = _options(threads, prepack=False)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(path), options, providers=PROVIDERS)
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def _options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not prepack:
+        # Conv nets on the renumbered path (their convs are NCHWc kernels, which reorder their weights when the
+        # transformer makes them): weight prepacking cost MobileNetV2 and ResNet-50 ~0.02 s of session build
+        # and gained nothing per batch (medians of 6 and 2 builds); the ViT, whose MatMuls it speeds up
+        # (4 batches: 1.32 against 1.43 s), takes the plain session.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     # Measured on ResNet-50 (batch 16): ORT's memory pattern planning keeps 3.5 GB and runs 2.6 s per batch on
     # the summarized graph; without it 2.0 GB and 2.0 s (the float model: 0.6 GB, 1.4 s).
     options.enable_mem_pattern = False
