@@ -1,10 +1,11 @@
 """Per-layer quantization sensitivity and automatic mixed precision.
 
 Sensitivity of a layer = the output SQNR, 10·log10(Σ y² / Σ (y − ŷ)²) over every model output and
-calibration batch, when only that layer (its activation inputs and weights) is quantized. Lower
-means more sensitive. Mixed precision keeps the most sensitive layers in float: `keep-fp=K` keeps the
-K lowest; `min-sqnr=S` keeps the fewest most-sensitive layers for which the fully quantized model's
-SQNR reaches S, found by bisection on that count (SQNR grows, up to noise, as layers return to float).
+evaluation sample (the first EVAL_SAMPLES of the calibration data), when only that layer (its activation
+inputs and weights) is quantized. Lower means more sensitive. Mixed precision keeps the most sensitive
+layers in float, ranked on the first SWEEP_SAMPLES: `keep-fp=K` keeps the K lowest; `min-sqnr=S` keeps the
+fewest most-sensitive layers for which the fully quantized model's SQNR on all evaluation samples reaches S,
+found by bisection on that count (SQNR grows, up to noise, as layers return to float).
 """
 
 from __future__ import annotations
