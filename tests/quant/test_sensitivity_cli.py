@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 
 from tests.cli.conftest import run_cli
 from tests.quant.torch_models import cnn_proto
@@ -35,3 +36,19 @@ def test_sensitivity_needs_data(tmp_path):
     onnx.save(cnn_proto(), str(model))
     result = run_cli("sensitivity", model)
     assert result.returncode == 2 and result.stderr.startswith("irtool: error: sensitivity needs --calib-data")
+
+
+def test_output_sqnr_counts_float_outputs_and_not_class_indices():
+    """A classifier exported with its ArgMax: a flipped index is not quantization noise of a signal (it added its
+    squared distance in classes). Only index outputs: they are what there is to compare."""
+    from irtool.passes.quant.sensitivity import output_sqnr
+
+    logits = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    noisy = logits + np.array([[0.0, 0.1, 0.0], [0.0, 0.0, 0.1]])
+    index = np.array([2, 0], np.int64)
+    flipped = np.array([0, 0], np.int64)
+    expected = 10 * np.log10(np.sum(logits ** 2) / 0.02)
+    reference = [{"logits": logits, "class": index}]
+    assert output_sqnr(reference, [{"logits": noisy, "class": flipped}]) == pytest.approx(expected)
+    only_index = output_sqnr([{"class": index}], [{"class": flipped}])
+    assert only_index == pytest.approx(10 * np.log10(4.0 / 4.0))
