@@ -26,7 +26,9 @@ Validation raises InputError naming the input and the sample or file: missing or
 static dims, dtype (float -> float is cast, int -> int is cast when the values fit; int data for a
 float input, float for int, and anything else is refused), NaN/Inf, an empty set. Headers of file
 sources (and the first image) are checked at construction, so bad data fails before any pass runs;
-values are checked as they stream. A model input with a static first dim fixes the batch size.
+values are checked as they stream. A model input with a static first dim fixes the batch size; otherwise a
+sample shaped unlike the batch it would join (sequences padded per batch, images of several sizes) starts a
+new batch.
 
 Memory: at most one batch is held, plus what a format forces: .npy files are memory-mapped, .npz
 members are read row by row from the zip stream (a Fortran-ordered member is loaded whole).
@@ -99,9 +101,13 @@ def _batch_size(inputs: list[ModelInput], requested: int, samples: int) -> int:
 def _put(buffer: np.ndarray, row: int, value: np.ndarray, name: str, where: str) -> None:
     if buffer.shape[1:] != value.shape:
         raise InputError(f"input {name!r}: {where} has shape {value.shape}, other samples in its batch "
-                         f"{buffer.shape[1:]}; samples of one batch must match (use --calib-batch-size 1, "
-                         "or resize/crop images)")
+                         f"{buffer.shape[1:]}; the model fixes the batch to {len(buffer)}, so samples of one "
+                         "batch must match (resize/crop images, pad sequences to one length)")
     buffer[row] = value
+
+
+def _reshaped(batch: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> bool:
+    return any(batch[name].shape[1:] != value.shape for name, value in sample.items())
 
 
 # ----------------------------------------------------------------------------------- the public class
@@ -113,6 +119,7 @@ class CalibrationData:
                  batch_size: int = DEFAULT_BATCH_SIZE, description: str = ""):
         self._source, self.inputs, self.indices = source, inputs, indices
         self.batch_size = _batch_size(inputs, batch_size, len(indices))
+        self._batch_fixed = any(inp.shape is not None and inp.shape[0] is not None for inp in inputs)
         self.description = description or source.kind
         self._fingerprint: str | None = None
 
@@ -148,6 +155,11 @@ class CalibrationData:
         last_log = time.monotonic()
         for where, sample in self._source.samples(self.indices):
             converted = {inp.name: convert_sample(inp, sample[inp.name], where) for inp in self.inputs}
+            if filled and not self._batch_fixed and _reshaped(batch, converted):
+                # A sample shaped unlike its batch-mates (text padded per batch, images of several sizes) closes
+                # the batch early: statistics are per sample, so where a batch ends changes none of them.
+                yield {name: array[:filled] for name, array in batch.items()}
+                batch, filled = None, 0
             if batch is None:
                 size = min(self.batch_size, remaining)
                 batch = {name: np.empty((size, *a.shape), a.dtype) for name, a in converted.items()}
