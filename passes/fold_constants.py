@@ -8,7 +8,8 @@ the fallback for ops ORT lacks. A node that neither can evaluate is left alone (
 optimization, never a requirement).
 
 `Shape` of a value whose shape is statically known (after shape inference, with the context's
-input shapes) folds to its int64 dims, honouring start/end.
+input shapes) folds to its int64 dims, honouring start/end. When a Shape folds only thanks to the context's
+input shapes, the model is specialized to them, so its inputs then declare them (stat `inputs_pinned`).
 
 Never folded:
   * DequantizeLinear, and QuantizeLinear feeding a DequantizeLinear: weights stay quantized (QDQ);
@@ -57,16 +58,24 @@ class FoldConstants(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # Folding can make more shapes static (Shape -> Gather -> Div -> Slice chains), so sweep with
         # fresh shape inference until a sweep folds nothing.
-        folded, rounds = 0, 0
+        given = ctx.input_shapes or None
+        folded, rounds, self._specialized = 0, 0, False
         while rounds < MAX_ROUNDS:
             rounds += 1
-            swept = self._sweep(model, value_types(model, ctx.input_shapes or None))
+            types = value_types(model, given)
+            swept = self._sweep(model, types, value_types(model) if given else types)
             folded += swept
             if not swept:
                 break
-        return PassResult(modified=folded > 0, preserved=(), stats={"nodes_folded": folded})
+        pinned = sorted(given) if given and self._specialized else []
+        if pinned:
+            _pin_inputs(model, given)
+        stats = {"nodes_folded": folded, **({"inputs_pinned": pinned} if pinned else {})}
+        return PassResult(modified=folded > 0 or bool(pinned), preserved=(), stats=stats)
 
-    def _sweep(self, model: Model, types: ValueTypes) -> int:
+    def _sweep(self, model: Model, types: ValueTypes, own: ValueTypes) -> int:
+        """`own`: the types from the model's own input shapes; a Shape folded only thanks to the context's
+        input shapes specializes the model to them."""
         opsets = model.opset_imports
         folded = 0
         for graph in list(model.graphs()):
@@ -76,6 +85,8 @@ class FoldConstants(Pass):
                     values = self._fold(node, types, opsets)
                     if values is None:
                         continue
+                    if node.op == "Shape" and static_shape(own, node.inputs[0].name) is None:
+                        self._specialized = True
                     outputs = list(_named(node.outputs))
                     edit.remove(node)  # detach first: to_constant turns the tensors into constants
                     for tensor, value in zip(outputs, values, strict=True):
@@ -106,6 +117,18 @@ class FoldConstants(Pass):
         if node.op == "QuantizeLinear" and _feeds_dequantize(node):
             return False
         return all(_expected_bytes(t, types) <= self.options.max_bytes for t in _named(node.outputs))
+
+
+def _pin_inputs(model: Model, shapes: dict[str, list[int]]) -> None:
+    """Declare the input shapes the folded constants assume. The inputs stayed symbolic before: a BERT export's
+    position ids folded for 8 x 24 and run at 16 x 24 failed inside ONNX Runtime ("Attempting to broadcast an
+    axis by a dimension other than 1") instead of naming the input."""
+    log.warning("fold-constants folded Shape ops for --input-shape %s: the model's inputs now declare those "
+                "shapes (give no --input-shape, or fold-constants{fold-shapes=false}, to keep them dynamic)",
+                ", ".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in sorted(shapes.items())))
+    for tensor in model.graph.inputs:
+        if tensor.name in shapes:
+            tensor.shape = list(shapes[tensor.name])
 
 
 def _named(tensors: list[gs.Tensor]) -> list[gs.Tensor]:

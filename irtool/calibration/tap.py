@@ -70,12 +70,20 @@ def _add_output(graph: onnx.GraphProto, name: str, types: Mapping) -> None:
     graph.output.append(helper.make_tensor_value_info(name, elem, None))
 
 
-def _feeds(input_names: list[str], batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
-    """The session's inputs from one calibration batch; a missing one is the caller's error, named."""
-    missing = [n for n in input_names if n not in batch]
+def _feeds(inputs: list, batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """The session's inputs (its NodeArgs) from one calibration batch; a missing input, or a batch whose shape
+    the model's declared dims refuse, is the caller's error, named in one line."""
+    missing = [i.name for i in inputs if i.name not in batch]
     if missing:
         raise InputError(f"calibration batch {index} lacks model input(s) {', '.join(missing)}")
-    return {n: np.asarray(batch[n]) for n in input_names}
+    feeds = {i.name: np.asarray(batch[i.name]) for i in inputs}
+    for arg in inputs:
+        shape, fixed = feeds[arg.name].shape, [d if isinstance(d, int) else None for d in arg.shape or []]
+        if len(fixed) == len(shape) and any(d is not None and d != n for d, n in zip(fixed, shape, strict=True)):
+            hint = " (--calib-batch-size sets the batch)" if fixed[0] not in (None, shape[0]) else ""
+            raise InputError(f"calibration batch {index}: input {arg.name!r} has shape {list(shape)}, the model "
+                             f"declares {['?' if d is None else d for d in fixed]}{hint}")
+    return feeds
 
 
 @dataclass
@@ -342,10 +350,10 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
     del proto, weights  # the session holds what it needs
     if timings is not None:
         timings.session += time.perf_counter() - started
-    input_names = [i.name for i in session.get_inputs()]
+    inputs = session.get_inputs()
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):
-        feeds = _feeds(input_names, batch, index)
+        feeds = _feeds(inputs, batch, index)
         # ONNX Runtime returns every output when asked for none (a model with nothing to observe).
         values = dict(zip(fetch, session.run(fetch, feeds) if fetch else [], strict=True))
         if summary is None:
@@ -401,7 +409,7 @@ def channel_means(model: Model, axes: Mapping[str, int],
     del proto, weights
     names = sorted(axes)
     fetch = [pooled.get(name, name) for name in names]
-    inputs = [i.name for i in session.get_inputs()]
+    inputs = session.get_inputs()
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for index, batch in enumerate(batches):

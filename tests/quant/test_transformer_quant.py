@@ -10,6 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from irtool.api import optimize
+from irtool.errors import InputError
 from tests.quant.torch_models import TOKENS, VOCAB, encoder_proto, sentence_encoder_proto
 
 
@@ -62,14 +63,16 @@ def test_quant_dynamic_keeps_cosine_099():
     assert mean_cosine(embeddings(proto, test), embeddings(out, test)) >= 0.99
 
 
-def sentences(seed: int, count: int, batch: int = 8) -> list[dict[str, np.ndarray]]:
-    """Token batches padded as a tokenizer pads them: lengths 4..24, id 0 and mask 0 past each sentence's end."""
+def sentences(seed: int, count: int, batch: int = 8, per_batch: bool = False) -> list[dict[str, np.ndarray]]:
+    """Token batches padded as a tokenizer pads them: lengths 4..24, id 0 and mask 0 past each sentence's end;
+    padded to 24 tokens, or with `per_batch` to the batch's longest sentence."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
         lengths = rng.integers(4, TOKENS + 1, batch)
-        mask = (np.arange(TOKENS)[None] < lengths[:, None]).astype(np.int64)
-        out.append({"input_ids": rng.integers(1, VOCAB, (batch, TOKENS)) * mask, "attention_mask": mask})
+        width = int(lengths.max()) if per_batch else TOKENS
+        mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int64)
+        out.append({"input_ids": rng.integers(1, VOCAB, (batch, width)) * mask, "attention_mask": mask})
     return out
 
 
@@ -102,7 +105,44 @@ def test_sentence_encoder_on_padded_batches(pipeline, target, padding):
 def test_sentence_encoder_random_calibration_stays_finite():
     """Random integer inputs are 0 or 1: valid ids and mask values. With 2 or 3, (1 - mask) * finfo.min
     overflowed to inf and calibration stopped on a NaN/Inf the data, not the model, made."""
-    result = optimize(sentence_encoder_proto(), "cleanup,calibrate,insert-qdq", calibration_data="random")
+    shapes = {"input_ids": [8, TOKENS], "attention_mask": [8, TOKENS]}  # the export's token axis is dynamic
+    result = optimize(sentence_encoder_proto(), "cleanup,calibrate,insert-qdq", calibration_data="random",
+                      input_shapes=shapes, calib_batch_size=8)
     scales = activation_scales(result.model.to_proto())
     assert len(scales) == result.records[-1].stats["qdq_pairs"] > 0
     assert all(np.isfinite(scales)) and 0.0 < min(scales)
+
+
+def test_sentence_encoder_calibrates_on_batches_padded_to_their_own_length():
+    """Each batch padded to its longest sentence, as a data loader does: the calibration batches (16) would mix
+    lengths, so a batch ends where the length changes; the ranges are the same with batches of 1, 8 and 16, and
+    the INT8 model keeps its embeddings on batches of other lengths."""
+    from irtool.passes.quant.calibrate import stored_ranges
+
+    proto = sentence_encoder_proto()
+    calib, test = sentences(0, 6, per_batch=True), sentences(1, 4, per_batch=True)
+    assert len({b["input_ids"].shape[1] for b in calib}) > 1
+    ranges = [stored_ranges(optimize(proto, "cleanup,calibrate{method=percentile}", calibration_data=calib,
+                                     calib_batch_size=size).model) for size in (1, 8, 16)]
+    assert ranges[0] == ranges[1] == ranges[2] and len(ranges[0]) > 20
+    quantized = optimize(proto, "quant", calibration_data=calib).model.to_proto()
+    assert mean_cosine(embeddings(proto, test), embeddings(quantized, test)) >= 0.98
+
+
+def test_input_shapes_that_fold_shapes_become_the_written_models_inputs():
+    """fold-constants folds the export's position ids and token types for the given 8 x 24 (Shape ops of the
+    inputs): the model written takes only that shape, and says so. Its inputs stayed symbolic before, and a batch
+    of 16 failed inside ONNX Runtime ("Attempting to broadcast an axis by a dimension other than 1"); now
+    calibration batches of another size are refused in one line naming the input."""
+    proto = sentence_encoder_proto()
+    shapes = {"input_ids": [8, TOKENS], "attention_mask": [8, TOKENS]}
+    result = optimize(proto, "cleanup", input_shapes=shapes)
+    written = result.model.to_proto()
+    assert {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in written.graph.input} == shapes
+    fold = next(r for r in result.records if r.name == "fold-constants")
+    assert fold.stats["nodes_folded"] > 0 and fold.stats["inputs_pinned"] == ["attention_mask", "input_ids"]
+    batches = sentences(3, 2)
+    np.testing.assert_allclose(embeddings(written, batches), embeddings(proto, batches), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match=r"input 'input_ids' has shape \[16, 24\], the model declares \[8, 24\] "
+                                         r"\(--calib-batch-size"):
+        optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=16))

@@ -154,7 +154,8 @@ def _export_sentence_encoder(module) -> bytes:
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), (ids, mask), buffer, dynamo=False, input_names=["input_ids", "attention_mask"],
                           output_names=["embedding"], opset_version=17,
-                          dynamic_axes={name: {0: "batch"} for name in ("input_ids", "attention_mask", "embedding")})
+                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                        "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}})
     return buffer.getvalue()
 
 
@@ -180,7 +181,8 @@ def encoder_proto() -> onnx.ModelProto:
 
 def sentence_encoder_proto(padding: str = "finfo") -> onnx.ModelProto:
     """The MiniLM-shaped sentence embedder (3 layers, d_model 64): int64 input_ids and attention_mask of
-    [batch, 24]; output [batch, 64]. `padding`: "finfo" or "inf", how the mask reaches the scores."""
+    [batch, tokens <= 24], both dims dynamic as Hugging Face exports them; output [batch, 64]. `padding`:
+    "finfo" or "inf", how the mask reaches the scores."""
     proto = onnx.load_from_string(_exported(f"sentence-{padding}"))
     proto.ir_version = 8
     return proto
