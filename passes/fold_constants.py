@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from irtool.ir.model import Model, subgraphs_of
-from irtool.ir.rewrite import GraphEdit, ValueTypes, is_default_domain, static_shape, value_types
+from irtool.ir.rewrite import GraphEdit, ValueTypes, is_default_domain, pin_input_shapes, static_shape, value_types
 from irtool.ir.topo import toposort_graph
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -67,9 +67,7 @@ class FoldConstants(Pass):
             folded += swept
             if not swept:
                 break
-        pinned = sorted(given) if given and self._specialized else []
-        if pinned:
-            _pin_inputs(model, given)
+        pinned = pin_input_shapes(model, given, self.name) if given and self._specialized else []
         stats = {"nodes_folded": folded, **({"inputs_pinned": pinned} if pinned else {})}
         return PassResult(modified=folded > 0 or bool(pinned), preserved=(), stats=stats)
 
@@ -117,18 +115,6 @@ class FoldConstants(Pass):
         if node.op == "QuantizeLinear" and _feeds_dequantize(node):
             return False
         return all(_expected_bytes(t, types) <= self.options.max_bytes for t in _named(node.outputs))
-
-
-def _pin_inputs(model: Model, shapes: dict[str, list[int]]) -> None:
-    """Declare the input shapes the folded constants assume. The inputs stayed symbolic before: a BERT export's
-    position ids folded for 8 x 24 and run at 16 x 24 failed inside ONNX Runtime ("Attempting to broadcast an
-    axis by a dimension other than 1") instead of naming the input."""
-    log.warning("fold-constants folded Shape ops for --input-shape %s: the model's inputs now declare those "
-                "shapes (give no --input-shape, or fold-constants{fold-shapes=false}, to keep them dynamic)",
-                ", ".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in sorted(shapes.items())))
-    for tensor in model.graph.inputs:
-        if tensor.name in shapes:
-            tensor.shape = list(shapes[tensor.name])
 
 
 def _named(tensors: list[gs.Tensor]) -> list[gs.Tensor]:

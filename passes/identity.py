@@ -4,7 +4,9 @@ Recognized (one handler per op type, each returns whether the node is a no-op):
     Identity                      always
     Dropout                       inference: training_mode absent or constant false, mask unused
     Cast                          `to` equals the input's element type
-    Reshape                       constant shape, input and output have the same static shape
+    Reshape                       constant shape, input and output have the same shape (numbers, or the
+                                  same named symbols); when that holds only under --input-shape, the inputs
+                                  then declare those shapes
     Transpose                     perm == [0, 1, ..., r-1] (no perm: reversal, identity for r <= 1)
     Pad                           constant pads, all zero (every mode is then a no-op)
     Concat                        a single input
@@ -34,8 +36,8 @@ from irtool.ir.rewrite import (
     is_default_domain,
     is_graph_output,
     is_used,
+    pin_input_shapes,
     replace_uses,
-    static_shape,
     value_types,
 )
 from irtool.passmanager import Pass, PassContext, PassResult
@@ -53,18 +55,24 @@ class EliminateIdentity(Pass):
         remove_pads: bool = True  # also remove Pad nodes whose pads are all zero
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        types = value_types(model, ctx.input_shapes or None)
+        given = ctx.input_shapes or None
+        types = value_types(model, given)
+        own = value_types(model) if given else types  # a no-op only under --input-shape specializes the model
         removed = rewritten = 0
+        specialized = False
         for graph in list(model.graphs()):
             with GraphEdit(graph) as edit:
                 for node in list(graph.nodes):
                     if not self._is_noop(graph, node, types):
                         continue
+                    specialized |= own is not types and not self._is_noop(graph, node, own)
                     outcome = bypass(edit, node)
                     removed += outcome == "removed"
                     rewritten += outcome == "identity"
-        stats = {"nodes_removed": removed, "nodes_made_identity": rewritten}
-        return PassResult(modified=bool(removed or rewritten), preserved=(), stats=stats)
+        pinned = pin_input_shapes(model, given, self.name) if specialized else []
+        stats = {"nodes_removed": removed, "nodes_made_identity": rewritten,
+                 **({"inputs_pinned": pinned} if pinned else {})}
+        return PassResult(modified=bool(removed or rewritten or pinned), preserved=(), stats=stats)
 
     def _is_noop(self, graph: gs.Graph, node: gs.Node, types: ValueTypes) -> bool:
         check = NOOP_CHECKS.get(node.op)
@@ -142,9 +150,16 @@ def _cast(node: gs.Node, types: ValueTypes) -> bool:
 
 
 def _reshape(node: gs.Node, types: ValueTypes) -> bool:
-    before = static_shape(types, node.inputs[0].name)
-    after = static_shape(types, node.outputs[0].name)
+    before = _known_dims(types, node.inputs[0].name)
+    after = _known_dims(types, node.outputs[0].name)
     return len(node.inputs) > 1 and before is not None and before == after
+
+
+def _known_dims(types: ValueTypes, name: str) -> list[int | str] | None:
+    """Dims that are numbers or named symbols ("?", an unknown dim, makes the shape unknown): a Reshape whose
+    output keeps the input's symbols (x[N, 4] by [0, -1]) is a no-op for every N."""
+    dims = types.get(name, (0, None))[1]
+    return None if dims is None or "?" in dims else list(dims)
 
 
 def _transpose(node: gs.Node, types: ValueTypes) -> bool:

@@ -8,6 +8,7 @@ and outputs cleared) so that no tensor keeps pointing at it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import onnx
@@ -15,6 +16,8 @@ import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
 from irtool.ir.skeleton import _set_input_shapes, _value_type, skeleton
+
+log = logging.getLogger(__name__)
 
 ValueTypes = dict[str, tuple[int, list[int | str] | None]]
 # Standard ops that carry subgraphs; reading every node's attributes through protobuf costs more.
@@ -155,3 +158,18 @@ def static_shape(types: ValueTypes, name: str) -> list[int] | None:
     if entry is None or entry[1] is None or any(not isinstance(d, int) for d in entry[1]):
         return None
     return list(entry[1])
+
+
+def pin_input_shapes(model: Model, shapes: dict[str, list[int]], by: str) -> list[str]:
+    """Declare `shapes` (the context's --input-shape) as the model's input shapes, after pass `by` rewrote the
+    model in a way that holds for them only (a Shape folded to constants, a Reshape dropped as a no-op). With its
+    inputs still symbolic, a BERT export folded for 8 x 24 and run at 16 x 24 failed inside ONNX Runtime
+    ("Attempting to broadcast an axis by a dimension other than 1") instead of naming the input. Returns the
+    pinned input names."""
+    log.warning("%s rewrote the model for --input-shape %s: its inputs now declare those shapes (give no "
+                "--input-shape to keep them dynamic)", by,
+                ", ".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in sorted(shapes.items())))
+    for tensor in model.graph.inputs:
+        if tensor.name in shapes:
+            tensor.shape = list(shapes[tensor.name])
+    return sorted(shapes)

@@ -131,3 +131,20 @@ def test_if_branches_are_rewired_and_outer_values_kept_visible():
     # A branch cannot return an outer value by name alone: its Identity stays, now reading `a`.
     assert [n.op for n in else_g.nodes] == ["Identity"] and else_g.nodes[0].inputs[0].name == "a"
     assert_same_outputs(original, model)
+
+
+def test_a_reshape_that_is_a_no_op_only_under_input_shapes_pins_them():
+    """Reshape(x, [2, -1]) of x[N, 4] is a no-op for N = 2 only: dropping it under --input-shape x:2x4 makes the
+    model right for that shape alone, so its input then declares it. Without input shapes the Reshape stays."""
+    from irtool.passmanager import PassContext
+
+    text = "g (float[N,4] x) => (float[2,?] y) <int64[2] s = {2, -1}> { y = Reshape(x, s) }"
+    kept = model_of(text)
+    assert run(kept, "eliminate-identity")[0].modified is False and ops(kept) == ["Reshape"]
+    pinned = model_of(text)
+    stats = run(pinned, "eliminate-identity", PassContext(input_shapes={"x": [2, 4]}))[0].stats
+    assert stats["inputs_pinned"] == ["x"] and pinned.graph.inputs[0].shape == [2, 4]
+    dynamic = model_of("g (float[N,4] x) => (float[N,4] y) <int64[2] s = {0, -1}> { y = Reshape(x, s) }")
+    stats = run(dynamic, "eliminate-identity", PassContext(input_shapes={"x": [2, 4]}))[0].stats
+    assert stats["nodes_made_identity"] + stats["nodes_removed"] == 1 and "inputs_pinned" not in stats
+    assert dynamic.graph.inputs[0].shape == ["N", 4]
