@@ -117,6 +117,17 @@ def depthwise_chain() -> onnx.ModelProto:
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
 
 
+def grouped_chain() -> onnx.ModelProto:
+    """Conv -> grouped Conv (4 groups) -> depthwise Conv with a channel multiplier of 2 -> 1x1 Conv: each
+    output channel reads only its own group's inputs (bias-correct once paired them with all of them)."""
+    b = Builder(14)
+    a = b.node("Relu", [b.conv("x", "expand", 3, 8, 1)], "act1")
+    g = b.node("Relu", [b.conv(a, "grouped", 8, 8, 3, group=4)], "act2")
+    d = b.node("Relu", [b.conv(g, "dw2", 8, 16, 3, group=8)], "act3")
+    b.conv(d, "y", 16, 4, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
+
+
 def clip_chain(low: float = 0.0) -> onnx.ModelProto:
     b = Builder(9)
     c = b.conv("x", "conv1", 3, 8)
