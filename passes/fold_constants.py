@@ -59,23 +59,23 @@ class FoldConstants(Pass):
         # Folding can make more shapes static (Shape -> Gather -> Div -> Slice chains), so sweep with
         # fresh shape inference until a sweep folds nothing.
         given = ctx.input_shapes or None
-        folded, rounds, self._specialized = 0, 0, False
+        folded, rounds, specialized = 0, 0, False
         while rounds < MAX_ROUNDS:
             rounds += 1
             types = value_types(model, given)
-            swept = self._sweep(model, types, value_types(model) if given else types)
-            folded += swept
+            swept, specializing = self._sweep(model, types, value_types(model) if given else types)
+            folded, specialized = folded + swept, specialized or specializing
             if not swept:
                 break
-        pinned = pin_input_shapes(model, given, self.name) if given and self._specialized else []
+        pinned = pin_input_shapes(model, given, self.name) if given and specialized else []
         stats = {"nodes_folded": folded, **({"inputs_pinned": pinned} if pinned else {})}
         return PassResult(modified=folded > 0 or bool(pinned), preserved=(), stats=stats)
 
-    def _sweep(self, model: Model, types: ValueTypes, own: ValueTypes) -> int:
-        """`own`: the types from the model's own input shapes; a Shape folded only thanks to the context's
-        input shapes specializes the model to them."""
+    def _sweep(self, model: Model, types: ValueTypes, own: ValueTypes) -> tuple[int, bool]:
+        """(nodes folded, whether a fold specialized the model). `own`: the types from the model's own input
+        shapes; a Shape folded only thanks to the context's input shapes specializes the model to them."""
         opsets = model.opset_imports
-        folded = 0
+        folded, specialized = 0, False
         for graph in list(model.graphs()):
             toposort_graph(graph)
             with GraphEdit(graph) as edit:
@@ -83,14 +83,13 @@ class FoldConstants(Pass):
                     values = self._fold(node, types, opsets)
                     if values is None:
                         continue
-                    if node.op == "Shape" and static_shape(own, node.inputs[0].name) is None:
-                        self._specialized = True
+                    specialized |= node.op == "Shape" and static_shape(own, node.inputs[0].name) is None
                     outputs = list(_named(node.outputs))
                     edit.remove(node)  # detach first: to_constant turns the tensors into constants
                     for tensor, value in zip(outputs, values, strict=True):
                         tensor.to_constant(value)
                     folded += 1
-        return folded
+        return folded, specialized
 
     def _fold(self, node: gs.Node, types: ValueTypes, opsets: dict[str, int]) -> list[np.ndarray] | None:
         """The output values of node if it may and can be folded, else None."""
