@@ -24,6 +24,10 @@ Side by side in one run, on the same ONNX models and the same calibration sample
                        CalibrationDataReader over the same samples; its calibration time (create_calibrator +
                        collect_data + compute_data) is measured by wrapping create_calibrator. ORT has no MSE
                        method: mse is irtool only. Percentile uses 99.99 for both (ORT's default is 99.999).
+* full range  on CPUs with integer dot-product instructions (x86 VNNI, ARM dot product), where ONNX Runtime's
+              u8 x s8 kernels do not saturate: both tools once more with full-range s8 weights (irtool
+              `insert-qdq{profile=ort-cpu,reduce-range=false}`, ORT reduce_range=False, its default), minmax,
+              smallest N: SQNR and INT8 latency of the settings a user of such a CPU would pick.
 * floor       plain float ONNX Runtime inference over the same N samples, same batches and provider (data
               generation included in both; its share, timed inside the floor's loop, is also reported).
 * accuracy    with mobilenetv2 in --models: the digits nets of the test suite (plain, residual, MobileNet-like,
@@ -361,7 +365,7 @@ def work_ort(spec: dict) -> dict:
     ort_quantize.create_calibrator = create_calibrator
     proto = onnx.load(spec["model_path"])
     started, cpu = time.perf_counter(), time.process_time()
-    _quantize_static(proto, spec["out"], Reader(), method)
+    _quantize_static(proto, spec["out"], Reader(), method, spec.get("reduce_range", True))
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
     out = {"calib_s": sum(calib.values()), "calib_parts_s": calib, "total_s": total, "total_cpu_s": total_cpu,
            "peak_rss_mb": peak_rss_mb()}
@@ -399,15 +403,16 @@ def work_digits(spec: dict) -> dict:
     return out
 
 
-def _quantize_static(model, out: str, reader, method: str) -> None:
+def _quantize_static(model, out: str, reader, method: str, reduce_range: bool = True) -> None:
     """ONNX Runtime's quantize_static with the benchmark's settings (QDQ, per-channel, u8 x s8)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     ort_quantize = sys.modules["onnxruntime.quantization.quantize"]  # where work_ort times create_calibrator
 
     # reduce_range: weights in [-64, 64], as irtool's ort-cpu default; ONNX Runtime's u8 x s8 kernels saturate on x86
-    # CPUs without VNNI (this machine), so full-range weights would compare saturation, not quantizers.
+    # CPUs without VNNI, so full-range weights would compare saturation, not quantizers, there.
     ort_quantize.quantize_static(model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                                 reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                 reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                                 weight_type=QuantType.QInt8,
                                  calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]),
                                  extra_options={"CalibPercentile": PERCENTILE})
 
@@ -548,6 +553,39 @@ def ort_memory_estimate_mb(act_bytes: int, n: int, method: str) -> float:
     return act_bytes * n * 1.25 / 2**20 + 600
 
 
+def int8_dot_product() -> str | None:
+    """The CPU's integer dot-product extension ONNX Runtime's u8 x s8 kernels use without saturating (x86 VNNI,
+    ARM's dot product), or None: without one, x86 adds pairs of u8·s8 products in int16 (vpmaddubsw)."""
+    with contextlib.suppress(OSError):
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                flags |= set(line.split(":", 1)[1].split())
+        for flag, label in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("asimddp", "ARM dot product")):
+            if flag in flags:
+                return label
+    return None
+
+
+def full_range(name: str, path: Path, n: int, eval_ref: str, latency_runs: int, rounds: int) -> dict:
+    """Both tools with full-range weights (minmax, N = n): what a user of a CPU with an int8 dot product runs."""
+    tmp = OUT / "tmp"
+    base = {"model": name, "model_path": str(path), "n": n, "method": "minmax", "eval_ref": eval_ref}
+    out = {"n": n}
+    models = {"irtool": str(tmp / f"{name}-irtool-full.onnx"), "ort": str(tmp / f"{name}-ort-full.onnx")}
+    log.info("%s: full-range weights, minmax, N=%d ...", name, n)
+    out["irtool"] = measure("irtool", {**base, "out": models["irtool"], "pipeline":
+                                       "cleanup,fold-bn,calibrate{method=minmax},"
+                                       "insert-qdq{profile=ort-cpu,reduce-range=false}"})
+    out["ort"] = measure("ort", {**base, "out": models["ort"], "reduce_range": False})
+    if all("error" not in out[t] for t in models):
+        out["latency"] = measure("latency", {"models": {**models, "float": str(path)}, "runs": latency_runs,
+                                             "rounds": rounds})
+    for model in models.values():
+        Path(model).unlink(missing_ok=True)
+    return out
+
+
 def run_model(name: str, samples: list[int], methods: list[str], latency_runs: int, rounds: int) -> dict:
     path = model_path(name)
     tmp = OUT / "tmp"
@@ -603,6 +641,8 @@ def run_model(name: str, samples: list[int], methods: list[str], latency_runs: i
                     Path(p).unlink(missing_ok=True)
     if name in RECOVERY_MODELS:
         res["recovery"] = recovery(name, path, samples[0], eval_ref)
+    if int8_dot_product():
+        res["full_range"] = full_range(name, path, samples[0], eval_ref, latency_runs, rounds)
     return res
 
 
@@ -672,8 +712,10 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}; shared with other work: `uptime` load "
         f"average {load[0]} at the start, {load[1]} at the end.  ",
         f"Setup: batches of {BATCH}, fixed-seed smooth synthetic images normalized like ImageNet; quantized as "
-        "u8 activations x s8 per-channel weights in [-64, 64] (irtool's default, ORT's reduce_range: this CPU has no "
-        "VNNI, where full-range weights saturate ONNX Runtime's u8 x s8 kernels) in QDQ format by both tools; "
+        "u8 activations x s8 per-channel weights in [-64, 64] (irtool's default, ORT's reduce_range: on x86 CPUs "
+        "without VNNI full-range weights saturate ONNX Runtime's u8 x s8 kernels; "
+        + (f"this CPU has {dot}, so both tools also run with full-range weights below" if (dot := int8_dot_product())
+           else "this CPU has no VNNI") + ") in QDQ format by both tools; "
         "percentile = "
         f"{PERCENTILE}; evaluation on {EVAL_SAMPLES} further synthetic images vs the float model. Each "
         "measurement is its own process (RLIMIT_AS 16 GiB); peak RSS = VmHWM of that process. "
@@ -721,7 +763,7 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                           for k, v in res["runs"].items() if "error" in v and k.startswith("irtool")})
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
-    lines += recovery_lines(results) + digits_lines(digits)
+    lines += recovery_lines(results) + full_range_lines(results) + digits_lines(digits)
     lines += ["", "### Targets", ""] + targets(results, samples, methods)
     lines += [line for arch, rec in digits.items() if "error" not in rec for line in digits_accuracy_targets(arch, rec)]
     lines += [line for arch, rec in digits.items() if "error" not in rec and arch in DIGITS_ARCHS
@@ -807,6 +849,26 @@ def recovery_lines(results: dict) -> list[str]:
             for text, r in ((plain, rec[mode]["plain"]), (fixed, rec[mode]["fixed"])):
                 lines.append(f"| {mode} | `{text}` | {_cell(r, 'sqnr_db')} | {_cell(r, 'top1', 3)} "
                              f"| {_cell(r, 'calib_s')} | {_cell(r, 'total_s')} |")
+    return lines
+
+
+def full_range_lines(results: dict) -> list[str]:
+    rows = [(name, res["full_range"]) for name, res in results.items() if res.get("full_range")]
+    if not rows:
+        return []
+    lines = ["", f"### Full-range weights on this CPU ({int8_dot_product()}): minmax, N={rows[0][1]['n']}", "",
+             "irtool `cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu,reduce-range=false}` "
+             "against quantize_static with reduce_range=False (its default), otherwise as above.", "",
+             "| model | SQNR dB irtool / ORT | top-1 agree or cosine irtool / ORT | calib s irtool / ORT "
+             "| INT8 ms 1 thr irtool / ORT / float | 2 thr irtool / ORT / float |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, fr in rows:
+        a, b, lat = fr["irtool"], fr["ort"], fr.get("latency", {})
+        acc = "top1" if name in CNNS else "cosine"
+        lines.append(f"| {name} | {_cell(a, 'sqnr_db')} / {_cell(b, 'sqnr_db')} | {_cell(a, acc, 3)} / "
+                     f"{_cell(b, acc, 3)} | {_cell(a, 'calib_s')} / {_cell(b, 'calib_s')} | "
+                     + " | ".join(f"{_f(lat.get(t, {}).get('irtool'))} / {_f(lat.get(t, {}).get('ort'))} / "
+                                  f"{_f(lat.get(t, {}).get('float'))}" for t in ("1", "2")) + " |")
     return lines
 
 
