@@ -43,13 +43,13 @@ def conv() -> onnx.ModelProto:
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
 
 
-def residual() -> onnx.ModelProto:
+def residual(channels: int = 8) -> onnx.ModelProto:
     b = Builder(2)
-    stem = b.node("Relu", [b.conv("x", "stem", 3, 8)], "stem_relu")
-    inner = b.node("Relu", [b.conv(stem, "conv1", 8, 8)], "relu1")
-    add = b.node("Add", [b.conv(inner, "conv2", 8, 8), stem], "add")
+    stem = b.node("Relu", [b.conv("x", "stem", 3, channels)], "stem_relu")
+    inner = b.node("Relu", [b.conv(stem, "conv1", channels, channels)], "relu1")
+    add = b.node("Add", [b.conv(inner, "conv2", channels, channels), stem], "add")
     b.node("Relu", [add], "y")
-    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, channels, 8, 8])
 
 
 def concat() -> onnx.ModelProto:

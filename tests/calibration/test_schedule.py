@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from golden._quant_blocks import Builder, residual
+from golden._quant_blocks import residual
 from irtool.calibration.schedule import _needed, calibration_session, side_nodes_first, worth_rebuilding
 from irtool.calibration.tap import _nchwc_share, _summarized_proto
 from irtool.ir.model import Model
@@ -36,18 +36,6 @@ def test_the_model_outputs_keep_their_relative_order():
     assert [n.name for n in graph.node] == ["A", "B", "C", "Y", "SA", "SB", "SB2"]
 
 
-def _wide_residual() -> onnx.ModelProto:
-    """golden's residual block with 32 channels: ONNX Runtime's NCHWc transformer takes convs whose channels are
-    a multiple of its block (8 with AVX2, 16 with AVX-512), so the 8-channel golden block stays plain NCHW on an
-    AVX-512 CPU."""
-    b = Builder(2)
-    stem = b.node("Relu", [b.conv("x", "stem", 3, 32)], "stem_relu")
-    inner = b.node("Relu", [b.conv(stem, "conv1", 32, 32)], "relu1")
-    add = b.node("Add", [b.conv(inner, "conv2", 32, 32), stem], "add")
-    b.node("Relu", [add], "y")
-    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 32, 8, 8])
-
-
 def _rebuilt(proto: onnx.ModelProto, tmp_path) -> bool:
     """Whether calibration_session rebuilds this graph (ONNX Runtime's NCHWc layout, on x86)."""
     options = ort.SessionOptions()
@@ -61,7 +49,9 @@ def _rebuilt(proto: onnx.ModelProto, tmp_path) -> bool:
 def test_the_scheduled_session_computes_what_onnx_runtime_computes(tmp_path):
     """On a conv net, where the NCHWc transformer renumbers the nodes and the session is rebuilt from the
     reordered graph, every summary equals the one a plain ONNX Runtime session of the tapped graph gives."""
-    model = Model.from_proto(_wide_residual())
+    # 32 channels: ONNX Runtime's NCHWc transformer takes convs whose channels are a multiple of its block (8 with
+    # AVX2, 16 with AVX-512), so an 8-channel block stays plain NCHW on an AVX-512 CPU and the test would skip.
+    model = Model.from_proto(residual(32))
     proto, _, taps = _summarized_proto(model, ["stem_relu", "relu1", "add", "y"], 16)
     if not _rebuilt(proto, tmp_path):
         pytest.skip("ONNX Runtime applies no NCHWc layout on this CPU: the session is not rebuilt")
