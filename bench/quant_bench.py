@@ -753,9 +753,7 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                     f"| {_cell(a, 'total_s')} / {_cell(b, 'total_s')} "
                     f"| {_cell(a, 'peak_rss_mb', 0)} / {_cell(b, 'peak_rss_mb', 0)} "
                     f"| {_cell(a, 'sqnr_db')} / {_cell(b, 'sqnr_db')} "
-                    f"| {_cell(a, acc, 3)} / {_cell(b, acc, 3)} | "
-                    + " | ".join(f"{_f(lat.get(t, {}).get('irtool'))} / {_f(lat.get(t, {}).get('ort'))} / "
-                                 f"{_f(lat.get(t, {}).get('float'))}" for t in ("1", "2")) + " |")
+                    f"| {_cell(a, acc, 3)} / {_cell(b, acc, 3)} | {_latency_cells(lat)} |")
         lines += stage_lines(res, methods, samples)
         notes = sorted({f"ORT {k.split('/')[1]} N={k.split('/')[2]}: {v['skipped'] if 'skipped' in v else v['error']}"
                         for k, v in res["runs"].items() if ("skipped" in v or "error" in v) and k.startswith("ort")}
@@ -769,6 +767,12 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
     lines += [line for arch, rec in digits.items() if "error" not in rec and arch in DIGITS_ARCHS
               for line in recovery_targets(f"{arch} (digits, trained)", rec)]
     return "\n".join(lines) + "\n"
+
+
+def _latency_cells(lat: dict) -> str:
+    """'irtool / ORT / float' ms at 1 and at 2 threads, as two table cells."""
+    return " | ".join(f"{_f(lat.get(t, {}).get('irtool'))} / {_f(lat.get(t, {}).get('ort'))} / "
+                      f"{_f(lat.get(t, {}).get('float'))}" for t in ("1", "2"))
 
 
 def floor_ratio(run: dict, floor: float) -> float:
@@ -866,9 +870,7 @@ def full_range_lines(results: dict) -> list[str]:
         a, b, lat = fr["irtool"], fr["ort"], fr.get("latency", {})
         acc = "top1" if name in CNNS else "cosine"
         lines.append(f"| {name} | {_cell(a, 'sqnr_db')} / {_cell(b, 'sqnr_db')} | {_cell(a, acc, 3)} / "
-                     f"{_cell(b, acc, 3)} | {_cell(a, 'calib_s')} / {_cell(b, 'calib_s')} | "
-                     + " | ".join(f"{_f(lat.get(t, {}).get('irtool'))} / {_f(lat.get(t, {}).get('ort'))} / "
-                                  f"{_f(lat.get(t, {}).get('float'))}" for t in ("1", "2")) + " |")
+                     f"{_cell(b, acc, 3)} | {_cell(a, 'calib_s')} / {_cell(b, 'calib_s')} | {_latency_cells(lat)} |")
     return lines
 
 
