@@ -95,6 +95,20 @@ def attention() -> onnx.ModelProto:
     return b.model({"x": [1, 4, 8]}, "y", [1, 4, 8])
 
 
+def silu_c2f() -> onnx.ModelProto:
+    """The SiLU-net pieces (EfficientNet, YOLO): x * Sigmoid(x), a C2f split -> concat with a LeakyRelu branch,
+    and a squeeze-excitation gate (GlobalAveragePool -> Conv -> Sigmoid -> Mul)."""
+    b = Builder(7)
+    stem = b.conv("x", "stem", 3, 8, 1)
+    silu = b.node("Mul", [stem, b.node("Sigmoid", [stem], "stem_sigmoid")], "stem_silu")
+    b.nodes.append(helper.make_node("Split", [silu, b.const("halves", [4, 4])], ["a", "b"], name="split", axis=1))
+    branch = b.node("LeakyRelu", [b.conv("b", "m", 4, 4)], "m_act", alpha=0.1)
+    cat = b.node("Concat", ["a", "b", branch], "cat", axis=1)
+    gate = b.node("Sigmoid", [b.conv(b.node("GlobalAveragePool", [cat], "pool"), "fc", 12, 12, 1)], "gate")
+    b.conv(b.node("Mul", [cat, gate], "gated"), "y", 12, 8, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
+
+
 def unbalanced_chain(activation: str = "Relu") -> onnx.ModelProto:
     """Conv -> act -> Conv where conv1's channel ranges spread over two orders of magnitude and conv2
     compensates (the function of a balanced chain, the weight ranges of a badly trained one)."""

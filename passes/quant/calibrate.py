@@ -25,7 +25,15 @@ from irtool.calibration.engine import TensorStats, Timings, collect
 from irtool.calibration.observers import DEFAULT_BINS
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.placement import PERMUTATION_OPS, Profile, candidate_tensors, moved_from, refuse_quantized
+from irtool.passes.quant.derived import derived_tensors
+from irtool.passes.quant.placement import (
+    PERMUTATION_OPS,
+    SELECTION_OPS,
+    Profile,
+    candidate_tensors,
+    moved_from,
+    refuse_quantized,
+)
 from irtool.passmanager import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -54,15 +62,21 @@ def tensor_range(stats: TensorStats, method: Method, percentile: float) -> tuple
 
 def permutation_sources(model: Model, names: list[str]) -> dict[str, str]:
     """{name: the tensor whose statistics it shares}: up through PERMUTATION_OPS to the first value that is
-    not made by one (itself when its producer is not one). The ViT of bench/quant_bench.py observes 232
-    tensors instead of 280 (its attention transposes and head reshapes)."""
+    not made by one (itself when its producer is not one), and on through SELECTION_OPS to a value that is
+    observed anyway. The ViT of bench/quant_bench.py observes 232 tensors instead of 280 (its attention
+    transposes and head reshapes); YOLO's C2f chunks (Split) are not observed apart from the conv output."""
     tensors = model.graph.tensors()
+    candidates = set(names)
     sources = {}
     for name in names:
-        tensor = tensors[name]
-        while (source := moved_from(tensor, PERMUTATION_OPS)) is not None:
-            tensor = source
-        sources[name] = tensor.name
+        tensor = source = tensors[name]
+        selected = False  # passed a SELECTION_OPS node: from here on only an observed value may be the source
+        while (moved := moved_from(tensor, PERMUTATION_OPS | SELECTION_OPS)) is not None:
+            selected = selected or tensor.inputs[0].op in SELECTION_OPS
+            tensor = moved
+            if not selected or moved.name in candidates:
+                source = moved
+        sources[name] = source.name
     return sources
 
 
@@ -91,34 +105,41 @@ class Calibrate(Pass):
         refuse_quantized(model, "calibrate")
         names = candidate_tensors(model, self.options.profile)
         sources = permutation_sources(model, names)
+        derived = derived_tensors(model, names)
         timings = Timings()
-        observed = collect(model, sorted(set(sources.values())), ctx.calibration_data,
+        observed = collect(model, sorted(set(sources.values()) - set(derived)), ctx.calibration_data,
                            histograms=self.options.method is not Method.MINMAX, bins=self.options.bins,
                            cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings)
         started = time.perf_counter()
-        ranges = self._ranges(model, observed, sources)
+        ranges = self._ranges(model, observed, sources, derived)
         timings.search = time.perf_counter() - started
         profile = None if self.options.profile is None else self.options.profile.value  # None: any profile
         model.metadata[METADATA_KEY] = json.dumps({"method": self.options.method.value, "ranges": ranges,
                                                    "profile": profile}, sort_keys=True)
-        stats = {"tensors": len(ranges), "observed": len(observed), "method": self.options.method.value,
+        stats = {"tensors": len(ranges), "observed": len(observed), "derived": len(derived),
+                 "method": self.options.method.value,
                  "profile": profile, "seconds": timings.as_dict()}
         return PassResult(modified=True, preserved="*", stats=stats)
 
-    def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str]
-                ) -> dict[str, list[float]]:
-        """A range per tensor, searched once per observed tensor (and method)."""
+    def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str],
+                derived: dict) -> dict[str, list[float]]:
+        """A range per tensor, searched once per observed tensor (and method); derived ones mapped from theirs."""
         inputs = {t.name for t in model.graph.inputs}
         searched: dict[tuple[str, Method], list[float]] = {}
-        ranges = {}
-        for name, source in sources.items():
-            # Raw model inputs are never clipped: the network never saw them saturated.
-            method = Method.MINMAX if name in inputs else self.options.method
+
+        def source_range(source: str, method: Method) -> list[float]:
             if (source, method) not in searched:
-                searched[source, method] = [float(v) for v in tensor_range(observed[source], method,
-                                                                           self.options.percentile)]
-            ranges[name] = searched[source, method]
-        return ranges
+                if source in derived:
+                    origin, mapped = derived[source]
+                    values = mapped(*source_range(sources[origin], method))
+                else:
+                    values = tensor_range(observed[source], method, self.options.percentile)
+                searched[source, method] = [float(v) for v in values]
+            return searched[source, method]
+
+        # Raw model inputs are never clipped: the network never saw them saturated.
+        return {name: source_range(source, Method.MINMAX if name in inputs else self.options.method)
+                for name, source in sources.items()}
 
 
 def stored_profile(model: Model) -> Profile | None:

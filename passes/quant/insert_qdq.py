@@ -158,16 +158,20 @@ def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
 
 
 def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """Every tensor's range, where overlapping share groups merge and each merged group gets the union."""
+    """Every tensor's range, where overlapping share groups merge and each merged group gets the union of its
+    members' ranges. A member without a range of its own (ranges stored by an older calibrate, or given by
+    hand) takes the group's: it holds some of the same values."""
     out = {n: ranges[n] for n in plan.tensors if n in ranges}
     graph = nx.Graph()
     for group in plan.share:
-        members = sorted(n for n in group if n in out)
+        members = sorted(group)
         graph.add_nodes_from(members)
         graph.add_edges_from(zip(members, members[1:], strict=False))  # a path joins them
     for component in nx.connected_components(graph):
-        union = (min(out[n][0] for n in component), max(out[n][1] for n in component))
-        out.update({n: union for n in component})
+        known = [out[n] for n in component if n in out]
+        if known:
+            union = (min(r[0] for r in known), max(r[1] for r in known))
+            out.update({n: union for n in component if n in plan.tensors})
     return out
 
 

@@ -12,8 +12,10 @@ trt (TensorRT explicit quantization, following NVIDIA's Q/DQ placement guidance)
   5. Activations are INT8 symmetric (zero point 0), per tensor; nothing is quantized inside or across
      If/Loop bodies (only main-graph consumers are rewired).
 ort-cpu (ONNX Runtime CPU; its QDQ transformers fuse DQ -> op -> Q into QLinearConv, QGemm,
-QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...):
-  1. Inputs of Conv, ConvTranspose, Gemm, MatMul, and inputs and outputs of Add, Mul, Concat, pooling.
+QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmoid ...):
+  1. Inputs of Conv, ConvTranspose, Gemm, MatMul, and inputs and outputs of Add, Mul, Concat, pooling,
+     Sigmoid, LeakyRelu and Softmax, where every activation input is quantized already (no float
+     islands made), so SiLU (x * Sigmoid(x)) and squeeze-excitation gates run on integers.
   2. The output of every quantized layer and Add/Mul/pool, after a directly following Relu/Clip
      (ORT folds that activation into the Q's range and drops it), so the chain closes and fusion
      happens; a residual `Add -> Relu` is quantized once, after the Relu.
@@ -23,7 +25,11 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...):
      every input dequantized; left float, the op stays a float island between two requantizations.
   5. Activations u8 asymmetric by default (u8 x s8 is what x86 integer kernels run; s8 activations
      leave layers in float there), weights s8 symmetric per output channel.
-  A quantized tensor is read dequantized by all its main-graph consumers.
+  6. The outputs of data movement (Reshape, Transpose, Split, Slice, Gather, Resize, ...) applied to a
+     quantized tensor, with its scale: ONNX Runtime moves the integers, and a Concat or Add further on
+     finds its inputs quantized (YOLO's C2f: Split -> Concat).
+  A quantized tensor is read dequantized by all its main-graph consumers; a graph output that nothing
+  reads stays float.
 Both profiles: a quantized tensor made from another quantized tensor by data-movement ops alone
 (SHARED_SCALE_OPS: Reshape, Transpose, Slice, MaxPool, ...) shares its scale. The values are the same (or a subset),
 so minmax ranges agree anyway, but histogram ranges are estimated from subsamples that differ between the
@@ -52,14 +58,23 @@ class Profile(enum.Enum):
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ORT_IO_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
+# One-input ops ONNX Runtime runs as QLinearSigmoid, QLinearLeakyRelu, QLinearSoftmax (table lookups on u8)
+# when they sit between a DQ and a Q. Left float, SiLU (x * Sigmoid(x): EfficientNet, YOLO) keeps its Mul
+# float too, and the INT8 model ran slower than the float one.
+ORT_UNARY_OPS = ("Sigmoid", "LeakyRelu", "Softmax")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 CONSTANT_OPERAND_OPS = ("Add", "Mul", "Concat")
+# Resize: nearest and linear stay within their input's range (cubic overshoots a little, and saturates).
 SHARED_SCALE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Split",
-                    "Expand", "Tile", "MaxPool", "DepthToSpace", "SpaceToDepth")
+                    "Expand", "Tile", "MaxPool", "DepthToSpace", "SpaceToDepth", "Resize")
 # The data movement that keeps every value exactly once (no subset, no copies): an output made by these holds
 # its input's values rearranged, so `calibrate` gives it its input's statistics.
 PERMUTATION_OPS = frozenset({"DepthToSpace", "Flatten", "Identity", "Reshape", "SpaceToDepth", "Squeeze", "Transpose",
                              "Unsqueeze"})
+# Data movement that picks some of its input's values by position, not by size (MaxPool picks by size): a quantized
+# output of these shares its input's scale, the union of both ranges, so `calibrate` gives it the input's statistics
+# when the input is observed as well (the union is then the input's range for minmax, and one estimate for the rest).
+SELECTION_OPS = frozenset({"Gather", "Slice", "Split"})
 
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
@@ -105,8 +120,8 @@ class QuantPlan:
 
     def add(self, tensor: gs.Tensor, consumer: gs.Node | None = None, index: int | None = None) -> None:
         """Quantize `tensor` for one consumer slot, or for every main-graph consumer when none is given."""
-        if not _is_float_activation(tensor):
-            return
+        if not _is_float_activation(tensor) or (consumer is None and not tensor.outputs):
+            return  # a graph output nothing reads stays float: no Q/DQ pair would be inserted for it
         self.tensors[tensor.name] = tensor
         slots = self.slots.setdefault(tensor.name, [])
         pairs = [(consumer, index)] if consumer is not None else [
@@ -204,15 +219,27 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
     for node in enabled:
         plan.add(_fused_output(node.outputs[0]))
     if selection.only is None:
-        for node in model.graph.nodes:
+        for node in (model.graph.nodes[i] for i in topo_order(model.graph.nodes)):
             if node.op in ORT_IO_OPS and _io_quantizable(node, plan):
-                for i, t in enumerate(node.inputs):
-                    plan.add(t)
-                    if node.op in CONSTANT_OPERAND_OPS and isinstance(t, gs.Constant) and _is_float32(t):
-                        plan.constants.append((node, i))
-                plan.add(_fused_output(node.outputs[0]))
+                _quantize_io(plan, node)
+            elif node.op in ORT_UNARY_OPS and _io_quantizable(node, plan):
+                _quantize_io(plan, node)
+            elif node.op in SHARED_SCALE_OPS and node.inputs and node.inputs[0].name in plan.tensors:
+                # Same scale as the input: ONNX Runtime drops the DQ -> op -> Q and moves integers, so a
+                # Concat or Add further on still finds every input quantized (YOLO's C2f: Split -> Concat).
+                for out in node.outputs:
+                    if out.outputs:
+                        plan.add(out)
     _share_through_data_movement(plan, model)
     return plan
+
+
+def _quantize_io(plan: QuantPlan, node: gs.Node) -> None:
+    for i, t in enumerate(node.inputs):
+        plan.add(t)
+        if node.op in CONSTANT_OPERAND_OPS and isinstance(t, gs.Constant) and _is_float32(t):
+            plan.constants.append((node, i))
+    plan.add(_fused_output(node.outputs[0]))
 
 
 def _share_through_data_movement(plan: QuantPlan, model: Model) -> None:

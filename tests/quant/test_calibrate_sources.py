@@ -1,18 +1,21 @@
 """calibrate observes a value made from another by a pure rearrangement (Transpose, Reshape, ...) through that
-other value: the same multiset of values has the same minimum, maximum and distribution."""
+other value: the same multiset of values has the same minimum, maximum and distribution. The range of a monotone
+function of an observed value (Sigmoid, SiLU, LeakyRelu) is computed from that value's range."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
-from golden._quant_blocks import Builder, attention
+from golden._quant_blocks import Builder, attention, silu_c2f
 from irtool.api import optimize
 from irtool.ir.model import Model
 from irtool.passes.quant.calibrate import METADATA_KEY, permutation_sources
+from irtool.passes.quant.derived import silu_range
 
 
 def _heads_chain():
@@ -42,9 +45,10 @@ def test_a_rearranged_value_gets_its_source_range_from_one_observation(method):
     result = optimize(_heads_chain(), f"calibrate{{method={method}}}", calibration_data=batches)
     ranges = json.loads(result.model.metadata[METADATA_KEY])["ranges"]
     (record,) = [r for r in result.records if r.name == "calibrate"]
-    assert sorted(ranges) == ["kt", "q", "swapped", "x", "y"]
-    assert ranges["kt"] == ranges["swapped"] == ranges["q"]
-    assert record.stats["observed"] == record.stats["tensors"] - 2
+    # y, a graph output nothing reads, is never quantized, so it is not observed either
+    assert sorted(ranges) == ["heads", "kt", "q", "swapped", "x"]
+    assert ranges["kt"] == ranges["swapped"] == ranges["heads"] == ranges["q"]
+    assert record.stats["observed"] == record.stats["tensors"] - 3
     stages = record.stats["seconds"]
     assert set(stages) == {"data", "session", "inference", "observe", "search"}
     assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= record.seconds
@@ -55,3 +59,41 @@ def test_a_rearranged_value_gets_its_source_range_from_one_observation(method):
 
 def _weight() -> np.ndarray:
     return numpy_helper.to_array(next(t for t in _heads_chain().graph.initializer if t.name == "wq"))
+
+
+def _outputs(proto, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    exposed.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    runs = [session.run(names, f) for f in feeds]
+    return {n: np.concatenate([r[i].ravel() for r in runs]) for i, n in enumerate(names)}
+
+
+def test_sigmoid_silu_and_leaky_relu_ranges_follow_from_their_input_without_observing_them():
+    """In x * Sigmoid(x) only x is observed; the Sigmoid's, the product's and a LeakyRelu's minmax ranges are
+    computed from x's range, and equal the extremes the tensors take on the calibration data."""
+    proto = silu_c2f()
+    rng = np.random.default_rng(5)
+    batches = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32) * 2} for _ in range(6)]
+    result = optimize(proto, "calibrate{profile=ort-cpu}", calibration_data=batches)
+    ranges = json.loads(result.model.metadata[METADATA_KEY])["ranges"]
+    (record,) = result.records
+    assert record.stats["derived"] == 4  # stem_sigmoid, stem_silu, m_act, gate
+    assert record.stats["observed"] == record.stats["tensors"] - 4 - 2  # a and b (Split) share stem_silu's stats
+    derived = ["stem_sigmoid", "stem_silu", "m_act", "gate"]
+    actual = _outputs(proto, derived, batches)
+    for name in derived:
+        assert ranges[name] == pytest.approx([float(actual[name].min()), float(actual[name].max())], rel=1e-5,
+                                             abs=1e-6), name
+    assert ranges["a"] == ranges["b"] == ranges["stem_silu"]
+
+
+@pytest.mark.parametrize("interval", [(-5.0, 3.0), (-1.0, 2.0), (-8.0, -2.0), (0.5, 4.0), (-1.2784645, -1.2784645)])
+def test_silu_range_is_the_exact_image_of_an_interval(interval):
+    x = np.linspace(*interval, 200001)
+    y = x / (1.0 + np.exp(-x))
+    assert silu_range(*interval) == pytest.approx((y.min(), y.max()), abs=1e-9)
