@@ -109,6 +109,19 @@ def silu_c2f() -> onnx.ModelProto:
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 8, 8, 8])
 
 
+def mean_gate(keepdims: int = 1, axes=(2, 3)) -> onnx.ModelProto:
+    """A squeeze-excitation gate as torch's dynamo exporter writes it (opset 18): the pooling is a ReduceMean over
+    the spatial axes with the axes as an input, not a GlobalAveragePool."""
+    b = Builder(8)
+    act = b.node("Relu", [b.conv("x", "stem", 3, 8)], "stem_relu")
+    pooled = b.node("ReduceMean", [act, b.const("axes", list(axes))], "pooled", keepdims=keepdims)
+    if not keepdims:
+        pooled = b.node("Unsqueeze", [pooled, b.const("restored", [a for a in (2, 3) if a in axes])], "restored_dims")
+    gate = b.node("Sigmoid", [b.conv(pooled, "fc", 8, 8, 1)], "gate")
+    b.conv(b.node("Mul", [act, gate], "gated"), "y", 8, 4, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8], opset=18)
+
+
 def unbalanced_chain(activation: str = "Relu") -> onnx.ModelProto:
     """Conv -> act -> Conv where conv1's channel ranges spread over two orders of magnitude and conv2
     compensates (the function of a balanced chain, the weight ranges of a badly trained one)."""

@@ -42,7 +42,15 @@ from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
-from irtool.passes.quant.placement import PLANNERS, Profile, QuantPlan, Selection, WeightSlot, refuse_quantized
+from irtool.passes.quant.placement import (
+    PLANNERS,
+    Profile,
+    QuantPlan,
+    Selection,
+    WeightSlot,
+    global_means,
+    refuse_quantized,
+)
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 
@@ -130,6 +138,20 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
     restore_uncorrected_biases(model, quantized)
     toposort_graph(model.graph)  # new Q/DQ nodes were appended at the end
     return pairs
+
+
+def global_means_to_pools(model: Model, means: set[str]) -> int:
+    """Rewrite each spatial-mean ReduceMean named in `means` (placement.global_means) that now reads a dequantized
+    value as the GlobalAveragePool it computes, so ONNX Runtime runs QLinearGlobalAveragePool; return how many."""
+    count = 0
+    for node in model.graph.nodes:
+        source = node.inputs[0].inputs if node.name in means else []
+        if source and source[0].op == "DequantizeLinear":
+            node.op, node.attrs = "GlobalAveragePool", {}
+            while len(node.inputs) > 1:  # the axes (gs's input lists take no slice deletion)
+                node.inputs.pop()
+            count += 1
+    return count
 
 
 def record_bias_corrections(model: Model, originals: dict[str, dict | None]) -> None:
@@ -285,13 +307,17 @@ class InsertQDQ(Pass):
                               self.options.reduce_range)
         selection = self._selection(model, ranges, placement, ctx)
         plan = build_plan(model, placement, selection)
+        ort_cpu = self.options.profile is Profile.ORT_CPU
+        means = global_means(model) if ort_cpu else set()  # before the Q/DQ: their outputs carry no shapes
         pairs = apply_plan(model, plan, ranges, placement)
-        fused = fuse_gelu(model) if self.options.fuse_gelu and self.options.profile is Profile.ORT_CPU else 0
+        fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
+        pools = global_means_to_pools(model, means)
         del model.metadata[METADATA_KEY]
         model.metadata.pop(BIAS_CORRECTION_KEY, None)
         return PassResult(modified=True, stats={
             "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),
-            "layers_kept_float": sorted(selection.keep_fp), "gelu_fused": fused, "profile": self.options.profile.value})
+            "layers_kept_float": sorted(selection.keep_fp), "gelu_fused": fused, "global_pools": pools,
+            "profile": self.options.profile.value})
 
     def _selection(self, model: Model, ranges, placement: Placement, ctx: PassContext) -> Selection:
         base = Selection(tuple(self.options.exclude), tuple(self.options.exclude_ops), self.options.keep_first,

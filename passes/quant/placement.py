@@ -219,8 +219,9 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
     for node in enabled:
         plan.add(_fused_output(node.outputs[0]))
     if selection.only is None:
+        means = global_means(model)
         for node in (model.graph.nodes[i] for i in topo_order(model.graph.nodes)):
-            if node.op in ORT_IO_OPS and _io_quantizable(node, plan):
+            if (node.op in ORT_IO_OPS or node.name in means) and _io_quantizable(node, plan):
                 _quantize_io(plan, node)
             elif node.op in ORT_UNARY_OPS and _io_quantizable(node, plan):
                 _quantize_io(plan, node)
@@ -232,6 +233,38 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
                         plan.add(out)
     _share_through_data_movement(plan, model)
     return plan
+
+
+def global_means(model: Model) -> set[str]:
+    """Names of the ReduceMean nodes over every axis after the channel one, dims kept: a GlobalAveragePool as
+    torch's dynamo exporter writes adaptive_avg_pool2d(x, 1) (squeeze-excitation gates, classifier heads).
+    insert-qdq turns them into GlobalAveragePool for ort-cpu, which has QLinearGlobalAveragePool and no
+    integer ReduceMean. Ranks come from the IR, or from shape inference when an input's shape is unknown."""
+    means = [n for n in model.graph.nodes if n.op == "ReduceMean" and n.inputs and int(n.attrs.get("keepdims", 1))
+             and not {0, 1} & set(_axes(n) or [0])]  # a LayerNorm's mean over channels needs no shape inference
+    ranks = {n.name: len(n.inputs[0].shape) for n in means if n.inputs[0].shape is not None}
+    if len(ranks) < len(means):
+        from irtool.ir.skeleton import infer_types
+
+        from_proto = infer_types(model.to_proto())
+        for node in means:
+            dims = from_proto.get(node.inputs[0].name, (None, None))[1]
+            if node.name not in ranks and dims is not None:
+                ranks[node.name] = len(dims)
+    return {n.name for n in means if n.name in ranks and _spatial_axes(n, ranks[n.name])}
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        return [int(a) for a in np.asarray(node.inputs[1].values).ravel()]
+    return None  # every axis, or computed ones
+
+
+def _spatial_axes(node: gs.Node, rank: int) -> bool:
+    axes = _axes(node)
+    return axes is not None and rank >= 3 and sorted(a % rank for a in axes) == list(range(2, rank))
 
 
 def _quantize_io(plan: QuantPlan, node: gs.Node) -> None:

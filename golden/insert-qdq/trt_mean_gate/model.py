@@ -1,0 +1,1 @@
+from golden._quant_blocks import mean_gate as build  # noqa: F401
