@@ -15,7 +15,9 @@ ort-cpu (ONNX Runtime CPU; its QDQ transformers fuse DQ -> op -> Q into QLinearC
 QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmoid ...):
   1. Inputs of Conv, ConvTranspose, Gemm, MatMul, and inputs and outputs of Add, Mul, Concat, pooling,
      Sigmoid, LeakyRelu and Softmax, where every activation input is quantized already (no float
-     islands made), so SiLU (x * Sigmoid(x)) and squeeze-excitation gates run on integers.
+     islands made), so SiLU (x * Sigmoid(x)) and squeeze-excitation gates run on integers. A ReduceMean
+     over the spatial axes (torch's dynamo export of adaptive_avg_pool2d) counts as the GlobalAveragePool
+     it computes, and insert-qdq rewrites it into one (`global_means`).
   2. The output of every quantized layer and Add/Mul/pool, after a directly following Relu/Clip
      (ORT folds that activation into the Q's range and drops it), so the chain closes and fusion
      happens; a residual `Add -> Relu` is quantized once, after the Relu.
