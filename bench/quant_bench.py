@@ -168,6 +168,33 @@ class Images:
 
 
 # ------------------------------------------------------------------------------------------ models
+def _ImageNetNet(act, stages):  # noqa: N802 (builds a class, as the models below are written)
+    """Stem conv (32 channels, stride 2), the stages' blocks, a 1x1 conv to 1280, global pool, 1000 classes;
+    `stages`: (channels, repeats, first stride, block(c_in, c_out, stride)) per stage."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT))
+    from tests.prune import archs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, c = [archs.conv_bn(3, 32, 3, 2, act=act)], 32
+            for c_out, n, stride, block in stages:
+                for i in range(n):
+                    layers.append(block(c, c_out, stride if i == 0 else 1))
+                    c = c_out
+            layers.append(archs.conv_bn(c, 1280, 1, act=act))
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Linear(1280, 1000)
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    return Net()
+
+
 def _torch_model(name: str):
     import torch
     from torch import nn
@@ -179,46 +206,17 @@ def _torch_model(name: str):
     if name == "resnet50":
         model = archs.ResNet(archs.Bottleneck, (3, 4, 6, 3), widths=(64, 128, 256, 512), classes=1000)
     elif name == "mobilenetv2":
-        class MobileNetV2(nn.Module):
-            CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                      (6, 320, 1, 1))
-
-            def __init__(self):
-                super().__init__()
-                layers, c = [archs.conv_bn(3, 32, 3, 2, act=nn.ReLU6)], 32
-                for t, c_out, n, s in self.CONFIG:
-                    for i in range(n):
-                        layers.append(archs.InvertedResidual(c, c_out, s if i == 0 else 1, t))
-                        c = c_out
-                layers.append(archs.conv_bn(c, 1280, 1, act=nn.ReLU6))
-                self.features = nn.Sequential(*layers)
-                self.classifier = nn.Linear(1280, 1000)
-
-            def forward(self, x):
-                return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
-
-        model = MobileNetV2()
+        # (expansion, channels, repeats, stride): MobileNetV2 1.0
+        config = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                  (6, 320, 1, 1))
+        model = _ImageNetNet(nn.ReLU6, [(c_out, n, s, lambda ci, co, st, t=t: archs.InvertedResidual(ci, co, st, t))
+                                        for t, c_out, n, s in config])
     elif name == "efficientnet_b0":
-        class EfficientNetB0(nn.Module):
-            # (expansion, kernel, stride, channels, repeats): the B0 stages of Tan & Le 2019
-            CONFIG = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
-                      (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-
-            def __init__(self):
-                super().__init__()
-                layers, c = [archs.conv_bn(3, 32, 3, 2, act=nn.SiLU)], 32
-                for t, k, s, c_out, n in self.CONFIG:
-                    for i in range(n):
-                        layers.append(archs.MBConv(c, c_out, k, s if i == 0 else 1, t))
-                        c = c_out
-                layers.append(archs.conv_bn(c, 1280, 1, act=nn.SiLU))
-                self.features = nn.Sequential(*layers)
-                self.classifier = nn.Linear(1280, 1000)
-
-            def forward(self, x):
-                return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
-
-        model = EfficientNetB0()
+        # (expansion, kernel, stride, channels, repeats): the B0 stages of Tan & Le 2019
+        config = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
+                  (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+        model = _ImageNetNet(nn.SiLU, [(c_out, n, s, lambda ci, co, st, t=t, k=k: archs.MBConv(ci, co, k, st, t))
+                                       for t, k, s, c_out, n in config])
     elif name == "yolo":
         class Yolo(nn.Module):
             """YOLOv8n's widths; the three heads' maps flattened and concatenated, as detector exports do."""
@@ -281,7 +279,8 @@ def model_path(name: str) -> Path:
     import inspect
 
     # Rebuilt when the code that makes the models (or the blocks it borrows) changes, not for other edits.
-    code = "".join(inspect.getsource(f) for f in (_upsample_matrix, Images, _torch_model, build_model))
+    code = "".join(inspect.getsource(f) for f in (_upsample_matrix, Images, _ImageNetNet, _torch_model,
+                                                        build_model))
     digest = hashlib.sha256(code.encode() + (ROOT / "tests" / "prune" / "archs.py").read_bytes()).hexdigest()[:10]
     path = OUT / f"{name}-{MODEL_VERSION}-{digest}.onnx"
     if not path.exists():
