@@ -174,6 +174,26 @@ def residual_mlp(scales=(1.0, 0.01, 0.5)) -> onnx.ModelProto:
     return b.model({"x": [4, 8]}, "y", [4, 8])
 
 
+def prenorm_encoder(massive: float = 40.0) -> onnx.ModelProto:
+    """An embedding, two pre-norm blocks x + W2·relu(W1·LayerNorm(x)) on 8 tokens of width 16, a final LayerNorm
+    and a head. The residual stream carries one channel offset by `massive`, as trained transformers' streams do
+    ("massive activations"): a per-tensor scale over the stream would be set by that channel alone."""
+    b = Builder(14)
+    offset = np.zeros(16, np.float32)
+    offset[5] = massive
+    embedded = b.node("MatMul", ["x", b.w("embed", 16, 16)], "embedded")
+    x = b.node("Add", [embedded, b.const("offset", offset, np.float32)], "stream0")
+    for i in range(2):
+        h = b.node("LayerNormalization", [x, b.const(f"ln{i}.g", np.ones(16), np.float32),
+                                          b.const(f"ln{i}.b", np.zeros(16), np.float32)], f"ln{i}", axis=-1)
+        hidden = b.node("Relu", [b.node("MatMul", [h, b.w(f"w{i}a", 16, 32)], f"mm{i}a")], f"relu{i}")
+        x = b.node("Add", [x, b.node("MatMul", [hidden, b.w(f"w{i}b", 32, 16)], f"mm{i}b")], f"stream{i + 1}")
+    h = b.node("LayerNormalization", [x, b.const("lnf.g", np.ones(16), np.float32),
+                                      b.const("lnf.b", np.zeros(16), np.float32)], "lnf", axis=-1)
+    b.node("MatMul", [h, b.w("head", 16, 4)], "y")
+    return b.model({"x": [1, 8, 16]}, "y", [1, 8, 4])
+
+
 def erf_gelu(b: Builder, x: str, name: str, spelling: str = "torch") -> str:
     """0.5·x·(1 + erf(x/√2)) as exporters write it (irtool.ir.gelu lists the spellings):
     torch: Div √2, Mul(x, a), Mul 0.5; half-first: Mul(x, 0.5), Mul(h, a); keras: Mul(a, 0.5), Mul(·, x);

@@ -17,7 +17,9 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
      Sigmoid, LeakyRelu and Softmax, where every activation input is quantized already (no float
      islands made), so SiLU (x * Sigmoid(x)) and squeeze-excitation gates run on integers. A ReduceMean
      over the spatial axes (torch's dynamo export of adaptive_avg_pool2d) counts as the GlobalAveragePool
-     it computes, and insert-qdq rewrites it into one (`global_means`).
+     it computes, and insert-qdq rewrites it into one (`global_means`). An Add read by a LayerNormalization
+     (a transformer's residual stream) stays float: the norm runs in float anyway, and a quantized stream
+     would carry every block's rounding at a scale its largest channel sets.
   2. The output of every quantized layer and Add/Mul/pool, after a directly following Relu/Clip
      (ORT folds that activation into the Q's range and drops it), so the chain closes and fusion
      happens; a residual `Add -> Relu` is quantized once, after the Relu.
@@ -223,6 +225,8 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
     if selection.only is None:
         means = global_means(model)
         for node in (model.graph.nodes[i] for i in topo_order(model.graph.nodes)):
+            if node.op == "Add" and _feeds_layer_norm(node):
+                continue
             if (node.op in ORT_IO_OPS or node.name in means) and _io_quantizable(node, plan):
                 _quantize_io(plan, node)
             elif node.op in ORT_UNARY_OPS and _io_quantizable(node, plan):
@@ -286,6 +290,18 @@ def _share_through_data_movement(plan: QuantPlan, model: Model) -> None:
             if source.name in plan.tensors:
                 plan.share.append({source.name, name})
                 break
+
+
+def _feeds_layer_norm(add: gs.Node) -> bool:
+    """An Add read by a LayerNormalization (or a decomposed one's mean over the last axis): a transformer's
+    residual stream. ONNX Runtime runs the norm in float either way (fusing a float Add into it as
+    SkipLayerNormalization), and quantized, the stream would carry every block's rounding to the end."""
+    for consumer in add.outputs[0].outputs:
+        if consumer.op in ("LayerNormalization", "SkipLayerNormalization"):
+            return True
+        if consumer.op == "ReduceMean" and _axes(consumer) == [-1]:
+            return True
+    return False
 
 
 def _io_quantizable(node: gs.Node, plan: QuantPlan) -> bool:
