@@ -4,8 +4,8 @@ An elementwise function of one observed value maps its range exactly when the fu
 LeakyRelu with alpha >= 0), or when its extremes on an interval are known (SiLU, x * Sigmoid(x): one minimum
 at x = -1.2785). For minmax the derived range is the observed one; for the clipping methods it is the image of
 the input's clipped range. In a SiLU net (EfficientNet, YOLO) each activation is a conv output, its Sigmoid and
-their product: observing only the conv output takes EfficientNet-B0's calibration graph from 238 observed
-tensors to 156.
+their product: observing only the conv output (and giving Split/Slice/Gather outputs their input's statistics,
+calibrate.permutation_sources) takes EfficientNet-B0's calibration graph from 238 observed tensors to 124.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def derived_tensors(model: Model, names: list[str]) -> dict[str, tuple[str, Call
 
 
 def _rule(node: gs.Node, candidates: set[str]):
-    source = node.inputs[0] if node.inputs else None
-    if node.op == "Sigmoid" and source.name in candidates:
-        return source.name, sigmoid_range
-    alpha = float(node.attrs.get("alpha", 0.01))
-    if node.op == "LeakyRelu" and alpha >= 0 and source.name in candidates:
-        return source.name, leaky_relu_range(alpha)
+    observed_input = bool(node.inputs) and node.inputs[0].name in candidates
+    if node.op == "Sigmoid" and observed_input:
+        return node.inputs[0].name, sigmoid_range
+    if node.op == "LeakyRelu" and observed_input:
+        alpha = float(node.attrs.get("alpha", 0.01))  # ONNX's default
+        return (node.inputs[0].name, leaky_relu_range(alpha)) if alpha >= 0 else None
     if node.op == "Mul" and len(node.inputs) == 2:
         for x, gate in (node.inputs, node.inputs[::-1]):
             if _is_sigmoid_of(gate, x) and x.name in candidates:
