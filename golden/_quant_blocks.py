@@ -122,6 +122,18 @@ def mean_gate(keepdims: int = 1, axes=(2, 3)) -> onnx.ModelProto:
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8], opset=18)
 
 
+def hard_swish_se() -> onnx.ModelProto:
+    """MobileNetV3's pieces: HardSwish after a conv and a depthwise conv, a squeeze-excitation gate with
+    HardSigmoid (alpha 1/6, as torch exports it), then a projection."""
+    b = Builder(9)
+    act = b.node("HardSwish", [b.conv("x", "expand", 3, 8, 1)], "expand_act")
+    dw = b.node("HardSwish", [b.conv(act, "dw", 8, 8, 3, group=8)], "dw_act")
+    squeezed = b.node("Relu", [b.conv(b.node("GlobalAveragePool", [dw], "pool"), "fc1", 8, 4, 1)], "fc1_relu")
+    gate = b.node("HardSigmoid", [b.conv(squeezed, "fc2", 4, 8, 1)], "gate", alpha=1 / 6, beta=0.5)
+    b.conv(b.node("Mul", [dw, gate], "gated"), "y", 8, 4, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
+
+
 def unbalanced_chain(activation: str = "Relu") -> onnx.ModelProto:
     """Conv -> act -> Conv where conv1's channel ranges spread over two orders of magnitude and conv2
     compensates (the function of a balanced chain, the weight ranges of a badly trained one)."""

@@ -1,11 +1,12 @@
 """Ranges that follow from another tensor's range, so `calibrate` need not observe them.
 
 An elementwise function of one observed value maps its range exactly when the function is monotone (Sigmoid,
-LeakyRelu with alpha >= 0), or when its extremes on an interval are known (SiLU, x * Sigmoid(x): one minimum
-at x = -1.2785). For minmax the derived range is the observed one; for the clipping methods it is the image of
-the input's clipped range. In a SiLU net (EfficientNet, YOLO) each activation is a conv output, its Sigmoid and
-their product: observing only the conv output (and giving Split/Slice/Gather outputs their input's statistics,
-calibrate.permutation_sources) takes EfficientNet-B0's calibration graph from 238 observed tensors to 124.
+LeakyRelu with alpha >= 0, HardSigmoid), or when its extremes on an interval are known (SiLU, x * Sigmoid(x):
+one minimum at x = -1.2785; HardSwish: -0.375 at x = -1.5). For minmax the derived range is the observed one;
+for the clipping methods it is the image of the input's clipped range. In a SiLU net (EfficientNet, YOLO) each
+activation is a conv output, its Sigmoid and their product: observing only the conv output (and giving
+Split/Slice/Gather outputs their input's statistics, calibrate.permutation_sources) takes EfficientNet-B0's
+calibration graph from 238 observed tensors to 124.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
+from irtool.passes.quant.hard_activations import hard_sigmoid_range, hard_swish_range, parameters
 
 Range = tuple[float, float]
 SILU_ARGMIN = -1.2784645  # where x * sigmoid(x) is lowest (-0.2785), the root of 1 + e^-x + x e^-x = 0
@@ -64,11 +66,20 @@ def _rule(node: gs.Node, candidates: set[str]):
     if node.op == "LeakyRelu" and observed_input:
         alpha = float(node.attrs.get("alpha", 0.01))  # ONNX's default
         return (node.inputs[0].name, leaky_relu_range(alpha)) if alpha >= 0 else None
+    if node.op in ("HardSigmoid", "HardSwish") and observed_input:
+        return node.inputs[0].name, _hard_range(node)
     if node.op == "Mul" and len(node.inputs) == 2:
         for x, gate in (node.inputs, node.inputs[::-1]):
             if _is_sigmoid_of(gate, x) and x.name in candidates:
                 return x.name, silu_range
     return None
+
+
+def _hard_range(node: gs.Node) -> Callable[[float, float], Range]:
+    if node.op == "HardSwish":
+        return hard_swish_range
+    alpha, beta = parameters(node)
+    return lambda low, high: hard_sigmoid_range(low, high, alpha, beta)
 
 
 def _is_sigmoid_of(gate: gs.Tensor, x: gs.Tensor) -> bool:

@@ -42,6 +42,7 @@ from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
+from irtool.passes.quant.hard_activations import decompose as decompose_hard_activations
 from irtool.passes.quant.placement import (
     PLANNERS,
     Profile,
@@ -308,6 +309,9 @@ class InsertQDQ(Pass):
         selection = self._selection(model, ranges, placement, ctx)
         plan = build_plan(model, placement, selection)
         ort_cpu = self.options.profile is Profile.ORT_CPU
+        hard = decompose_hard_activations(model, ranges, set(plan.tensors)) if ort_cpu else 0
+        if hard:
+            plan = build_plan(model, placement, selection)
         means = global_means(model) if ort_cpu else set()  # before the Q/DQ: their outputs carry no shapes
         pairs = apply_plan(model, plan, ranges, placement)
         fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
@@ -317,7 +321,7 @@ class InsertQDQ(Pass):
         return PassResult(modified=True, stats={
             "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),
             "layers_kept_float": sorted(selection.keep_fp), "gelu_fused": fused, "global_pools": pools,
-            "profile": self.options.profile.value})
+            "hard_activations": hard, "profile": self.options.profile.value})
 
     def _selection(self, model: Model, ranges, placement: Placement, ctx: PassContext) -> Selection:
         base = Selection(tuple(self.options.exclude), tuple(self.options.exclude_ops), self.options.keep_first,

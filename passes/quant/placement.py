@@ -19,7 +19,10 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
      over the spatial axes (torch's dynamo export of adaptive_avg_pool2d) counts as the GlobalAveragePool
      it computes, and insert-qdq rewrites it into one (`global_means`). An Add read by a LayerNormalization
      (a transformer's residual stream) stays float: the norm runs in float anyway, and a quantized stream
-     would carry every block's rounding at a scale its largest channel sets.
+     would carry every block's rounding at a scale its largest channel sets. Activations ONNX Runtime
+     runs only in float (FLOAT_ACTIVATIONS) get a Q on their output where an integer-capable op reads it;
+     insert-qdq spells HardSwish and HardSigmoid with Mul, Add and Clip where their input is quantized
+     (passes/quant/hard_activations.py), so MobileNetV3 runs on integers throughout.
   2. The output of every quantized layer and Add/Mul/pool, after a directly following Relu/Clip
      (ORT folds that activation into the Q's range and drops it), so the chain closes and fusion
      happens; a residual `Add -> Relu` is quantized once, after the Relu.
@@ -66,6 +69,10 @@ ORT_IO_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePo
 # when they sit between a DQ and a Q. Left float, SiLU (x * Sigmoid(x): EfficientNet, YOLO) keeps its Mul
 # float too, and the INT8 model ran slower than the float one.
 ORT_UNARY_OPS = ("Sigmoid", "LeakyRelu", "Softmax")
+# Activations ONNX Runtime runs only in float. Their output is quantized where an op with an integer kernel reads it
+# (MobileNetV3's HardSwish -> squeeze-excitation pool and Mul, its HardSigmoid gate, Mish's Tanh -> Mul): the op
+# stays a float island, but what follows runs on integers, as in quantize_static's model.
+FLOAT_ACTIVATIONS = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Selu", "Softplus", "Gelu")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 CONSTANT_OPERAND_OPS = ("Add", "Mul", "Concat")
 # Resize: nearest and linear stay within their input's range (cubic overshoots a little, and saturates).
@@ -231,6 +238,9 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
                 _quantize_io(plan, node)
             elif node.op in ORT_UNARY_OPS and _io_quantizable(node, plan):
                 _quantize_io(plan, node)
+            elif node.op in FLOAT_ACTIVATIONS and _io_quantizable(node, plan) and any(
+                    c.op in ORT_IO_OPS or c.op in ORT_UNARY_OPS or c.name in means for c in node.outputs[0].outputs):
+                plan.add(node.outputs[0])
             elif node.op in SHARED_SCALE_OPS and node.inputs and node.inputs[0].name in plan.tensors:
                 # Same scale as the input: ONNX Runtime drops the DQ -> op -> Q and moves integers, so a
                 # Concat or Add further on still finds every input quantized (YOLO's C2f: Split -> Concat).
