@@ -12,6 +12,8 @@ Side by side in one run, on the same ONNX models and the same calibration sample
                            head, 1000 classes), 1x3x224x224; smallest N and minmax only
               yolo         a YOLOv8n-wide detector (C2f blocks, SPPF, FPN/PAN neck, three heads of 84 channels
                            flattened and concatenated), 1x3x224x224; smallest N and minmax only
+              mobilenetv3  MobileNetV3-Large (HardSwish, squeeze-excitation gates with HardSigmoid, 1000 classes),
+                           1x3x224x224; smallest N and minmax only
   Weights are random from a fixed seed; BatchNorm running statistics are then measured on synthetic
   images (train-mode passes with cumulative averaging), so activations have realistic scales, and the
   torch exporter folds BN into the convolutions (both tools get the same BN-free graph).
@@ -50,7 +52,7 @@ repeated in rounds) at batch 1 with 1 and 2 intra-op threads, median of the runs
 judged over all cells of a model by the geometric mean of the paired per-round ratios irtool/ORT and its 95%
 interval.
 
-    python bench/quant_bench.py [--quick] [--models resnet50,mobilenetv2,vit,efficientnet_b0,yolo]
+    python bench/quant_bench.py [--quick] [--models resnet50,mobilenetv2,vit,efficientnet_b0,yolo,mobilenetv3]
                                 [--samples 64,256,1024]
                                 [--methods minmax,entropy,percentile,mse] [--no-write]
 """
@@ -100,10 +102,11 @@ METHODS = ("minmax", "entropy", "percentile", "mse")
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 ORT_HISTOGRAM_METHODS = ("entropy", "percentile")
 MODELS = ("resnet50", "mobilenetv2", "vit")
-# SiLU nets (x * Sigmoid(x), squeeze-excitation gates, C2f split -> concat): only the smallest N with minmax, where
-# the INT8 latency and SQNR are compared; the calibration targets are measured on MODELS.
-SILU_MODELS = ("efficientnet_b0", "yolo")
-CNNS = ("resnet50", "mobilenetv2", "efficientnet_b0")
+# Edge nets whose activations ONNX Runtime has no plain integer kernel for (SiLU: x * Sigmoid(x), squeeze-excitation
+# gates, C2f split -> concat; MobileNetV3's HardSwish): only the smallest N with minmax, where the INT8 latency and
+# SQNR are compared; the calibration targets are measured on MODELS.
+EDGE_MODELS = ("efficientnet_b0", "yolo", "mobilenetv3")
+CNNS = ("resnet50", "mobilenetv2", "efficientnet_b0", "mobilenetv3")
 # The MobileNet recovery target: equalize + bias-correct against plain INT8 (minmax, smallest N), with
 # per-channel weights (the default) and per-tensor weights (where depthwise nets classically collapse).
 RECOVERY_MODELS = ("mobilenetv2",)
@@ -195,6 +198,59 @@ def _ImageNetNet(act, stages):  # noqa: N802 (builds a class, as the models belo
     return Net()
 
 
+def _mobilenet_v3_large():
+    """MobileNetV3-Large (Howard et al. 2019, table 1): HardSwish in the later stages, squeeze-excitation gates
+    with HardSigmoid, 960 -> 1280 -> 1000 head."""
+    import torch
+    from torch import nn
+
+    # (kernel, expansion, channels, squeeze-excitation, HardSwish, stride)
+    config = ((3, 16, 16, 0, 0, 1), (3, 64, 24, 0, 0, 2), (3, 72, 24, 0, 0, 1), (5, 72, 40, 1, 0, 2),
+              (5, 120, 40, 1, 0, 1), (5, 120, 40, 1, 0, 1), (3, 240, 80, 0, 1, 2), (3, 200, 80, 0, 1, 1),
+              (3, 184, 80, 0, 1, 1), (3, 184, 80, 0, 1, 1), (3, 480, 112, 1, 1, 1), (3, 672, 112, 1, 1, 1),
+              (5, 672, 160, 1, 1, 2), (5, 960, 160, 1, 1, 1), (5, 960, 160, 1, 1, 1))
+
+    def conv_bn(c_in, c_out, k=1, stride=1, groups=1, act=None):
+        layers = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+        return nn.Sequential(*layers, *([act()] if act else []))
+
+    class Gate(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+        def forward(self, x):
+            pooled = nn.functional.adaptive_avg_pool2d(x, 1)
+            return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(pooled))))
+
+    class Block(nn.Module):
+        def __init__(self, c_in, k, expansion, c_out, gate, hard, stride):
+            super().__init__()
+            act = nn.Hardswish if hard else nn.ReLU
+            layers = [conv_bn(c_in, expansion, act=act)] if expansion != c_in else []
+            layers += [conv_bn(expansion, expansion, k, stride, expansion, act), *([Gate(expansion)] if gate else []),
+                       conv_bn(expansion, c_out)]
+            self.body, self.residual = nn.Sequential(*layers), stride == 1 and c_in == c_out
+
+        def forward(self, x):
+            return x + self.body(x) if self.residual else self.body(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, c = [conv_bn(3, 16, 3, 2, act=nn.Hardswish)], 16
+            for k, expansion, c_out, gate, hard, stride in config:
+                layers.append(Block(c, k, expansion, c_out, gate, hard, stride))
+                c = c_out
+            self.features = nn.Sequential(*layers, conv_bn(c, 960, act=nn.Hardswish))
+            self.classifier = nn.Sequential(nn.Linear(960, 1280), nn.Hardswish(), nn.Linear(1280, 1000))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    return Net()
+
+
 def _torch_model(name: str):
     import torch
     from torch import nn
@@ -217,6 +273,8 @@ def _torch_model(name: str):
                   (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
         model = _ImageNetNet(nn.SiLU, [(c_out, n, s, lambda ci, co, st, t=t, k=k: archs.MBConv(ci, co, k, st, t))
                                        for t, k, s, c_out, n in config])
+    elif name == "mobilenetv3":
+        model = _mobilenet_v3_large()
     elif name == "yolo":
         class Yolo(nn.Module):
             """YOLOv8n's widths; the three heads' maps flattened and concatenated, as detector exports do."""
@@ -279,8 +337,8 @@ def model_path(name: str) -> Path:
     import inspect
 
     # Rebuilt when the code that makes the models (or the blocks it borrows) changes, not for other edits.
-    code = "".join(inspect.getsource(f) for f in (_upsample_matrix, Images, _ImageNetNet, _torch_model,
-                                                        build_model))
+    code = "".join(inspect.getsource(f) for f in (_upsample_matrix, Images, _ImageNetNet, _mobilenet_v3_large,
+                                                        _torch_model, build_model))
     digest = hashlib.sha256(code.encode() + (ROOT / "tests" / "prune" / "archs.py").read_bytes()).hexdigest()[:10]
     path = OUT / f"{name}-{MODEL_VERSION}-{digest}.onnx"
     if not path.exists():
@@ -973,7 +1031,7 @@ def targets(results: dict, samples: list[int], methods: list[str]) -> list[str]:
         out.append(line("calibration time <= ORT's (irtool/ORT)", speed, lambda v: v <= 1.0,
                         lambda v: f"{v:.2f}x"))
         out.append(line("calibration time <= 1.5x float floor", floor_x, lambda v: v <= 1.5, lambda v: f"{v:.2f}x"))
-        if name not in SILU_MODELS:  # one N there
+        if name not in EDGE_MODELS:  # one N there
             out.append(line(f"peak RSS flat in N (N={samples[-1]} / N={samples[0]} <= 1.2)", mem,
                             lambda v: v <= 1.2, lambda v: f"{v:.2f}x"))
         out.append(line("INT8 latency <= ORT's, per cell (irtool/ORT)", lat, lambda v: v <= 1.0, lambda v: f"{v:.2f}x"))
@@ -1006,7 +1064,7 @@ def latency_verdict(name: str, log_ratios: list[float]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS + SILU_MODELS))
+    parser.add_argument("--models", default=",".join(MODELS + EDGE_MODELS))
     parser.add_argument("--samples", default="64,256,1024")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--quick", action="store_true",
@@ -1026,7 +1084,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     results = {}
     for name in args.models.split(","):
-        if name in SILU_MODELS:
+        if name in EDGE_MODELS:
             results[name] = run_model(name, samples[:1], ["minmax"], runs, rounds)
         else:
             results[name] = run_model(name, samples, methods, runs, rounds)
