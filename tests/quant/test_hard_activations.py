@@ -16,19 +16,12 @@ from golden._quant_blocks import hard_swish_se
 from irtool.api import optimize
 from irtool.passes.quant.calibrate import METADATA_KEY
 from irtool.passes.quant.hard_activations import hard_sigmoid_range, hard_swish_range
+from tests.quant.ort_run import run_batches
 
 
 def _batches(seed: int, count: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": (rng.standard_normal((1, 3, 8, 8)) * 2).astype(np.float32)} for _ in range(count)]
-
-
-def _run(proto: onnx.ModelProto, batches, optimized: str | None = None) -> np.ndarray:
-    options = ort.SessionOptions()
-    if optimized:
-        options.optimized_model_filepath = optimized
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, b)[0] for b in batches])
 
 
 def test_mobilenet_v3_block_runs_on_integers(tmp_path):
@@ -37,7 +30,7 @@ def test_mobilenet_v3_block_runs_on_integers(tmp_path):
     assert result.records[-1].stats["hard_activations"] == 3
     path = str(tmp_path / "optimized.onnx")
     test = _batches(1, 8)
-    reference, out = _run(proto, test), _run(result.model.to_proto(), test, path)
+    reference, out = run_batches(proto, test), run_batches(result.model.to_proto(), test, path)
     ops = Counter(n.op_type for n in onnx.load(path).graph.node)
     assert not {"HardSwish", "HardSigmoid", "Clip", "Mul", "Add"} & set(ops)
     # QLinearMul: 2 per HardSwish, 1 in the HardSigmoid, the gate's product; one QLinearAdd each; the input's Q

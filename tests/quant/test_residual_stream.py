@@ -8,23 +8,15 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from golden._quant_blocks import prenorm_encoder
 from irtool.api import optimize
+from tests.quant.ort_run import run_batches
 
 
 def _batches(seed: int, count: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(count)]
-
-
-def _run(proto: onnx.ModelProto, batches, optimized: str | None = None) -> np.ndarray:
-    options = ort.SessionOptions()
-    if optimized:
-        options.optimized_model_filepath = optimized
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, b)[0] for b in batches])
 
 
 def test_adds_read_by_a_layer_norm_stay_float_and_the_matmuls_run_on_integers(tmp_path):
@@ -35,7 +27,7 @@ def test_adds_read_by_a_layer_norm_stay_float_and_the_matmuls_run_on_integers(tm
     assert {"embedded", "mm0b", "mm1b"} <= set(readers)  # the layer outputs that feed it
     path = str(tmp_path / "optimized.onnx")
     test = _batches(1, 16)
-    reference, out = _run(proto, test), _run(quantized, test, path)
+    reference, out = run_batches(proto, test), run_batches(quantized, test, path)
     ops = Counter(n.op_type for n in onnx.load(path).graph.node)
     # The last Add, read by the final norm only, even fuses into it as ONNX Runtime does in float models.
     assert ops["QLinearMatMul"] == 5 and ops["Add"] == 2 and ops["SkipLayerNormalization"] == 1
