@@ -231,15 +231,17 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
         plan.add(_fused_output(node.outputs[0]))
     if selection.only is None:
         means = global_means(model)
+
+        def integer_op(node: gs.Node) -> bool:  # ONNX Runtime has a QLinear kernel for it between a DQ and a Q
+            return node.op in ORT_IO_OPS or node.op in ORT_UNARY_OPS or node.name in means
+
         for node in (model.graph.nodes[i] for i in topo_order(model.graph.nodes)):
             if node.op == "Add" and _feeds_layer_norm(node):
                 continue
-            if (node.op in ORT_IO_OPS or node.name in means) and _io_quantizable(node, plan):
-                _quantize_io(plan, node)
-            elif node.op in ORT_UNARY_OPS and _io_quantizable(node, plan):
+            if integer_op(node) and _io_quantizable(node, plan):
                 _quantize_io(plan, node)
             elif node.op in FLOAT_ACTIVATIONS and _io_quantizable(node, plan) and any(
-                    c.op in ORT_IO_OPS or c.op in ORT_UNARY_OPS or c.name in means for c in node.outputs[0].outputs):
+                    integer_op(c) for c in node.outputs[0].outputs):
                 plan.add(node.outputs[0])
             elif node.op in SHARED_SCALE_OPS and node.inputs and node.inputs[0].name in plan.tensors:
                 # Same scale as the input: ONNX Runtime drops the DQ -> op -> Q and moves integers, so a

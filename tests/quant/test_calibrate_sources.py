@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 from onnx import numpy_helper
 
@@ -16,6 +15,7 @@ from irtool.api import optimize
 from irtool.ir.model import Model
 from irtool.passes.quant.calibrate import METADATA_KEY, permutation_sources
 from irtool.passes.quant.derived import silu_range
+from tests.quant.ort_run import intermediate_values
 
 
 def _heads_chain():
@@ -61,18 +61,6 @@ def _weight() -> np.ndarray:
     return numpy_helper.to_array(next(t for t in _heads_chain().graph.initializer if t.name == "wq"))
 
 
-def _outputs(proto, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(proto)
-    exposed.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
-    runs = [session.run(names, f) for f in feeds]
-    return {n: np.concatenate([r[i].ravel() for r in runs]) for i, n in enumerate(names)}
-
-
 def test_sigmoid_silu_and_leaky_relu_ranges_follow_from_their_input_without_observing_them():
     """In x * Sigmoid(x) only x is observed; the Sigmoid's, the product's and a LeakyRelu's minmax ranges are
     computed from x's range, and equal the extremes the tensors take on the calibration data."""
@@ -85,7 +73,7 @@ def test_sigmoid_silu_and_leaky_relu_ranges_follow_from_their_input_without_obse
     assert record.stats["derived"] == 4  # stem_sigmoid, stem_silu, m_act, gate
     assert record.stats["observed"] == record.stats["tensors"] - 4 - 2  # a and b (Split) share stem_silu's stats
     derived = ["stem_sigmoid", "stem_silu", "m_act", "gate"]
-    actual = _outputs(proto, derived, batches)
+    actual = intermediate_values(proto, derived, batches)
     for name in derived:
         assert ranges[name] == pytest.approx([float(actual[name].min()), float(actual[name].max())], rel=1e-5,
                                              abs=1e-6), name

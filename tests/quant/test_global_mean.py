@@ -3,17 +3,15 @@ GlobalAveragePool it computes, so ONNX Runtime runs QLinearGlobalAveragePool ins
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from golden._quant_blocks import mean_gate
 from irtool.api import optimize
 from irtool.ir.model import Model
 from irtool.passes.quant.placement import global_means
+from tests.quant.ort_run import optimized_ops, run_batches
 
 
 def _quantized(proto: onnx.ModelProto):
@@ -22,26 +20,14 @@ def _quantized(proto: onnx.ModelProto):
     return optimize(proto, "calibrate,insert-qdq", calibration_data=batches)
 
 
-def _optimized_ops(proto: onnx.ModelProto, tmp_path) -> Counter:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
-def _outputs(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
-
-
 def test_spatial_mean_runs_as_integer_global_average_pool(tmp_path):
     result = _quantized(mean_gate())
     assert result.records[-1].stats["global_pools"] == 1
-    ops = _optimized_ops(result.model.to_proto(), tmp_path)
+    x = np.random.default_rng(9).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    ops = optimized_ops(result.model.to_proto(), str(tmp_path / "optimized.onnx"), [{"x": x}])
     assert ops["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in ops
     assert ops["QuantizeLinear"] == 1  # the input's: integers from there to the last conv
-    x = np.random.default_rng(9).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    reference, quantized = _outputs(mean_gate(), x), _outputs(result.model.to_proto(), x)
+    reference, quantized = run_batches(mean_gate(), [{"x": x}]), run_batches(result.model.to_proto(), [{"x": x}])
     assert 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - quantized) ** 2)) > 25.0
 
 
