@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,11 +74,15 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     summaries_of = tap(model, names, _sized(provider(), sizes, timings), summary=per_sample,
                        sample_extremes=histograms, timings=timings)
     bar_total = getattr(provider, "num_batches", None)
-    for summaries in _timed(bar(summaries_of, progress, "calibrating", "batch", bar_total), timings):
-        batches += 1
-        observed = time.perf_counter()
-        _observe_batch(stats, summaries)
-        timings.observe += time.perf_counter() - observed
+    pool = Binning(binning_workers() if histograms else 1)
+    try:
+        for summaries in _timed(bar(summaries_of, progress, "calibrating", "batch", bar_total), timings):
+            batches += 1
+            observed = time.perf_counter()
+            _observe_batch(stats, summaries, pool)
+            timings.observe += time.perf_counter() - observed
+    finally:
+        pool.close()
     samples = sum(sizes)
     if batches == 0:
         raise InputError("calibration data is empty")
@@ -115,26 +121,89 @@ def _timed(summaries: Iterable[dict], timings: Timings) -> Iterator[dict]:
         yield summary
 
 
-def _observe_batch(stats: dict[str, TensorStats], summaries: dict[str, Summary]) -> None:
+def _observe_batch(stats: dict[str, TensorStats], summaries: dict[str, Summary], pool: Binning) -> None:
     """Feed one batch's summaries to the observers, then empty the dict: the generators in between still hold
     it while the next batch runs, and its samples (the ViT of bench/quant_bench.py: 243 MB a batch at 64
     samples) would stay alive beside the next batch's."""
-    for name, summary in summaries.items():
-        _observe(stats[name], name, summary)
+    items = list(summaries.items())
+    extremes = pool.count([(stats[name].histogram, summary) for name, summary in items])
+    for (name, summary), sample_extremes in zip(items, extremes, strict=True):
+        _observe(stats[name], name, summary, sample_extremes)
     summaries.clear()
 
 
-def _observe(stats: TensorStats, name: str, summary: Summary) -> None:
+def _count_sample(histogram: Histogram | None, summary: Summary) -> tuple[float, float] | None:
+    """Count a summary's sample into its histogram; the sample's extremes (NaN when it holds NaN or Inf), or None
+    when nothing was counted."""
+    if summary.finite and histogram is not None and summary.sample is not None:
+        return histogram.add_sample(summary.sample)
+    return None
+
+
+def _observe(stats: TensorStats, name: str, summary: Summary, sample_extremes: tuple[float, float] | None) -> None:
     low, high, finite = summary.low, summary.high, summary.finite
-    if finite and stats.histogram is not None and summary.sample is not None:
-        sample_low, sample_high = stats.histogram.add_sample(summary.sample)  # NaN when one is NaN or infinite
-        if high is None:  # the extremes are the sample's (tap's sample_extremes); low holds its producer's floor
-            low = low if low > -math.inf and summary.sample.size else sample_low
-            high, finite = sample_high, not math.isnan(sample_high)
+    if sample_extremes is not None and high is None:
+        # the extremes are the sample's (tap's sample_extremes); low holds its producer's floor
+        sample_low, sample_high = sample_extremes
+        low = low if low > -math.inf and summary.sample.size else sample_low
+        high, finite = sample_high, not math.isnan(sample_high)
     if not finite:
         raise InputError(f"tensor {name!r} holds NaN or Inf on the calibration data: the float model "
                          "overflows or divides by zero on these inputs")
     stats.minmax.merge(MinMax(low, high))
+
+
+class Binning:
+    """Counts a batch's samples into their histograms on every core. ONNX Runtime's threads idle while the
+    histograms bin, and the compiled kernel releases the GIL, so binning different tensors side by side is
+    nearly free parallelism (the ViT of bench/quant_bench.py: binning was a third of its float inference at 64
+    samples, on one core of two). Each histogram is counted by one thread, so the counts do not depend on the
+    number of threads or on scheduling."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="irtool-binning") if workers > 1 else None
+
+    def count(self, jobs: list[tuple[Histogram | None, Summary]]) -> list[tuple[float, float] | None]:
+        if self._pool is None:
+            return [_count_sample(h, s) for h, s in jobs]
+        shares = _balanced(jobs, self.workers)
+        futures = [self._pool.submit(_count_all, jobs, share) for share in shares[1:]]
+        results: dict[int, tuple[float, float] | None] = _count_all(jobs, shares[0])
+        for future in futures:
+            results.update(future.result())
+        return [results[i] for i in range(len(jobs))]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _count_all(jobs: list[tuple[Histogram | None, Summary]], indices: list[int]) -> dict:
+    return {i: _count_sample(*jobs[i]) for i in indices}
+
+
+def _balanced(jobs: list[tuple[Histogram | None, Summary]], workers: int) -> list[list[int]]:
+    """Job indices split into `workers` shares of about equal sample size (largest first, each to the lightest)."""
+    def size(i: int) -> int:
+        sample = jobs[i][1].sample
+        return sample.size if sample is not None else 0
+
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for i in sorted(range(len(jobs)), key=lambda i: (-size(i), i)):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(i)
+        loads[lightest] += size(i)
+    return shares
+
+
+def binning_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------- cache

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from irtool.calibration import observers
+from irtool.calibration import engine, observers
 from irtool.calibration.data import CalibrationData
 from irtool.calibration.engine import Timings, collect
 from irtool.calibration.observers import Histogram, MinMax, _best_cut, kl_divergences, subsample, values_per_sample
@@ -338,3 +338,45 @@ def test_engine_frees_each_batch_of_samples_before_the_next_batch_runs(monkeypat
     collect(model, ["y"], source, histograms=True)
     assert len(seen) == 3  # one sample of y per batch
     assert alive_when_asked == [0, 0, 0]
+
+
+def test_engine_bins_tensors_on_several_threads_with_the_counts_of_one(monkeypatch):
+    """engine.Binning spreads a batch's tensors over threads; every histogram and range equals the one-thread
+    run's, bit for bit, whatever the number of threads (each histogram is counted by one thread)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Add", ["m", "r"], ["a"]),
+             helper.make_node("Tanh", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 32, 32])])
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    data = list(np.random.default_rng(3).standard_normal((40, 3, 32, 32)).astype(np.float32) * 3.0)
+    source = CalibrationData.from_iterable(data, [("x", np.float32, ["n", 3, 32, 32])], batch_size=16)
+    names = ["x", "r", "s", "m", "a", "y"]
+    runs, threads = {}, []
+    original = engine.Binning.__init__
+
+    def recording_init(self, workers):
+        original(self, workers)
+        threads.append(1 if self._pool is None else self._pool._max_workers + 1)
+
+    monkeypatch.setattr(engine.Binning, "__init__", recording_init)
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(engine, "binning_workers", lambda workers=workers: workers)
+        runs[workers] = collect(model, names, source, histograms=True)
+    assert threads == [1, 2, 3]
+    for workers in (2, 3):
+        for name in names:
+            np.testing.assert_array_equal(runs[workers][name].histogram.counts, runs[1][name].histogram.counts)
+            assert runs[workers][name].histogram.radius == runs[1][name].histogram.radius
+            assert runs[workers][name].minmax == runs[1][name].minmax
+    assert runs[1]["r"].minmax.low == 0.0 and runs[1]["x"].minmax.low < -5.0
+    assert runs[1]["s"].histogram.counts.sum() == 40 * 3 * 32 * 32
+
+
+def test_balanced_shares_split_the_values_evenly_and_cover_every_job():
+    sizes = [16384, 12, 4096, 4096, 8192, 0, 16384, 100]
+    jobs = [(None, type("S", (), {"sample": np.zeros(n, np.float32) if n else None})()) for n in sizes]
+    shares = engine._balanced(jobs, 2)
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 100
