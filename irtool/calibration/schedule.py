@@ -90,10 +90,12 @@ def _options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
     options.enable_mem_pattern = False
     # In the default order the ViT's summaries ran late too (1.25 GB peak, first batch twice as slow).
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    # Between runs ONNX Runtime's idle threads spin, on the cores the histograms bin on (engine.Binning) and the
-    # next batch is read on: MobileNetV2 entropy at 64 samples, medians of 6: 0.79 s against 0.93 s (binning
-    # 0.039 against 0.074 s, reading 0.13 against 0.19 s); its inference, the ViT's and ResNet-50's unchanged.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ONNX Runtime's idle threads spin for a while after a run, on the cores the histograms bin on
+    # (engine.Binning) and the next batch is read on; this stops them when the run returns, and keeps spinning
+    # within a run, where the many small summary ops need it. bench/quant_bench.py, x floor at 64 / 256 samples:
+    # MobileNetV2 entropy 1.62 / 1.37 -> 1.52 / 1.33, the ViT's 1.79 / 1.40 -> 1.68 / 1.33; not spinning at all
+    # (allow_spinning=0) left the histogram cells where they were and slowed minmax (the ViT's /256 1.35 -> 1.51).
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
