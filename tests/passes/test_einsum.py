@@ -165,3 +165,17 @@ def test_quant_gives_an_einsum_attention_integer_kernels(tmp_path):
     got = np.concatenate([run_ort(quantized, f) for f in evaluation]).astype(np.float64)
     sqnr = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
     assert sqnr > 20.0, sqnr  # quant's own min-sqnr target
+
+
+def test_quant_trt_puts_qdq_on_the_rewritten_products():
+    """quant-trt runs the rewrite too: no Einsum left, and both inputs of every MatMul come from a
+    DequantizeLinear (TensorRT's explicit-quantization pattern for an INT8 GEMM)."""
+    proto = einsum_attention()
+    rng = np.random.default_rng(4)
+    calib = [{"x": rng.standard_normal((4, 6, 16)).astype(np.float32)} for _ in range(8)]
+    model = optimize(proto, "quant-trt", calibration_data=calib).model
+    producers = {out.name: node.op for node in model.nodes() for out in node.outputs}
+    matmuls = [node for node in model.nodes() if node.op == "MatMul"]
+    assert "Einsum" not in ops(model) and len(matmuls) == 6
+    for node in matmuls:
+        assert [producers.get(t.name) for t in node.inputs] == ["DequantizeLinear"] * 2, node.name
