@@ -18,8 +18,10 @@ with no letter gets a dim of 1, squeezed afterwards.
 Declined (left as Einsum): more or fewer than two operands, a letter repeated within an operand (a diagonal) or
 summed out of one operand alone, no contraction letter (an outer product), an operand of unknown rank, an
 ellipsis whose rank is unknown, and K letters of activations whose sizes are unknown when several must merge.
-Contract: bounded. MatMul sums the same products in another order: measured max abs difference ~1e-6 on
-N(0, 1) operands with 64-long contractions (tests/passes/test_einsum.py compares with numpy's einsum).
+Contract: bounded. MatMul may sum the products in another order than a runtime's Einsum; measured against
+ONNX Runtime 1.32's Einsum on N(0, 1) operands with 64-long contractions (attention scores, EinsumDense, two
+merged contracted letters) the outputs were bit-identical, and tests/passes/test_einsum.py checks 18
+equations against numpy's float64 einsum within 1e-5.
 """
 
 from __future__ import annotations
