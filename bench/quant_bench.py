@@ -887,7 +887,8 @@ def stage_lines(res: dict, methods: list[str], samples: list[int]) -> list[str]:
     two parts: what calibration adds to the floor is the session, the summaries' share of the inference, the
     binning (observe) and the range search."""
     lines = ["", "Where irtool's calibration time went, s (the `calibrate` pass's `seconds` stats; inference includes "
-             "the in-graph summaries and their numpy finish, observe the histograms' binning):", "",
+             "the in-graph summaries and their numpy finish, observe the histograms' binning, session the wait for the "
+             "calibration session beyond the batches read while it builds):", "",
              "| method | N | floor: data + float runs | " + " | ".join(STAGES) + " | beyond the floor, x floor |",
              "|---|---:|---:|" + "---:|" * len(STAGES) + "---:|"]
     for method in methods:

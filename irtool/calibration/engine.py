@@ -43,9 +43,10 @@ class TensorStats:
 
 @dataclass
 class Timings:
-    """Where a calibration's wall time went, in seconds: reading the data, building the calibration session,
-    running it (with the summaries' numpy finish), feeding the observers (the histograms' binning), and the
-    range search (the calibrate pass's, after collect)."""
+    """Where a calibration's wall time went, in seconds: reading the data, waiting for the calibration session
+    (built while the first batches are read: schedule.build_while_reading), running it (with the summaries'
+    numpy finish), feeding the observers (the histograms' binning), and the range search (the calibrate
+    pass's, after collect)."""
     data: float = 0.0
     session: float = 0.0
     inference: float = 0.0

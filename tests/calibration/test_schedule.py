@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import weakref
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,8 +12,15 @@ import pytest
 from onnx import helper
 
 from golden._quant_blocks import residual
-from irtool.calibration.schedule import _needed, calibration_session, side_nodes_first, worth_rebuilding
+from irtool.calibration.schedule import (
+    _needed,
+    build_while_reading,
+    calibration_session,
+    side_nodes_first,
+    worth_rebuilding,
+)
 from irtool.calibration.tap import _nchwc_share, _summarized_proto
+from irtool.errors import InputError
 from irtool.ir.model import Model
 
 
@@ -71,3 +81,67 @@ def test_only_graphs_whose_summaries_pool_conv_layouts_may_be_renumbered():
     conv, _, _ = _summarized_proto(Model.from_proto(residual()), ["stem_relu", "relu1", "add", "y"], 16)
     tokens, _, _ = _summarized_proto(_heads(), ["q", "heads", "probs"], 16)
     assert _nchwc_share(conv) >= 0.1 and _nchwc_share(tokens) == 0.0
+
+
+class _Batch(dict):
+    """A batch that can be watched with a weak reference."""
+
+
+def _batches(count: int, nbytes: int, reads: list[int], fail_at: int | None = None):
+    for i in range(count):
+        if i == fail_at:
+            raise InputError(f"calibration batch {i} is broken")
+        reads[0] += 1
+        yield _Batch(x=np.full(nbytes // 4, i, np.float32))
+
+
+def _build_after(reads: list[int], at_least: int, timeout: float = 0.3):
+    """A build that finishes once `at_least` batches were read, or after `timeout` seconds."""
+    def build():
+        deadline = time.monotonic() + timeout
+        while reads[0] < at_least and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return "session"
+    return build
+
+
+def test_the_session_builds_while_batches_are_read_and_every_batch_comes_back_in_order():
+    reads = [0]
+    built, batches, waited = build_while_reading(_build_after(reads, 3), _batches(6, 64, reads))
+    assert built == "session" and reads[0] >= 3 and waited >= 0.0
+    assert [int(b["x"][0]) for b in batches] == list(range(6))
+
+
+def test_reading_ahead_stops_at_the_byte_limit():
+    reads = [0]
+    built, batches, _ = build_while_reading(_build_after(reads, 10), _batches(20, 1024, reads), limit=3 * 1024)
+    assert reads[0] == 3  # the build waited its timeout: the limit, not the build, stopped the reading
+    assert [int(b["x"][0]) for b in batches] == list(range(20))
+
+
+def test_a_batch_read_ahead_is_let_go_once_taken():
+    reads = [0]
+    _, batches, _ = build_while_reading(_build_after(reads, 4), _batches(4, 64, reads))
+    first = next(batches)
+    watch = weakref.ref(first)
+    del first
+    assert watch() is None
+    assert [int(b["x"][0]) for b in batches] == [1, 2, 3]
+
+
+def test_an_error_reading_ahead_is_raised_after_the_build_is_done():
+    reads, done = [0], []
+
+    def build():
+        time.sleep(0.1)
+        done.append(True)
+    with pytest.raises(InputError, match="batch 2 is broken"):
+        build_while_reading(build, _batches(5, 64, reads, fail_at=2))
+    assert done == [True]
+
+
+def test_an_error_building_is_raised():
+    def build():
+        raise InputError("the model does not load")
+    with pytest.raises(InputError, match="does not load"):
+        build_while_reading(build, _batches(2, 64, [0]))
