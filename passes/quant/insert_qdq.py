@@ -41,6 +41,7 @@ from irtool.errors import InputError
 from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
+from irtool.passes.quant.bias_gemm import fuse as fuse_bias_adds
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
 from irtool.passes.quant.hard_activations import decompose as decompose_hard_activations
 from irtool.passes.quant.placement import (
@@ -118,6 +119,7 @@ def build_plan(model: Model, placement: Placement, selection: Selection) -> Quan
 
 def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]], placement: Placement) -> int:
     """Insert the Q/DQ pairs and weight DQs of `plan`; return the number of Q/DQ pairs."""
+    fuse_bias_adds(model, plan)
     shared = _shared_ranges(plan, ranges)
     pairs = 0
     for name, tensor in plan.tensors.items():

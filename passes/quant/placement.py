@@ -35,6 +35,11 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
   6. The outputs of data movement (Reshape, Transpose, Split, Slice, Gather, Resize, ...) applied to a
      quantized tensor, with its scale: ONNX Runtime moves the integers, and a Concat or Add further on
      finds its inputs quantized (YOLO's C2f: Split -> Concat).
+  7. A quantized MatMul whose only reader adds a constant bias along the last axis (nn.Linear on tokens) is
+     one layer: the Add's output is quantized, the MatMul's is not, and insert-qdq writes the pair as a
+     Gemm (flattened to 2-D between Reshapes), which ONNX Runtime runs as a QGemm with the bias in its
+     int32 accumulator (passes/quant/bias_gemm.py). Where the Add feeds a LayerNormalization, its output
+     stays float (rule 1) and the QGemm returns float.
   A quantized tensor is read dequantized by all its main-graph consumers; a graph output that nothing
   reads stays float.
 Both profiles: a quantized tensor made from another quantized tensor by data-movement ops alone
@@ -56,6 +61,7 @@ import onnx_graphsurgeon as gs
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import topo_order
+from irtool.passes.quant.bias_gemm import bias_add
 
 
 class Profile(enum.Enum):
@@ -128,6 +134,7 @@ class QuantPlan:
     weights: list[WeightSlot] = field(default_factory=list)
     constants: list[tuple[gs.Node, int]] = field(default_factory=list)  # float constants stored quantized
     quantized_nodes: list[str] = field(default_factory=list)
+    bias_adds: list[tuple[gs.Node, gs.Node]] = field(default_factory=list)  # (MatMul, Add): one Gemm (bias_gemm)
 
     def add(self, tensor: gs.Tensor, consumer: gs.Node | None = None, index: int | None = None) -> None:
         """Quantize `tensor` for one consumer slot, or for every main-graph consumer when none is given."""
@@ -227,8 +234,16 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
     plan = QuantPlan()
     enabled = selection.enabled(model)
     _compute_inputs(plan, enabled, per_channel, all_consumers=True)
+    graph_outputs = {t.name for t in model.graph.outputs}
     for node in enabled:
-        plan.add(_fused_output(node.outputs[0]))
+        add = bias_add(node, graph_outputs)
+        # A Relu after the Add, between the Gemm's Reshapes, would keep the Gemm from fusing with its Q.
+        if add is not None and _fused_output(add.outputs[0]) is add.outputs[0]:
+            plan.bias_adds.append((node, add))
+            if not _feeds_layer_norm(add):  # the residual stream stays float (rule 1)
+                plan.add(add.outputs[0])
+        else:
+            plan.add(_fused_output(node.outputs[0]))
     if selection.only is None:
         means = global_means(model)
 

@@ -68,6 +68,7 @@ def test_onnx_runtime_moves_integers_through_the_reshape_and_transposes(tmp_path
     requantized = [n.name for n in graph.node if n.op_type == "QuantizeLinear"
                    and producers.get(n.input[0]) in ("Reshape", "Transpose")]
     assert requantized == []
-    # Integers all the way: the one Q is the model input's, and the scores come out of the integer MatMul.
-    assert [n.op_type for n in graph.node] == ["QuantizeLinear", "QLinearMatMul", "QLinearAdd", "Reshape",
+    # Integers all the way: the one Q is the model input's, the projection is one QGemm with its bias between
+    # Reshapes (passes/quant/bias_gemm.py), and the scores come out of the integer MatMul.
+    assert [n.op_type for n in graph.node] == ["QuantizeLinear", "Reshape", "QGemm", "Reshape", "Reshape",
                                                "Transpose", "Transpose", "MatMulIntegerToFloat"]
