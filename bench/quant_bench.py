@@ -21,8 +21,9 @@ Side by side in one run, on the same ONNX models and the same calibration sample
               amplitudes, per-image brightness/contrast, in [0, 1]) normalized with the ImageNet mean/std;
               generated lazily per sample (never the whole set in memory), batches of 16. The evaluation set
               is 64 further samples from another seed.
-* tools       irtool   `cleanup,fold-bn,calibrate{method=M},insert-qdq{profile=ort-cpu}` (the `quant`
-                       pipeline: u8 activations, s8 per-channel weights in [-64, 64] by default) through
+* tools       irtool   `cleanup,einsum-to-matmul,fold-scale,fold-bn,calibrate{method=M},insert-qdq{profile=ort-cpu}`
+                       (the `quant` pipeline without bias-correct and mixed precision: u8 activations, s8
+                       per-channel weights in [-64, 64] by default) through
                        irtool.optimize; the calibration time is the `calibrate` pass's own time. On
                        mobilenetv2 also with equalize + bias-correct (RECOVERY_PIPELINES).
               ort      onnxruntime.quantization.quantize_static(QuantFormat.QDQ, per_channel=True,
@@ -110,6 +111,9 @@ CNNS = ("resnet50", "mobilenetv2", "efficientnet_b0", "mobilenetv3")
 # The MobileNet recovery target: equalize + bias-correct against plain INT8 (minmax, smallest N), with
 # per-channel weights (the default) and per-tensor weights (where depthwise nets classically collapse).
 RECOVERY_MODELS = ("mobilenetv2",)
+# The front of the `quant` pipeline: the graph rewrites irtool runs before calibrating (fold-scale puts attention's
+# 1/sqrt(d) into the q projection).
+PREFIX = "cleanup,einsum-to-matmul,fold-scale,fold-bn"
 RECOVERY_PIPELINES = {
     "per-channel": ("cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu}",
                     "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct,insert-qdq{profile=ort-cpu}"),
@@ -411,7 +415,7 @@ def work_irtool(spec: dict) -> dict:
 
     method, n = spec["method"], spec["n"]
     proto = onnx.load(spec["model_path"])
-    pipeline = spec.get("pipeline") or f"cleanup,fold-bn,calibrate{{method={method}}},insert-qdq{{profile=ort-cpu}}"
+    pipeline = spec.get("pipeline") or f"{PREFIX},calibrate{{method={method}}},insert-qdq{{profile=ort-cpu}}"
     if method == "percentile":
         pipeline = pipeline.replace("method=percentile", f"method=percentile,percentile={PERCENTILE}")
     started, cpu = time.perf_counter(), time.process_time()
@@ -674,7 +678,7 @@ def full_range(name: str, path: Path, n: int, eval_ref: str, latency_runs: int, 
     models = {"irtool": str(tmp / f"{name}-irtool-full.onnx"), "ort": str(tmp / f"{name}-ort-full.onnx")}
     log.info("%s: full-range weights, minmax, N=%d ...", name, n)
     out["irtool"] = measure("irtool", {**base, "out": models["irtool"], "pipeline":
-                                       "cleanup,fold-bn,calibrate{method=minmax},"
+                                       f"{PREFIX},calibrate{{method=minmax}},"
                                        "insert-qdq{profile=ort-cpu,reduce-range=false}"})
     out["ort"] = measure("ort", {**base, "out": models["ort"], "reduce_range": False})
     if all("error" not in out[t] for t in models):
@@ -810,7 +814,8 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GB RAM, Python "
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}; shared with other work: `uptime` load "
         f"average {load[0]} at the start, {load[1]} at the end.  ",
-        f"Setup: batches of {BATCH}, fixed-seed smooth synthetic images normalized like ImageNet; quantized as "
+        f"Setup: irtool runs `{PREFIX},calibrate{{method=M}},insert-qdq{{profile=ort-cpu}}`; "
+        f"batches of {BATCH}, fixed-seed smooth synthetic images normalized like ImageNet; quantized as "
         "u8 activations x s8 per-channel weights in [-64, 64] (irtool's default, ORT's reduce_range: on x86 CPUs "
         "without VNNI full-range weights saturate ONNX Runtime's u8 x s8 kernels; "
         + (f"this CPU has {dot}, so both tools also run with full-range weights below" if (dot := int8_dot_product())
@@ -961,7 +966,7 @@ def full_range_lines(results: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", f"### Full-range weights on this CPU ({int8_dot_product()}): minmax, N={rows[0][1]['n']}", "",
-             "irtool `cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu,reduce-range=false}` "
+             f"irtool `{PREFIX},calibrate{{method=minmax}},insert-qdq{{profile=ort-cpu,reduce-range=false}}` "
              "against quantize_static with reduce_range=False (its default), otherwise as above.", "",
              "| model | SQNR dB irtool / ORT | top-1 agree or cosine irtool / ORT | calib s irtool / ORT "
              "| INT8 ms 1 thr irtool / ORT / float | 2 thr irtool / ORT / float |",
