@@ -8,8 +8,12 @@ the fallback for ops ORT lacks. A node that neither can evaluate is left alone (
 optimization, never a requirement).
 
 `Shape` of a value whose shape is statically known (after shape inference, with the context's
-input shapes) folds to its int64 dims, honouring start/end. When a Shape folds only thanks to the context's
-input shapes, the model is specialized to them, so its inputs then declare them (stat `inputs_pinned`).
+input shapes) folds to its int64 dims, honouring start/end. So does a Gather or Slice (constant indices) that
+picks only known dims out of a Shape of a value whose other dims are dynamic: torch's legacy exporter with
+dynamic axes writes an attention's `q.shape[-1] ** 0.5` and a head split's `d // heads` that way, and left
+unfolded the attention scale stayed a computed Div that `fold-scale` cannot take. When a Shape folds only
+thanks to the context's input shapes, the model is specialized to them, so its inputs then declare them
+(stat `inputs_pinned`).
 
 Never folded:
   * DequantizeLinear, and QuantizeLinear feeding a DequantizeLinear: weights stay quantized (QDQ);
@@ -84,6 +88,8 @@ class FoldConstants(Pass):
                     if values is None:
                         continue
                     specialized |= node.op == "Shape" and static_shape(own, node.inputs[0].name) is None
+                    specialized |= (node.op in PICKS and _picked_dims(node, types) is not None
+                                    and _picked_dims(node, own) is None)
                     outputs = list(_named(node.outputs))
                     edit.remove(node)  # detach first: to_constant turns the tensors into constants
                     for tensor, value in zip(outputs, values, strict=True):
@@ -97,6 +103,10 @@ class FoldConstants(Pass):
             shape = static_shape(types, node.inputs[0].name)
             if shape is not None:
                 return [_shape_slice(node, shape)]
+        if self.options.fold_shapes and node.op in PICKS and is_default_domain(node):
+            picked = _picked_dims(node, types)
+            if picked is not None:
+                return [picked]
         if not self._foldable(node, types):
             return None
         values = evaluate(node, opsets)
@@ -132,6 +142,45 @@ def _expected_bytes(tensor: gs.Tensor, types: ValueTypes) -> int:
         return 0
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize
     return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+PICKS = ("Gather", "Slice")
+
+
+def _picked_dims(node: gs.Node, types: ValueTypes) -> np.ndarray | None:
+    """What a Gather or Slice with constant indices reads out of a Shape (default domain) when every dim it picks
+    is known; None otherwise."""
+    data = node.inputs[0] if node.inputs else None
+    shape_node = data.inputs[0] if data is not None and len(data.inputs) == 1 else None
+    if shape_node is None or shape_node.op != "Shape" or not is_default_domain(shape_node):
+        return None
+    if not all(isinstance(t, gs.Constant) for t in _named(node.inputs[1:])):
+        return None
+    entry = types.get(shape_node.inputs[0].name)
+    if entry is None or entry[1] is None:
+        return None
+    dims = np.array([d if isinstance(d, int) and d >= 0 else -1 for d in entry[1]], np.int64)
+    dims = _shape_slice(shape_node, dims)  # what the Shape outputs, -1 for the dims not known
+    try:
+        if node.op == "Gather":
+            picked = np.take(dims, np.asarray(node.inputs[1].values), axis=int(node.attrs.get("axis", 0)))
+        else:
+            picked = _slice(dims, [np.asarray(t.values) if t.name else None for t in node.inputs[1:]])
+    except (IndexError, ValueError):  # an index out of range: ONNX Runtime's error to raise, not ours
+        return None
+    return np.asarray(picked, np.int64) if np.all(picked >= 0) else None
+
+
+def _slice(dims: np.ndarray, args: list[np.ndarray | None]) -> np.ndarray:
+    """Slice (opset >= 10: starts, ends, axes, steps inputs) of a 1-D array."""
+    starts, ends = args[0], args[1]
+    axes = args[2] if len(args) > 2 and args[2] is not None else None
+    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones_like(starts)
+    if axes is not None and any(int(a) not in (0, -1) for a in axes):
+        raise ValueError("a 1-D Shape has axis 0 only")
+    if len(starts) != 1:
+        raise ValueError("one axis")
+    return dims[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
 
 
 def _shape_slice(node: gs.Node, shape: list[int]) -> np.ndarray:

@@ -11,8 +11,8 @@ blocks: batch-1 INT8 latency 17.5 -> 16.5 ms on 1 thread, 15.0 -> 14.5 on 2; cal
 Rules:
   - the scale is a Mul by a constant with one element (either operand) or a Div by one (second operand), finite
     and non-zero;
-  - its input comes from a layer whose output, and every value on the way, has no other reader and is not a
-    graph output; the way may pass data movement that keeps every value (Reshape, Transpose, Squeeze,
+  - its input comes from a layer whose output, and every value on the way, has no other reader (but Shape or
+    Size, which read no value) and is not a graph output; the way may pass data movement that keeps every value (Reshape, Transpose, Squeeze,
     Unsqueeze, Flatten, Identity), not Split/Slice/Gather (a fused qkv projection would scale k and v too);
   - the layer is a MatMul with a constant operand (and the constant bias Add after it, which is scaled too), a
     Gemm with a constant B and a constant or no C, or a Conv with constant weights and bias;
@@ -34,6 +34,7 @@ from irtool.passmanager import Pass, PassContext, PassResult
 
 # Data movement that keeps every value exactly once (placement.PERMUTATION_OPS).
 THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
 def _scalar(tensor: gs.Tensor) -> float | None:
@@ -68,8 +69,10 @@ class _Folder:
         self.outputs = {t.name for t in model.graph.outputs}
 
     def _alone(self, tensor: gs.Tensor) -> bool:
-        """Read by one node only and not a graph output."""
-        return isinstance(tensor, gs.Variable) and len(tensor.outputs) == 1 and tensor.name not in self.outputs
+        """Read by one node only, not counting Shape and Size (the scale changes no shape: torch's legacy exporter
+        reads a projection's shape to split it into heads), and not a graph output."""
+        readers = [c for c in tensor.outputs if c.op not in SHAPE_ONLY]
+        return isinstance(tensor, gs.Variable) and len(readers) == 1 and tensor.name not in self.outputs
 
     def _source(self, tensor: gs.Tensor) -> gs.Node | None:
         """The layer that makes `tensor` through value-keeping data movement, all on values nobody else reads."""

@@ -138,6 +138,38 @@ def test_shape_of_symbolic_value_is_left_alone():
     assert run(model, "fold-constants")[0].modified is False
 
 
+def test_known_dims_picked_out_of_a_dynamic_shape_fold():
+    """torch's legacy exporter with dynamic axes: q.shape[-1] ** 0.5 and x.shape[2:] out of a [N, T, 16] shape."""
+    model = model_of("""
+    g (float[N,T,16] x) => (float[N,T,16] y, int64[1] z) <int64 last = {-1}, int64[1] two = {2},
+                                                        int64[1] three = {3}> {
+      s = Shape(x)
+      d = Gather <axis = 0> (s, last)
+      f = Cast <to = 1> (d)
+      root = Sqrt(f)
+      y = Div(x, root)
+      z = Slice(s, two, three)
+    }""")
+    original = model.copy()
+    records = run(model, "fold-constants")
+    # Gather, Cast, Sqrt, Slice; the Shape is left dead, for the dce after it in `cleanup`.
+    assert ops(model) == ["Shape", "Div"] and records[0].stats["nodes_folded"] == 4
+    np.testing.assert_array_equal(node(model, "Div_0").inputs[1].values, np.float32(4.0))
+    np.testing.assert_array_equal(model.graph.outputs[1].values, [16])
+    assert "inputs_pinned" not in records[0].stats  # the model's own shapes: nothing specialized
+    assert_same_outputs(original, model)
+
+
+def test_a_dynamic_dim_picked_out_of_a_shape_stays():
+    model = model_of("""
+    g (float[N,T,16] x) => (int64[1] y, int64[3] z) <int64[1] zero = {0}, int64[1] three = {3}> {
+      s = Shape(x)
+      y = Gather <axis = 0> (s, zero)
+      z = Slice(s, zero, three)
+    }""")
+    assert run(model, "fold-constants")[0].modified is False
+
+
 def test_shape_folding_can_be_switched_off():
     model = model_of("g (float[2,3] x) => (int64[2] y) { y = Shape(x) }")
     assert run(model, "fold-constants{fold-shapes=false}")[0].modified is False

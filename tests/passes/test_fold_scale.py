@@ -169,3 +169,61 @@ def test_quant_pipelines_fold_the_attention_scale_before_calibrating():
         result = optimize(proto, pipeline, calibration_data=data)
         assert next(r for r in result.records if r.name == "fold-scale").stats["folded"] == 1
         assert "Mul" not in [n.op for n in result.model.graph.nodes]
+
+
+def test_a_projection_whose_shape_is_read_still_takes_the_scale():
+    """torch's legacy exporter reads a projection's Shape to split it into heads: that reads no value."""
+    g = _Graph()
+    q = g.linear("x", "q")
+    g.node("Shape", [q], "q_shape")
+    proto = g.model(g.node("Relu", [g.node("Mul", [q, g.const("s", np.float32(0.25))], "scaled")], "y"),
+                    ("q_shape",))
+    proto.graph.output[1].type.tensor_type.elem_type = TensorProto.INT64
+    folded, count = _fold(proto)
+    assert count == 1 and "Mul" not in [n.op_type for n in folded.graph.node]
+    np.testing.assert_array_equal(_run(folded), _run(proto))
+
+
+def test_torch_legacy_export_with_dynamic_axes_quantizes_attention_in_integers(tmp_path):
+    """q.shape[-1] ** 0.5 exported from dynamic shapes: fold-constants makes it a constant (the head width is
+    known), fold-scale takes it, and ONNX Runtime's graph of the `quant` result has no float op left in the
+    attention (quantize_static's keeps the Div float)."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    torch.manual_seed(0)
+
+    class Attention(torch.nn.Module):
+        def __init__(self, width: int = 32, heads: int = 4):
+            super().__init__()
+            self.heads = heads
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+
+        def split(self, x):
+            b, t, d = x.shape
+            return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        def forward(self, x):
+            q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+            a = torch.softmax(q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5), -1) @ v
+            b, h, t, d = a.shape
+            return self.o(a.transpose(1, 2).reshape(b, t, h * d))
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Attention().eval(), (torch.randn(2, 6, 32),), buffer, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b", 1: "t"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    data = [{"x": np.random.default_rng(i).standard_normal((2, 6, 32)).astype(np.float32)} for i in range(8)]
+    result = optimize(proto, "quant", calibration_data=data)
+    assert next(r for r in result.records if r.name == "fold-scale").stats["folded"] == 1
+    quantized = result.model.to_proto()
+    x = {"x": np.random.default_rng(9).standard_normal((3, 5, 32)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    out = ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, x)[0]
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert not {"Div", "Mul", "Softmax", "QLinearMul", "MatMul"} & set(fused)
+    assert fused.count("QGemm") == 4 and fused.count("QLinearMatMul") == 2 and "QLinearSoftmax" in fused
+    reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert float(np.sum(reference * out) / np.linalg.norm(reference) / np.linalg.norm(out)) > 0.999
