@@ -12,8 +12,9 @@ Rules:
   - the scale is a Mul by a constant with one element (either operand) or a Div by one (second operand), finite
     and non-zero;
   - its input comes from a layer whose output, and every value on the way, has no other reader (but Shape or
-    Size, which read no value) and is not a graph output; the way may pass data movement that keeps every value (Reshape, Transpose, Squeeze,
-    Unsqueeze, Flatten, Identity), not Split/Slice/Gather (a fused qkv projection would scale k and v too);
+    Size, which read no value) and is not a graph output; the way may pass data movement that keeps every
+    value (Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Identity), not Split/Slice/Gather (a fused qkv
+    projection would scale k and v too);
   - the layer is a MatMul with a constant operand (and the constant bias Add after it, which is scaled too), a
     Gemm with a constant B and a constant or no C, or a Conv with constant weights and bias;
   - a scale after a MatMul of two activations (the scores) moves to whichever operand such a layer makes.
