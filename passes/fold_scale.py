@@ -31,6 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
+from irtool.ir.rewrite import GraphEdit, replace_uses
 from irtool.passmanager import Pass, PassContext, PassResult
 
 # Data movement that keeps every value exactly once (placement.PERMUTATION_OPS).
@@ -131,24 +132,19 @@ def fold_scales(model: Model) -> int:
     """Fold every scale the rules admit; returns how many."""
     folder = _Folder(model)
     folded = 0
-    for node in list(model.graph.nodes):
-        found = _factor(node) if node.op in ("Mul", "Div") else None
-        if found is None or node.outputs[0].name in folder.outputs:
-            continue
-        factor, x = found
-        slots = folder.target(x)
-        if slots is None:
-            continue
-        folder.scale(slots, factor)
-        out = node.outputs[0]
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = x
-        node.inputs.clear()
-        node.outputs.clear()
-        model.graph.nodes.remove(node)
-        folded += 1
+    with GraphEdit(model.graph) as edit:
+        for node in list(model.graph.nodes):
+            found = _factor(node) if node.op in ("Mul", "Div") else None
+            if found is None or node.outputs[0].name in folder.outputs:
+                continue
+            factor, x = found
+            slots = folder.target(x)
+            if slots is None:
+                continue
+            folder.scale(slots, factor)
+            replace_uses(node.outputs[0], x)
+            edit.remove(node)
+            folded += 1
     return folded
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
+from irtool.ir.rewrite import GraphEdit
 from irtool.ir.skeleton import infer_types
 
 if TYPE_CHECKING:  # placement imports bias_add from here
@@ -57,28 +58,27 @@ def fuse(model: Model, plan: QuantPlan) -> int:
     name; the flattened input and the Gemm's output join the plan with their neighbours' scales. Returns the
     number of Gemms made."""
     dims = _input_dims(model, [matmul.inputs[0] for matmul, _ in plan.bias_adds])
-    for matmul, add in plan.bias_adds:
-        x, weight = matmul.inputs
-        bias = next(t for t in add.inputs if isinstance(t, gs.Constant))
-        y = add.outputs[0]
-        add.inputs.clear()
-        add.outputs.clear()
-        model.graph.nodes.remove(add)
-        flat_bias = gs.Constant(model.unique_name(f"{bias.name}_row"), np.asarray(bias.values).reshape(-1))
-        matmul.op, matmul.attrs = "Gemm", {}
-        if dims.get(x.name) is not None and len(dims[x.name]) == 2:
-            _relink(matmul, [x, weight, flat_bias], y)
-            continue
-        rows, flatten = _reshaped(model, x, [-1, np.shape(weight.values)[0]], f"{matmul.name}_rows")
-        out = gs.Variable(model.unique_name(f"{matmul.name}_gemm"), dtype=np.float32)
-        _relink(matmul, [rows, weight, flat_bias], out)
-        shape = _output_shape(model, x, dims.get(x.name), np.shape(weight.values)[1], matmul.name)
-        model.graph.nodes.append(gs.Node("Reshape", model.unique_name(f"{matmul.name}_unflatten"),
-                                         inputs=[out, shape], outputs=[y]))
-        _share(plan, x, rows, (matmul, 0), (flatten, 0))
-        if y.name in plan.tensors:
-            plan.add(out)
-            plan.share.append({out.name, y.name})
+    with GraphEdit(model.graph) as edit:  # the Adds leave in one rebuild of the node list
+        for matmul, add in plan.bias_adds:
+            x, weight = matmul.inputs
+            bias = next(t for t in add.inputs if isinstance(t, gs.Constant))
+            y = add.outputs[0]
+            edit.remove(add)
+            flat_bias = gs.Constant(model.unique_name(f"{bias.name}_row"), np.asarray(bias.values).reshape(-1))
+            matmul.op, matmul.attrs = "Gemm", {}
+            if dims.get(x.name) is not None and len(dims[x.name]) == 2:
+                _relink(matmul, [x, weight, flat_bias], y)
+                continue
+            rows, flatten = _reshaped(model, x, [-1, np.shape(weight.values)[0]], f"{matmul.name}_rows")
+            out = gs.Variable(model.unique_name(f"{matmul.name}_gemm"), dtype=np.float32)
+            _relink(matmul, [rows, weight, flat_bias], out)
+            shape = _output_shape(model, x, dims.get(x.name), np.shape(weight.values)[1], matmul.name)
+            model.graph.nodes.append(gs.Node("Reshape", model.unique_name(f"{matmul.name}_unflatten"),
+                                             inputs=[out, shape], outputs=[y]))
+            _share(plan, x, rows, (matmul, 0), (flatten, 0))
+            if y.name in plan.tensors:
+                plan.add(out)
+                plan.share.append({out.name, y.name})
     return len(plan.bias_adds)
 
 
