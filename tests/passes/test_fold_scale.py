@@ -133,13 +133,130 @@ def _declined(g: _Graph, out: str, extra_outputs: tuple[str, ...] = ()) -> None:
     assert [n.op_type for n in folded.graph.node] == [n.op_type for n in proto.graph.node]
 
 
-def test_a_fused_qkv_projection_split_into_heads_is_not_scaled():
+def _fused_qkv(g: _Graph, picker: str) -> tuple[str, str, str]:
+    """q, k and v picked out of one [n, tokens, 3 * width] projection, each [n, tokens, width]."""
+    qkv = g.linear("x", "qkv", width=3 * WIDTH)
+    if picker == "split":  # torch.chunk / legacy unbind
+        g.nodes.append(helper.make_node("Split", [qkv], ["q", "k", "v"], name="split", axis=-1))
+        return "q", "k", "v"
+    if picker == "slice":  # the dynamo exporter's unbind: one Slice per part, then Squeeze
+        parts = g.node("Reshape", [qkv, g.const("parts.shape", np.array([0, TOKENS, 3, WIDTH], np.int64))], "parts")
+        picked = []
+        for i, name in enumerate("qkv"):
+            cut = g.node("Slice", [parts, g.const(f"{name}.0", np.array([i], np.int64)),
+                                   g.const(f"{name}.1", np.array([i + 1], np.int64)),
+                                   g.const(f"{name}.axis", np.array([2], np.int64))], f"{name}.cut")
+            picked.append(g.node("Squeeze", [cut, g.const(f"{name}.sq", np.array([2], np.int64))], name))
+        return tuple(picked)
+    # nn.MultiheadAttention's legacy export: parts first, then a scalar Gather per part
+    parts = g.node("Reshape", [qkv, g.const("parts.shape", np.array([0, TOKENS, 3, WIDTH], np.int64))], "parts")
+    first = g.node("Transpose", [parts], "parts.t", perm=[2, 0, 1, 3])
+    return tuple(g.node("Gather", [first, g.const(f"{name}.i", np.array(i, np.int64))], name, axis=0)
+                 for i, name in enumerate("qkv"))
+
+
+def _fused_attention(picker: str, scale: str, value: float = 3 ** -0.5) -> onnx.ModelProto:
+    g = _Graph(3)
+    q, k, v = _fused_qkv(g, picker)
+    q, kt = g.heads(q, "qh", [0, 2, 1, 3]), g.heads(k, "kh", [0, 2, 3, 1])
+    if scale == "sdpa":
+        root = g.const("root", np.float32(value ** 0.5))
+        q, kt = g.node("Mul", [q, root], "q_scaled"), g.node("Mul", [root, kt], "k_scaled")
+    scores = g.node("MatMul", [q, kt], "scores")
+    if scale == "mul":
+        scores = g.node("Mul", [scores, g.const("scale", np.float32(value))], "scaled")
+    probs = g.node("Softmax", [scores], "probs", axis=-1)
+    context = g.node("MatMul", [probs, g.heads(v, "vh", [0, 2, 1, 3])], "context")
+    merged = g.node("Reshape", [g.node("Transpose", [context], "context.t", perm=[0, 2, 1, 3]),
+                                g.const("merge", np.array([0, TOKENS, WIDTH], np.int64))], "merged")
+    return g.model(g.linear(merged, "proj"))
+
+
+def _weights(proto: onnx.ModelProto, prefix: str) -> list[np.ndarray]:
+    """The MatMul weight and bias of the layer named `prefix`, as the graph now reads them."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    mm = next(n for n in proto.graph.node if n.output[0] == f"{prefix}.mm")
+    add = next(n for n in proto.graph.node if n.input[0] == mm.output[0])
+    return [inits[mm.input[1]], inits[add.input[1]]]
+
+
+@pytest.mark.parametrize("picker", ["split", "slice", "gather"])
+@pytest.mark.parametrize("scale, folds", [("mul", 1), ("sdpa", 2)])
+def test_a_fused_qkv_projection_takes_the_scale_in_its_q_and_k_columns_only(picker, scale, folds):
+    """The scale lands on q's columns of the fused weight and bias (both of SDPA's d^-1/4: q's and k's), v's
+    columns keep their values, and the model computes what it did, at two batch sizes (the batch is dynamic)."""
+    proto = _fused_attention(picker, scale)
+    folded, count = _fold(proto)
+    assert count == folds and "Mul" not in [n.op_type for n in folded.graph.node]
+    (w0, b0), (w1, b1) = _weights(proto, "qkv"), _weights(folded, "qkv")
+    value = float(np.float32(3 ** -0.5)) if scale == "mul" else float(np.float32((3 ** -0.5) ** 0.5))
+    factors = {"mul": [value, 1.0, 1.0], "sdpa": [value, value, 1.0]}[scale]
+    for part, factor in enumerate(factors):
+        cols = slice(part * WIDTH, (part + 1) * WIDTH)
+        np.testing.assert_array_equal(w1[:, cols], (w0[:, cols].astype(np.float64) * factor).astype(np.float32))
+        np.testing.assert_array_equal(b1[cols], (b0[cols].astype(np.float64) * factor).astype(np.float32))
+    for batch in (3, 1):
+        np.testing.assert_allclose(_run(folded, batch), _run(proto, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_gemm_takes_the_scale_in_the_rows_of_its_transposed_weight():
+    """Gemm with transB: the output's columns are the weight's rows."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((9, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(9).astype(np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.3), "c"), numpy_helper.from_array(np.array([3, 6]), "sizes")]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+             helper.make_node("Split", ["h", "sizes"], ["a", "rest"], axis=1),
+             helper.make_node("Mul", ["a", "c"], ["a3"]), helper.make_node("Concat", ["a3", "rest"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    folded, count = _fold(proto)
+    assert count == 1 and [n.op_type for n in folded.graph.node] == ["Gemm", "Split", "Concat"]
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    runs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for p in (proto, folded)]
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_overlapping_slices_of_a_fused_projection_are_not_scaled():
+    """q's columns are k's too: scaling them would scale k."""
+    g = _Graph()
+    qkv = g.linear("x", "qkv", width=2 * WIDTH)
+    bounds = {"q": (0, WIDTH), "k": (WIDTH // 2, 2 * WIDTH)}
+    cut = {n: g.node("Slice", [qkv, g.const(f"{n}.0", np.array([a], np.int64)),
+                                g.const(f"{n}.1", np.array([b], np.int64)),
+                                g.const(f"{n}.axis", np.array([2], np.int64))], n) for n, (a, b) in bounds.items()}
+    g.node("Relu", [cut["k"]], "k_out")
+    _declined(g, g.node("Relu", [g.node("Mul", [cut["q"], g.const("s", np.float32(0.5))], "scaled")], "y"),
+              ("k_out",))
+
+
+def test_a_part_holding_some_rows_of_its_columns_is_not_scaled():
+    """[n, tokens, 3w] viewed as [n, 3 tokens, w] and cut along the rows: the cut holds every column, but only
+    the first tokens of them (the rest reach the output unscaled)."""
+    g = _Graph()
+    qkv = g.linear("x", "qkv", width=3 * WIDTH)
+    rows = g.node("Reshape", [qkv, g.const("rows", np.array([0, 3 * TOKENS, WIDTH], np.int64))], "rows")
+    sizes = g.const("sizes", np.array([TOKENS, 2 * TOKENS], np.int64))
+    g.nodes.append(helper.make_node("Split", [rows, sizes], ["head", "tail"], name="split", axis=1))
+    g.node("Relu", ["tail"], "tail_out")
+    _declined(g, g.node("Relu", [g.node("Mul", ["head", g.const("s", np.float32(0.5))], "scaled")], "y"),
+              ("tail_out",))
+
+
+def test_a_part_whose_shape_inference_cannot_fix_is_not_scaled():
+    """The heads' shape comes from a second input: which columns q holds cannot be told."""
     g = _Graph()
     qkv = g.linear("x", "qkv", width=3 * WIDTH)
     g.nodes.append(helper.make_node("Split", [qkv], ["q", "k", "v"], name="split", axis=-1, num_outputs=3))
-    scores = g.node("MatMul", [g.heads("q", "qh", [0, 2, 1, 3]), g.heads("k", "kh", [0, 2, 3, 1])], "scores")
-    probs = g.node("Softmax", [g.node("Mul", [scores, g.const("s", np.float32(0.5))], "scaled")], "probs")
-    _declined(g, g.node("MatMul", [probs, g.heads("v", "vh", [0, 2, 1, 3])], "y"))
+    heads = g.node("Reshape", ["q", "heads_shape"], "qh")
+    for name in ("k", "v"):
+        g.node("Relu", [name], f"{name}_out")
+    proto = g.model(g.node("Mul", [heads, g.const("s", np.float32(0.5))], "y"), ("k_out", "v_out"))
+    proto.graph.input.append(helper.make_tensor_value_info("heads_shape", TensorProto.INT64, [4]))
+    folded, count = _fold(proto)
+    assert count == 0 and "Mul" in [n.op_type for n in folded.graph.node]
 
 
 def test_a_layer_output_read_elsewhere_is_not_scaled():
@@ -225,5 +342,54 @@ def test_torch_legacy_export_with_dynamic_axes_quantizes_attention_in_integers(t
     fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert not {"Div", "Mul", "Softmax", "QLinearMul", "MatMul"} & set(fused)
     assert fused.count("QGemm") == 4 and fused.count("QLinearMatMul") == 2 and "QLinearSoftmax" in fused
+    reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert float(np.sum(reference * out) / np.linalg.norm(reference) / np.linalg.norm(out)) > 0.999
+
+
+@pytest.mark.parametrize("block", ["timm", "multihead"])
+def test_torch_fused_qkv_attention_quantizes_without_a_scale_op(block, tmp_path):
+    """timm's Attention (one qkv Linear, unbind, SDPA: q and k each by d^-1/4; dynamic batch) and torch's
+    nn.MultiheadAttention (static): fold-scale puts the scales in the fused projection, and ONNX Runtime's graph
+    of the `quant` result runs the block on integers with no Mul left."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    torch.manual_seed(0)
+
+    class Timm(torch.nn.Module):
+        def __init__(self, width: int = 48, heads: int = 4):
+            super().__init__()
+            self.heads, self.qkv, self.proj = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(a.transpose(1, 2).reshape(b, t, c))
+
+    class Multihead(torch.nn.Module):
+        def __init__(self, width: int = 48, heads: int = 4):
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    buffer = io.BytesIO()
+    dynamic = {"dynamic_axes": {"x": {0: "b"}}} if block == "timm" else {}
+    torch.onnx.export((Timm() if block == "timm" else Multihead()).eval(), (torch.randn(2, 6, 48),), buffer,
+                      dynamo=False, opset_version=17, input_names=["x"], output_names=["y"], **dynamic)
+    proto = onnx.load_from_string(buffer.getvalue())
+    data = [{"x": np.random.default_rng(i).standard_normal((2, 6, 48)).astype(np.float32)} for i in range(8)]
+    result = optimize(proto, "quant", calibration_data=data)
+    assert next(r for r in result.records if r.name == "fold-scale").stats["folded"] == 2
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    x = {"x": np.random.default_rng(9).standard_normal((2, 6, 48)).astype(np.float32)}
+    out = ort.InferenceSession(result.model.to_proto().SerializeToString(), options,
+                               providers=["CPUExecutionProvider"]).run(None, x)[0]
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert not {"Mul", "QLinearMul", "MatMul", "Softmax"} & set(fused)
+    assert fused.count("QLinearMatMul") == 2 and "QLinearSoftmax" in fused
     reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert float(np.sum(reference * out) / np.linalg.norm(reference) / np.linalg.norm(out)) > 0.999

@@ -1,5 +1,5 @@
-"""A fused qkv projection split into q, k and v: scaling its weight would scale k and v too, so the scores' Mul
-stays."""
+"""A fused qkv projection split into q, k and v: the scores' scale goes into q's columns of the fused weight (the
+first 8 of 24); k's and v's columns keep their values."""
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
