@@ -126,7 +126,8 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
         if name not in shared:
             log.debug("insert-qdq: no calibrated range for %s, left in float", name)
             continue
-        _insert_pair(model, tensor, plan.slots[name], *activation_qparams(*shared[name], placement.signed))
+        _insert_pair(model, tensor, plan.slots[name], *activation_qparams(*shared[name], placement.signed),
+                     shapes_read_integers=placement.profile is Profile.ORT_CPU)
         pairs += 1
     stored: dict[str, gs.Variable] = {}
     for node, index in plan.constants:
@@ -200,7 +201,11 @@ def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> d
     return out
 
 
-def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32, zero: np.ndarray) -> None:
+def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32, zero: np.ndarray,
+                 shapes_read_integers: bool = False) -> None:
+    """Q and DQ after `tensor`, the DQ read by `slots`. With `shapes_read_integers`, a Shape or Size slot reads
+    the Q output instead (same shape): read from the DQ, it kept that DQ in ONNX Runtime's graph, a float copy
+    of the tensor made only to read its dims (torch's legacy exports with dynamic axes read many)."""
     if not slots:
         return
     base = tensor.name
@@ -213,7 +218,8 @@ def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32
     dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"),
                  inputs=[quantized, scale_c, zero_c], outputs=[dequantized])
     for consumer, index in slots:
-        consumer.inputs[index] = dequantized
+        shape_only = shapes_read_integers and consumer.op in ("Shape", "Size")
+        consumer.inputs[index] = quantized if shape_only else dequantized
     model.graph.nodes.extend([q, dq])
 
 
