@@ -14,6 +14,7 @@ def build():
              helper.make_node("Shape", ["h"], ["h_dims"], name="h_dims"),
              helper.make_node("MatMul", ["h", "w2"], ["g"], name="fc2"),
              helper.make_node("Reshape", ["g", "h_dims"], ["y"], name="back")]
-    graph = helper.make_graph(nodes, "shape_read", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 8])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 8])
+    graph = helper.make_graph(nodes, "shape_read", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", 16])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
