@@ -40,8 +40,9 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
      Gemm (flattened to 2-D between Reshapes), which ONNX Runtime runs as a QGemm with the bias in its
      int32 accumulator (passes/quant/bias_gemm.py). Where the Add feeds a LayerNormalization, its output
      stays float (rule 1) and the QGemm returns float.
-  A quantized tensor is read dequantized by all its main-graph consumers; a graph output that nothing
-  reads stays float.
+  A quantized tensor is read dequantized by all its main-graph consumers, but Shape and Size, which read the
+  QuantizeLinear output (same dims; from the DQ they kept a float copy of the tensor made only for its dims:
+  torch's legacy exports with dynamic axes); a graph output that nothing reads stays float.
 Both profiles: a quantized tensor made from another quantized tensor by data-movement ops alone
 (SHARED_SCALE_OPS: Reshape, Transpose, Slice, MaxPool, ...) shares its scale. The values are the same (or a subset),
 so minmax ranges agree anyway, but histogram ranges are estimated from subsamples that differ between the
