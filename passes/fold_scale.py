@@ -33,6 +33,7 @@ Contract: bounded (w·c is rounded once where x·w·c was rounded twice; exact f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,8 @@ from irtool.ir.model import Model
 from irtool.ir.rewrite import GraphEdit, replace_uses
 from irtool.ir.skeleton import infer_types
 from irtool.passmanager import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
 
 # Data movement that keeps every value exactly once (placement.PERMUTATION_OPS).
 THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -274,6 +277,10 @@ class _Folder:
             return [(node, index, np.float64(factor)) for node, index in slots]
         found = [_picked_columns(way, shapes) for shapes in self.views()]
         if not found or found[0] is None or any(c is None or not np.array_equal(c, found[0]) for c in found):
+            if len(found) > 1:  # traced at stand-in sizes of the dynamic input dims
+                log.info("fold-scale: kept the scale after %s: which of %s's columns it picks could not be told "
+                         "at stand-in sizes of the dynamic input dims (fix them with --input-shape)",
+                         way.picker.name, way.layer.name)
             return None
         width = self.views()[0].static_shape(way.layer.outputs[0].name)[-1]
         per_column = np.ones(width)

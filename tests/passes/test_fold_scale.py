@@ -219,6 +219,20 @@ def test_a_fused_gemm_takes_the_scale_in_the_rows_of_its_transposed_weight():
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6, atol=1e-6)
 
 
+def test_a_pick_that_depends_on_a_dynamic_dim_waits_for_input_shapes(caplog):
+    """The heads' Reshape bakes the token count the export ran with (as torch's legacy nn.MultiheadAttention export
+    does) while the input's token dim is dynamic: at the stand-in sizes the way cannot be traced, so the scale
+    stays, and the log says why; with the dims fixed (--input-shape) it folds."""
+    proto = _fused_attention("split", "mul")
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "t"
+    with caplog.at_level("INFO", logger="irtool.passes.fold_scale"):
+        assert _fold(proto)[1] == 0
+    assert "--input-shape" in caplog.text and "qkv" in caplog.text
+    result = optimize(proto, "fold-scale", input_shapes={"x": [2, TOKENS, WIDTH]})
+    assert next(r for r in result.records if r.name == "fold-scale").stats["folded"] == 1
+    np.testing.assert_allclose(_run(result.model.to_proto(), 2), _run(proto, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_overlapping_slices_of_a_fused_projection_are_not_scaled():
     """q's columns are k's too: scaling them would scale k."""
     g = _Graph()
