@@ -365,35 +365,9 @@ def test_torch_fused_qkv_attention_quantizes_without_a_scale_op(block, tmp_path)
     """timm's Attention (one qkv Linear, unbind, SDPA: q and k each by d^-1/4; dynamic batch) and torch's
     nn.MultiheadAttention (static): fold-scale puts the scales in the fused projection, and ONNX Runtime's graph
     of the `quant` result runs the block on integers with no Mul left."""
-    torch = pytest.importorskip("torch")
-    import io
+    from tests.quant.torch_models import attention_proto
 
-    torch.manual_seed(0)
-
-    class Timm(torch.nn.Module):
-        def __init__(self, width: int = 48, heads: int = 4):
-            super().__init__()
-            self.heads, self.qkv, self.proj = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
-
-        def forward(self, x):
-            b, t, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            return self.proj(a.transpose(1, 2).reshape(b, t, c))
-
-    class Multihead(torch.nn.Module):
-        def __init__(self, width: int = 48, heads: int = 4):
-            super().__init__()
-            self.attention = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-
-        def forward(self, x):
-            return self.attention(x, x, x, need_weights=False)[0]
-
-    buffer = io.BytesIO()
-    dynamic = {"dynamic_axes": {"x": {0: "b"}}} if block == "timm" else {}
-    torch.onnx.export((Timm() if block == "timm" else Multihead()).eval(), (torch.randn(2, 6, 48),), buffer,
-                      dynamo=False, opset_version=17, input_names=["x"], output_names=["y"], **dynamic)
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = attention_proto(block, dynamic_batch=block == "timm")
     data = [{"x": np.random.default_rng(i).standard_normal((2, 6, 48)).astype(np.float32)} for i in range(8)]
     result = optimize(proto, "quant", calibration_data=data)
     assert next(r for r in result.records if r.name == "fold-scale").stats["folded"] == 2

@@ -5,32 +5,16 @@ Runtime's graph: a float copy of the tensor made only for its dims."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
-import pytest
 
 from irtool.api import optimize
 from tests.quant.ort_run import optimized_ops, run_batches
+from tests.quant.torch_models import attention_proto
 
 
 def _multihead_attention() -> onnx.ModelProto:
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-
-    class Block(torch.nn.Module):
-        def __init__(self, width: int = 48, heads: int = 4):
-            super().__init__()
-            self.attention = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-
-        def forward(self, x):
-            return self.attention(x, x, x, need_weights=False)[0]
-
-    buffer = io.BytesIO()
-    torch.onnx.export(Block().eval(), (torch.randn(2, 6, 48),), buffer, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    return onnx.load_from_string(buffer.getvalue())
+    return attention_proto("multihead", dynamic_batch=True)
 
 
 def _batches(seed: int, count: int, batch: int = 2) -> list[dict[str, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""Small torch models exported to ONNX for the fp16 and quant-dynamic tests (seeded, cached per session)."""
+"""Small torch models exported to ONNX for the fp16, quant-dynamic, fold-scale and placement tests (seeded, cached
+per session)."""
 
 from __future__ import annotations
 
@@ -193,3 +194,50 @@ def cnn_proto() -> onnx.ModelProto:
     proto = onnx.load_from_string(_exported("cnn"))
     proto.ir_version = 8
     return proto
+
+
+def _attention_class(kind: str):
+    """timm's Attention (one qkv Linear, unbind, scaled_dot_product_attention: q and k each by d^-1/4) or torch's
+    nn.MultiheadAttention (its fused in_proj picked apart by Gather), width 48, 4 heads."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Timm(nn.Module):
+        def __init__(self, width: int = 48, heads: int = 4):
+            super().__init__()
+            self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            a = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(a.transpose(1, 2).reshape(b, t, c))
+
+    class Multihead(nn.Module):
+        def __init__(self, width: int = 48, heads: int = 4):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    return Timm if kind == "timm" else Multihead
+
+
+@functools.lru_cache(maxsize=None)
+def _exported_attention(kind: str, dynamic_batch: bool) -> bytes:
+    torch = _torch()
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    axes = {"dynamic_axes": {"x": {0: "b"}, "y": {0: "b"}}} if dynamic_batch else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_attention_class(kind)().eval(), (torch.randn(2, 6, 48),), buffer, dynamo=False,
+                          input_names=["x"], output_names=["y"], opset_version=17, **axes)
+    return buffer.getvalue()
+
+
+def attention_proto(kind: str, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """An attention block with a fused qkv projection (`kind`: "timm" or "multihead", see _attention_class) on
+    [2, 6, 48] inputs (the batch dynamic if asked), legacy export; output [batch, 6, 48]."""
+    return onnx.load_from_string(_exported_attention(kind, dynamic_batch))
