@@ -4,7 +4,9 @@ Weight rounding is not zero-mean per output channel: with ε = W_q − W (W_q th
 `insert-qdq` will produce, dequantized) a layer's output shifts by E[ε·x] = ε·E[x]. With the input
 channel means E[x_i] measured on the float model over the calibration data, the pass adds
     δ_c = − Σ_i Σ_k ε[c, i, k] · E[x_i]       (Conv, i over the input channels of c's group; Gemm: − ε·E[x])
-to every quantized Conv/Gemm bias (border padding, where x is 0, is ignored). Measuring each layer's
+to every quantized Conv/Gemm bias (border padding, where x is 0, is ignored), and to the constant of the bias Add
+after a MatMul with a [K, N] weight (torch's nn.Linear on tokens; E[x] over every axis but the last). Measuring
+each layer's
 shift in a fully quantized model instead would double-count: a layer's shift also contains the
 upstream layers' errors, which their own corrections already remove. Runs between `calibrate` and
 `insert-qdq` (it only needs the data, not the ranges, but shares insert-qdq's weight options). It corrects
@@ -22,7 +24,13 @@ import onnx_graphsurgeon as gs
 from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, quantize_weight, record_bias_corrections
+from irtool.passes.quant.insert_qdq import (
+    FULL_RANGE,
+    REDUCED_RANGE,
+    bias_slot,
+    quantize_weight,
+    record_bias_corrections,
+)
 from irtool.passes.quant.placement import Selection, weight_axis
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -33,26 +41,47 @@ def _channel_axis(node: gs.Node) -> int:
     return 1 if node.op == "Conv" else -1
 
 
-def _original_bias(node: gs.Node) -> dict | None:
-    if len(node.inputs) > 2:
-        values = np.asarray(node.inputs[2].values)
-        return {"name": node.inputs[2].name, "shape": list(values.shape), "values": [float(v) for v in values.ravel()]}
+def _layers(model: Model) -> list[tuple[gs.Node, tuple[gs.Node, int]]]:
+    """Each layer to correct and where its bias is: (Conv or Gemm, its input 2, which may not exist yet) or
+    (MatMul, the constant input of its bias Add). A bias computed in the graph is left alone: the correction
+    replaces a constant bias; a MatMul without a bias Add is left alone too (it would need a new node)."""
+    outputs = {t.name for t in model.graph.outputs}
+    layers = []
+    for node in Selection().enabled(model):
+        if node.op in BIASED and not node.attrs.get("transA", 0) \
+                and (len(node.inputs) < 3 or isinstance(node.inputs[2], gs.Constant)):
+            layers.append((node, (node, 2)))
+        elif node.op == "MatMul" and (slot := bias_slot(node, outputs)) is not None:
+            layers.append((node, slot))
+    return layers
+
+
+def original_bias(holder: gs.Node, index: int) -> dict | None:
+    """A bias as record_bias_corrections keeps it ({"name", "shape", "values"}; None: there is none)."""
+    if len(holder.inputs) > index:
+        values = np.asarray(holder.inputs[index].values)
+        return {"name": holder.inputs[index].name, "shape": list(values.shape),
+                "values": [float(v) for v in values.ravel()]}
     return None
 
 
-def _add_to_bias(model: Model, node: gs.Node, delta: np.ndarray) -> None:
-    w = np.asarray(node.inputs[1].values)
-    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        old = node.inputs[2]
-        bias = np.broadcast_to(np.asarray(old.values, dtype=np.float64), delta.shape) + delta
+def _add_to_bias(model: Model, layer: gs.Node, holder: gs.Node, index: int, delta: np.ndarray) -> None:
+    dtype = np.asarray(layer.inputs[1].values).dtype
+    if len(holder.inputs) > index:
+        old = holder.inputs[index]
+        values = np.asarray(old.values, dtype=np.float64)
+        if values.size == delta.size:  # [C], or a bias Add's [1, ..., N]
+            bias = values + delta.reshape(values.shape)
+        else:  # one value for every channel
+            bias = np.broadcast_to(values.reshape(-1), delta.shape) + delta
         name = old.name if old.name.endswith("_corrected") else model.unique_name(f"{old.name}_corrected")
     else:
-        bias, name = delta, model.unique_name(f"{node.name}_bias_corrected")
-    constant = gs.Constant(name, bias.astype(w.dtype))
-    if len(node.inputs) > 2:
-        node.inputs[2] = constant
+        bias, name = delta, model.unique_name(f"{layer.name}_bias_corrected")
+    constant = gs.Constant(name, bias.astype(dtype))
+    if len(holder.inputs) > index:
+        holder.inputs[index] = constant
     else:
-        node.inputs.append(constant)
+        holder.inputs.append(constant)
 
 
 class BiasCorrect(Pass):
@@ -68,19 +97,17 @@ class BiasCorrect(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if ctx.calibration_data is None:
             raise InputError("bias-correct needs calibration data (--calib-data PATH)")
-        # A bias computed in the graph is left alone: the correction replaces a constant bias.
-        layers = [n for n in Selection().enabled(model) if n.op in BIASED and not n.attrs.get("transA", 0)
-                  and (len(n.inputs) < 3 or isinstance(n.inputs[2], gs.Constant))]
-        if not layers:  # no data pass for nothing (a transformer exported with MatMul + Add only)
+        layers = _layers(model)
+        if not layers:  # no data pass for nothing
             return PassResult(modified=False, stats={"layers": 0, "largest_shift": 0.0})
-        axes = {n.inputs[0].name: _channel_axis(n) for n in layers}
+        axes = {n.inputs[0].name: _channel_axis(n) for n, _ in layers}
         means = channel_means(model, axes, ctx.calibration_data())
         largest, originals = 0.0, {}
-        for node in layers:
+        for node, (holder, index) in layers:
             delta = _shift(node, means[node.inputs[0].name], self.options.per_channel,
                            REDUCED_RANGE if self.options.reduce_range else FULL_RANGE)
-            originals[node.name] = _original_bias(node)
-            _add_to_bias(model, node, delta)
+            originals[node.name] = original_bias(holder, index)
+            _add_to_bias(model, node, holder, index, delta)
             largest = max(largest, float(np.abs(delta).max()))
         record_bias_corrections(model, originals)
         return PassResult(modified=bool(layers), preserved=("shapes",),
@@ -95,7 +122,7 @@ def _shift(node: gs.Node, input_mean: np.ndarray, per_channel: bool, limit: int)
     if axis is not None:
         shape[axis] = -1
     error = q.astype(np.float64) * scale.reshape(shape) - w.astype(np.float64)
-    if node.op == "Gemm":
+    if node.op in ("Gemm", "MatMul"):
         rows = error if node.attrs.get("transB", 0) else error.T
         return -(rows @ input_mean)
     summed = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [out, in per group]

@@ -41,6 +41,7 @@ from irtool.errors import InputError
 from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
+from irtool.passes.quant.bias_gemm import bias_add
 from irtool.passes.quant.bias_gemm import fuse as fuse_bias_adds
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
 from irtool.passes.quant.hard_activations import decompose as decompose_hard_activations
@@ -167,20 +168,32 @@ def record_bias_corrections(model: Model, originals: dict[str, dict | None]) -> 
     model.metadata[BIAS_CORRECTION_KEY] = json.dumps(record, sort_keys=True)
 
 
+def bias_slot(node: gs.Node, graph_outputs: set[str]) -> tuple[gs.Node, int] | None:
+    """Where a layer's bias is, as (node, input index): a Conv's or Gemm's input 2 (which may not exist yet), or
+    the constant of the bias Add after a MatMul (bias_gemm.bias_add); None for a MatMul without one."""
+    if node.op != "MatMul":
+        return node, 2
+    add = bias_add(node, graph_outputs)
+    return None if add is None else (add, next(i for i, t in enumerate(add.inputs) if isinstance(t, gs.Constant)))
+
+
 def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
     """Give every layer that `bias-correct` corrected but whose weight stays float (excluded, or kept float by
     mixed precision) its original bias back: the correction cancels a weight rounding error it does not have."""
     record = json.loads(model.metadata.get(BIAS_CORRECTION_KEY, "{}"))
+    outputs = {t.name for t in model.graph.outputs}
     for node in model.graph.nodes:
-        if node.name not in record or node.name in quantized or len(node.inputs) < 3:
+        slot = bias_slot(node, outputs) if node.name in record and node.name not in quantized else None
+        if slot is None or len(slot[0].inputs) <= slot[1]:
             continue
+        holder, index = slot
         original = record[node.name]
         if original is None:
-            node.inputs.pop()
+            holder.inputs.pop()
         else:
-            dtype = np.asarray(node.inputs[2].values).dtype
+            dtype = np.asarray(holder.inputs[index].values).dtype
             values = np.asarray(original["values"], dtype).reshape(original["shape"])
-            node.inputs[2] = gs.Constant(model.unique_name(original["name"]), values)
+            holder.inputs[index] = gs.Constant(model.unique_name(original["name"]), values)
 
 
 def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:

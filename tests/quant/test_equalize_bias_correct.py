@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from golden._quant_blocks import depthwise_chain, unbalanced_chain
@@ -231,3 +232,85 @@ def test_bias_correct_cancels_the_mean_shift_of_every_conv_grouping(cout, group)
     fixed = run(_conv_model(w_int8, bias.astype(np.float32), group), x).mean((0, 2, 3))
     assert np.abs(plain - target).max() > 1e-3  # the rounding shift is there to cancel
     np.testing.assert_allclose(fixed, target, atol=2e-5)
+
+
+def _linear_on_tokens(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x [batch, tokens, 8] -> MatMul + bias Add -> Relu -> MatMul + bias Add -> Relu -> MatMul (no bias): torch's
+    nn.Linear on tokens, twice, then a head."""
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["g"], name="fc2"),
+             helper.make_node("Add", ["g", "b2"], ["c"]), helper.make_node("Relu", ["c"], ["s"]),
+             helper.make_node("MatMul", ["s", "w3"], ["y"], name="head")]
+    w3 = np.random.default_rng(8).standard_normal((6, 3)).astype(np.float32)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 5, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"),
+                                                                          (b2, "b2"), (w3, "w3"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _linear_weights(seed: int = 6):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((8, 12)).astype(np.float32), rng.standard_normal(12).astype(np.float32),
+            rng.standard_normal((12, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32))
+
+
+def _before_head(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The second layer's output (before its Relu), by ONNX Runtime."""
+    from onnx import helper
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    exposed.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    import onnxruntime as ort
+
+    return ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run(["c"], {"x": x})[0]
+
+
+def test_bias_correct_cancels_the_mean_shift_of_linear_layers_on_tokens():
+    """MatMul + bias Add (nn.Linear on [batch, tokens, features]): the correction goes into the Add's constant,
+    in its own shape, and with the INT8 weights each output feature's mean over batch and tokens equals the float
+    model's (checked by ONNX Runtime). The second layer reads a Relu output, whose positive mean makes the
+    rounding shift large."""
+    from irtool.passes.quant.insert_qdq import REDUCED_RANGE, quantize_weight
+
+    w1, b1, w2, b2 = _linear_weights()
+    x = (np.random.default_rng(7).standard_normal((32, 5, 8)) + 0.5).astype(np.float32)
+    proto = _linear_on_tokens(w1, b1, w2, b2)
+    result = optimize(proto, "bias-correct", calibration_data=[{"x": x}])
+    assert next(r.stats["layers"] for r in result.records if r.name == "bias-correct") == 2  # the head: no bias
+    fixed = weights(result.model.to_proto())
+    c1, c2 = (next(v for k, v in fixed.items() if k.startswith(f"{b}_corrected")) for b in ("b1", "b2"))
+    assert c1.shape == (12,) and c2.shape == (6,)
+
+    def int8(w):
+        q, scale = quantize_weight(w, 1, REDUCED_RANGE)
+        return (q * scale.reshape(1, -1)).astype(np.float32)
+
+    target = _before_head(proto, x).mean((0, 1))
+    plain = _before_head(_linear_on_tokens(int8(w1), b1, int8(w2), b2), x).mean((0, 1))
+    corrected = _before_head(_linear_on_tokens(int8(w1), c1, int8(w2), c2), x).mean((0, 1))
+    assert np.abs(plain - target).max() > 5e-3  # the rounding shift is there to cancel
+    assert np.abs(corrected - target).max() < np.abs(plain - target).max() / 5
+
+
+def test_a_linear_layer_left_float_gets_its_bias_add_back():
+    """fc1 excluded: insert-qdq puts its Add's original bias back; fc2, quantized, keeps the corrected one."""
+    w1, b1, w2, b2 = _linear_weights()
+    x = (np.random.default_rng(7).standard_normal((32, 5, 8)) + 0.5).astype(np.float32)
+    proto = _linear_on_tokens(w1, b1, w2, b2)
+    out = optimize(proto, "calibrate,bias-correct,insert-qdq{exclude=fc1}", calibration_data=[{"x": x}]).model
+    fc1 = next(n for n in out.graph.nodes if n.name == "fc1")
+    assert fc1.op == "MatMul"
+    add = fc1.outputs[0].outputs[0]
+    bias = next(t for t in add.inputs if isinstance(t, gs.Constant))
+    np.testing.assert_array_equal(np.asarray(bias.values), b1)
+    fc2 = next(n for n in out.graph.nodes if n.name == "fc2")
+    assert fc2.inputs[1].inputs[0].op == "DequantizeLinear"  # quantized
+    # fc2's Add, quantized too (QLinearAdd), reads its constant stored in u8 (placement rule 4): the corrected one.
+    stored = [n.inputs[0].name for n in out.graph.nodes if n.op == "DequantizeLinear" and n.name.startswith("b2")]
+    assert stored == ["b2_corrected_quantized"]
