@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from irtool.calibration.observers import spatial_stride, subsample
 from irtool.calibration.schedule import (
@@ -406,30 +406,30 @@ def channel_means(model: Model, axes: Mapping[str, int],
     streamed: one batch in memory at a time). Float values [N, C, ...] with channel axis 1 (conv inputs) are
     averaged per sample inside ONNX Runtime by a GlobalAveragePool, which runs on its blocked conv layout;
     with every one copied out whole, bias-correct took 2.8 s on the bench's MobileNetV2 at 64 samples (1.2 s
-    now, ~2.5x its float inference). Other values come out whole."""
+    now, ~2.5x its float inference). [N, ..., C] float values with the channel last (token sequences) are summed
+    over their middle axes in the graph the same way. Other values come out whole."""
     if not axes:  # ONNX Runtime would return every output for an empty list of names
         return {}
 
-    def build() -> tuple[ort.InferenceSession, dict[str, str]]:
+    def build() -> tuple[ort.InferenceSession, dict[str, _Reduced]]:
         weights: dict[str, np.ndarray] = {}
-        proto, pooled = _pooled_proto(model, axes, weights)
+        proto, reduced = _pooled_proto(model, axes, weights)
         may_renumber = _nchwc_share(proto) >= MIN_RENUMBERED_SHARE
         return calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=may_renumber,
-                                   weights=weights), pooled
+                                   weights=weights), reduced
 
-    (session, pooled), batches, _ = build_while_reading(build, batches)
+    (session, reduced), batches, _ = build_while_reading(build, batches)
     names = sorted(axes)
-    fetch = [pooled.get(name, name) for name in names]
+    fetch = [out for name in names for out in _fetched(name, reduced.get(name))]
     inputs = session.get_inputs()
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for index, batch in enumerate(batches):
-        values = session.run(fetch, _feeds(inputs, batch, index))
-        for name, value in zip(names, values, strict=True):
-            axis = 1 if name in pooled else axes[name] % value.ndim
-            other = tuple(i for i in range(value.ndim) if i != axis)
-            sums[name] = sums.get(name, 0.0) + value.astype(np.float64).sum(axis=other)
-            counts[name] += math.prod(value.shape[i] for i in other)
+        values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
+        for name in names:
+            total, count = _channel_sums(values, name, axes[name], reduced.get(name))
+            sums[name] = sums.get(name, 0.0) + total
+            counts[name] += count
         del values  # freed before the next batch runs
     if not sums:
         raise InputError("calibration data is empty")
@@ -439,21 +439,66 @@ def channel_means(model: Model, axes: Mapping[str, int],
 _POOLABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
 
-def _pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The model with a GlobalAveragePool after each float value of rank >= 3 whose channel axis is 1, and
-    those pools and the other named values as outputs; returns (proto, {value name: its pool's output})."""
+def _fetched(name: str, reduced: _Reduced | None) -> list[str]:
+    if reduced is None:
+        return [name]
+    return [out for out in (reduced.mean, reduced.sums, reduced.shape) if out]
+
+
+def _channel_sums(values: Mapping[str, np.ndarray], name: str, axis: int,
+                  reduced: _Reduced | None) -> tuple[np.ndarray, int]:
+    """(per-channel sum, number of values summed per channel) of one batch of `name`."""
+    if reduced is not None and reduced.sums:
+        shape = values[reduced.shape]
+        return values[reduced.sums].astype(np.float64).sum(axis=0), int(np.prod(shape[:-1]))
+    value = values[reduced.mean] if reduced is not None else values[name]
+    axis = 1 if reduced is not None else axis % value.ndim
+    other = tuple(i for i in range(value.ndim) if i != axis)
+    return value.astype(np.float64).sum(axis=other), math.prod(value.shape[i] for i in other)
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """In-graph reductions of one value for channel_means: `mean` per sample and channel ([N, C, 1, 1], conv
+    layout), or `sums` over the middle axes ([N, C], tokens) with the value's `shape` to count them."""
+    mean: str | None = None
+    sums: str | None = None
+    shape: str | None = None
+
+
+def _pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[onnx.ModelProto, dict[str, _Reduced]]:
+    """The model with a GlobalAveragePool after each float value of rank >= 3 whose channel axis is 1, a
+    ReduceSum over the middle axes of each one of rank >= 3 whose channel axis is the last (tokens: a
+    transformer's linear layers), and those reductions and the other named values as outputs; returns
+    (proto, {value name: its reductions}). Copied out whole, the bench ViT's 72 token tensors made bias-correct
+    take 1.3-1.4 s at 64 samples."""
     proto = model.to_proto(weights)
     types = infer_types(proto)
     graph = proto.graph
     existing = {o.name for o in graph.output}
-    pooled, added = {}, {}
+    reduced, added = {}, {}
     for i, name in enumerate(sorted(axes)):
         elem, dims = types.get(name, (None, None))
-        if elem in _POOLABLE and dims is not None and len(dims) >= 3 and axes[name] % len(dims) == 1:
-            pooled[name] = f"__irtool_tap{i}_mean"
-            added[name] = [helper.make_node("GlobalAveragePool", [name], [pooled[name]])]
-            graph.output.append(helper.make_tensor_value_info(pooled[name], elem, None))
-        elif name not in existing:
-            _add_output(graph, name, types)
+        rank = len(dims) if dims is not None else 0
+        # float16 sums over hundreds of tokens lose digits or overflow: such values come out whole.
+        token_sums = elem != onnx.TensorProto.FLOAT16 and axes[name] % max(rank, 1) == rank - 1
+        if elem not in _POOLABLE or rank < 3 or not (axes[name] % rank == 1 or token_sums):
+            if name not in existing:
+                _add_output(graph, name, types)
+            continue
+        if axes[name] % rank == 1:
+            reduced[name] = _Reduced(mean=f"__irtool_tap{i}_mean")
+            added[name] = [helper.make_node("GlobalAveragePool", [name], [reduced[name].mean])]
+        else:
+            middle = numpy_helper.from_array(np.arange(1, rank - 1, dtype=np.int64), f"__irtool_tap{i}_axes")
+            graph.initializer.append(middle)
+            reduced[name] = _Reduced(sums=f"__irtool_tap{i}_sums", shape=f"__irtool_tap{i}_shape")
+            added[name] = [helper.make_node("ReduceSum", [name, middle.name], [reduced[name].sums], keepdims=0),
+                           helper.make_node("Shape", [name], [reduced[name].shape])]
+        for out in (reduced[name].mean, reduced[name].sums):
+            if out:
+                graph.output.append(helper.make_tensor_value_info(out, elem, None))
+        if reduced[name].shape:
+            graph.output.append(helper.make_tensor_value_info(reduced[name].shape, onnx.TensorProto.INT64, None))
     _place_after_producers(graph, added)
-    return proto, pooled
+    return proto, reduced

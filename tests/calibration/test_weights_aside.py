@@ -144,3 +144,28 @@ def test_channel_means_of_nothing_is_empty():
     transformer whose layers are MatMul + Add)."""
     model = Model.from_proto(_conv_net())
     assert channel_means(model, {}, [_feeds(0)]) == {}
+
+
+def test_channel_means_of_token_values_sum_in_graph_and_weigh_every_token_alike():
+    """[batch, tokens, features] values (a transformer's linear-layer inputs) are summed over the tokens in the
+    graph and come out as [batch, features] with their shape; with batches of different sizes and token counts
+    the result is the mean over every token (float64 reference), not over samples."""
+    w = RNG.standard_normal((8, 12)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[1], keepdims=0)]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    batches = [{"x": RNG.standard_normal((3, 2, 8)).astype(np.float32) + 0.5},
+               {"x": RNG.standard_normal((1, 9, 8)).astype(np.float32) - 0.5}]
+    axes = {"x": -1, "r": -1}
+    proto, reduced = _pooled_proto(model, axes, {})
+    outputs = {o.name for o in proto.graph.output}
+    assert sorted(reduced) == ["r", "x"] and not {"r", "x"} & outputs
+    assert all(reduced[n].sums in outputs and reduced[n].shape in outputs for n in axes)
+    got = channel_means(model, axes, batches)
+    xs = np.concatenate([b["x"].reshape(-1, 8) for b in batches]).astype(np.float64)
+    np.testing.assert_allclose(got["x"], xs.mean(0), rtol=1e-6, atol=1e-7)
+    rs = np.maximum(xs @ w.astype(np.float64), 0.0)
+    np.testing.assert_allclose(got["r"], rs.mean(0), rtol=1e-5, atol=1e-6)
