@@ -13,7 +13,10 @@ The plan (placement.plan_ort_cpu) quantizes the Add's output in place of the Mat
 each pair when the Q/DQ go in: inputs of rank r > 2 are flattened to [-1, K] by a Reshape and the Gemm's
 [M, N] output is shaped back, to [-1, d1, ..., N] when d1.. are known, else to the input's leading dims
 (Shape, end=-1) and N. The flattened input and the Gemm output share their neighbours' scales, so ONNX Runtime
-moves the integers through both Reshapes.
+moves the integers through both Reshapes. A Relu or Clip right after the Add (nn.Linear then ReLU) moves between
+the Gemm and the Reshape back, where its Q follows it and ONNX Runtime folds it into the QGemm's output range
+(a ReLU MLP of 4 blocks on [1, 64, 256] tokens: 41.55 dB against 40.26 as QLinearMatMul + QLinearAdd of a u8
+bias).
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ def fuse(model: Model, plan: QuantPlan) -> int:
     place: the MatMul node becomes the Gemm (its name, and so its weight slot, stay), the Add's output keeps its
     name; the flattened input and the Gemm's output join the plan with their neighbours' scales. Returns the
     number of Gemms made."""
-    dims = _input_dims(model, [matmul.inputs[0] for matmul, _ in plan.bias_adds])
+    dims = _input_dims(model, [matmul.inputs[0] for matmul, _, _ in plan.bias_adds])
     with GraphEdit(model.graph) as edit:  # the Adds leave in one rebuild of the node list
-        for matmul, add in plan.bias_adds:
+        for matmul, add, activation in plan.bias_adds:
             x, weight = matmul.inputs
             bias = next(t for t in add.inputs if isinstance(t, gs.Constant))
             y = add.outputs[0]
@@ -72,6 +75,9 @@ def fuse(model: Model, plan: QuantPlan) -> int:
             rows, flatten = _reshaped(model, x, [-1, np.shape(weight.values)[0]], f"{matmul.name}_rows")
             out = gs.Variable(model.unique_name(f"{matmul.name}_gemm"), dtype=np.float32)
             _relink(matmul, [rows, weight, flat_bias], out)
+            if activation is not None:  # Gemm -> Relu -> Q, which ONNX Runtime fuses, then the Reshape back
+                y = activation.outputs[0]
+                out = _moved_inside(model, activation, out, f"{matmul.name}_{activation.op.lower()}")
             shape = _output_shape(model, x, dims.get(x.name), np.shape(weight.values)[1], matmul.name)
             model.graph.nodes.append(gs.Node("Reshape", model.unique_name(f"{matmul.name}_unflatten"),
                                              inputs=[out, shape], outputs=[y]))
@@ -80,6 +86,14 @@ def fuse(model: Model, plan: QuantPlan) -> int:
                 plan.add(out)
                 plan.share.append({out.name, y.name})
     return len(plan.bias_adds)
+
+
+def _moved_inside(model: Model, activation: gs.Node, rows: gs.Tensor, base: str) -> gs.Variable:
+    """Apply `activation` (Relu or Clip, elementwise) to the Gemm's 2-D output `rows` instead; returns its new
+    output, which the Reshape back takes."""
+    out = gs.Variable(model.unique_name(base), dtype=np.float32)
+    _relink(activation, [rows, *activation.inputs[1:]], out)
+    return out
 
 
 def _share(plan: QuantPlan, x: gs.Tensor, rows: gs.Tensor, old: tuple, new: tuple) -> None:

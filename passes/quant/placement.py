@@ -38,8 +38,9 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
   7. A quantized MatMul whose only reader adds a constant bias along the last axis (nn.Linear on tokens) is
      one layer: the Add's output is quantized, the MatMul's is not, and insert-qdq writes the pair as a
      Gemm (flattened to 2-D between Reshapes), which ONNX Runtime runs as a QGemm with the bias in its
-     int32 accumulator (passes/quant/bias_gemm.py). Where the Add feeds a LayerNormalization, its output
-     stays float (rule 1) and the QGemm returns float.
+     int32 accumulator (passes/quant/bias_gemm.py). A Relu/Clip right after the Add goes inside, between the
+     Gemm and its Q (rule 2). Where the Add feeds a LayerNormalization, its output stays float (rule 1) and
+     the QGemm returns float.
   A quantized tensor is read dequantized by all its main-graph consumers, but Shape and Size, which read the
   QuantizeLinear output (same dims; from the DQ they kept a float copy of the tensor made only for its dims:
   torch's legacy exports with dynamic axes); a graph output that nothing reads stays float.
@@ -135,7 +136,8 @@ class QuantPlan:
     weights: list[WeightSlot] = field(default_factory=list)
     constants: list[tuple[gs.Node, int]] = field(default_factory=list)  # float constants stored quantized
     quantized_nodes: list[str] = field(default_factory=list)
-    bias_adds: list[tuple[gs.Node, gs.Node]] = field(default_factory=list)  # (MatMul, Add): one Gemm (bias_gemm)
+    # (MatMul, Add, the Relu/Clip after it or None): one Gemm (bias_gemm)
+    bias_adds: list[tuple[gs.Node, gs.Node, gs.Node | None]] = field(default_factory=list)
 
     def add(self, tensor: gs.Tensor, consumer: gs.Node | None = None, index: int | None = None) -> None:
         """Quantize `tensor` for one consumer slot, or for every main-graph consumer when none is given."""
@@ -238,11 +240,14 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
     graph_outputs = {t.name for t in model.graph.outputs}
     for node in enabled:
         add = bias_add(node, graph_outputs)
-        # A Relu after the Add, between the Gemm's Reshapes, would keep the Gemm from fusing with its Q.
-        if add is not None and _fused_output(add.outputs[0]) is add.outputs[0]:
-            plan.bias_adds.append((node, add))
-            if not _feeds_layer_norm(add):  # the residual stream stays float (rule 1)
-                plan.add(add.outputs[0])
+        if add is not None:
+            end = _fused_output(add.outputs[0])  # the Add's, or a Relu/Clip's after it (bias_gemm moves it inside)
+            if end is not add.outputs[0] and add.outputs[0].name in graph_outputs:
+                plan.add(end)  # the Add's output must stay: left as MatMul, Add, activation
+                continue
+            plan.bias_adds.append((node, add, end.inputs[0] if end is not add.outputs[0] else None))
+            if not _feeds_layer_norm(end.inputs[0]):  # the residual stream stays float (rule 1)
+                plan.add(end)
         else:
             plan.add(_fused_output(node.outputs[0]))
     if selection.only is None:

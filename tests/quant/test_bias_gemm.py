@@ -19,8 +19,10 @@ K, N = 8, 16
 
 
 def linear_block(dims: list, opset: int = 17, bias_shape: tuple = (N,), bias_first: bool = False,
-                 after: str | None = None, reread: bool = False, bias: str = "constant") -> onnx.ModelProto:
-    """x @ W + b (`after`: an op on the sum), then a second MatMul reads it (so its output is quantized)."""
+                 after: str | None = None, reread: bool = False, bias: str = "constant",
+                 sum_out: bool = False) -> onnx.ModelProto:
+    """x @ W + b (`after`: an op on the sum; Clip with bounds 0 and 6), then a second MatMul reads it (so its
+    output is quantized); `reread`, `sum_out`: the MatMul's output or the sum is also a graph output."""
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array((rng.standard_normal((K, N)) * 0.4).astype(np.float32), "w"),
              numpy_helper.from_array((rng.standard_normal((N, 4)) * 0.4).astype(np.float32), "w2")]
@@ -29,11 +31,15 @@ def linear_block(dims: list, opset: int = 17, bias_shape: tuple = (N,), bias_fir
     nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="fc")]
     nodes.append(helper.make_node("Add", ["b", "mm"] if bias_first else ["mm", "b"], ["h"], name="bias"))
     if after:
-        nodes.append(helper.make_node(after, ["h"], ["act"], name="act"))
+        bounds = ["lo", "hi"] if after == "Clip" else []
+        inits += [numpy_helper.from_array(np.float32(v), n) for n, v in zip(bounds, (0.0, 6.0), strict=False)]
+        nodes.append(helper.make_node(after, ["h", *bounds], ["act"], name="act"))
     nodes.append(helper.make_node("MatMul", ["act" if after else "h", "w2"], ["y"], name="fc2"))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     if reread:
         outputs.append(helper.make_tensor_value_info("mm", TensorProto.FLOAT, None))
+    if sum_out:
+        outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
     if bias == "input":
         inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [*dims[:-1], N]))
@@ -97,6 +103,29 @@ def test_matmul_and_bias_add_run_as_one_integer_gemm(tmp_path, dims, opset, bias
     assert _sqnr(_run(quantized, test, optimized=False), out) > 40.0
 
 
+@pytest.mark.parametrize("dims, after", [
+    ([2, 5, K], "Relu"), (["N", "T", K], "Relu"), (["N", 5, K], "Clip"), ([6, K], "Relu"),
+], ids=["static-relu", "dynamic-tokens-relu", "relu6", "rank2-relu"])
+def test_a_relu_after_the_bias_runs_inside_the_integer_gemm(tmp_path, dims, after):
+    """nn.Linear then ReLU (a ReLU MLP on tokens): the activation moves between the Gemm and its Q, inside the
+    Reshapes, where ONNX Runtime folds it into the QGemm's output range; before, the pair stayed a QLinearMatMul
+    and a QLinearAdd of a u8 bias."""
+    proto = linear_block(dims, after=after)
+    quantized = _quantized(proto, dims)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "Add" not in ops and ops.count("Gemm") == 1 and ops.count(after) == 1
+    activation = next(n for n in quantized.graph.node if n.op_type == after)
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    assert producers[activation.input[0]] == "Gemm"  # the 2-D product, not the Reshape back
+    test = _feeds(proto, dims, 1)
+    fused = optimized_ops(quantized, str(tmp_path / "optimized.onnx"), test[:1])
+    assert fused["QGemm"] == 1 and not {"QLinearAdd", "QLinearMatMul", "Add", after} & set(fused)
+    reference, out = _run(proto, test), _run(quantized, test)
+    assert [o.shape for o in out] == [r.shape for r in reference]
+    assert _sqnr(reference, out) > 25.0
+    assert _sqnr(_run(quantized, test, optimized=False), out) > 40.0
+
+
 def test_the_fused_gemm_rounds_once_and_is_at_least_as_accurate_as_matmul_then_add():
     """The same block with a second reader of the MatMul's output keeps MatMul + Add (QLinearMatMul, then the
     bias added to its rounded output): the fused form's error is lower on the same data and ranges."""
@@ -112,8 +141,8 @@ def test_the_fused_gemm_rounds_once_and_is_at_least_as_accurate_as_matmul_then_a
     {"reread": True},                     # the MatMul's output has another reader (here: a graph output)
     {"bias": "input"},                    # the addend is an activation (a residual), not a constant
     {"bias_shape": (5, N)},               # a bias that varies along the tokens is not a Gemm's C
-    {"after": "Relu"},                    # Relu folds into the Add's Q, which the Reshapes would separate
-], ids=["reread", "activation", "per-token", "relu"])
+    {"after": "Relu", "sum_out": True},   # the sum is a graph output: it must stay, before the Relu
+], ids=["reread", "activation", "per-token", "relu-after-an-output"])
 def test_what_is_not_a_linear_layer_stays_matmul_then_add(kwargs):
     dims = ["N", 5, K]
     proto = linear_block(dims, **kwargs)

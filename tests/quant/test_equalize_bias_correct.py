@@ -310,7 +310,10 @@ def test_a_linear_layer_left_float_gets_its_bias_add_back():
     bias = next(t for t in add.inputs if isinstance(t, gs.Constant))
     np.testing.assert_array_equal(np.asarray(bias.values), b1)
     fc2 = next(n for n in out.graph.nodes if n.name == "fc2")
-    assert fc2.inputs[1].inputs[0].op == "DequantizeLinear"  # quantized
-    # fc2's Add, quantized too (QLinearAdd), reads its constant stored in u8 (placement rule 4): the corrected one.
-    stored = [n.inputs[0].name for n in out.graph.nodes if n.op == "DequantizeLinear" and n.name.startswith("b2")]
-    assert stored == ["b2_corrected_quantized"]
+    assert fc2.op == "Gemm"  # quantized, with its Add (and Relu) as one QGemm: the bias in int32
+    corrected = weights(optimize(proto, "bias-correct", calibration_data=[{"x": x}]).model.to_proto())
+    want = next(v for k, v in corrected.items() if k.startswith("b2_corrected"))
+    bias_dq = fc2.inputs[2].inputs[0]
+    scale = np.asarray(bias_dq.inputs[1].values, np.float64)
+    stored = np.asarray(bias_dq.inputs[0].values).astype(np.float64) * scale
+    assert np.abs(stored - want).max() <= scale.max() and np.abs(stored - b2).max() > 1e-3
