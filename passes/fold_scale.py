@@ -155,8 +155,8 @@ def _picked_columns(way: _Way, shapes: ShapeInfo) -> np.ndarray | None:
     try:
         for node, out in way.steps:
             if node is way.picker:
-                others = [_move(r, r.outputs[0], positions, shapes) for r in node.inputs[0].outputs
-                          if r is not node and r.op not in SHAPE_ONLY]
+                others = [_move(r, part, positions, shapes) for r in node.inputs[0].outputs
+                          if r is not node and r.op not in SHAPE_ONLY for part in r.outputs]
             positions = _move(node, out, positions, shapes)
     except (ValueError, IndexError, TypeError):
         return None

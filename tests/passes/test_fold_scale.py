@@ -246,6 +246,20 @@ def test_overlapping_slices_of_a_fused_projection_are_not_scaled():
               ("k_out",))
 
 
+def test_a_sibling_split_reading_the_picked_columns_in_any_of_its_parts_blocks_the_fold():
+    """The scaled part is qkv's last 8 columns; another Split of the same tensor leaves them out of its first
+    part but holds them in its second: scaling them would change what that part reads."""
+    g = _Graph()
+    qkv = g.linear("x", "qkv", width=3 * WIDTH)
+    g.nodes.append(helper.make_node("Split", [qkv], ["a", "b", "c"], name="thirds", axis=-1))
+    halves = g.const("halves", np.array([WIDTH, 2 * WIDTH], np.int64))
+    g.nodes.append(helper.make_node("Split", [qkv, halves], ["d", "e"], name="halves", axis=-1))
+    for name in "abde":
+        g.node("Relu", [name], f"{name}_out")
+    _declined(g, g.node("Relu", [g.node("Mul", ["c", g.const("s", np.float32(0.5))], "scaled")], "y"),
+              tuple(f"{n}_out" for n in "abde"))
+
+
 def test_a_part_holding_some_rows_of_its_columns_is_not_scaled():
     """[n, tokens, 3w] viewed as [n, 3 tokens, w] and cut along the rows: the cut holds every column, but only
     the first tokens of them (the rest reach the output unscaled)."""
