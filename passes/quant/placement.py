@@ -243,7 +243,7 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
         if add is not None:
             end = _fused_output(add.outputs[0])  # the Add's, or a Relu/Clip's after it (bias_gemm moves it inside)
             if end is not add.outputs[0] and add.outputs[0].name in graph_outputs:
-                plan.add(end)  # the Add's output must stay: left as MatMul, Add, activation
+                plan.add(node.outputs[0])  # the sum must stay: MatMul, then Add and activation apart
                 continue
             plan.bias_adds.append((node, add, end.inputs[0] if end is not add.outputs[0] else None))
             if not _feeds_layer_norm(end.inputs[0]):  # the residual stream stays float (rule 1)

@@ -149,6 +149,7 @@ def test_what_is_not_a_linear_layer_stays_matmul_then_add(kwargs):
     quantized = _quantized(proto, dims)
     ops = [n.op_type for n in quantized.graph.node]
     assert "Gemm" not in ops and ops.count("MatMul") == 2 and "Add" in ops
+    assert "mm" in {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}  # QLinearMatMul
 
 
 def test_calibrate_observes_the_sum_not_the_matmul_output():
