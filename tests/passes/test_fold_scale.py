@@ -395,3 +395,57 @@ def test_torch_fused_qkv_attention_quantizes_without_a_scale_op(block, tmp_path)
     assert fused.count("QLinearMatMul") == 2 and "QLinearSoftmax" in fused
     reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert float(np.sum(reference * out) / np.linalg.norm(reference) / np.linalg.norm(out)) > 0.999
+
+
+def _random_fused_way(seed: int) -> tuple[onnx.ModelProto, bool]:
+    """A fused [n, 4, 24] projection viewed as [n, 4, a, b, c] (a * b * c = 24, the parts axis anywhere), permuted
+    at random, then cut along a random axis by Split, Slice or Gather, one part scaled. Returns the model and
+    whether the cut runs along a column axis (so the scaled part is whole columns and the fold is sound)."""
+    rng = np.random.default_rng(seed)
+    g = _Graph(seed)
+    rows = 4
+    x = g.const("x_w", rng.standard_normal((WIDTH, 24)).astype(np.float32))
+    h = g.node("Add", [g.node("MatMul", ["x", x], "mm"), g.const("bias", rng.standard_normal(24).astype(np.float32))],
+               "h")
+    split = [(2, 3, 4), (3, 2, 4), (4, 3, 2), (2, 2, 6)][rng.integers(4)]
+    view = g.node("Reshape", [h, g.const("view_shape", np.array([-1, rows, *split], np.int64))], "view")
+    perm = [int(p) for p in rng.permutation(5)]
+    moved = g.node("Transpose", [view], "moved", perm=perm)
+    dims = [(-1, rows, *split)[p] for p in perm]
+    axis = int(rng.integers(5))
+    size = dims[axis] if dims[axis] != -1 else 2  # the batch: 2 in the test runs
+    kind = ["split", "slice", "gather"][rng.integers(3)]
+    if kind == "gather" or size < 2:
+        picked = g.node("Gather", [moved, g.const("at", np.array(0, np.int64))], "picked", axis=axis)
+        others = [g.node("Gather", [moved, g.const(f"at{i}", np.array(i, np.int64))], f"other{i}", axis=axis)
+                  for i in range(1, size)]
+    elif kind == "slice":
+        cut = size // 2
+        bounds = [g.const(n, np.array([v], np.int64)) for n, v in (("s0", 0), ("e0", cut), ("ax", axis))]
+        picked = g.node("Slice", [moved, *bounds], "picked")
+        rest = [g.const(n, np.array([v], np.int64)) for n, v in (("s1", cut), ("e1", size), ("ax1", axis))]
+        others = [g.node("Slice", [moved, *rest], "other1")]
+    else:
+        sizes = g.const("sizes", np.array([size // 2, size - size // 2], np.int64))
+        g.nodes.append(helper.make_node("Split", [moved, sizes], ["picked", "other1"], name="cut", axis=axis))
+        picked, others = "picked", ["other1"]
+    scaled = g.node("Mul", [picked, g.const("s", np.float32(0.3))], "scaled")
+    outputs = [g.node("Relu", [scaled], "y")] + [g.node("Relu", [o], f"{o}_out") for o in others]
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", rows, WIDTH])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return proto, perm[axis] >= 2  # axes 2-4 of the view split the 24 columns
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_fused_ways_fold_only_where_sound(seed):
+    """Random views, permutations and cuts of a fused projection: the fold happens exactly where the cut runs
+    along a column axis, and then every output (the scaled part and the parts left alone) is what it was."""
+    proto, along_columns = _random_fused_way(seed)
+    folded, count = _fold(proto)
+    assert count == int(along_columns)
+    x = np.random.default_rng(seed).standard_normal((2, 4, WIDTH)).astype(np.float32)
+    runs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            for p in (proto, folded)]
+    for before, after in zip(*runs, strict=True):
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
