@@ -6,8 +6,7 @@ channel means E[x_i] measured on the float model over the calibration data, the 
     δ_c = − Σ_i Σ_k ε[c, i, k] · E[x_i]       (Conv, i over the input channels of c's group; Gemm: − ε·E[x])
 to every quantized Conv/Gemm bias (border padding, where x is 0, is ignored), and to the constant of the bias Add
 after a MatMul with a [K, N] weight (torch's nn.Linear on tokens; E[x] over every axis but the last). Measuring
-each layer's
-shift in a fully quantized model instead would double-count: a layer's shift also contains the
+each layer's shift in a fully quantized model instead would double-count: a layer's shift also contains the
 upstream layers' errors, which their own corrections already remove. Runs between `calibrate` and
 `insert-qdq` (it only needs the data, not the ranges, but shares insert-qdq's weight options). It corrects
 every layer insert-qdq may quantize and records their original biases in the model's metadata: insert-qdq
@@ -56,7 +55,7 @@ def _layers(model: Model) -> list[tuple[gs.Node, tuple[gs.Node, int]]]:
     return layers
 
 
-def original_bias(holder: gs.Node, index: int) -> dict | None:
+def _original_bias(holder: gs.Node, index: int) -> dict | None:
     """A bias as record_bias_corrections keeps it ({"name", "shape", "values"}; None: there is none)."""
     if len(holder.inputs) > index:
         values = np.asarray(holder.inputs[index].values)
@@ -106,7 +105,7 @@ class BiasCorrect(Pass):
         for node, (holder, index) in layers:
             delta = _shift(node, means[node.inputs[0].name], self.options.per_channel,
                            REDUCED_RANGE if self.options.reduce_range else FULL_RANGE)
-            originals[node.name] = original_bias(holder, index)
+            originals[node.name] = _original_bias(holder, index)
             _add_to_bias(model, node, holder, index, delta)
             largest = max(largest, float(np.abs(delta).max()))
         record_bias_corrections(model, originals)
