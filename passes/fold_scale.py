@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.analysis.shapes import ShapeInfo
 from irtool.ir.model import Model
-from irtool.ir.rewrite import GraphEdit, replace_uses
+from irtool.ir.rewrite import SHAPE_READERS, GraphEdit, replace_uses
 from irtool.ir.skeleton import infer_types
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # Data movement that keeps every value exactly once (placement.PERMUTATION_OPS).
 THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
-SHAPE_ONLY = frozenset({"Shape", "Size"})
 # Pick a part of a tensor at constant positions: q, k and v out of a fused projection.
 PICKERS = frozenset({"Split", "Slice", "Gather"})
 # Stand-in sizes of a dynamic dim: the picked columns must come out the same at both.
@@ -156,7 +155,7 @@ def _picked_columns(way: _Way, shapes: ShapeInfo) -> np.ndarray | None:
         for node, out in way.steps:
             if node is way.picker:
                 others = [_move(r, part, positions, shapes) for r in node.inputs[0].outputs
-                          if r is not node and r.op not in SHAPE_ONLY for part in r.outputs]
+                          if r is not node and r.op not in SHAPE_READERS for part in r.outputs]
             positions = _move(node, out, positions, shapes)
     except (ValueError, IndexError, TypeError):
         return None
@@ -222,12 +221,12 @@ class _Folder:
     def _alone(self, tensor: gs.Tensor) -> bool:
         """Read by one node only, not counting Shape and Size (the scale changes no shape: torch's legacy exporter
         reads a projection's shape to split it into heads), and not a graph output."""
-        readers = [c for c in tensor.outputs if c.op not in SHAPE_ONLY]
+        readers = [c for c in tensor.outputs if c.op not in SHAPE_READERS]
         return isinstance(tensor, gs.Variable) and len(readers) == 1 and tensor.name not in self.outputs
 
     def _picked_only(self, tensor: gs.Tensor) -> bool:
         """Read only by pickers at constant positions (and Shape or Size), and not a graph output."""
-        readers = [c for c in tensor.outputs if c.op not in SHAPE_ONLY]
+        readers = [c for c in tensor.outputs if c.op not in SHAPE_READERS]
         return tensor.name not in self.outputs and all(_picks_constant(r) for r in readers)
 
     def _way(self, tensor: gs.Tensor) -> _Way | None:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 ValueTypes = dict[str, tuple[int, list[int | str] | None]]
 # Standard ops that carry subgraphs; reading every node's attributes through protobuf costs more.
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+# Ops that read a tensor's dims and none of its values.
+SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> int:

@@ -40,6 +40,7 @@ import onnx_graphsurgeon as gs
 from irtool.errors import InputError
 from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
+from irtool.ir.rewrite import SHAPE_READERS
 from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.bias_gemm import bias_add
 from irtool.passes.quant.bias_gemm import fuse as fuse_bias_adds
@@ -231,7 +232,7 @@ def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32
     dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"),
                  inputs=[quantized, scale_c, zero_c], outputs=[dequantized])
     for consumer, index in slots:
-        shape_only = shapes_read_integers and consumer.op in ("Shape", "Size")
+        shape_only = shapes_read_integers and consumer.op in SHAPE_READERS
         consumer.inputs[index] = quantized if shape_only else dequantized
     model.graph.nodes.extend([q, dq])
 

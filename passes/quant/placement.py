@@ -68,6 +68,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.errors import InputError
 from irtool.ir.model import Model
+from irtool.ir.rewrite import SHAPE_READERS
 from irtool.ir.topo import topo_order
 from irtool.passes.quant.bias_gemm import bias_add
 
@@ -351,7 +352,7 @@ def _io_quantizable(node: gs.Node, plan: QuantPlan) -> bool:
 
 def _feeds_softmax(tensor: gs.Tensor) -> bool:
     """Read by a Softmax alone, directly or through one Add, Sub, Mul or Where (an attention mask or scale)."""
-    readers = [c for c in tensor.outputs if c.op not in ("Shape", "Size")]
+    readers = [c for c in tensor.outputs if c.op not in SHAPE_READERS]
     if len(readers) != 1:
         return False
     if readers[0].op == "Softmax":
