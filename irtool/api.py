@@ -60,6 +60,9 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     _check_print_ir_after(parsed, print_ir_after)
     shapes = {name: list(dims) for name, dims in (input_shapes or {}).items()}
     model = load_model(model_or_path)
+    if model.source_opset < model.opset:
+        log.warning("%s: opset %d upgraded to %d on load (onnx.version_converter); the output is opset %d",
+                    model.source or "<model>", model.source_opset, model.opset, model.opset)
     check_input_shapes(model, shapes)
     passes = parsed.build()
     # Costs are per sample where dims are symbolic (a dynamic batch counts as 1), so MACs are never

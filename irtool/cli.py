@@ -280,7 +280,8 @@ def verify(model_path: str) -> None:
 
     model = _load(model_path)
     verify_model(model)
-    click.echo(f"{model_path}: ok ({sum(1 for _ in model.nodes())} nodes, opset {model.opset})")
+    upgraded = f", checked upgraded to {model.opset}" if model.source_opset != model.opset else ""
+    click.echo(f"{model_path}: ok ({sum(1 for _ in model.nodes())} nodes, opset {model.source_opset}{upgraded})")
 
 
 # ----------------------------------------------------------------------------------- sensitivity

@@ -95,7 +95,8 @@ def describe_model(model: Any, input_shapes: dict[str, list[int]]) -> dict[str, 
 
     check_input_shapes(model, input_shapes)
     known = infer_types(model.to_proto(), input_shapes or None)
-    data = {"opset": model.opset, "ir_version": int(model.graph.ir_version or 0),
+    # "opset" is the file's; a model below opset 13 is analysed upgraded (irtool.ir.io.upgrade_opset).
+    data = {"opset": model.source_opset, "analysed_opset": model.opset, "ir_version": int(model.graph.ir_version or 0),
             "inputs": [_value(t.name, known) for t in model.graph.inputs],
             "outputs": [_value(t.name, known) for t in model.graph.outputs]}
     data.update(cost_metrics(model_cost(model, input_shapes or None)))
@@ -111,7 +112,8 @@ def _value(name: str, known: dict) -> dict[str, Any]:
 
 
 def format_model_summary(data: dict[str, Any]) -> str:
-    lines = [f"model {data['model']} (opset {data['opset']}, ir version {data['ir_version']})"]
+    upgraded = f", analysed at opset {data['analysed_opset']}" if data["analysed_opset"] != data["opset"] else ""
+    lines = [f"model {data['model']} (opset {data['opset']}{upgraded}, ir version {data['ir_version']})"]
     for kind in ("inputs", "outputs"):
         lines.append(f"{kind}:")
         lines += [f"  {v['name']}: {v['dtype'] or '?'}{_shape_text(v['shape'])}" for v in data[kind]]

@@ -8,6 +8,7 @@ the JSON atomically (temporary file in the destination folder, then rename).
     {"schema": 1, "input": ..., "output": ..., "pipeline": "<canonical text>",
      "passes": [{"name", "options": {kebab-key: value, ...every option...}}],
      "versions": {"irtool", "onnx", "onnxruntime", "python"}, "seed", "input_shapes",
+     "opset": {"input": <the loaded model's>, "output": <after any upgrade on load (irtool.ir.io.upgrade_opset)>},
      "records": [{"name", "options", "modified", "seconds", "stats"}], "total_seconds",
      "before": METRICS, "after": METRICS, "ratios": {metric: after / before or null}}
     METRICS = {"nodes", "params", "nonzero_params", "weight_bytes", "macs", "peak_activation_bytes",
@@ -45,6 +46,7 @@ def build_report(result: Any, input_path: str | os.PathLike | None = None,
         "seed": result.seed,
         "input_shapes": {k: list(v) for k, v in result.input_shapes.items()},
         "cost_input_shapes": {k: list(v) for k, v in getattr(result, "cost_input_shapes", {}).items()},
+        "opset": {"input": result.model.source_opset, "output": result.model.opset},
         "records": records,
         "total_seconds": round(sum(r["seconds"] for r in records), 6),
         "before": before,
@@ -139,6 +141,9 @@ def format_text(report: dict[str, Any]) -> str:
     """Tables for people: header, metrics before/after with ratios, passes, op histogram changes."""
     lines = [f"irtool {report['versions']['irtool']}: {report['input']} -> {report['output']}",
              f"pipeline: {report['pipeline']}", ""]
+    opset = report.get("opset", {})
+    if opset.get("input") != opset.get("output"):
+        lines[-1:-1] = [f"opset: {opset['input']} -> {opset['output']} (upgraded on load)"]
     lines += format_metrics(report["before"], report["after"], report["ratios"])
     lines += ["", *format_records(report["records"])]
     changes = format_histogram_changes(report["before"]["op_histogram"], report["after"]["op_histogram"])

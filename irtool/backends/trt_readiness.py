@@ -303,7 +303,7 @@ def check_opset(view: ModelView, _: CheckOptions) -> Iterator[Finding]:
         yield _error("opset", "the model imports no standard ONNX opset")
     elif opset < OPSET_MIN:
         yield _error("opset", f"opset {opset} is older than TensorRT parses ({OPSET_MIN}..{OPSET_MAX}); "
-                              "convert it with onnx.version_converter")
+                              "`irtool opt MODEL -o OUT --passes cleanup` writes it at opset 13")
     elif opset > OPSET_MAX:
         yield _warning("opset", f"opset {opset} is newer than onnx-tensorrt 10.x documents ({OPSET_MIN}..{OPSET_MAX})")
     elif opset > OPSET_MAX_TRT_10_0:

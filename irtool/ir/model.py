@@ -32,8 +32,11 @@ class Model:
     """An ONNX model as a graphsurgeon graph plus the model-level fields graphsurgeon does not keep."""
 
     def __init__(self, graph: gs.Graph, *, metadata: dict[str, str] | None = None, model_version: int = 0,
-                 domain: str = "", doc_string: str = "", source: str | None = None):
+                 domain: str = "", doc_string: str = "", source: str | None = None,
+                 source_opset: int | None = None):
         self.graph = graph
+        # The default-domain opset of the file or proto loaded, before any upgrade to io.MIN_OPSET.
+        self.source_opset = source_opset if source_opset is not None else int(graph.opset)
         self.metadata = dict(metadata or {})
         self.model_version = model_version
         self.domain = domain
@@ -50,20 +53,27 @@ class Model:
     def load(cls, path: str | os.PathLike) -> Model:
         """Load an .onnx file safely (see irtool.ir.io); raises InputError on anything unusable."""
         proto = io.read_model_proto(path)
-        return cls.from_proto(proto, source=str(path), checked=True)
+        return cls.from_proto(proto, source=str(path), checked=True, owned=True)
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, *, source: str | None = None, checked: bool = False) -> Model:
+    def from_proto(cls, proto: onnx.ModelProto, *, source: str | None = None, checked: bool = False,
+                   owned: bool = False) -> Model:
+        """`owned`: the caller drops `proto` after this, so an opset upgrade may take its tensors."""
         if not checked:
             io.check_is_model(proto, source or "<model>")
+        source_opset = io.default_opset(proto)
+        if source_opset < io.MIN_OPSET:
+            proto = io.upgrade_opset(proto, source or "<model>", keep_input=not owned)
         graph = import_model(proto)  # same graph as gs.import_onnx, built faster (irtool.ir.convert)
         graph.ir_version = proto.ir_version or None
         return cls(graph, metadata={p.key: p.value for p in proto.metadata_props},
                    model_version=proto.model_version, domain=proto.domain, doc_string=proto.doc_string,
-                   source=source)
+                   source=source, source_opset=source_opset)
 
     def copy(self) -> Model:
-        return Model.from_proto(self.to_proto(), source=self.source, checked=True)
+        clone = Model.from_proto(self.to_proto(), source=self.source, checked=True)
+        clone.source_opset = self.source_opset
+        return clone
 
     # ----------------------------------------------------------------- export
     def to_proto(self, weights: dict | None = None) -> onnx.ModelProto:

@@ -71,9 +71,10 @@ def test_protobuf_that_is_not_a_model(tmp_path, message):
     assert "not a valid ONNX protobuf" in text or "not an ONNX model" in text
 
 
-def test_opset_below_minimum(tmp_path):
+def test_opset_below_minimum_loads_upgraded(tmp_path):
     onnx.save(conv_proto(opset=11), tmp_path / "m.onnx")
-    assert "opset 11 is below the minimum 13" in load_error(tmp_path / "m.onnx")
+    model = Model.load(tmp_path / "m.onnx")
+    assert (model.source_opset, model.opset) == (11, 13)
 
 
 def test_opset_newer_than_onnx(tmp_path):
@@ -253,7 +254,8 @@ def test_tensor_bytes_counts_dims_times_itemsize():
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("IRTOOL_SLOW") != "1", reason="needs ~8 GB RAM and ~1 min; set IRTOOL_SLOW=1")
-def test_real_model_over_2gb_round_trips(tmp_path):
+@pytest.mark.parametrize("opset", [17, 11])  # 11: upgraded on load, its weights held out of the converter
+def test_real_model_over_2gb_round_trips(tmp_path, opset):
     import onnx_graphsurgeon as gs
 
     n = 1_100_000_000 // 4     # two 1.1 GB initializers: 2.2 GB, past protobuf's 2 GiB
@@ -261,7 +263,7 @@ def test_real_model_over_2gb_round_trips(tmp_path):
     a = gs.Constant("a", np.full(n, 1.0, np.float32))
     b = gs.Constant("b", np.full(n, 2.0, np.float32))
     graph = gs.Graph(nodes=[gs.Node("Add", "add", inputs=[x, a], outputs=[y]),
-                            gs.Node("Mul", "mul", inputs=[y, b], outputs=[z])], inputs=[x], outputs=[z], opset=17)
+                            gs.Node("Mul", "mul", inputs=[y, b], outputs=[z])], inputs=[x], outputs=[z], opset=opset)
     Model(graph).save(tmp_path / "big.onnx")
     del graph, a, b
     assert (tmp_path / "big.onnx.data").stat().st_size == 2 * n * 4
@@ -269,3 +271,4 @@ def test_real_model_over_2gb_round_trips(tmp_path):
     loaded = Model.load(tmp_path / "big.onnx")
     values = loaded.graph.nodes[1].inputs[1].values
     assert values.shape == (n,) and values[0] == 2.0 and values[-1] == 2.0
+    assert (loaded.source_opset, loaded.opset) == (opset, max(opset, 13))
