@@ -33,6 +33,13 @@ only for data movement, LayerNormalization and Clip/Min/Max: around the rest (Co
 Softmax, ...) it inserts Casts to float32 itself and drops the f16->f32->f16 pairs that result, so
 on CPU mostly the weights are rounded and the arithmetic stays float32. The pass halves the weight
 bytes there; float16 speed needs a GPU provider.
+
+`fp32` is the same rewrite the other way, and exact (every float16 is a float32): a float16 model's
+weights and computation become float32, its interface stays float16 (Casts at the inputs and outputs;
+`keep-io-types=false` makes it float32). Casts to float16 inside become float32 no-ops that
+`eliminate-identity` removes. INT8 placement and ONNX Runtime's integer kernels take float32 only: on a
+float16 model insert-qdq quantized nothing (ONNX Runtime's quantize_static leaves it float as well), so
+`quant` and `quant-trt` run `fp32` first; on a float32 model it changes nothing.
 """
 
 from __future__ import annotations
@@ -70,28 +77,48 @@ class Float16(Pass):
         keep_io_types: bool = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        types = value_types(model, ctx.input_shapes or None)
-        plans = {id(node): plan for node in model.graph.nodes
-                 if (plan := _plan(node, types, model.opset, self.options)) is not None}
-        if not plans:
-            return PassResult(modified=False, stats={"nodes_converted": 0})
-        rewriter = _Rewriter(model, types, plans, ctx)
-        rewriter.apply(self.options.keep_io_types)
-        return PassResult(modified=True, preserved=(), stats=rewriter.stats())
+        return _convert(model, ctx, self.options, FLOAT16)
+
+
+class Float32(Pass):
+    """Convert float16 weights and computation to float32 (exact), Casting at the model's inputs and outputs."""
+
+    name = "fp32"
+
+    @dataclass(frozen=True)
+    class Options:
+        keep_io_types: bool = True
+        block_ops: tuple[str, ...] = ()  # nothing overflows or loses precision in float32
+        block_nodes: tuple[Regex, ...] = ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return _convert(model, ctx, self.options, FLOAT)
+
+
+def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult:
+    types = value_types(model, ctx.input_shapes or None)
+    plans = {id(node): plan for node in model.graph.nodes
+             if (plan := _plan(node, types, model.opset, options, target)) is not None}
+    if not plans:
+        return PassResult(modified=False, stats={"nodes_converted": 0})
+    rewriter = _Rewriter(model, types, plans, ctx, target)
+    rewriter.apply(options.keep_io_types)
+    return PassResult(modified=True, preserved=(), stats=rewriter.stats())
 
 
 # --------------------------------------------------------------------------- which slots turn float16
 @dataclass
 class _Plan:
-    """The float32 slots of one node that become float16."""
+    """The slots of one node that change type (float32 to float16 for `fp16`, the other way for `fp32`)."""
 
     inputs: set[int] = field(default_factory=set)
     outputs: set[int] = field(default_factory=set)
 
 
-def _plan(node: gs.Node, types: ValueTypes, opset: int, options: Float16.Options) -> _Plan | None:
-    """The node's float16 slots, or None when it stays float32 (blocked, or nothing to convert)."""
-    if _blocked(node, options) or _is_fp16_boundary(node, types):
+def _plan(node: gs.Node, types: ValueTypes, opset: int, options, target: int) -> _Plan | None:
+    """The node's slots that turn `target`, or None when it keeps its types (blocked, or nothing to convert)."""
+    source = _other(target)
+    if _blocked(node, options) or (target == FLOAT16 and _is_fp16_boundary(node, types)):
         return None
     schema = _schema(node, opset)
     if schema is None:
@@ -101,15 +128,15 @@ def _plan(node: gs.Node, types: ValueTypes, opset: int, options: Float16.Options
         kind = _elem_type(tensor, types)
         if kind is None and tensor.name:
             return None  # a value of unknown type: leave the node alone
-        if kind == FLOAT and _admits_fp16(schema, schema.inputs, index):
+        if kind == source and _admits(schema, schema.inputs, index, target):
             plan.inputs.add(index)
     for index, tensor in enumerate(node.outputs):
         kind = _elem_type(tensor, types)
         if kind is None and tensor.name:
             return None
-        if kind == FLOAT and _admits_fp16(schema, schema.outputs, index):
+        if kind == source and _admits(schema, schema.outputs, index, target):
             plan.outputs.add(index)
-    if node.op == "Cast" and not plan.outputs:
+    if node.op == "Cast" and not plan.outputs and target == FLOAT16:
         return None  # a Cast from float to an integer type reads float32: shape arithmetic stays exact
     return plan if plan.inputs or plan.outputs else None
 
@@ -138,15 +165,20 @@ def _schema(node: gs.Node, opset: int) -> onnx.defs.OpSchema | None:
         return None
 
 
-def _admits_fp16(schema: onnx.defs.OpSchema, formals, index: int) -> bool:
-    """Whether the formal parameter behind slot `index` (the last one repeats if variadic) allows float16."""
+def _other(kind: int) -> int:
+    return FLOAT if kind == FLOAT16 else FLOAT16
+
+
+def _admits(schema: onnx.defs.OpSchema, formals, index: int, kind: int) -> bool:
+    """Whether the formal parameter behind slot `index` (the last one repeats if variadic) allows `kind`."""
     if not formals:
         return False
     formal = formals[min(index, len(formals) - 1)]
     if index >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
         return False
     allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
-    return "tensor(float16)" in allowed.get(formal.type_str, [formal.type_str])
+    wanted = "tensor(float16)" if kind == FLOAT16 else "tensor(float)"
+    return wanted in allowed.get(formal.type_str, [formal.type_str])
 
 
 def _elem_type(tensor: gs.Tensor, types: ValueTypes) -> int | None:
@@ -161,13 +193,15 @@ def _elem_type(tensor: gs.Tensor, types: ValueTypes) -> int | None:
 
 # --------------------------------------------------------------------------- rewriting
 class _Rewriter:
-    """Applies the plans: retypes outputs and attributes, converts constants, inserts boundary Casts."""
+    """Applies the plans: retypes outputs and attributes, converts constants, inserts boundary Casts. `source`
+    is the float type that becomes `target`; every other value keeps its type."""
 
-    def __init__(self, model: Model, types: ValueTypes, plans: dict[int, _Plan], ctx: PassContext):
+    def __init__(self, model: Model, types: ValueTypes, plans: dict[int, _Plan], ctx: PassContext, target: int):
         self.model, self.graph, self.types, self.plans, self.ctx = model, model.graph, types, plans, ctx
+        self.target, self.source = target, _other(target)
         self.home: dict[int, int] = {}  # id(variable) -> its element type after the rewrite
         self.casts: dict[tuple[int, int], gs.Variable] = {}
-        self.halves: dict[int, gs.Constant] = {}
+        self.converted: dict[int, gs.Constant] = {}
         self.clipped = self.cast_count = 0
 
     def apply(self, keep_io_types: bool) -> None:
@@ -177,7 +211,7 @@ class _Rewriter:
                 self._retype_node(node, plan)
         if not keep_io_types:
             self._retype_inputs()
-        self._fix_outputs(FLOAT if keep_io_types else FLOAT16)
+        self._fix_outputs(self.source if keep_io_types else self.target)
         for node in list(self.model.nodes()):
             self._rewire_inputs(node)
         toposort_graph(self.graph)  # the new Casts were appended
@@ -186,9 +220,11 @@ class _Rewriter:
         converted = [node for node in self.graph.nodes if id(node) in self.plans]
         kept = [node for node in self.graph.nodes if id(node) not in self.plans and node.op != "Cast"
                 and any(self._is_float(t) for t in (*node.inputs, *node.outputs))]
-        return {"nodes_converted": len(converted), "nodes_kept_fp32": len(kept),
-                "casts_inserted": self.cast_count, "initializers_converted": len(self.halves),
-                "constants_clipped": self.clipped}
+        stats = {"nodes_converted": len(converted), f"nodes_kept_{_suffix(self.source)}": len(kept),
+                 "casts_inserted": self.cast_count, "initializers_converted": len(self.converted)}
+        if self.target == FLOAT16:
+            stats["constants_clipped"] = self.clipped
+        return stats
 
     def _is_float(self, tensor: gs.Tensor) -> bool:
         return _elem_type(tensor, self.types) in (FLOAT, FLOAT16)
@@ -196,47 +232,46 @@ class _Rewriter:
     def _retype_node(self, node: gs.Node, plan: _Plan) -> None:
         for index in plan.outputs:
             tensor = node.outputs[index]
-            tensor.dtype = np.float16
-            self.home[id(tensor)] = FLOAT16
+            tensor.dtype = _np_type(self.target)
+            self.home[id(tensor)] = self.target
         if node.op == "Cast" and plan.outputs:
-            node.attrs["to"] = FLOAT16
+            node.attrs["to"] = self.target
         elif node.op == "Constant" and plan.outputs:
-            node.attrs["value"] = self._half_constant(node.attrs["value"])
+            node.attrs["value"] = self._converted_constant(node.attrs["value"])
         elif node.op == "ConstantOfShape" and plan.outputs:
             fill = node.attrs.get("value")
-            node.attrs["value"] = self._half_constant(fill) if isinstance(fill, gs.Constant) else \
-                gs.Constant(self.model.unique_name(f"{node.name}_value"), np.zeros(1, np.float16))
+            node.attrs["value"] = self._converted_constant(fill) if isinstance(fill, gs.Constant) else \
+                gs.Constant(self.model.unique_name(f"{node.name}_value"), np.zeros(1, _np_type(self.target)))
 
     def _retype_inputs(self) -> None:
         for tensor in self.graph.inputs:
-            if _elem_type(tensor, self.types) == FLOAT:
-                tensor.dtype = np.float16
-                self.home[id(tensor)] = FLOAT16
+            if _elem_type(tensor, self.types) == self.source:
+                tensor.dtype = _np_type(self.target)
+                self.home[id(tensor)] = self.target
 
     def _rewire_inputs(self, node: gs.Node) -> None:
         plan = self.plans.get(id(node))
         for index, tensor in enumerate(node.inputs):
-            if _elem_type(tensor, self.types) != FLOAT:
+            if _elem_type(tensor, self.types) != self.source:
                 continue
-            wanted = FLOAT16 if plan is not None and index in plan.inputs else FLOAT
+            wanted = self.target if plan is not None and index in plan.inputs else self.source
             if isinstance(tensor, gs.Constant):
-                if wanted == FLOAT16:
-                    node.inputs[index] = self._half_constant(tensor)
-            elif self.home.get(id(tensor), FLOAT) != wanted:
+                if wanted == self.target:
+                    node.inputs[index] = self._converted_constant(tensor)
+            elif self.home.get(id(tensor), self.source) != wanted:
                 node.inputs[index] = self._cast(tensor, wanted)
 
     def _fix_outputs(self, wanted: int) -> None:
         """Graph outputs keep their names: a value of the wrong type moves to a new name and is Cast into
         the old one; readers then find the moved value as the output's cast to its old type."""
         for tensor in list(self.graph.outputs):
-            if isinstance(tensor, gs.Constant) or _elem_type(tensor, self.types) != FLOAT:
+            if isinstance(tensor, gs.Constant) or _elem_type(tensor, self.types) != self.source:
                 continue
-            home = self.home.get(id(tensor), FLOAT)
+            home = self.home.get(id(tensor), self.source)
             if home == wanted or not tensor.inputs:
                 continue
             producer = tensor.inputs[0]
-            suffix = "_fp16" if home == FLOAT16 else "_fp32"
-            moved = gs.Variable(self.model.unique_name(tensor.name + suffix), dtype=tensor.dtype,
+            moved = gs.Variable(self.model.unique_name(f"{tensor.name}_{_suffix(home)}"), dtype=tensor.dtype,
                                 shape=tensor.shape)
             producer.outputs[producer.outputs.index(tensor)] = moved
             self.home[id(moved)] = home
@@ -246,25 +281,25 @@ class _Rewriter:
     def _cast(self, tensor: gs.Variable, to: int) -> gs.Variable:
         key = (id(tensor), to)
         if key not in self.casts:
-            suffix = "_fp16" if to == FLOAT16 else "_fp32"
-            out = gs.Variable(self.model.unique_name(tensor.name + suffix), shape=tensor.shape)
+            out = gs.Variable(self.model.unique_name(f"{tensor.name}_{_suffix(to)}"), shape=tensor.shape)
             self.casts[key] = self._add_cast(tensor, out, to)
         return self.casts[key]
 
     def _add_cast(self, source: gs.Variable, out: gs.Variable, to: int) -> gs.Variable:
-        out.dtype = np.float16 if to == FLOAT16 else np.float32
+        out.dtype = _np_type(to)
         name = self.model.unique_name(f"{out.name}_cast")
         self.graph.nodes.append(gs.Node("Cast", name=name, attrs={"to": to}, inputs=[source], outputs=[out]))
         self.home[id(out)] = to
         self.cast_count += 1
         return out
 
-    def _half_constant(self, constant: gs.Constant) -> gs.Constant:
-        if id(constant) not in self.halves:
+    def _converted_constant(self, constant: gs.Constant) -> gs.Constant:
+        if id(constant) not in self.converted:
             values = np.asarray(constant.values)
-            self.halves[id(constant)] = gs.Constant(self.model.unique_name(f"{constant.name}_fp16"),
-                                                    self._to_half(constant.name, values))
-        return self.halves[id(constant)]
+            values = self._to_half(constant.name, values) if self.target == FLOAT16 else values.astype(np.float32)
+            self.converted[id(constant)] = gs.Constant(
+                self.model.unique_name(f"{constant.name}_{_suffix(self.target)}"), values)
+        return self.converted[id(constant)]
 
     def _to_half(self, name: str, values: np.ndarray) -> np.ndarray:
         finite = np.isfinite(values)
@@ -276,3 +311,10 @@ class _Rewriter:
             values = np.where(overflow, np.clip(values, -FP16_MAX, FP16_MAX), values)
         return values.astype(np.float16)
 
+
+def _suffix(kind: int) -> str:
+    return "fp16" if kind == FLOAT16 else "fp32"
+
+
+def _np_type(kind: int) -> type:
+    return np.float16 if kind == FLOAT16 else np.float32

@@ -1,0 +1,1 @@
+from golden.fp32.half_cnn.model import build  # noqa: F401
