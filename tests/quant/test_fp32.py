@@ -121,3 +121,13 @@ def test_random_graphs_fp16_then_fp32_verify_and_compute_in_float32(proto):
         assert np.max(np.abs(got[name] - original[name]), initial=0) <= 1e-2 * scale + 1e-3
     once = format_model(model)
     assert run(model, "fp32")[0].modified is False and format_model(model) == once
+
+
+def test_a_float16_island_made_by_casts_alone_is_found():
+    """No float16 weight or input: the float16 values come only from a Cast's `to`."""
+    model = model_of("agraph (float[3] x) => (float[3] y) { h = Cast<to = 10>(x)\n r = Relu(h)\n"
+                     " y = Cast<to = 1>(r) }")
+    assert run(model, "fp32,cleanup")[0].stats["nodes_converted"] == 3  # both Casts and the Relu
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    x = np.array([-1.0, 0.1, 3.0], np.float32)
+    assert run_ort(model, {"x": x})["y"].tolist() == [0.0, np.float32(0.1), 3.0]
