@@ -5,12 +5,16 @@ exactly HxW), bilinear; center-crop to `crop`; reverse channels for order=bgr; x
 1/255); (x - mean) / std per channel, so mean and std are given in the output channel order;
 transpose to CHW for layout=nchw. Text form, as `--calib-preprocess`:
 resize=256,crop=224,mean=0.485;0.456;0.406,std=0.229;0.224;0.225,scale=1/255,layout=nchw,order=rgb
+
+A model whose image input is an integer tensor (uint8 pixels, normalized inside the model, as edge exports
+with the preprocessing baked in take them) gets the pixels themselves: resize, crop, order and layout apply,
+the arithmetic does not (`for_input`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +33,10 @@ class Preprocess:
     crop: tuple[int, int] | None = None  # center crop (height, width)
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
-    scale: float = 1 / 255
+    scale: float | None = None  # None: 1/255 for a float input; integer inputs take the pixels unscaled
     layout: str = "nchw"
     order: str = "rgb"
+    pixels: bool = False  # set by for_input: uint8 pixel values, no arithmetic
 
     @classmethod
     def parse(cls, text: str) -> Preprocess:
@@ -51,18 +56,32 @@ class Preprocess:
     def text(self) -> str:
         return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
+    def for_input(self, name: str, dtype: np.dtype | None) -> Preprocess:
+        """This spec for a model input of `dtype`: float inputs get scale 1/255 unless given; integer inputs
+        get the pixels, and a scale, mean or std asked for them is an error (the model normalizes itself)."""
+        if dtype is None or np.dtype(dtype).kind not in "iu":
+            return self if self.scale is not None else replace(self, scale=1 / 255)
+        if self.scale not in (None, 1.0) or set(self.mean) != {0.0} or set(self.std) != {1.0}:
+            raise InputError(f"input {name!r} takes {np.dtype(dtype)} pixels, which the model normalizes itself: "
+                             "drop scale, mean and std from --calib-preprocess")
+        return replace(self, scale=1.0, pixels=True)
+
     def apply(self, image: Any) -> np.ndarray:
-        """A PIL image -> float32 sample in the spec's layout (CHW or HWC)."""
+        """A PIL image -> sample in the spec's layout (CHW or HWC): float32, or uint8 pixels (`pixels`)."""
         image = image.convert("L" if self.order == "gray" else "RGB")
         image = _resize(image, self.resize)
         image = _center_crop(image, self.crop)
-        array = np.asarray(image, dtype=np.float32).reshape(image.size[1], image.size[0], -1)
+        kind = np.uint8 if self.pixels else np.float32
+        array = np.asarray(image, dtype=kind).reshape(image.size[1], image.size[0], -1)
         if self.order == "bgr":
             array = array[:, :, ::-1]
-        if {len(self.mean), len(self.std)} - {1, array.shape[2]}:
-            raise InputError(f"mean/std give {len(self.mean)}/{len(self.std)} values for {array.shape[2]} channel(s)")
-        array = (array * np.float32(self.scale) - np.float32(self.mean)) / np.float32(self.std)
-        return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "nchw" else array, np.float32)
+        if not self.pixels:
+            if {len(self.mean), len(self.std)} - {1, array.shape[2]}:
+                raise InputError(f"mean/std give {len(self.mean)}/{len(self.std)} values for "
+                                 f"{array.shape[2]} channel(s)")
+            scale = np.float32(1 / 255 if self.scale is None else self.scale)
+            array = (array * scale - np.float32(self.mean)) / np.float32(self.std)
+        return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "nchw" else array, kind)
 
 
 def _dims(value: str, count: tuple[int, ...]) -> tuple[int, ...]:

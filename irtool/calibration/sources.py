@@ -254,7 +254,7 @@ def _build_source(kind: str, root: Path, files: list[Path], inputs: list[ModelIn
         chunks = [_npy_chunk(p, inp, where(p)) for p in files]
     else:
         inp = single_input(inputs, "an image folder")
-        spec = spec or Preprocess()
+        spec = (spec or Preprocess()).for_input(inp.name, inp.dtype)
         convert_sample(inp, load_image(files[0], spec), f"{where(files[0])} after preprocessing")
         chunks = [_Chunk(p, 1, {}, image=(inp.name, spec)) for p in files]
     return FileSource(f"{kind} {'file' if root.is_file() else 'folder'}", root, chunks, spec)

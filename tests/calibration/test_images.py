@@ -30,7 +30,8 @@ def write(path: Path, array: np.ndarray) -> Path:
 def test_the_issue_spec_parses_to_typed_fields():
     spec = Preprocess.parse(SPEC)
     assert spec == Preprocess(resize=(256,), crop=(224, 224), mean=(0.485, 0.456, 0.406),
-                              std=(0.229, 0.224, 0.225), scale=1 / 255, layout="nchw", order="rgb")
+                              std=(0.229, 0.224, 0.225), scale=None, layout="nchw", order="rgb")
+    assert spec.for_input("x", np.dtype(np.float32)).scale == 1 / 255  # the default for a float input
     assert Preprocess.parse("crop=4x6,scale=1,layout=NHWC,order=bgr") == Preprocess(
         crop=(4, 6), scale=1.0, layout="nhwc", order="bgr")
 
@@ -109,3 +110,22 @@ def test_the_preprocess_spec_is_part_of_the_fingerprint(tmp_path: Path):
     inputs = [("x", F32, (None, 3, 4, 4))]
     one, two = (CalibrationData.from_path(tmp_path, inputs, preprocess=f"crop=4,mean={m}") for m in (0, 0.5))
     assert one.fingerprint() != two.fingerprint()
+
+
+def test_an_integer_image_input_gets_the_pixels_themselves(tmp_path: Path):
+    """Edge exports that normalize inside the model take uint8 pixels: resize, crop, order and layout apply,
+    the arithmetic does not, and asking for it is an error rather than a silently different input."""
+    images = [pixels(6, 8, start=10 * k) for k in range(2)]
+    for k, image in enumerate(images):
+        write(tmp_path / f"{k}.png", image)
+    data = CalibrationData.from_path(tmp_path, [("img", np.dtype(np.uint8), (None, 4, 6, 3))],
+                                     preprocess="crop=4x6,order=bgr,layout=nhwc")
+    got = concat(data)["img"]
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.stack([im[1:5, 1:7, ::-1] for im in images]))
+    with pytest.raises(InputError, match="input 'img' takes uint8 pixels, which the model normalizes itself"):
+        CalibrationData.from_path(tmp_path, [("img", np.dtype(np.uint8), (None, 3, 4, 6))],
+                                  preprocess="crop=4x6,mean=0.5")
+    write(tmp_path / "bright" / "a.png", np.full((4, 6, 3), 200, np.uint8))
+    with pytest.raises(InputError, match="outside the range of int8"):
+        CalibrationData.from_path(tmp_path / "bright", [("img", np.dtype(np.int8), (None, 3, 4, 6))])
