@@ -42,8 +42,13 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
              calibration_data: Any = None,
              ir_printer: Callable[[str], None] | None = None, calib_samples: int | None = None,
              calib_batch_size: int | None = None, calib_preprocess: str | None = None,
-             calib_cache: str | os.PathLike | None = None, progress: bool = False) -> OptimizeResult:
+             calib_cache: str | os.PathLike | None = None, progress: bool = False,
+             example_inputs: Any = None) -> OptimizeResult:
     """Run `pipeline` (text or parsed) on a copy of the model; raise a typed IrtoolError on failure.
+
+    The model is a path, an onnx.ModelProto, an irtool Model, or a torch.nn.Module with `example_inputs` (a
+    tensor or a tuple of them), exported by irtool.frontends.torch.export_module with its defaults (dynamo,
+    falling back to the TorchScript tracer; dynamic batch; input names from forward's parameters).
 
     `ir_printer` receives the IR text for `print_ir_after`; by default it is logged at INFO.
     `calibration_data` is a CalibrationData, a path (.npz file, folder of .npy/.npz files or images),
@@ -59,7 +64,7 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     parsed = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     _check_print_ir_after(parsed, print_ir_after)
     shapes = {name: list(dims) for name, dims in (input_shapes or {}).items()}
-    model = load_model(model_or_path)
+    model = load_model(model_or_path, example_inputs)
     if model.source_opset < model.opset:
         log.warning("%s: opset %d upgraded to %d on load (onnx.version_converter); the output is opset %d",
                     model.source or "<model>", model.source_opset, model.opset, model.opset)
@@ -83,8 +88,11 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
                           input_shapes=shapes, cost_input_shapes=cost_shapes)
 
 
-def load_model(model_or_path: Model | Any | str | os.PathLike) -> Model:
-    """A private Model from a path, a ModelProto or a Model (copied, so the caller's stays untouched)."""
+def load_model(model_or_path: Model | Any | str | os.PathLike, example_inputs: Any = None) -> Model:
+    """A private Model from a path, a ModelProto, a Model (copied, so the caller's stays untouched) or a
+    torch.nn.Module exported on `example_inputs`."""
+    from irtool.frontends.torch import export_module, is_torch_module
+
     if isinstance(model_or_path, Model):
         return model_or_path.copy()
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -93,7 +101,14 @@ def load_model(model_or_path: Model | Any | str | os.PathLike) -> Model:
 
     if isinstance(model_or_path, onnx.ModelProto):
         return Model.from_proto(model_or_path)
-    raise InputError(f"expected a Model, an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+    if is_torch_module(model_or_path):
+        if example_inputs is None:
+            raise InputError(f"a PyTorch module ({type(model_or_path).__name__}) is exported first: "
+                             "give example_inputs, the tensors its forward takes")
+        proto = export_module(model_or_path, example_inputs)
+        return Model.from_proto(proto, source=f"<torch {type(model_or_path).__name__}>", owned=True)
+    raise InputError(f"expected a Model, an onnx.ModelProto, a path or a torch.nn.Module, "
+                     f"got {type(model_or_path).__name__}")
 
 
 def _check_print_ir_after(pipeline: Pipeline, names: Iterable[str]) -> None:

@@ -220,6 +220,61 @@ def _check_output_paths(model_in: Path, out: Path, report: Path | None) -> None:
         raise InputError(f"{report}: the report would overwrite a model; choose another report path")
 
 
+# ----------------------------------------------------------------------------------- export
+@cli.command("export")
+@click.argument("spec", metavar="MODULE")
+@click.option("-o", "--output", "out", required=True, metavar="OUT", help="The ONNX file to write.")
+@click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="NAME:DxDx..",
+              help="Name and shape of forward's inputs, in order, e.g. x:1x3x224x224 (repeatable).")
+@click.option("--input-dtype", "input_dtypes", multiple=True, metavar="NAME:DTYPE",
+              help="An input's dtype (default float32), e.g. input_ids:int64 (repeatable).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="auto: torch's dynamo exporter, the TorchScript tracer where torch.export fails.")
+@click.option("--opset", type=click.IntRange(min=13), metavar="N", help="ONNX opset (default: the exporter's).")
+@click.option("--static-batch", is_flag=True, help="Keep the example's batch size instead of a dynamic batch dim.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random example inputs.")
+def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tuple[str, ...], exporter: str,
+           opset: int | None, static_batch: bool, seed: int) -> None:
+    """Export a PyTorch module to ONNX for `irtool opt`.
+
+    MODULE is path/to/file.py:NAME or package.module:NAME; NAME is an nn.Module, or a class or function that
+    returns one when called without arguments. The module is traced in eval mode on random inputs of the
+    given shapes (zeros for integer dtypes); needs torch (pip install 'irtool[torch]').
+    """
+    from irtool.frontends.torch import example_inputs_for, export_module, load_module
+    from irtool.ir.model import Model
+
+    shapes, dtypes = _parse_shapes(input_shapes), _parse_dtypes(input_dtypes)
+    unknown = sorted(set(dtypes) - set(shapes))
+    if unknown:
+        raise InputError(f"--input-dtype {unknown[0]!r}: no --input-shape of that name")
+    _check_output_paths(Path(spec.rpartition(":")[0] or spec), Path(out), None)
+    module = load_module(spec)
+    proto = export_module(module, example_inputs_for(shapes, dtypes, seed), input_names=list(shapes),
+                          dynamic_batch=not static_batch, exporter=exporter, opset=opset)
+    model = Model.from_proto(proto, source=spec, owned=True)
+    model.save(out)
+    inputs = ", ".join(f"{t.name}: {list(t.shape or [])}" for t in model.graph.inputs)
+    click.echo(f"{out}: {type(module).__name__} exported (opset {model.opset}, "
+               f"{len(model.graph.nodes)} nodes; inputs {inputs})")
+
+
+def _parse_dtypes(texts: tuple[str, ...]) -> dict[str, str]:
+    import numpy as np
+
+    dtypes: dict[str, str] = {}
+    for text in texts:
+        name, sep, kind = text.rpartition(":")
+        try:
+            valid = bool(sep and name) and np.dtype(kind).kind in "fiub"
+        except TypeError:
+            valid = False
+        if not valid:
+            raise InputError(f"--input-dtype {text!r}: expected NAME:DTYPE with a numeric dtype, e.g. ids:int64")
+        dtypes[name] = kind
+    return dtypes
+
+
 # ----------------------------------------------------------------------------------- passes
 @cli.command("passes")
 @_json_option

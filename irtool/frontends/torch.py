@@ -1,0 +1,234 @@
+"""The PyTorch frontend: export an nn.Module to the ONNX that irtool's passes take.
+
+torch is an optional extra (`pip install 'irtool[torch]'`) and is imported only when a module is exported.
+Exporters: torch's `dynamo` exporter (torch.export, then onnxscript's optimizer; torch's own default since
+2.9) and the legacy TorchScript tracer (`torchscript`). `auto` tries dynamo and falls back to the tracer
+with a warning that says why, since torch.export refuses some modules the tracer takes (data-dependent
+Python control flow, which the tracer records for the example input only).
+
+The module is exported in eval mode (BatchNorm with its running statistics, no Dropout) and every
+submodule's training flag is put back afterwards. Input names default to the parameter names of
+`forward`; the batch dim (dim 0 of every input and output) is dynamic unless `dynamic_batch=False`, so
+calibration and deployment can use other batch sizes than the example's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from irtool.errors import InputError
+
+log = logging.getLogger(__name__)
+EXPORTERS = ("auto", "dynamo", "torchscript")
+INSTALL_HINT = "exporting a PyTorch module needs torch: pip install 'irtool[torch]'"
+
+
+def is_torch_module(obj: Any) -> bool:
+    """Whether `obj` is a torch.nn.Module, without importing torch (a module object implies it is imported)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str] | None = None,
+                  output_names: Sequence[str] | None = None, dynamic_batch: bool = True,
+                  exporter: str = "auto", opset: int | None = None) -> onnx.ModelProto:
+    """`module` as an ONNX ModelProto, traced on `example_inputs` (a tensor or array, or a tuple of them)."""
+    torch = _torch()
+    if exporter not in EXPORTERS:
+        raise InputError(f"exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
+    args = _as_args(torch, example_inputs)
+    names = list(input_names) if input_names is not None else _forward_names(module, len(args))
+    if len(names) != len(args):
+        raise InputError(f"{len(names)} input name(s) for {len(args)} example input(s)")
+    label = type(module).__name__
+    with _eval_mode(module), torch.no_grad():
+        if exporter in ("auto", "dynamo"):
+            try:
+                with _quiet(stderr=True):
+                    return _dynamo(torch, module, args, names, output_names, dynamic_batch, opset)
+            except Exception as e:  # torch.export raises many types; the tracer may still take the module
+                if exporter == "dynamo":
+                    raise InputError(f"exporting {label} with torch's dynamo exporter failed: {_first_line(e)}") from e
+                log.warning("exporting %s: the dynamo exporter failed (%s); using the TorchScript tracer",
+                            label, _first_line(e))
+        try:
+            with _quiet(stderr=False):
+                return _torchscript(torch, module, args, names, output_names, dynamic_batch, opset)
+        except Exception as e:
+            raise InputError(f"exporting {label} with the TorchScript exporter failed: {_first_line(e)}") from e
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise InputError(INSTALL_HINT) from e
+    return torch
+
+
+def _as_args(torch: Any, example_inputs: Any) -> tuple:
+    items = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not items:
+        raise InputError("example_inputs is empty: give the tensors the module's forward takes")
+    args = []
+    for index, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(np.ascontiguousarray(item))
+        if not isinstance(item, torch.Tensor):
+            raise InputError(f"example input {index} is a {type(item).__name__}; expected a tensor or an array")
+        args.append(item)
+    return tuple(args)
+
+
+def _forward_names(module: Any, count: int) -> list[str]:
+    """The first `count` positional parameters of forward, or input, input_1, ... when it takes *args."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= count:
+        return [p.name for p in params[:count]]
+    return ["input" if i == 0 else f"input_{i}" for i in range(count)]
+
+
+@contextlib.contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in flags:
+            sub.training = training
+
+
+# torch's own loggers, which report the steps and a failed torch.export's graph with their own handlers.
+_TORCH_LOGGERS = ("torch", "torch._dynamo", "torch._export", "torch.export", "torch.fx", "torch.onnx",
+                  "torch.fx.experimental.symbolic_shapes")
+
+
+@contextlib.contextmanager
+def _quiet(stderr: bool) -> Iterator[None]:
+    """torch.onnx prints its steps (and, when torch.export fails, the traced graph) on stdout, where the CLI
+    writes JSON, and on stderr; that goes to the debug log. The tracer's stderr stays: its TracerWarnings say
+    where a trace may not generalize."""
+    captured = io.StringIO()
+    levels = {name: logging.getLogger(name).level for name in _TORCH_LOGGERS}
+    try:
+        for name in _TORCH_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(captured), \
+                (contextlib.redirect_stderr(captured) if stderr else contextlib.nullcontext()):
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if captured.getvalue():
+            log.debug("torch.onnx output:\n%s", captured.getvalue())
+
+
+def _dynamo(torch: Any, module, args, names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} if a.dim() else {} for a in args)
+    program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=output_names,
+                                dynamic_shapes=shapes, opset_version=opset, verbose=False)
+    return program.model_proto
+
+
+def _torchscript(torch: Any, module, args, names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
+    axes = None
+    if output_names is None:  # named here so that their batch dim can be marked dynamic too
+        outputs = module(*args)
+        count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        output_names = ["output" if i == 0 else f"output_{i}" for i in range(count)]
+    if dynamic_batch:
+        axes = {name: {0: "batch"} for name, a in zip(names, args, strict=True) if a.dim()}
+        axes.update({name: {0: "batch"} for name in output_names})
+    buffer = io.BytesIO()
+    torch.onnx.export(module, args, buffer, dynamo=False, input_names=names, output_names=output_names,
+                      dynamic_axes=axes, opset_version=opset or 17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause (torch.onnx wraps the reason in "Failed to export ... step 1/3"),
+    without terminal colour codes."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def example_inputs_for(shapes: Mapping[str, list[int]], dtypes: Mapping[str, str], seed: int = 0) -> tuple:
+    """Example arrays for the CLI: standard normal floats, zeros for integer inputs (valid token ids and
+    indices), in the order `shapes` gives them."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for name, dims in shapes.items():
+        dtype = np.dtype(dtypes.get(name, "float32"))
+        arrays.append(rng.standard_normal(dims).astype(dtype) if dtype.kind == "f" else np.zeros(dims, dtype))
+    return tuple(arrays)
+
+
+def load_module(spec: str) -> Any:
+    """The nn.Module named by `spec`: `path/to/file.py:NAME` or `package.module:NAME`, NAME an nn.Module or
+    a class or function that returns one when called without arguments. Running the file is the point: it is
+    the user's model code, as a build step would run it."""
+    torch = _torch()
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name.isidentifier():
+        raise InputError(f"MODULE {spec!r}: expected path/to/file.py:NAME or package.module:NAME")
+    namespace = _import_source(source, spec)
+    if not hasattr(namespace, name):
+        raise InputError(f"MODULE {spec!r}: {source} has no {name!r}")
+    found = getattr(namespace, name)
+    if not isinstance(found, torch.nn.Module):
+        if not callable(found):
+            raise InputError(f"MODULE {spec!r}: {name} is a {type(found).__name__}, not a module or a factory")
+        try:
+            found = found()
+        except Exception as e:
+            raise InputError(f"MODULE {spec!r}: calling {name}() failed: {_first_line(e)}") from e
+    if not isinstance(found, torch.nn.Module):
+        raise InputError(f"MODULE {spec!r}: {name}() returned a {type(found).__name__}, not a torch.nn.Module")
+    return found
+
+
+def _import_source(source: str, spec: str) -> Any:
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(source)
+    try:
+        if source.endswith(".py") or "/" in source or "\\" in source:
+            if not path.is_file():
+                raise InputError(f"MODULE {spec!r}: {source}: no such file")
+            loader_spec = importlib.util.spec_from_file_location(f"irtool_user_{path.stem}", path)
+            namespace = importlib.util.module_from_spec(loader_spec)
+            sys.path.insert(0, str(path.resolve().parent))  # the file's own imports of its neighbours
+            try:
+                loader_spec.loader.exec_module(namespace)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+            return namespace
+        return importlib.import_module(source)
+    except InputError:
+        raise
+    except Exception as e:  # the user's code: any error it raises on import is reported, not a traceback
+        raise InputError(f"MODULE {spec!r}: importing {source} failed: {_first_line(e)}") from e

@@ -1,0 +1,182 @@
+"""The PyTorch frontend: optimize() on an nn.Module and `irtool export`, against torch's own outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from irtool.api import optimize
+from irtool.errors import InputError
+from irtool.frontends.torch import export_module
+from tests.cli.conftest import assert_one_line_error, run_cli, sha256
+from tests.passes.helpers import run_ort
+
+
+class Net(nn.Module):
+    """Conv, BatchNorm (running statistics only in eval mode), Dropout (identity only in eval mode), Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, img):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(img))).mean((2, 3))))
+
+
+class Branchy(nn.Module):
+    """Python control flow on a tensor's value: torch.export refuses it, the tracer records one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -x
+
+
+def trained_net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    net.train()
+    with torch.no_grad():  # running statistics that differ from the batch's, so eval mode matters
+        for _ in range(3):
+            net(torch.randn(8, 3, 16, 16) * 2 + 1)
+    return net
+
+
+def torch_eval(net: nn.Module, x: np.ndarray) -> np.ndarray:
+    training = net.training
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.from_numpy(x)).numpy()
+    net.train(training)
+    return out
+
+
+@pytest.mark.parametrize("exporter", ["auto", "dynamo", "torchscript"])
+def test_a_module_exports_in_eval_mode_with_a_dynamic_batch_and_forwards_names(exporter):
+    net = trained_net()
+    net.drop.eval()  # a mixed state, which must come back as it was
+    flags = [m.training for m in net.modules()]
+    proto = export_module(net, torch.randn(1, 3, 16, 16), exporter=exporter)
+    assert [m.training for m in net.modules()] == flags
+    assert [i.name for i in proto.graph.input] == ["img"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch is symbolic
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    got = next(iter(run_ort(proto, {"img": x}).values()))
+    np.testing.assert_allclose(got, torch_eval(net, x), rtol=1e-4, atol=1e-5)
+
+
+def test_optimize_takes_a_module_with_example_inputs_and_quantizes_it():
+    net = trained_net()
+    rng = np.random.default_rng(1)
+    calib = [{"img": (rng.standard_normal((8, 3, 16, 16)) * 2 + 1).astype(np.float32)} for _ in range(8)]
+    result = optimize(net, "quant", example_inputs=torch.randn(1, 3, 16, 16), calibration_data=calib)
+    assert result.model.source == "<torch Net>"
+    assert sum(n.op == "QuantizeLinear" for n in result.model.graph.nodes) >= 2
+    x = (rng.standard_normal((16, 3, 16, 16)) * 2 + 1).astype(np.float32)
+    ref, got = torch_eval(net, x), next(iter(run_ort(result.model, {"img": x}).values()))
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 25
+
+
+def test_auto_falls_back_to_the_tracer_and_says_why(caplog):
+    with caplog.at_level(logging.WARNING, logger="irtool"):
+        proto = export_module(Branchy(), torch.ones(2, 4))
+    assert "the dynamo exporter failed (GuardOnDataDependentSymNode" in caplog.text
+    assert "using the TorchScript tracer" in caplog.text
+    assert [n.op_type for n in proto.graph.node] == ["Gemm"]  # the branch the example input took
+    with pytest.raises(InputError, match=r"^exporting Branchy with torch's dynamo exporter failed: "):
+        export_module(Branchy(), torch.ones(2, 4), exporter="dynamo")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: optimize(Net(), "cleanup"), r"a PyTorch module \(Net\) is exported first: give example_inputs"),
+    (lambda: export_module(Net(), "x"), r"example input 0 is a str; expected a tensor or an array"),
+    (lambda: export_module(Net(), ()), "example_inputs is empty"),
+    (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), exporter="onnx"), "exporter 'onnx': expected one of"),
+    (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), input_names=["a", "b"]), r"2 input name\(s\) for 1"),
+])
+def test_bad_calls_are_input_errors(call, message):
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+MODULE_FILE = '''
+import torch
+from torch import nn
+
+NUMBER = 3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, ids, scale):
+        return self.fc(self.emb(ids).mean(1) * scale)
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+
+
+def not_a_module():
+    return [1]
+'''
+
+
+def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
+    (tmp_path / "models.py").write_text(MODULE_FILE)
+    out = tmp_path / "net.onnx"
+    args = ["export", tmp_path / "models.py:build", "-o", out, "--input-shape", "ids:1x5", "--input-shape",
+            "scale:1x1", "--input-dtype", "ids:int64"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{out}: Net exported (opset ")
+    first = sha256(out)
+    assert run_cli(*args).returncode == 0 and sha256(out) == first  # deterministic
+    proto = onnx.load(out)
+    assert [(i.name, i.type.tensor_type.elem_type) for i in proto.graph.input] == [
+        ("ids", onnx.TensorProto.INT64), ("scale", onnx.TensorProto.FLOAT)]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("models_under_test", tmp_path / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ids, scale = np.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5], [0, 0, 1, 1, 2]]), np.full((3, 1), 0.5, np.float32)
+    with torch.no_grad():
+        ref = module.build().eval()(torch.from_numpy(ids), torch.from_numpy(scale)).numpy()
+    got = next(iter(run_ort(proto, {"ids": ids, "scale": scale}).values()))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    optimized = run_cli("opt", out, "-o", tmp_path / "net.opt.onnx", "--passes", "cleanup")
+    assert optimized.returncode == 0, optimized.stderr
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("models.py:nope", "models.py has no 'nope'"),
+    ("models.py:NUMBER", "NUMBER is a int, not a module or a factory"),
+    ("models.py:not_a_module", "not_a_module() returned a list, not a torch.nn.Module"),
+    ("missing.py:build", "missing.py: no such file"),
+    ("broken.py:build", "importing broken.py failed: ValueError: broken on purpose"),
+    ("models.py", "expected path/to/file.py:NAME or package.module:NAME"),
+])
+def test_cli_export_bad_modules_are_one_line_errors(tmp_path: Path, target: str, fragment: str):
+    (tmp_path / "models.py").write_text(MODULE_FILE)
+    (tmp_path / "broken.py").write_text("raise ValueError('broken on purpose')\n")
+    result = run_cli("export", target, "-o", "out.onnx", "--input-shape", "ids:1x5", cwd=tmp_path)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "out.onnx").exists()
