@@ -18,11 +18,16 @@ channel), ONNX Runtime dequantizes the weight at run time, and the error is the 
 Per-channel scales follow each column's range, so one column with an outlier no longer coarsens the
 grid of all the others (the outlier only costs its own column).
 
-Quantized: MatMul (second input) and Gemm (input B) in the standard domain whose weight is a float32
-constant of rank >= 2 (exactly 2 for Gemm) with at least `min-size` elements and only finite values,
+Quantized: MatMul (second input) and Gemm (input B) in the standard domain whose weight is a float32 or
+float16 constant of rank >= 2 (exactly 2 for Gemm) with at least `min-size` elements and only finite values,
 unless the node's name matches an `exclude` regex. A weight read by several quantized nodes with the same axis is
 quantized once; a reader that is not quantized keeps the float32 original. DequantizeLinear's `axis`
 needs opset 13, which irtool's loader already requires. Runs on the main graph only.
+
+A float16 weight (a model `fp16` converted, or exported in half precision) is quantized the same way and
+its float32 DequantizeLinear output is Cast to float16, since DequantizeLinear writes float32 only before
+opset 19: int8 halves such a weight's bytes, and the error adds float16's rounding of q · s_c. (Before,
+such weights were skipped without a word and the pass changed nothing on a float16 model.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
@@ -91,12 +97,12 @@ class QuantDynamic(Pass):
 
 
 def _channel_axis(node: gs.Node) -> int | None:
-    """The output-channel axis of the node's float32 constant weight, or None if it has none."""
+    """The output-channel axis of the node's float32 or float16 constant weight, or None if it has none."""
     if not is_default_domain(node) or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return None
     weight = node.inputs[1]  # dtype and shape only: lazy values stay unloaded
     rank = len(weight.shape)
-    if weight.dtype != np.float32 or rank < 2:
+    if weight.dtype not in (np.float32, np.float16) or rank < 2:
         return None
     if node.op == "Gemm":
         if rank != 2:
@@ -149,6 +155,14 @@ class _Quantizer:
         self.model.graph.nodes.append(node)
         self.bytes_before += values.nbytes
         self.bytes_after += q.nbytes + scale.nbytes
+        if values.dtype == np.float16:
+            return self._to_half(out, unique)
+        return out
+
+    def _to_half(self, value: gs.Variable, unique) -> gs.Variable:
+        out = gs.Variable(unique(f"{value.name}_fp16"), dtype=np.float16, shape=value.shape)
+        self.model.graph.nodes.append(gs.Node("Cast", name=unique(f"{value.name}_Cast"),
+                                              attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[value], outputs=[out]))
         return out
 
     def stats(self) -> dict[str, float | int]:

@@ -93,6 +93,25 @@ def test_encoder_weight_bytes_shrink_about_four_times(encoder, record_property):
     assert proto_after.ByteSize() < 0.4 * proto_before.ByteSize()
 
 
+def test_a_float16_encoder_gets_its_weights_quantized_too():
+    """Half-precision exports used to come through unchanged: float16 weights were skipped without a word."""
+    half = model_of(encoder_proto())
+    run(half, "fp16")
+    model = half.copy()
+    stats = run(model, "quant-dynamic")[0].stats
+    float32 = run(model_of(encoder_proto()), "quant-dynamic")[0].stats
+    assert stats["weights_quantized"] == 10 and 2 * stats["weight_bytes_before"] == float32["weight_bytes_before"]
+    assert stats["weight_bytes_after"] == float32["weight_bytes_after"]  # the same int8 and float32 scales
+    assert 1.8 < stats["compression"] < 2.0  # int8 against float16
+    readers = [n.inputs[1].inputs[0] for n in model.graph.nodes if n.op == "MatMul" and n.inputs[1].inputs]
+    casts = [r for r in readers if r.op == "Cast"]
+    assert len(casts) == 10 and all(c.inputs[0].inputs[0].op == "DequantizeLinear" for c in casts)
+    for seed in (0, 1):
+        feeds = feeds_for(encoder_proto(), seed)
+        ref, got = run_ort(half, feeds)["y"], run_ort(model, feeds)["y"]
+        assert _row_cosines(ref, got).min() >= 0.99 and _sqnr_db(ref, got) > 30.0
+
+
 # --------------------------------------------------------------------------- the quantizer
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=6),
