@@ -232,9 +232,11 @@ def _check_output_paths(model_in: Path, out: Path, report: Path | None) -> None:
               help="auto: torch's dynamo exporter, the TorchScript tracer where torch.export fails.")
 @click.option("--opset", type=click.IntRange(min=13), metavar="N", help="ONNX opset (default: the exporter's).")
 @click.option("--static-batch", is_flag=True, help="Keep the example's batch size instead of a dynamic batch dim.")
+@click.option("--dynamic", "dynamic_dims", multiple=True, metavar="NAME:AXIS=DIM",
+              help="Another symbolic dim, e.g. input_ids:1=tokens; one DIM name ties dims together (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random example inputs.")
 def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tuple[str, ...], exporter: str,
-           opset: int | None, static_batch: bool, seed: int) -> None:
+           opset: int | None, static_batch: bool, dynamic_dims: tuple[str, ...], seed: int) -> None:
     """Export a PyTorch module to ONNX for `irtool opt`.
 
     MODULE is path/to/file.py:NAME or package.module:NAME; NAME is an nn.Module, or a class or function that
@@ -251,12 +253,24 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
     _check_output_paths(Path(spec.rpartition(":")[0] or spec), Path(out), None)
     module = load_module(spec)
     proto = export_module(module, example_inputs_for(shapes, dtypes, seed), input_names=list(shapes),
-                          dynamic_batch=not static_batch, exporter=exporter, opset=opset)
+                          dynamic_batch=not static_batch, dynamic_axes=_parse_dynamic(dynamic_dims),
+                          exporter=exporter, opset=opset)
     model = Model.from_proto(proto, source=spec, owned=True)
     model.save(out)
     inputs = ", ".join(f"{t.name}: {list(t.shape or [])}" for t in model.graph.inputs)
     click.echo(f"{out}: {type(module).__name__} exported (opset {model.opset}, "
                f"{len(model.graph.nodes)} nodes; inputs {inputs})")
+
+
+def _parse_dynamic(texts: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for text in texts:
+        name, _, rest = text.rpartition(":")
+        axis, sep, dim = rest.partition("=")
+        if not name or not sep or not axis.lstrip("-").isdigit():
+            raise InputError(f"--dynamic {text!r}: expected NAME:AXIS=DIM, e.g. input_ids:1=tokens")
+        axes.setdefault(name, {})[int(axis)] = dim
+    return axes
 
 
 def _parse_dtypes(texts: tuple[str, ...]) -> dict[str, str]:

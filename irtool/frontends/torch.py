@@ -9,7 +9,8 @@ Python control flow, which the tracer records for the example input only).
 The module is exported in eval mode (BatchNorm with its running statistics, no Dropout) and every
 submodule's training flag is put back afterwards. Input names default to the parameter names of
 `forward`; the batch dim (dim 0 of every input and output) is dynamic unless `dynamic_batch=False`, so
-calibration and deployment can use other batch sizes than the example's.
+calibration and deployment can use other batch sizes than the example's; `dynamic_axes` makes more dims
+symbolic ({"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}}: one name ties dims together).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def is_torch_module(obj: Any) -> bool:
 
 def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str] | None = None,
                   output_names: Sequence[str] | None = None, dynamic_batch: bool = True,
-                  exporter: str = "auto", opset: int | None = None) -> onnx.ModelProto:
+                  dynamic_axes: Mapping[str, Mapping[int, str]] | None = None, exporter: str = "auto",
+                  opset: int | None = None) -> onnx.ModelProto:
     """`module` as an ONNX ModelProto, traced on `example_inputs` (a tensor or array, or a tuple of them)."""
     torch = _torch()
     if exporter not in EXPORTERS:
@@ -51,12 +53,13 @@ def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str
     names = list(input_names) if input_names is not None else _forward_names(module, len(args))
     if len(names) != len(args):
         raise InputError(f"{len(names)} input name(s) for {len(args)} example input(s)")
+    dims = _symbolic_dims(names, args, dynamic_batch, dynamic_axes or {})
     label = type(module).__name__
     with _eval_mode(module), torch.no_grad():
         if exporter in ("auto", "dynamo"):
             try:
                 with _quiet(stderr=True):
-                    return _dynamo(torch, module, args, names, output_names, dynamic_batch, opset)
+                    return _dynamo(torch, module, args, names, output_names, dims, opset)
             except Exception as e:  # torch.export raises many types; the tracer may still take the module
                 if exporter == "dynamo":
                     raise InputError(f"exporting {label} with torch's dynamo exporter failed: {_first_line(e)}") from e
@@ -64,7 +67,7 @@ def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str
                             label, _first_line(e))
         try:
             with _quiet(stderr=False):
-                return _torchscript(torch, module, args, names, output_names, dynamic_batch, opset)
+                return _torchscript(torch, module, args, names, output_names, dims, dynamic_batch, opset)
         except Exception as e:
             raise InputError(f"exporting {label} with the TorchScript exporter failed: {_first_line(e)}") from e
 
@@ -139,25 +142,43 @@ def _quiet(stderr: bool) -> Iterator[None]:
             log.debug("torch.onnx output:\n%s", captured.getvalue())
 
 
-def _dynamo(torch: Any, module, args, names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
+def _symbolic_dims(names: list[str], args: tuple, dynamic_batch: bool,
+                   dynamic_axes: Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:
+    """{input name: {axis: dim name}} for every symbolic input dim."""
+    ranks = {name: arg.dim() for name, arg in zip(names, args, strict=True)}
+    dims: dict[str, dict[int, str]] = {name: ({0: "batch"} if dynamic_batch and rank else {})
+                                       for name, rank in ranks.items()}
+    for name, axes in dynamic_axes.items():
+        if name not in ranks:
+            raise InputError(f"dynamic axes for {name!r}: the inputs are {', '.join(names)}")
+        for axis, dim in axes.items():
+            if not -ranks[name] <= int(axis) < ranks[name] or not str(dim).isidentifier():
+                raise InputError(f"dynamic axis {axis}={dim!r} of {name!r}: needs an axis of its {ranks[name]} "
+                                 "and a name of letters, digits and _")
+            dims[name][int(axis) % ranks[name]] = str(dim)
+    return dims
+
+
+def _dynamo(torch: Any, module, args, names, output_names, dims, opset) -> onnx.ModelProto:
     shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        shapes = tuple({0: batch} if a.dim() else {} for a in args)
+    if any(dims.values()):
+        made = {dim: torch.export.Dim(dim) for axes in dims.values() for dim in axes.values()}
+        shapes = tuple({axis: made[dim] for axis, dim in dims[name].items()} for name in names)
     program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=output_names,
                                 dynamic_shapes=shapes, opset_version=opset, verbose=False)
     return program.model_proto
 
 
-def _torchscript(torch: Any, module, args, names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
+def _torchscript(torch: Any, module, args, names, output_names, dims, dynamic_batch, opset) -> onnx.ModelProto:
     axes = None
     if output_names is None:  # named here so that their batch dim can be marked dynamic too
         outputs = module(*args)
         count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         output_names = ["output" if i == 0 else f"output_{i}" for i in range(count)]
-    if dynamic_batch:
-        axes = {name: {0: "batch"} for name, a in zip(names, args, strict=True) if a.dim()}
-        axes.update({name: {0: "batch"} for name in output_names})
+    if any(dims.values()):
+        axes = {name: dict(found) for name, found in dims.items() if found}
+        if dynamic_batch:
+            axes.update({name: {0: "batch"} for name in output_names})
     buffer = io.BytesIO()
     torch.onnx.export(module, args, buffer, dynamo=False, input_names=names, output_names=output_names,
                       dynamic_axes=axes, opset_version=opset or 17)

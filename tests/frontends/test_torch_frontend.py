@@ -32,6 +32,18 @@ class Net(nn.Module):
         return self.fc(self.drop(torch.relu(self.bn(self.conv(img))).mean((2, 3))))
 
 
+class TokenPool(nn.Module):
+    """Token ids and a mask of the same length, pooled: the token dim must be one symbol for both."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, ids, mask):
+        return self.fc((self.emb(ids) * mask.unsqueeze(-1)).sum(1))
+
+
 class Branchy(nn.Module):
     """Python control flow on a tensor's value: torch.export refuses it, the tracer records one branch."""
 
@@ -100,12 +112,31 @@ def test_auto_falls_back_to_the_tracer_and_says_why(caplog):
         export_module(Branchy(), torch.ones(2, 4), exporter="dynamo")
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_dynamic_axes_make_the_token_dim_symbolic_and_tie_it_across_inputs(exporter):
+    torch.manual_seed(0)
+    module = TokenPool().eval()
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
+    tokens = {"ids": {1: "tokens"}, "mask": {1: "tokens"}}
+    proto = export_module(module, (ids, mask), dynamic_axes=tokens, exporter=exporter)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert dims == [["batch", "tokens"], ["batch", "tokens"]]
+    rng = np.random.default_rng(0)
+    for count in (3, 11):
+        feeds = {"ids": rng.integers(0, 50, (3, count)), "mask": rng.integers(0, 2, (3, count)).astype(np.float32)}
+        with torch.no_grad():
+            ref = module(torch.from_numpy(feeds["ids"]), torch.from_numpy(feeds["mask"])).numpy()
+        np.testing.assert_allclose(next(iter(run_ort(proto, feeds).values())), ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: optimize(Net(), "cleanup"), r"a PyTorch module \(Net\) is exported first: give example_inputs"),
     (lambda: export_module(Net(), "x"), r"example input 0 is a str; expected a tensor or an array"),
     (lambda: export_module(Net(), ()), "example_inputs is empty"),
     (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), exporter="onnx"), "exporter 'onnx': expected one of"),
     (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), input_names=["a", "b"]), r"2 input name\(s\) for 1"),
+    (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), dynamic_axes={"x": {2: "h"}}), "the inputs are img"),
+    (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), dynamic_axes={"img": {4: "h"}}), "needs an axis of its 4"),
 ])
 def test_bad_calls_are_input_errors(call, message):
     with pytest.raises(InputError, match=message):
@@ -143,7 +174,7 @@ def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
     (tmp_path / "models.py").write_text(MODULE_FILE)
     out = tmp_path / "net.onnx"
     args = ["export", tmp_path / "models.py:build", "-o", out, "--input-shape", "ids:1x5", "--input-shape",
-            "scale:1x1", "--input-dtype", "ids:int64"]
+            "scale:1x1", "--input-dtype", "ids:int64", "--dynamic", "ids:1=tokens"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{out}: Net exported (opset ")
@@ -157,7 +188,9 @@ def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
     spec = importlib.util.spec_from_file_location("models_under_test", tmp_path / "models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    ids, scale = np.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5], [0, 0, 1, 1, 2]]), np.full((3, 1), 0.5, np.float32)
+    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim] == ["batch", "tokens"]
+    ids = np.array([[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4], [0, 0, 1, 1, 2, 2]])  # 6 tokens: the export saw 5
+    scale = np.full((3, 1), 0.5, np.float32)
     with torch.no_grad():
         ref = module.build().eval()(torch.from_numpy(ids), torch.from_numpy(scale)).numpy()
     got = next(iter(run_ort(proto, {"ids": ids, "scale": scale}).values()))
@@ -173,10 +206,13 @@ def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
     ("missing.py:build", "missing.py: no such file"),
     ("broken.py:build", "importing broken.py failed: ValueError: broken on purpose"),
     ("models.py", "expected path/to/file.py:NAME or package.module:NAME"),
+    ("models.py:build --dynamic ids=tokens", "--dynamic 'ids=tokens': expected NAME:AXIS=DIM"),
+    ("models.py:build --input-dtype ids:text", "--input-dtype 'ids:text': expected NAME:DTYPE"),
+    ("models.py:build --input-dtype other:int64", "--input-dtype 'other': no --input-shape of that name"),
 ])
 def test_cli_export_bad_modules_are_one_line_errors(tmp_path: Path, target: str, fragment: str):
     (tmp_path / "models.py").write_text(MODULE_FILE)
     (tmp_path / "broken.py").write_text("raise ValueError('broken on purpose')\n")
-    result = run_cli("export", target, "-o", "out.onnx", "--input-shape", "ids:1x5", cwd=tmp_path)
+    result = run_cli("export", *target.split(), "-o", "out.onnx", "--input-shape", "ids:1x5", cwd=tmp_path)
     assert_one_line_error(result, 2, fragment)
     assert not (tmp_path / "out.onnx").exists()
