@@ -59,7 +59,7 @@ def test_conv_family_folds_and_matches(op, group, bias):
     model = model_of(_producer_case(op, group, bias))
     original = model.copy()
     records = run(model, "fold-bn")
-    assert records[0].stats == {"bn_folded": 1}
+    assert records[0].stats == {"bn_folded": 1, "affine_folded": 0}
     assert ops(model) == [op]
     producer = model.graph.nodes[0]
     assert producer.outputs[0].name == "y" and len(producer.inputs) == 3
@@ -84,7 +84,7 @@ def _gemm_case(trans_b: int, c_shape: list[int] | None, seed: int = 1) -> onnx.M
 def test_gemm_folds_for_every_bias_broadcast(trans_b, c_shape):
     model = model_of(_gemm_case(trans_b, c_shape))
     original = model.copy()
-    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1}
+    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1, "affine_folded": 0}
     gemm = model.graph.nodes[0]
     assert gemm.op == "Gemm" and gemm.attrs["beta"] == 1.0 and gemm.attrs["alpha"] == pytest.approx(0.7)
     assert_same_outputs(original, model, **TOL)
@@ -97,7 +97,7 @@ def test_shared_weight_is_not_changed_under_the_other_reader():
              helper.make_node("Conv", ["x", "w"], ["y2"], name="conv2")]
     model = model_of(_proto(nodes, inits, [1, 4, 3, 3], {"y1": [1, 4, 3, 3], "y2": [1, 4, 3, 3]}))
     original = model.copy()
-    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1}
+    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1, "affine_folded": 0}
     conv1, conv2 = model.graph.nodes
     assert conv2.inputs[1].name == "w" and conv1.inputs[1].name == "w_bn"
     assert_same_outputs(original, model, **TOL)
@@ -118,7 +118,7 @@ def _declines(proto_or_text) -> None:
     model = model_of(proto_or_text)
     before = ops(model)
     records = run(model, "fold-bn")
-    assert records[0].modified is False and records[0].stats == {"bn_folded": 0}
+    assert records[0].modified is False and records[0].stats == {"bn_folded": 0, "affine_folded": 0}
     assert ops(model) == before
 
 
@@ -176,6 +176,79 @@ def test_folds_inside_an_if_branch():
         }, else_branch = e () => (float[1,2,2,2] ey) { ey = Neg(x) }>
     }""")
     original = model.copy()
-    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1}
+    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1, "affine_folded": 0}
     assert "BatchNormalization" not in ops(model)
     assert_same_outputs(original, model, **TOL)
+
+
+# --------------------------------------------------------------------------- per-channel affine ops
+def _affine_case(follow: list[tuple[str, np.ndarray, bool]], producer: str = "Conv", seed: int = 5) -> onnx.ModelProto:
+    """x -> producer (no bias) -> each (op, constant, constant first) in turn -> Relu -> y."""
+    rng = np.random.default_rng(seed)
+    if producer == "Conv":
+        inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")]
+        nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], name="p", pads=[1, 1, 1, 1])]
+        x_shape, y_shape = [2, 3, 5, 5], [2, 4, 5, 5]
+    else:
+        inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 6)).astype(np.float32), "w")]
+        nodes = [helper.make_node("Gemm", ["x", "w"], ["t0"], name="p", transB=1)]
+        x_shape, y_shape = [2, 6], [2, 4]
+    for i, (op, value, constant_first) in enumerate(follow):
+        inits.append(numpy_helper.from_array(value.astype(np.float32), f"v{i}"))
+        operands = [f"v{i}", f"t{i}"] if constant_first else [f"t{i}", f"v{i}"]
+        nodes.append(helper.make_node(op, operands, [f"t{i + 1}"], name=f"{op.lower()}{i}"))
+    nodes.append(helper.make_node("Relu", [f"t{len(follow)}"], ["y"], name="relu"))
+    return _proto(nodes, inits, x_shape, {"y": y_shape})
+
+
+CHANNELS = np.array([0.5, -2.0, 1.5, 3.0])
+
+
+@pytest.mark.parametrize("follow", [
+    [("Mul", CHANNELS.reshape(4, 1, 1), False), ("Add", CHANNELS.reshape(1, 4, 1, 1) - 1, False)],  # decomposed BN
+    [("Mul", CHANNELS.reshape(4, 1, 1), True), ("Sub", CHANNELS.reshape(4, 1, 1), True)],  # v·y, then v − y
+    [("Div", CHANNELS.reshape(1, 4, 1, 1), False), ("Sub", np.array(0.25), False)],  # y/v, y − scalar
+    [("Add", np.array([[[[0.75]]]]), False)],  # one value, at the output's rank
+], ids=["mul-add", "mul-first-sub-reversed", "div-sub-scalar", "add-scalar-4d"])
+def test_per_channel_affine_ops_fold_into_the_conv(follow):
+    model = model_of(_affine_case(follow))
+    original = model.copy()
+    assert run(model, "fold-bn")[0].stats == {"bn_folded": 0, "affine_folded": len(follow)}
+    assert ops(model) == ["Conv", "Relu"]
+    assert_same_outputs(original, model, **TOL)
+
+
+def test_gemm_takes_a_bias_add_and_a_scale_and_a_batchnorm_after_them():
+    rng = np.random.default_rng(6)
+    proto = _affine_case([("Add", CHANNELS.reshape(1, 4), False), ("Mul", CHANNELS, False)], producer="Gemm")
+    # ... and a BatchNormalization after the Mul: the chain folds in one run, in graph order
+    proto.graph.initializer.extend(_bn_inits(rng, 4))
+    relu = proto.graph.node[-1]
+    relu.input[0] = "bn_out"
+    proto.graph.node.insert(len(proto.graph.node) - 1, _bn_node("t2", "bn_out"))
+    model = model_of(proto)
+    original = model.copy()
+    assert run(model, "fold-bn")[0].stats == {"bn_folded": 1, "affine_folded": 2}
+    assert ops(model) == ["Gemm", "Relu"]
+    assert_same_outputs(original, model, **TOL)
+
+
+@pytest.mark.parametrize("follow", [
+    [("Add", np.arange(5.0), False)],  # [5]: broadcasts along the width, not the channels
+    [("Mul", np.ones((1, 1, 4, 1, 1)), False)],  # raises the output's rank
+    [("Mul", CHANNELS.reshape(4, 1, 1) * np.ones((4, 5, 1)), False)],  # varies along the height
+    [("Div", CHANNELS.reshape(4, 1, 1), True)],  # v / y is not affine
+    [("Div", np.array([1.0, 0.0, 1.0, 1.0]).reshape(4, 1, 1), False)],  # a zero divisor: infinite scale
+], ids=["width", "rank", "height", "reciprocal", "zero-divisor"])
+def test_affine_ops_that_are_not_per_channel_stay(follow):
+    proto = _affine_case(follow)
+    if follow[0][1].ndim == 5:  # the rank case makes y 5-D
+        proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 5, 5]))
+    _declines(proto)
+
+
+def test_a_second_reader_of_the_conv_output_keeps_the_add():
+    proto = _affine_case([("Add", CHANNELS.reshape(4, 1, 1), False)])
+    proto.graph.node.append(helper.make_node("Neg", ["t0"], ["n"], name="neg"))
+    proto.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, [2, 4, 5, 5]))
+    _declines(proto)
