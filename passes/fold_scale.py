@@ -28,6 +28,10 @@ Rules:
   - a scale after a MatMul of two activations (the scores) moves to whichever operand such a layer makes.
 The scaled weights are new constants (a weight shared with another layer keeps its values there). The
 scale's output, when it is a graph output, is left alone (its name would change).
+A Mul or Div by a constant with one value per column (shape [W] or [1, ..., 1, W], finite, non-zero) directly
+after a MatMul with a constant weight (or its bias Add) or a Gemm goes into those columns the same way: the
+layer scale of ConvNeXt and CaiT blocks (gamma · Linear(x)), which otherwise stayed a QLinearMul after the
+layer's quantized output. (After a Conv, whose channels are not the last axis, fold-bn takes it.)
 Contract: bounded (w·c is rounded once where x·w·c was rounded twice; exact for powers of two such as 1/√64).
 """
 
@@ -67,19 +71,32 @@ def _scalar(tensor: gs.Tensor) -> float | None:
     return value if np.isfinite(value) and value != 0.0 else None
 
 
-def _factor(node: gs.Node) -> tuple[float, gs.Tensor] | None:
-    """(the factor, the scaled input) of a Mul or Div by a scalar constant."""
+def _per_column(tensor: gs.Tensor) -> np.ndarray | None:
+    """A float constant of one finite, non-zero value per column: shape [W] or [1, ..., 1, W], W > 1."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    values = np.asarray(tensor.values)
+    if values.dtype.kind != "f" or values.ndim == 0 or values.shape[-1] < 2 or any(d != 1 for d in values.shape[:-1]):
+        return None
+    vector = values.reshape(-1).astype(np.float64)
+    return vector if np.isfinite(vector).all() and (vector != 0).all() else None
+
+
+def _factor(node: gs.Node) -> tuple[float | np.ndarray, gs.Tensor, int] | None:
+    """(the factor: a scalar, or a vector over the last axis; the scaled input; the constant's rank) of a Mul or Div
+    by a constant."""
     if len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    if node.op == "Div":
-        value = _scalar(b)
-        return (1.0 / value, a) if value is not None and not isinstance(a, gs.Constant) else None
-    if node.op == "Mul":
-        for c, x in ((b, a), (a, b)):
-            value = _scalar(c)
-            if value is not None and not isinstance(x, gs.Constant):
-                return value, x
+    pairs = ((b, a),) if node.op == "Div" else ((b, a), (a, b)) if node.op == "Mul" else ()
+    for c, x in pairs:
+        if isinstance(x, gs.Constant):
+            continue
+        value = _scalar(c)
+        if value is None:
+            value = _per_column(c)
+        if value is not None:
+            return (1.0 / value if node.op == "Div" else value), x, np.asarray(c.values).ndim
     return None
 
 
@@ -198,7 +215,10 @@ def _column_factor(node: gs.Node, index: int, factor: np.ndarray) -> np.ndarray 
     values = np.asarray(node.inputs[index].values)
     width = factor.size
     if node.op == "Gemm" and index == 1:
-        return factor[:, None] if node.attrs.get("transB", 0) else factor
+        trans_b = node.attrs.get("transB", 0)
+        if values.ndim != 2 or values.shape[0 if trans_b else 1] != width:
+            return None
+        return factor[:, None] if trans_b else factor
     if node.op == "MatMul" and index == 1:
         return factor if values.ndim >= 2 and values.shape[-1] == width else None
     if node.op in ("Add", "Gemm"):  # the bias
@@ -287,9 +307,29 @@ class _Folder:
         factors = [(node, index, _column_factor(node, index, per_column)) for node, index in slots]
         return None if any(f is None for _, _, f in factors) else factors
 
-    def target(self, x: gs.Tensor, factor: float) -> list[tuple[gs.Node, int, np.ndarray]] | None:
+    def columns(self, x: gs.Tensor, factor: np.ndarray, rank: int) -> list[tuple[gs.Node, int, np.ndarray]] | None:
+        """Where a per-column factor (held in a constant of `rank` dims) of `x` goes: the MatMul (+ bias Add) or Gemm
+        that makes x itself, when the product keeps x's rank."""
+        way = self._way(x)
+        if way is None or way.steps or way.picker is not None or way.layer.op == "Conv":
+            return None
+        if rank > 1 and len(self._shape(x) or ()) < rank:
+            return None
+        slots = self.scalable(way.layer)
+        factors = [(node, index, _column_factor(node, index, factor)) for node, index in slots or []]
+        return None if not factors or any(f is None for _, _, f in factors) else factors
+
+    def _shape(self, x: gs.Tensor) -> list | None:
+        if x.shape is not None:
+            return x.shape
+        views = self.views()
+        return views[0].shape(x.name) if views else None
+
+    def target(self, x: gs.Tensor, factor: float | np.ndarray, rank: int = 0) -> list | None:
         """Where the scale of `x` goes: x's own layer, or an operand's layer when x is a product of two
         activations."""
+        if np.ndim(factor):
+            return self.columns(x, factor, rank)
         found = self._factors(self._way(x), factor)
         if found is not None:
             return found
@@ -320,8 +360,8 @@ def fold_scales(model: Model, input_shapes: dict[str, list[int]] | None = None) 
             found = _factor(node) if node.op in ("Mul", "Div") and node.outputs else None
             if found is None or node.outputs[0].name in folder.outputs:
                 continue
-            factor, x = found
-            factors = folder.target(x, factor)
+            factor, x, rank = found
+            factors = folder.target(x, factor, rank)
             if factors is None:
                 continue
             folder.scale(factors)
@@ -332,8 +372,7 @@ def fold_scales(model: Model, input_shapes: dict[str, list[int]] | None = None) 
 
 
 class FoldScale(Pass):
-    """Fold Mul/Div by a scalar constant into the weights of the linear layer that makes its input (attention
-    scales)."""
+    """Fold a Mul/Div by a scalar or per-column constant (attention, layer scales) into the linear layer before it."""
 
     name = "fold-scale"
 

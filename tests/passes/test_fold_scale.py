@@ -293,18 +293,60 @@ def test_a_layer_output_read_elsewhere_is_not_scaled():
     _declined(g, g.node("Add", [g.node("Mul", [h, g.const("s", np.float32(0.5))], "scaled"), h], "y"))
 
 
-@pytest.mark.parametrize("form", ["constant-divided", "per-channel", "graph-output", "no-layer"])
-def test_what_is_not_a_scalar_scale_of_a_layer_stays(form):
+@pytest.mark.parametrize("form", ["constant-divided", "per-column-through-reshape", "per-column-zero",
+                                  "per-column-raises-rank", "graph-output", "no-layer"])
+def test_what_is_not_a_scale_of_a_layer_stays(form):
     g = _Graph()
     h = "x" if form == "no-layer" else g.linear("x", "h")
     if form == "constant-divided":
         _declined(g, g.node("Div", [g.const("one", np.float32(1.0)), h], "y"))
-    elif form == "per-channel":
-        _declined(g, g.node("Mul", [h, g.const("s", np.full(WIDTH, 0.5, np.float32))], "y"))
+    elif form == "per-column-through-reshape":  # its columns are not the layer's any more
+        heads = g.node("Reshape", [h, g.const("split", np.array([0, TOKENS, HEADS, HEAD], np.int64))], "heads")
+        _declined(g, g.node("Mul", [heads, g.const("s", np.linspace(0.5, 2, HEAD).astype(np.float32))], "y"))
+    elif form == "per-column-zero":
+        _declined(g, g.node("Div", [h, g.const("s", np.arange(WIDTH, dtype=np.float32))], "y"))
+    elif form == "per-column-raises-rank":
+        _declined(g, g.node("Mul", [h, g.const("s", np.full((1, 1, 1, WIDTH), 0.5, np.float32))], "y"))
     elif form == "graph-output":
         _declined(g, g.node("Relu", [g.node("Mul", [h, g.const("s", np.float32(0.5))], "scaled")], "y"), ("scaled",))
     else:
         _declined(g, g.node("Mul", [h, g.const("s", np.float32(0.5))], "y"))
+
+
+@pytest.mark.parametrize("op, form", [("Mul", "vector"), ("Mul", "row"), ("Div", "vector")])
+def test_a_per_column_layer_scale_goes_into_the_linear_columns(op, form):
+    """ConvNeXt's and CaiT's layer scale, gamma * Linear(x): a [W] (or [1, 1, W]) constant after MatMul + bias."""
+    g = _Graph(3)
+    gamma = np.linspace(0.25, 2.0, WIDTH).astype(np.float32)
+    constant = g.const("gamma", gamma if form == "vector" else gamma.reshape(1, 1, WIDTH))
+    operands = [constant, g.linear("x", "fc")] if op == "Mul" else [g.linear("x", "fc"), constant]
+    proto = g.model(g.node("Relu", [g.node(op, operands, "scaled")], "y"))
+    folded, count = _fold(proto)
+    assert count == 1 and [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "Relu"]
+    np.testing.assert_allclose(_run(folded), _run(proto), rtol=1e-5, atol=1e-5)
+    weights = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    factor = gamma if op == "Mul" else 1 / gamma
+    original = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_allclose(next(v for k, v in weights.items() if k.startswith("fc.w")), original["fc.w"] * factor,
+                               rtol=1e-6)
+
+
+def test_a_gemm_takes_a_per_column_scale_in_its_transposed_weight_rows():
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([0.5, 2.0, -1.0, 3.0], np.float32), "gamma")]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1), helper.make_node("Mul", ["h", "gamma"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folded, count = _fold(proto)
+    assert count == 1 and [n.op_type for n in folded.graph.node] == ["Gemm", "Relu"]
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    runs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for p in (proto, folded)]
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6, atol=1e-6)
 
 
 def test_quant_pipelines_fold_the_attention_scale_before_calibrating():

@@ -54,3 +54,20 @@ def test_quant_folds_a_decomposed_batch_norm_into_one_integer_conv(tmp_path):
     folded_sqnr = _sqnr(ref, run_batches(folded.model.to_proto(), test))
     apart_sqnr = _sqnr(ref, run_batches(apart.model.to_proto(), test))
     assert folded_sqnr > 30 and folded_sqnr > apart_sqnr + 1.0, (folded_sqnr, apart_sqnr)
+
+
+def test_convnext_layer_scales_fold_into_their_linear_layers(tmp_path):
+    """gamma · Linear(x) in each ConvNeXt block: fold-scale puts gamma into the Linear's columns, so no
+    QLinearMul is left between the block's QGemm and its residual Add (there were 7)."""
+    from tests.prune.archs import ARCHS, export_arch
+
+    proto = export_arch("convnext_tiny", False)
+    shape = ARCHS["convnext_tiny"][1]
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    test = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(4)]
+    result = optimize(proto, "quant", calibration_data=calib)
+    assert next(r for r in result.records if r.name == "fold-scale").stats["folded"] == 7
+    ops = optimized_ops(result.model.to_proto(), str(tmp_path / "convnext.onnx"), test)
+    assert ops["QLinearMul"] == 0 and ops["QGemm"] >= 14
+    assert _sqnr(run_batches(proto, test), run_batches(result.model.to_proto(), test)) > 24
