@@ -207,6 +207,7 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
                     calib_cache=None, progress: bool = False) -> SensitivityReport:
     """The CLI's entry: calibrate a private copy of the model, then rank its layers."""
     from irtool.calibration.data import as_calibration_data
+    from irtool.passes.fp16 import Float32
     from irtool.passes.quant.calibrate import Calibrate, Method, stored_ranges
     from irtool.passes.quant.insert_qdq import ActivationType, Placement, Profile
 
@@ -215,6 +216,7 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
                                batch_size=calib_batch_size, preprocess=calib_preprocess, input_shapes=input_shapes)
     ctx = PassContext(seed=seed, input_shapes=input_shapes, calibration_data=data, calib_cache=calib_cache,
                       progress=progress)
+    Float32()(model, ctx)  # as the quant pipelines: INT8 placement takes float32 (every layer read inf dB before)
     Calibrate(method=Method(method), profile=Profile(profile))(model, ctx)
     placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True,
                           reduce_range=True)

@@ -31,6 +31,20 @@ def test_sensitivity_ranks_every_compute_layer(tmp_path):
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_float16_model_is_ranked_as_its_float32_computation(tmp_path):
+    """Every layer read inf dB on a float16 model before: INT8 placement takes float32, nothing was quantized."""
+    from irtool.api import optimize
+
+    model, calib = tmp_path / "cnn16.onnx", tmp_path / "calib.npz"
+    onnx.save(optimize(cnn_proto(), "fp16").model.to_proto(), str(model))
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    result = run_cli("sensitivity", model, "--calib-data", calib, "--calib-batch-size", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["layers"]) == 4 and all(20 < layer["sqnr_db"] < 90 for layer in data["layers"])
+    assert 20 < data["full_model_sqnr_db"] < 90
+
+
 def test_sensitivity_needs_data(tmp_path):
     model = tmp_path / "cnn.onnx"
     onnx.save(cnn_proto(), str(model))
