@@ -21,7 +21,8 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 # MobileNetV2 +0.16 dB; it also corrects the bias Add of MatMul layers (nn.Linear on tokens): `quant` on the
 # bench's ViT 29.44 dB without bias-correct, 29.53 with its patch conv and head corrected, 29.75 with its 72
 # linear layers too (the test suite's encoder 33.81 -> 34.02), for no more time (their means are summed over
-# the tokens in the graph). Layers that insert-qdq leaves float get their original bias back.
+# the tokens in the graph); a MatMul without a bias Add gets one. Layers that insert-qdq leaves float get their
+# original bias back (or lose the Add bias-correct gave them).
 # einsum-to-matmul first: ONNX Runtime and TensorRT run Einsum in float only (an einsum attention stayed float).
 # fold-scale: attention's 1/sqrt(d) goes into the q projection, one op less on the scores (and nothing to observe).
 # fp32 first: INT8 placement takes float32 only (a float16 model came out unquantized); exact, and a no-op on

@@ -5,7 +5,10 @@ Weight rounding is not zero-mean per output channel: with ε = W_q − W (W_q th
 channel means E[x_i] measured on the float model over the calibration data, the pass adds
     δ_c = − Σ_i Σ_k ε[c, i, k] · E[x_i]       (Conv, i over the input channels of c's group; Gemm: − ε·E[x])
 to every quantized Conv/Gemm bias (border padding, where x is 0, is ignored), and to the constant of the bias Add
-after a MatMul with a [K, N] weight (torch's nn.Linear on tokens; E[x] over every axis but the last). Measuring
+after a MatMul with a [K, N] weight (torch's nn.Linear on tokens; E[x] over every axis but the last). A MatMul
+with a [K, N] weight and no bias Add (nn.Linear(bias=False): LLaMA-style projections, many qkv layers) gets
+one, which carries its output's name, so its calibrated range and its readers stay; in ort-cpu the pair then
+runs as one QGemm, as a biased Linear does. Measuring
 each layer's shift in a fully quantized model instead would double-count: a layer's shift also contains the
 upstream layers' errors, which their own corrections already remove. Runs between `calibrate` and
 `insert-qdq` (it only needs the data, not the ranges, but shares insert-qdq's weight options). It corrects
@@ -23,8 +26,10 @@ import onnx_graphsurgeon as gs
 from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
+from irtool.ir.topo import toposort_graph
 from irtool.passes.quant.insert_qdq import (
     FULL_RANGE,
+    INSERTED_BIAS,
     REDUCED_RANGE,
     bias_slot,
     quantize_weight,
@@ -40,10 +45,10 @@ def _channel_axis(node: gs.Node) -> int:
     return 1 if node.op == "Conv" else -1
 
 
-def _layers(model: Model) -> list[tuple[gs.Node, tuple[gs.Node, int]]]:
-    """Each layer to correct and where its bias is: (Conv or Gemm, its input 2, which may not exist yet) or
-    (MatMul, the constant input of its bias Add). A bias computed in the graph is left alone: the correction
-    replaces a constant bias; a MatMul without a bias Add is left alone too (it would need a new node)."""
+def _layers(model: Model) -> list[tuple[gs.Node, tuple[gs.Node, int] | None]]:
+    """Each layer to correct and where its bias is: (Conv or Gemm, its input 2, which may not exist yet),
+    (MatMul, the constant input of its bias Add) or (MatMul with a [K, N] weight, None: it gets a bias Add).
+    A bias computed in the graph is left alone: the correction replaces a constant bias."""
     outputs = {t.name for t in model.graph.outputs}
     layers = []
     for node in Selection().enabled(model):
@@ -52,7 +57,27 @@ def _layers(model: Model) -> list[tuple[gs.Node, tuple[gs.Node, int]]]:
             layers.append((node, (node, 2)))
         elif node.op == "MatMul" and (slot := bias_slot(node, outputs)) is not None:
             layers.append((node, slot))
+        elif node.op == "MatMul" and _plain_weight(node):
+            layers.append((node, None))
     return layers
+
+
+def _plain_weight(matmul: gs.Node) -> bool:
+    weight = matmul.inputs[1] if len(matmul.inputs) == 2 else None
+    return isinstance(weight, gs.Constant) and np.ndim(weight.values) == 2 \
+        and np.asarray(weight.values).dtype == np.float32 and not isinstance(matmul.inputs[0], gs.Constant)
+
+
+def _insert_bias_add(model: Model, matmul: gs.Node) -> tuple[gs.Node, int]:
+    """An Add of zeros after the MatMul, taking over its output (name, range, readers); returns its bias slot."""
+    out = matmul.outputs[0]
+    inner = gs.Variable(model.unique_name(f"{out.name}_unbiased"), dtype=out.dtype, shape=out.shape)
+    matmul.outputs[0] = inner
+    zeros = gs.Constant(model.unique_name(f"{matmul.name}_bias"),
+                        np.zeros(np.shape(matmul.inputs[1].values)[1], np.float32))
+    add = gs.Node("Add", name=model.unique_name(f"{matmul.name}_bias_add"), inputs=[inner, zeros], outputs=[out])
+    model.graph.nodes.append(add)
+    return add, 1
 
 
 def _original_bias(holder: gs.Node, index: int) -> dict | None:
@@ -102,15 +127,20 @@ class BiasCorrect(Pass):
         axes = {n.inputs[0].name: _channel_axis(n) for n, _ in layers}
         means = channel_means(model, axes, ctx.calibration_data())
         largest, originals = 0.0, {}
-        for node, (holder, index) in layers:
+        for node, slot in layers:
             delta = _shift(node, means[node.inputs[0].name], self.options.per_channel,
                            REDUCED_RANGE if self.options.reduce_range else FULL_RANGE)
-            originals[node.name] = _original_bias(holder, index)
+            holder, index = slot if slot is not None else _insert_bias_add(model, node)
+            originals[node.name] = _original_bias(holder, index) if slot is not None else INSERTED_BIAS
             _add_to_bias(model, node, holder, index, delta)
             largest = max(largest, float(np.abs(delta).max()))
         record_bias_corrections(model, originals)
-        return PassResult(modified=bool(layers), preserved=("shapes",),
-                          stats={"layers": len(layers), "largest_shift": round(largest, 6)})
+        inserted = sum(slot is None for _, slot in layers)
+        if inserted:
+            toposort_graph(model.graph)
+        return PassResult(modified=bool(layers), preserved=("shapes",) if not inserted else (),
+                          stats={"layers": len(layers), "bias_adds_inserted": inserted,
+                                 "largest_shift": round(largest, 6)})
 
 
 def _shift(node: gs.Node, input_mean: np.ndarray, per_channel: bool, limit: int) -> np.ndarray:

@@ -160,9 +160,14 @@ def global_means_to_pools(model: Model, means: set[str]) -> int:
     return count
 
 
-def record_bias_corrections(model: Model, originals: dict[str, dict | None]) -> None:
-    """Note each corrected layer's bias before correction ({"name", "shape", "values"}, None: none), for
-    restore_uncorrected_biases; a layer corrected twice keeps its first original."""
+# The original "bias" of a MatMul that bias-correct gave a bias Add: restoring it removes that Add.
+INSERTED_BIAS = "inserted"
+
+
+def record_bias_corrections(model: Model, originals: dict[str, dict | str | None]) -> None:
+    """Note each corrected layer's bias before correction ({"name", "shape", "values"}, None: none, INSERTED_BIAS:
+    its bias Add is bias-correct's), for restore_uncorrected_biases; a layer corrected twice keeps its first
+    original."""
     record = json.loads(model.metadata.get(BIAS_CORRECTION_KEY, "{}"))
     for name, bias in originals.items():
         record.setdefault(name, bias)
@@ -189,12 +194,23 @@ def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
             continue
         holder, index = slot
         original = record[node.name]
-        if original is None:
+        if original == INSERTED_BIAS:
+            _remove_bias_add(model, node, holder)
+        elif original is None:
             holder.inputs.pop()
         else:
             dtype = np.asarray(holder.inputs[index].values).dtype
             values = np.asarray(original["values"], dtype).reshape(original["shape"])
             holder.inputs[index] = gs.Constant(model.unique_name(original["name"]), values)
+
+
+def _remove_bias_add(model: Model, matmul: gs.Node, add: gs.Node) -> None:
+    """Undo bias-correct's bias Add: the MatMul writes the Add's output (its old name) again."""
+    out = add.outputs[0]
+    add.inputs.clear()
+    add.outputs.clear()
+    matmul.outputs[0] = out
+    model.graph.nodes.remove(add)
 
 
 def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:

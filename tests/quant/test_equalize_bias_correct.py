@@ -282,7 +282,8 @@ def test_bias_correct_cancels_the_mean_shift_of_linear_layers_on_tokens():
     x = (np.random.default_rng(7).standard_normal((32, 5, 8)) + 0.5).astype(np.float32)
     proto = _linear_on_tokens(w1, b1, w2, b2)
     result = optimize(proto, "bias-correct", calibration_data=[{"x": x}])
-    assert next(r.stats["layers"] for r in result.records if r.name == "bias-correct") == 2  # the head: no bias
+    stats = next(r.stats for r in result.records if r.name == "bias-correct")
+    assert stats["layers"] == 3 and stats["bias_adds_inserted"] == 1  # the head had no bias: it gets an Add
     fixed = weights(result.model.to_proto())
     c1, c2 = (next(v for k, v in fixed.items() if k.startswith(f"{b}_corrected")) for b in ("b1", "b2"))
     assert c1.shape == (12,) and c2.shape == (6,)
@@ -317,3 +318,53 @@ def test_a_linear_layer_left_float_gets_its_bias_add_back():
     scale = np.asarray(bias_dq.inputs[1].values, np.float64)
     stored = np.asarray(bias_dq.inputs[0].values).astype(np.float64) * scale
     assert np.abs(stored - want).max() <= scale.max() and np.abs(stored - b2).max() > 1e-3
+
+
+def _bias_less_mlp(seed: int = 9) -> onnx.ModelProto:
+    """x [batch, 5, 8] -> MatMul -> Relu -> MatMul -> Relu -> MatMul -> Add(x-side residual): nn.Linear(bias=False)
+    three times, as LLaMA-style blocks and many qkv projections have them."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (8, 16), "w2": (16, 16), "w3": (16, 8)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["h3"], name="fc3"), helper.make_node("Add", ["x", "h3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 5, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_bias_less_linear_gets_a_bias_add_that_runs_in_its_qgemm(tmp_path):
+    import onnxruntime as ort
+
+    proto = _bias_less_mlp()
+    rng = np.random.default_rng(10)
+    calib = [{"x": (rng.standard_normal((16, 5, 8)) + 0.3).astype(np.float32)} for _ in range(4)]
+    x = (rng.standard_normal((64, 5, 8)) + 0.3).astype(np.float32)
+    corrected = optimize(proto, "quant", calibration_data=calib)
+    stats = next(r.stats for r in corrected.records if r.name == "bias-correct")
+    assert stats["layers"] == 3 and stats["bias_adds_inserted"] == 3
+    assert [n.op for n in corrected.model.graph.nodes if n.name in ("fc1", "fc2", "fc3")] == ["Gemm"] * 3
+    plain = optimize(proto, "cleanup,calibrate{profile=ort-cpu},insert-qdq{min-sqnr=20}", calibration_data=calib)
+
+    def outputs(model_proto):
+        return ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0].astype(np.float64)
+
+    ref = outputs(proto)
+    shift = {name: np.abs((outputs(r.model.to_proto()) - ref).mean((0, 1))).max()
+             for name, r in (("corrected", corrected), ("plain", plain))}
+    assert shift["corrected"] < shift["plain"] / 2, shift  # each output feature's mean error
+
+
+def test_an_excluded_bias_less_linear_loses_the_bias_add_bias_correct_gave_it():
+    proto = _bias_less_mlp()
+    x = (np.random.default_rng(11).standard_normal((32, 5, 8)) + 0.3).astype(np.float32)
+    out = optimize(proto, "calibrate,bias-correct,insert-qdq{exclude=fc2}", calibration_data=[{"x": x}]).model
+    fc2 = next(n for n in out.graph.nodes if n.name == "fc2")
+    assert fc2.op == "MatMul" and fc2.outputs[0].name == "h2"  # writes its own output again
+    assert [n.op for n in fc2.outputs[0].outputs] == ["Relu"]
+    assert not any(n.name.startswith("fc2_bias_add") for n in out.graph.nodes)
+    assert next(n for n in out.graph.nodes if n.name == "fc1").op == "Gemm"  # quantized: keeps its Add in the QGemm
