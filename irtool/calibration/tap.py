@@ -436,6 +436,42 @@ def channel_means(model: Model, axes: Mapping[str, int],
     return {name: sums[name] / max(1, counts[name]) for name in names}
 
 
+def channel_abs_max(model: Model, names: Iterable[str],
+                    batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """max |value| of each named float value per channel of its last axis, over every other axis and all batches
+    (ReduceMax(Abs) in the graph, so only [C] per value and batch leaves ONNX Runtime)."""
+    names = sorted(set(names))
+    if not names:
+        return {}
+    weights: dict[str, np.ndarray] = {}
+    proto = model.to_proto(weights)
+    types = infer_types(proto)
+    outputs = {}
+    for i, name in enumerate(names):
+        elem, dims = types.get(name, (None, None))
+        if elem not in _POOLABLE or not dims:
+            raise InputError(f"channel_abs_max: {name!r} is not a float value of known rank")
+        outputs[name] = f"__irtool_absmax{i}"
+        axes = list(range(len(dims) - 1))
+        if model.opset >= 18:  # ReduceMax's axes became an input in opset 18
+            proto.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{outputs[name]}_axes"))
+            reduce = helper.make_node("ReduceMax", [f"{outputs[name]}_abs", f"{outputs[name]}_axes"],
+                                      [outputs[name]], keepdims=0)
+        else:
+            reduce = helper.make_node("ReduceMax", [f"{outputs[name]}_abs"], [outputs[name]], axes=axes, keepdims=0)
+        proto.graph.node.extend([helper.make_node("Abs", [name], [f"{outputs[name]}_abs"]), reduce])
+        proto.graph.output.append(helper.make_tensor_value_info(outputs[name], elem, None))
+    session = calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=False, weights=weights)
+    inputs, found = session.get_inputs(), {}
+    fetch = [outputs[name] for name in names]
+    for index, batch in enumerate(batches):
+        for name, value in zip(names, session.run(fetch, _feeds(inputs, batch, index)), strict=True):
+            found[name] = np.maximum(found[name], value) if name in found else value.astype(np.float64)
+    if not found:
+        raise InputError("calibration data is empty")
+    return found
+
+
 _POOLABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
 

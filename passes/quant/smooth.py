@@ -1,0 +1,125 @@
+"""Pass `smooth`: SmoothQuant (Xiao et al. 2023) for the linear layers after a LayerNormalization.
+
+Transformer activations carry a few channels with values tens of times larger than the rest (BERT's and
+MiniLM's outlier features after LayerNorm), so one per-tensor INT8 scale for the activation wastes its grid on
+them, while the weights that read those channels are unremarkable. For the LayerNorm output X [.., C] and every
+MatMul that reads it with a constant weight W [C, N],
+
+    X' = X / s,   W'[j, :] = s_j · W[j, :],   s_j = max|X_j|^α / max|W_j|^(1-α)   (clipped to [1e-5, 1e5])
+
+leaves X'·W' = X·W unchanged (exact in real arithmetic) and moves part of each channel's range from the
+activation into the weight, which per-channel weight quantization absorbs. X / s is folded into the
+LayerNorm's scale and bias (γ' = γ / s, β' = β / s), so no op is added; max|X_j| is measured on the
+calibration data (ReduceMax of |X| in the graph). α = 0.5 is the paper's default; larger moves more.
+
+Smoothed: a LayerNormalization over the last axis with constant scale (and bias, if any) whose output only
+MatMuls read, each as its first operand with a constant float32 [C, N] weight, and which is not a graph output.
+Shared weights get copies (the other readers keep theirs). Run before `calibrate`: the ranges it measures are
+then the smoothed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.calibration.tap import channel_abs_max
+from irtool.errors import InputError
+from irtool.ir.model import Model
+from irtool.ir.rewrite import is_default_domain
+from irtool.passmanager import Pass, PassContext, PassResult
+
+SCALE_LIMITS = (1e-5, 1e5)
+
+
+@dataclass
+class _Target:
+    norm: gs.Node
+    matmuls: list[gs.Node]
+
+
+class Smooth(Pass):
+    """SmoothQuant: move activation outliers after a LayerNorm into the weights of the MatMuls that read it."""
+
+    name = "smooth"
+
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = 0.5
+
+        def __post_init__(self):
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if ctx.calibration_data is None:
+            raise InputError("smooth needs calibration data (--calib-data PATH)")
+        targets = _targets(model)
+        if not targets:
+            return PassResult(modified=False, stats={"norms": 0, "layers": 0})
+        peaks = channel_abs_max(model, [t.norm.outputs[0].name for t in targets], ctx.calibration_data())
+        largest = 1.0
+        for target in targets:
+            scale = _scales(peaks[target.norm.outputs[0].name], target.matmuls, self.options.alpha)
+            _apply(model, target, scale)
+            largest = max(largest, float(scale.max()), float(1 / scale.min()))
+        return PassResult(modified=True, preserved=("shapes",), stats={
+            "norms": len(targets), "layers": sum(len(t.matmuls) for t in targets),
+            "largest_factor": round(largest, 3)})
+
+
+def _targets(model: Model) -> list[_Target]:
+    outputs = {t.name for t in model.graph.outputs}
+    found = []
+    for node in model.graph.nodes:
+        if node.op != "LayerNormalization" or not is_default_domain(node) or not _constant_affine(node):
+            continue
+        y = node.outputs[0]
+        readers = list(y.outputs)
+        if y.name in outputs or not readers or any(t.outputs for t in node.outputs[1:]):
+            continue
+        if all(_reads_as_input(m, y) for m in readers):
+            found.append(_Target(node, readers))
+    return found
+
+
+def _constant_affine(norm: gs.Node) -> bool:
+    """Scale (and bias) constants over the last axis only."""
+    params = norm.inputs[1:3]
+    if not all(isinstance(p, gs.Constant) and np.ndim(p.values) == 1 for p in params):
+        return False
+    rank = len(norm.inputs[0].shape) if norm.inputs[0].shape is not None else None
+    axis = int(norm.attrs.get("axis", -1))
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _reads_as_input(node: gs.Node, y: gs.Tensor) -> bool:
+    if node.op != "MatMul" or len(node.inputs) != 2 or node.inputs[0] is not y or node.inputs[1] is y:
+        return False
+    weight = node.inputs[1]
+    return isinstance(weight, gs.Constant) and np.ndim(weight.values) == 2 \
+        and np.asarray(weight.values).dtype == np.float32
+
+
+def _scales(peak: np.ndarray, matmuls: list[gs.Node], alpha: float) -> np.ndarray:
+    weight_peak = np.max([np.abs(np.asarray(m.inputs[1].values, np.float64)).max(axis=1) for m in matmuls], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.power(peak, alpha) / np.power(weight_peak, 1.0 - alpha)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)  # a channel never active, or a zero weight row
+    return np.clip(scale, *SCALE_LIMITS)
+
+
+def _apply(model: Model, target: _Target, scale: np.ndarray) -> None:
+    norm = target.norm
+    for index in range(1, len(norm.inputs)):
+        old = norm.inputs[index]
+        values = np.asarray(old.values)
+        norm.inputs[index] = gs.Constant(model.unique_name(f"{old.name}_smoothed"),
+                                         (values.astype(np.float64) / scale).astype(values.dtype))
+    for matmul in target.matmuls:
+        old = matmul.inputs[1]
+        values = np.asarray(old.values)
+        matmul.inputs[1] = gs.Constant(model.unique_name(f"{old.name}_smoothed"),
+                                       (values.astype(np.float64) * scale[:, None]).astype(values.dtype))
