@@ -86,8 +86,29 @@ def test_channel_abs_max_matches_numpy(opset):
         np.testing.assert_allclose(peaks[name], want, rtol=1e-6)
 
 
+def test_quant_smooths_only_the_layernorms_with_outlier_channels():
+    """quant runs smooth{min-spread=8}: the outlier encoder's five LayerNorms are smoothed (17.6 -> 21.3 dB when
+    measured), the plain encoder's are measured and left as they are."""
+    calib = [feeds_for(encoder_proto(), i) for i in range(8)]
+    for proto, smoothed in ((with_outliers(encoder_proto()), 5), (encoder_proto(), 0)):
+        result = optimize(proto, "quant", calibration_data=calib)
+        stats = next(r.stats for r in result.records if r.name == "smooth")
+        assert stats["norms"] == smoothed and stats["norms_without_outliers"] == 5 - smoothed
+        assert (stats["largest_spread"] >= 8) == bool(smoothed)
+    assert _sqnr(with_outliers(encoder_proto()), "quant") > 20.0
+
+
+def test_no_layernorm_no_data_pass():
+    from tests.quant.torch_models import cnn_proto
+
+    result = optimize(cnn_proto(), "smooth")  # no calibration data, and none needed
+    assert result.records[0].stats == {"norms": 0, "layers": 0} and not result.records[0].modified
+
+
 def test_smooth_needs_data_and_a_valid_alpha():
     with pytest.raises(InputError, match="smooth needs calibration data"):
         optimize(ln_qkv(), "smooth")
     with pytest.raises(PipelineError, match="alpha must be in"):
         optimize(ln_qkv(), "smooth{alpha=1.5}")
+    with pytest.raises(PipelineError, match="min-spread must be >= 0"):
+        optimize(ln_qkv(), "smooth{min-spread=-1}")
