@@ -12,8 +12,11 @@ activation into the weight, which per-channel weight quantization absorbs. X / s
 LayerNorm's scale and bias (γ' = γ / s, β' = β / s), so no op is added; max|X_j| is measured on the
 calibration data (ReduceMax of |X| in the graph). α = 0.5 is the paper's default; larger moves more.
 
-Smoothed: a LayerNormalization over the last axis with constant scale (and bias, if any) whose output only
-MatMuls read, each as its first operand with a constant float32 [C, N] weight, and which is not a graph output.
+Smoothed: a LayerNormalization over the last axis with constant scale (and bias, if any), or a norm exported
+decomposed (opset < 17: ReduceMean, Sub, Pow, ..., Div) whose last steps are a Mul by a constant γ per channel
+and an Add of a constant β, whose output only MatMuls read, each as its first operand with a constant float32
+[C, N] weight, and which is not a graph output. (Any per-channel Mul [+ Add] by constants qualifies: dividing
+its output by s is dividing its constants.)
 Shared weights get copies (the other readers keep theirs). Run before `calibrate`: the ranges it measures are
 then the smoothed ones.
 
@@ -41,7 +44,8 @@ SCALE_LIMITS = (1e-5, 1e5)
 
 @dataclass
 class _Target:
-    norm: gs.Node
+    y: gs.Tensor
+    params: list[tuple[gs.Node, int]]  # the constants (node, input index) whose channels scale y
     matmuls: list[gs.Node]
 
 
@@ -67,12 +71,12 @@ class Smooth(Pass):
             return PassResult(modified=False, stats={"norms": 0, "layers": 0})
         if ctx.calibration_data is None:
             raise InputError("smooth needs calibration data (--calib-data PATH)")
-        peaks = channel_abs_max(model, [t.norm.outputs[0].name for t in targets], ctx.calibration_data())
-        spreads = {id(t): _spread(peaks[t.norm.outputs[0].name]) for t in targets}
+        peaks = channel_abs_max(model, [t.y.name for t in targets], ctx.calibration_data())
+        spreads = {id(t): _spread(peaks[t.y.name]) for t in targets}
         chosen = [t for t in targets if spreads[id(t)] >= self.options.min_spread]
         largest = 1.0
         for target in chosen:
-            scale = _scales(peaks[target.norm.outputs[0].name], target.matmuls, self.options.alpha)
+            scale = _scales(peaks[target.y.name], target.matmuls, self.options.alpha)
             _apply(model, target, scale)
             largest = max(largest, float(scale.max()), float(1 / scale.min()))
         return PassResult(modified=bool(chosen), preserved=("shapes",), stats={
@@ -85,25 +89,46 @@ def _targets(model: Model) -> list[_Target]:
     outputs = {t.name for t in model.graph.outputs}
     found = []
     for node in model.graph.nodes:
-        if node.op != "LayerNormalization" or not is_default_domain(node) or not _constant_affine(node):
+        params = _norm_params(node) if is_default_domain(node) else None
+        if params is None:
             continue
         y = node.outputs[0]
         readers = list(y.outputs)
         if y.name in outputs or not readers or any(t.outputs for t in node.outputs[1:]):
             continue
         if all(_reads_as_input(m, y) for m in readers):
-            found.append(_Target(node, readers))
+            found.append(_Target(y, params, readers))
     return found
 
 
-def _constant_affine(norm: gs.Node) -> bool:
-    """Scale (and bias) constants over the last axis only."""
-    params = norm.inputs[1:3]
-    if not all(isinstance(p, gs.Constant) and np.ndim(p.values) == 1 for p in params):
-        return False
-    rank = len(norm.inputs[0].shape) if norm.inputs[0].shape is not None else None
-    axis = int(norm.attrs.get("axis", -1))
-    return axis == -1 or (rank is not None and axis == rank - 1)
+def _norm_params(node: gs.Node) -> list[tuple[gs.Node, int]] | None:
+    """The per-channel constants that scale `node`'s output: a LayerNormalization's scale and bias, or the γ of a
+    Mul(x, γ) and the β of an Add(Mul(x, γ), β) (a decomposed norm's last steps)."""
+    if node.op == "LayerNormalization":
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        axis = int(node.attrs.get("axis", -1))
+        params = [(node, i) for i in range(1, min(len(node.inputs), 3))]
+        last_axis = axis == -1 or (rank is not None and axis == rank - 1)
+        return params if last_axis and all(_channel_constant(n.inputs[i]) for n, i in params) else None
+    if node.op == "Add":
+        mul_side = [i for i, t in enumerate(node.inputs) if not isinstance(t, gs.Constant)]
+        if len(node.inputs) != 2 or len(mul_side) != 1 or not _channel_constant(node.inputs[1 - mul_side[0]]):
+            return None
+        x = node.inputs[mul_side[0]]
+        mul = x.inputs[0] if x.inputs and len(x.outputs) == 1 else None
+        gamma = _norm_params(mul) if mul is not None and mul.op == "Mul" else None
+        return None if gamma is None else [*gamma, (node, 1 - mul_side[0])]
+    if node.op == "Mul" and len(node.inputs) == 2:
+        constants = [i for i, t in enumerate(node.inputs) if _channel_constant(t)]
+        if len(constants) == 1 and not isinstance(node.inputs[1 - constants[0]], gs.Constant):
+            return [(node, constants[0])]
+    return None
+
+
+def _channel_constant(tensor: gs.Tensor) -> bool:
+    """A float constant of one value per channel of the last axis: [C] (a [1, ..., C] could raise the rank)."""
+    return isinstance(tensor, gs.Constant) and np.ndim(tensor.values) == 1 \
+        and np.asarray(tensor.values).dtype.kind == "f" and np.size(tensor.values) > 1
 
 
 def _reads_as_input(node: gs.Node, y: gs.Tensor) -> bool:
@@ -129,11 +154,10 @@ def _scales(peak: np.ndarray, matmuls: list[gs.Node], alpha: float) -> np.ndarra
 
 
 def _apply(model: Model, target: _Target, scale: np.ndarray) -> None:
-    norm = target.norm
-    for index in range(1, len(norm.inputs)):
-        old = norm.inputs[index]
+    for node, index in target.params:
+        old = node.inputs[index]
         values = np.asarray(old.values)
-        norm.inputs[index] = gs.Constant(model.unique_name(f"{old.name}_smoothed"),
+        node.inputs[index] = gs.Constant(model.unique_name(f"{old.name}_smoothed"),
                                          (values.astype(np.float64) / scale).astype(values.dtype))
     for matmul in target.matmuls:
         old = matmul.inputs[1]

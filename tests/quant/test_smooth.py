@@ -58,6 +58,43 @@ def test_smoothing_is_exact_in_float_and_flattens_the_outlier_channels():
     assert spread(before) > 15 and spread(after) < spread(before) / 3
 
 
+def encoder_export(opset: int, outliers: bool) -> onnx.ModelProto:
+    """The test encoder from torch at `opset` (below 17 its LayerNorms come out decomposed: ReduceMean, Sub,
+    Pow, ..., Mul by the weight, Add of the bias), with 3 LayerNorm weight channels 30x when `outliers`."""
+    import io
+
+    import torch
+
+    from tests.quant.torch_models import SEQ, _encoder_class
+
+    torch.manual_seed(0)
+    module = _encoder_class()().eval()
+    if outliers:
+        with torch.no_grad():
+            for norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
+                norm.weight[[3, 17, 40]] *= 30
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.randn(2, SEQ, 32),), buffer, dynamo=False, input_names=["x"],
+                      output_names=["y"], opset_version=opset)
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.ir_version = 8
+    return proto
+
+
+def test_a_decomposed_layernorm_is_smoothed_through_its_weight_mul_and_bias_add():
+    proto = encoder_export(14, outliers=True)
+    assert "LayerNormalization" not in {n.op_type for n in proto.graph.node}
+    calib = [feeds_for(proto, i) for i in range(8)]
+    result = optimize(proto, "cleanup,smooth", calibration_data=calib)
+    stats = next(r.stats for r in result.records if r.name == "smooth")
+    assert stats["norms"] == 5 and stats["largest_spread"] > 15
+    feeds = feeds_for(proto, 50)
+    ref, got = run_ort(proto, feeds)["y"], run_ort(result.model, feeds)["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    plain = "cleanup,calibrate{profile=ort-cpu},insert-qdq"
+    assert _sqnr(proto, "cleanup,smooth,calibrate{profile=ort-cpu},insert-qdq") > _sqnr(proto, plain) + 2.0
+
+
 def test_int8_gains_where_there_are_outliers_and_stays_where_there_are_none():
     outliers = with_outliers(encoder_proto())
     plain = "cleanup,calibrate{profile=ort-cpu},insert-qdq"
