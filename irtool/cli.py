@@ -180,6 +180,7 @@ def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, 
     OUT and the report are written only after every pass succeeded.
     """
     text = _pipeline_from_options(passes, pipeline_text)
+    _hint_module_spec(model_in)
     _check_output_paths(Path(model_in), Path(out), Path(report_path) if report_path else None)
     if dump_dir and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
         raise InputError(f"--dump-dir {dump_dir}: exists and is not a directory")
@@ -195,6 +196,14 @@ def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, 
     if report_path:
         rep.write_report(data, report_path)
     click.echo(rep.to_json(data) if as_json else rep.format_text(data), nl=False)
+
+
+def _hint_module_spec(model_in: str) -> None:
+    """IN written like `irtool export`'s MODULE (file.py:NAME) names a PyTorch module, not an ONNX file."""
+    source, sep, name = model_in.rpartition(":")
+    if sep and name.isidentifier() and source.endswith(".py") and not Path(model_in).exists():
+        raise InputError(f"{model_in}: a PyTorch module, not an ONNX file; export it first: "
+                         f"irtool export {model_in} -o model.onnx --input-shape NAME:DxD..")
 
 
 def _pipeline_from_options(passes: str | None, pipeline_text: str | None) -> str:

@@ -216,3 +216,10 @@ def test_cli_export_bad_modules_are_one_line_errors(tmp_path: Path, target: str,
     result = run_cli("export", *target.split(), "-o", "out.onnx", "--input-shape", "ids:1x5", cwd=tmp_path)
     assert_one_line_error(result, 2, fragment)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_opt_on_a_module_spec_says_to_export_it_first(tmp_path: Path):
+    (tmp_path / "models.py").write_text(MODULE_FILE)
+    result = run_cli("opt", "models.py:build", "-o", "out.onnx", "--passes", "cleanup", cwd=tmp_path)
+    assert_one_line_error(result, 2, "models.py:build: a PyTorch module, not an ONNX file; export it first: "
+                                     "irtool export models.py:build -o model.onnx")
