@@ -56,6 +56,8 @@ def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str
     dims = _symbolic_dims(names, args, dynamic_batch, dynamic_axes or {})
     label = type(module).__name__
     with _eval_mode(module), torch.no_grad():
+        if output_names is None:
+            output_names = _output_names(torch, module, args, label)
         if exporter in ("auto", "dynamo"):
             try:
                 with _quiet(stderr=True):
@@ -142,6 +144,19 @@ def _quiet(stderr: bool) -> Iterator[None]:
             log.debug("torch.onnx output:\n%s", captured.getvalue())
 
 
+def _output_names(torch: Any, module: Any, args: tuple, label: str) -> list[str]:
+    """Names for the flattened outputs of one forward: a dict's keys, else output, output_1, ... (the exporters'
+    own names are op names or numbers, and the tracer's dynamic axes need the names)."""
+    try:
+        outputs = module(*args)
+    except Exception as e:
+        raise InputError(f"running {label} on the example inputs failed: {_first_line(e)}") from e
+    leaves = torch.utils._pytree.tree_leaves(outputs)
+    if isinstance(outputs, dict) and len(outputs) == len(leaves) and all(str(k).isidentifier() for k in outputs):
+        return [str(k) for k in outputs]
+    return ["output" if i == 0 else f"output_{i}" for i in range(len(leaves))]
+
+
 def _symbolic_dims(names: list[str], args: tuple, dynamic_batch: bool,
                    dynamic_axes: Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:
     """{input name: {axis: dim name}} for every symbolic input dim."""
@@ -171,10 +186,6 @@ def _dynamo(torch: Any, module, args, names, output_names, dims, opset) -> onnx.
 
 def _torchscript(torch: Any, module, args, names, output_names, dims, dynamic_batch, opset) -> onnx.ModelProto:
     axes = None
-    if output_names is None:  # named here so that their batch dim can be marked dynamic too
-        outputs = module(*args)
-        count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
-        output_names = ["output" if i == 0 else f"output_{i}" for i in range(count)]
     if any(dims.values()):
         axes = {name: dict(found) for name, found in dims.items() if found}
         if dynamic_batch:

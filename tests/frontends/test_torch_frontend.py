@@ -129,6 +129,30 @@ def test_dynamic_axes_make_the_token_dim_symbolic_and_tie_it_across_inputs(expor
         np.testing.assert_allclose(next(iter(run_ort(proto, feeds).values())), ref, rtol=1e-5, atol=1e-6)
 
 
+class TwoHeads(nn.Module):
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        logits, score = self.a(x), torch.sigmoid(self.b(x))
+        return {"logits": logits, "score": score} if self.as_dict else (logits, score)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_outputs_are_named_alike_by_both_exporters_and_keep_a_dynamic_batch(exporter, as_dict):
+    """A dict's keys, else output, output_1 (dynamo named them after ops, the tracer by numbers, and left the
+    second output's batch static)."""
+    torch.manual_seed(0)
+    proto = export_module(TwoHeads(as_dict).eval(), torch.randn(1, 4), exporter=exporter)
+    named = [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]) for o in proto.graph.output]
+    names = ["logits", "score"] if as_dict else ["output", "output_1"]
+    assert named == [(names[0], ["batch", 3]), (names[1], ["batch", 2])]
+    assert [v.shape for v in run_ort(proto, {"x": np.ones((5, 4), np.float32)}).values()] == [(5, 3), (5, 2)]
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: optimize(Net(), "cleanup"), r"a PyTorch module \(Net\) is exported first: give example_inputs"),
     (lambda: export_module(Net(), "x"), r"example input 0 is a str; expected a tensor or an array"),
