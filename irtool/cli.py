@@ -101,14 +101,16 @@ def _calibration_options(func):
     options = [
         click.option("--calib-data", "calibration_data", metavar="PATH",
                      help="Calibration data: an .npz file (arrays keyed by input name, first axis = samples), a "
-                          "folder of .npy/.npz files or images, or 'random' (explicitly, with a warning)."),
+                          "folder of .npy/.npz files or images, file.py:NAME (a function returning {input: array} "
+                          "dicts, or a list of them), or 'random' (explicitly, with a warning)."),
         click.option("--calib-samples", type=click.IntRange(min=1), metavar="N",
                      help="Use N samples, chosen with --seed (default: all)."),
         click.option("--calib-batch-size", type=click.IntRange(min=1), metavar="N",
                      help="Samples per calibration batch (default 16; a static batch dim in the model wins)."),
         click.option("--calib-preprocess", metavar="SPEC",
                      help="Image preprocessing: resize=256,crop=224,mean=0.485;0.456;0.406,"
-                          "std=0.229;0.224;0.225,scale=1/255,layout=nchw|nhwc,order=rgb|bgr|gray."),
+                          "std=0.229;0.224;0.225,scale=1/255,layout=nchw|nhwc,order=rgb|bgr|gray; detectors: "
+                          "letterbox=640,pad=114 instead of resize and crop."),
         click.option("--calib-cache", metavar="DIR", help="Folder for cached calibration statistics."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bars of calibration and sensitivity sweeps on stderr (default: when stderr "
@@ -200,8 +202,9 @@ def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, 
 
 def _hint_module_spec(model_in: str) -> None:
     """IN written like `irtool export`'s MODULE (file.py:NAME) names a PyTorch module, not an ONNX file."""
-    source, sep, name = model_in.rpartition(":")
-    if sep and name.isidentifier() and source.endswith(".py") and not Path(model_in).exists():
+    from irtool.usercode import is_file_spec
+
+    if is_file_spec(model_in) and not Path(model_in).exists():
         raise InputError(f"{model_in}: a PyTorch module, not an ONNX file; export it first: "
                          f"irtool export {model_in} -o model.onnx --input-shape NAME:DxD..")
 

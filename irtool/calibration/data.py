@@ -56,6 +56,7 @@ from irtool.calibration.images import Preprocess
 from irtool.calibration.sources import IterableSource, RandomSource, open_path, provider_of
 from irtool.calibration.validate import ModelInput, convert_sample, model_inputs, normalize_inputs
 from irtool.errors import InputError
+from irtool.usercode import is_file_spec
 
 __all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data", "model_inputs", "select_indices",
            "DEFAULT_BATCH_SIZE", "DEFAULT_RANDOM_SAMPLES", "RANDOM"]
@@ -236,8 +237,32 @@ def as_calibration_data(data: Any, model: Any, *, samples: int | None = None, se
         return data
     if isinstance(data, str) and data == RANDOM:
         return CalibrationData.random(inputs, samples, seed, batch)
+    if isinstance(data, str) and is_file_spec(data) and not Path(data).exists():
+        if preprocess is not None:
+            raise InputError("--calib-preprocess applies to image folders, not to Python data providers")
+        return CalibrationData.from_iterable(_user_provider(data), inputs, samples, seed, batch)
     if isinstance(data, (str, os.PathLike)):
         return CalibrationData.from_path(data, inputs, samples, seed, batch, preprocess)
     if preprocess is not None:
         raise InputError("--calib-preprocess applies to image folders, not to Python iterables")
     return CalibrationData.from_iterable(data, inputs, samples, seed, batch)
+
+
+def _user_provider(spec: str) -> Any:
+    """`--calib-data path/to/file.py:NAME`: NAME is a function taking no arguments (a generator function too)
+    that returns an iterable of {input name: array} dicts, per sample or batched, or such a list itself. It is
+    called once per pass that reads the data (calibrate, bias-correct, smooth), so it must give the same data
+    every time: seed what it draws."""
+    import inspect
+
+    from irtool.usercode import load_name
+
+    found = load_name(spec, "--calib-data")
+    if callable(found):
+        try:
+            inspect.signature(found).bind()
+        except TypeError as e:
+            raise InputError(f"--calib-data {spec!r}: {spec.rpartition(':')[2]} must take no arguments ({e})") from e
+        except ValueError:  # no signature to inspect (a builtin): let the call tell
+            pass
+    return found

@@ -6,6 +6,10 @@ exactly HxW), bilinear; center-crop to `crop`; reverse channels for order=bgr; x
 transpose to CHW for layout=nchw. Text form, as `--calib-preprocess`:
 resize=256,crop=224,mean=0.485;0.456;0.406,std=0.229;0.224;0.225,scale=1/255,layout=nchw,order=rgb
 
+Detectors (YOLO and its kin) take letterboxed images instead: `letterbox=640` (or HxW) resizes the image to
+fit inside the box with its aspect ratio kept, bilinear, and centers it on a canvas of `pad` (default 114,
+YOLO's gray), in place of resize and crop.
+
 A model whose image input is an integer tensor (uint8 pixels, normalized inside the model, as edge exports
 with the preprocessing baked in take them) gets the pixels themselves: resize, crop, order and layout apply,
 the arithmetic does not (`for_input`).
@@ -37,6 +41,14 @@ class Preprocess:
     layout: str = "nchw"
     order: str = "rgb"
     pixels: bool = False  # set by for_input: uint8 pixel values, no arithmetic
+    letterbox: tuple[int, int] | None = None  # (height, width) of the box; replaces resize and crop
+    pad: int = 114
+
+    def __post_init__(self):
+        if self.letterbox is not None and (self.resize is not None or self.crop is not None):
+            raise InputError("--calib-preprocess: letterbox replaces resize and crop; give one or the other")
+        if not 0 <= self.pad <= 255:
+            raise InputError(f"--calib-preprocess: pad is a pixel value in 0..255, got {self.pad}")
 
     @classmethod
     def parse(cls, text: str) -> Preprocess:
@@ -69,6 +81,8 @@ class Preprocess:
     def apply(self, image: Any) -> np.ndarray:
         """A PIL image -> sample in the spec's layout (CHW or HWC): float32, or uint8 pixels (`pixels`)."""
         image = image.convert("L" if self.order == "gray" else "RGB")
+        if self.letterbox is not None:
+            image = _letterbox(image, self.letterbox, self.pad)
         image = _resize(image, self.resize)
         image = _center_crop(image, self.crop)
         kind = np.uint8 if self.pixels else np.float32
@@ -116,6 +130,7 @@ _SPEC_PARSERS: dict[str, Callable[[str], Any]] = {
     "crop": lambda v: (lambda d: d * 2 if len(d) == 1 else d)(_dims(v, (1, 2))),
     "mean": _floats, "std": _floats, "scale": _scale,
     "layout": _choice("nchw", "nhwc"), "order": _choice("rgb", "bgr", "gray"),
+    "letterbox": lambda v: (lambda d: d * 2 if len(d) == 1 else d)(_dims(v, (1, 2))), "pad": int,
 }
 
 
@@ -129,6 +144,18 @@ def _resize(image: Any, size: tuple[int, ...] | None) -> Any:
         ratio = size[0] / min(width, height)
         new = (max(1, round(width * ratio)), max(1, round(height * ratio)))
     return image if new == image.size else image.resize(new, resample=_pil().Image.Resampling.BILINEAR)
+
+
+def _letterbox(image: Any, box: tuple[int, int], pad: int) -> Any:
+    """The image scaled to fit inside box (height, width) with its aspect ratio, centered on a `pad` canvas."""
+    height, width = box
+    ratio = min(width / image.size[0], height / image.size[1])
+    size = (max(1, round(image.size[0] * ratio)), max(1, round(image.size[1] * ratio)))
+    if size != image.size:
+        image = image.resize(size, resample=_pil().Image.Resampling.BILINEAR)
+    canvas = _pil().Image.new(image.mode, (width, height), pad if image.mode == "L" else (pad,) * 3)
+    canvas.paste(image, ((width - size[0]) // 2, (height - size[1]) // 2))
+    return canvas
 
 
 def _center_crop(image: Any, crop: tuple[int, int] | None) -> Any:

@@ -218,16 +218,12 @@ def example_inputs_for(shapes: Mapping[str, list[int]], dtypes: Mapping[str, str
 
 def load_module(spec: str) -> Any:
     """The nn.Module named by `spec`: `path/to/file.py:NAME` or `package.module:NAME`, NAME an nn.Module or
-    a class or function that returns one when called without arguments. Running the file is the point: it is
-    the user's model code, as a build step would run it."""
+    a class or function that returns one when called without arguments (irtool.usercode)."""
+    from irtool.usercode import load_name
+
     torch = _torch()
-    source, sep, name = spec.rpartition(":")
-    if not sep or not source or not name.isidentifier():
-        raise InputError(f"MODULE {spec!r}: expected path/to/file.py:NAME or package.module:NAME")
-    namespace = _import_source(source, spec)
-    if not hasattr(namespace, name):
-        raise InputError(f"MODULE {spec!r}: {source} has no {name!r}")
-    found = getattr(namespace, name)
+    found = load_name(spec, "MODULE")
+    name = spec.rpartition(":")[2]
     if not isinstance(found, torch.nn.Module):
         if not callable(found):
             raise InputError(f"MODULE {spec!r}: {name} is a {type(found).__name__}, not a module or a factory")
@@ -238,29 +234,3 @@ def load_module(spec: str) -> Any:
     if not isinstance(found, torch.nn.Module):
         raise InputError(f"MODULE {spec!r}: {name}() returned a {type(found).__name__}, not a torch.nn.Module")
     return found
-
-
-def _import_source(source: str, spec: str) -> Any:
-    import importlib
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(source)
-    try:
-        if source.endswith(".py") or "/" in source or "\\" in source:
-            if not path.is_file():
-                raise InputError(f"MODULE {spec!r}: {source}: no such file")
-            loader_spec = importlib.util.spec_from_file_location(f"irtool_user_{path.stem}", path)
-            namespace = importlib.util.module_from_spec(loader_spec)
-            sys.path.insert(0, str(path.resolve().parent))  # the file's own imports of its neighbours
-            try:
-                loader_spec.loader.exec_module(namespace)
-            finally:
-                sys.path.remove(str(path.resolve().parent))
-            return namespace
-        return importlib.import_module(source)
-    except InputError:
-        raise
-    except Exception as e:  # the user's code: any error it raises on import is reported, not a traceback
-        raise InputError(f"MODULE {spec!r}: importing {source} failed: {_first_line(e)}") from e

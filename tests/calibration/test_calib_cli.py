@@ -109,6 +109,50 @@ def test_cli_random_calibration_is_explicit_and_warns(tmp_path: Path):
     assert_one_line_error(refused, 2, "needs calibration data")
 
 
+DATA_FILE = """
+import numpy as np
+
+
+def batches():  # seeded: every pass that reads the data must see the same samples
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        yield {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
+
+
+SAMPLES = [{"x": np.full((3, 8, 8), v, np.float32)} for v in (0.5, 1.0, -1.0)]
+
+
+def needs_a_path(path):
+    return []
+"""
+
+
+@pytest.mark.parametrize("name", ["batches", "SAMPLES"])
+def test_cli_takes_a_python_data_provider(tmp_path: Path, name: str):
+    """--calib-data file.py:NAME: a generator function (called once per pass that reads the data) or a list."""
+    model = write_conv_net(tmp_path / "net.onnx")
+    (tmp_path / "data.py").write_text(DATA_FILE)
+    result = run_cli("opt", model, "-o", tmp_path / "out.onnx", "--calib-data", f"data.py:{name}",
+                     "--passes", "quant", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    records = {r["name"]: r["stats"] for r in json.loads(result.stdout)["records"]}
+    assert records["calibrate"]["tensors"] > 0 and records["insert-qdq"]["qdq_pairs"] > 0
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("data.py:needs_a_path", "--calib-data 'data.py:needs_a_path': needs_a_path must take no arguments"),
+    ("data.py:nothing", "--calib-data 'data.py:nothing': data.py has no 'nothing'"),
+])
+def test_cli_bad_python_data_providers_are_one_line_errors(tmp_path: Path, spec: str, fragment: str):
+    model = write_conv_net(tmp_path / "net.onnx")
+    (tmp_path / "data.py").write_text(DATA_FILE)
+    result = run_cli("opt", model, "-o", "out.onnx", "--calib-data", spec, "--passes", "quant", cwd=tmp_path)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "out.onnx").exists()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--calib-samples", "3"], "--calib-samples need(s) --calib-data"),
     (["--calib-data", "missing.npz"], "missing.npz: no such file or folder"),

@@ -129,3 +129,18 @@ def test_an_integer_image_input_gets_the_pixels_themselves(tmp_path: Path):
     write(tmp_path / "bright" / "a.png", np.full((4, 6, 3), 200, np.uint8))
     with pytest.raises(InputError, match="outside the range of int8"):
         CalibrationData.from_path(tmp_path / "bright", [("img", np.dtype(np.int8), (None, 3, 4, 6))])
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_with_yolo_gray(tmp_path: Path):
+    write(tmp_path / "wide.png", np.full((20, 40, 3), 200, np.uint8))  # uniform: resizing keeps the value
+    data = CalibrationData.from_path(tmp_path, [("x", F32, (None, 3, 16, 16))], preprocess="letterbox=16")
+    got = concat(data)["x"][0]
+    rows = got[0, :, 8]  # one column: the 8-row-high image sits in rows 4..11
+    np.testing.assert_allclose(rows[4:12], 200 / 255, rtol=1e-6)
+    np.testing.assert_allclose(np.r_[rows[:4], rows[12:]], 114 / 255, rtol=1e-6)
+    tall = CalibrationData.from_path(tmp_path, [("x", F32, (None, 3, 8, 16))], preprocess="letterbox=8x16,pad=0")
+    np.testing.assert_allclose(concat(tall)["x"][0], 200 / 255, rtol=1e-6)  # 20x40 fits 8x16 exactly: no pad
+    with pytest.raises(InputError, match="letterbox replaces resize and crop"):
+        Preprocess.parse("letterbox=16,crop=8")
+    with pytest.raises(InputError, match="pad is a pixel value in 0..255"):
+        Preprocess.parse("letterbox=16,pad=300")
