@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,11 @@ def load_name(spec: str, what: str) -> Any:
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    """The first line of the innermost cause (torch.onnx wraps its reason in "Failed to export ... step 1/3"),
+    without terminal colour codes, after its type."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 

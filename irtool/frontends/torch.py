@@ -19,7 +19,6 @@ import contextlib
 import inspect
 import io
 import logging
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import onnx
 
 from irtool.errors import InputError
+from irtool.usercode import first_line
 
 log = logging.getLogger(__name__)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -64,14 +64,14 @@ def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str
                     return _dynamo(torch, module, args, names, output_names, dims, opset)
             except Exception as e:  # torch.export raises many types; the tracer may still take the module
                 if exporter == "dynamo":
-                    raise InputError(f"exporting {label} with torch's dynamo exporter failed: {_first_line(e)}") from e
+                    raise InputError(f"exporting {label} with torch's dynamo exporter failed: {first_line(e)}") from e
                 log.warning("exporting %s: the dynamo exporter failed (%s); using the TorchScript tracer",
-                            label, _first_line(e))
+                            label, first_line(e))
         try:
             with _quiet(stderr=False):
                 return _torchscript(torch, module, args, names, output_names, dims, dynamic_batch, opset)
         except Exception as e:
-            raise InputError(f"exporting {label} with the TorchScript exporter failed: {_first_line(e)}") from e
+            raise InputError(f"exporting {label} with the TorchScript exporter failed: {first_line(e)}") from e
 
 
 def _torch() -> Any:
@@ -150,7 +150,7 @@ def _output_names(torch: Any, module: Any, args: tuple, label: str) -> list[str]
     try:
         outputs = module(*args)
     except Exception as e:
-        raise InputError(f"running {label} on the example inputs failed: {_first_line(e)}") from e
+        raise InputError(f"running {label} on the example inputs failed: {first_line(e)}") from e
     leaves = torch.utils._pytree.tree_leaves(outputs)
     if isinstance(outputs, dict) and len(outputs) == len(leaves) and all(str(k).isidentifier() for k in outputs):
         return [str(k) for k in outputs]
@@ -196,15 +196,6 @@ def _torchscript(torch: Any, module, args, names, output_names, dims, dynamic_ba
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of the innermost cause (torch.onnx wraps the reason in "Failed to export ... step 1/3"),
-    without terminal colour codes."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-
-
 def example_inputs_for(shapes: Mapping[str, list[int]], dtypes: Mapping[str, str], seed: int = 0) -> tuple:
     """Example arrays for the CLI: standard normal floats, zeros for integer inputs (valid token ids and
     indices), in the order `shapes` gives them."""
@@ -230,7 +221,7 @@ def load_module(spec: str) -> Any:
         try:
             found = found()
         except Exception as e:
-            raise InputError(f"MODULE {spec!r}: calling {name}() failed: {_first_line(e)}") from e
+            raise InputError(f"MODULE {spec!r}: calling {name}() failed: {first_line(e)}") from e
     if not isinstance(found, torch.nn.Module):
         raise InputError(f"MODULE {spec!r}: {name}() returned a {type(found).__name__}, not a torch.nn.Module")
     return found
