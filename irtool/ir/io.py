@@ -137,7 +137,7 @@ def _hold_out(proto: onnx.ModelProto) -> Held:
     marked as external data at `_HELD_OUT`; returns {name: (tensor, bytes, its data_location if set)}."""
     held = {}
     for tensor in proto.graph.initializer:
-        if tensor.HasField("raw_data") and _nbytes(tensor) >= EXTERNAL_TENSOR_MIN_BYTES:
+        if _is_large_raw(tensor):
             location = tensor.data_location if tensor.HasField("data_location") else None
             held[tensor.name] = (tensor, tensor.raw_data, location)
             external_data_helper.set_external_data(tensor, location=_HELD_OUT)  # needs the raw_data still there
@@ -153,13 +153,6 @@ def _restore_held(held: Held) -> None:
         tensor.ClearField("data_location")
         if location is not None:
             tensor.data_location = location
-
-
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    """From dims, since `len(tensor.raw_data)` copies the bytes (STRING tensors have no raw_data to hold)."""
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return 0
-    return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _put_back(converted: onnx.ModelProto, held: Held, origin: str) -> None:
@@ -229,9 +222,20 @@ def tensor_bytes(proto: onnx.ModelProto) -> int:
         if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
             total += tensor.ByteSize()
         else:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-            total += math.prod(tensor.dims) * itemsize
+            total += _data_bytes(tensor)
     return total
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    """dims x element size (0 for STRING and UNDEFINED, which have no raw bytes to count)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _is_large_raw(tensor: onnx.TensorProto) -> bool:
+    """A tensor whose raw bytes are worth moving out of the proto (written beside it, or held out of a copy)."""
+    return tensor.HasField("raw_data") and _data_bytes(tensor) >= EXTERNAL_TENSOR_MIN_BYTES
 
 
 def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
@@ -319,13 +323,7 @@ def _write_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _large_raw_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    tensors = []
-    for tensor in external_data_helper._get_all_tensors(proto):
-        if tensor.HasField("raw_data") and tensor.data_type not in (onnx.TensorProto.STRING,) \
-                and math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize \
-                >= EXTERNAL_TENSOR_MIN_BYTES:
-            tensors.append(tensor)
-    return tensors
+    return [tensor for tensor in external_data_helper._get_all_tensors(proto) if _is_large_raw(tensor)]
 
 
 def _move_out(tensor: onnx.TensorProto, data, data_name: str) -> tuple[onnx.TensorProto, int, int]:
