@@ -96,7 +96,7 @@ class Float32(Pass):
 
 
 def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult:
-    if target == FLOAT and not _has_float16_source(model):
+    if target == FLOAT and not has_float16_source(model):
         return PassResult(modified=False, stats={"nodes_converted": 0})  # without shape inference (ResNet-50: 0.1 s)
     types = value_types(model, ctx.input_shapes or None)
     plans = {id(node): plan for node in model.graph.nodes
@@ -108,7 +108,7 @@ def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult
     return PassResult(modified=True, preserved=(), stats=rewriter.stats())
 
 
-def _has_float16_source(model: Model) -> bool:
+def has_float16_source(model: Model) -> bool:
     """Whether a float16 value can arise: a float16 graph input or constant, or a node that makes one from an
     attribute (Cast's `to`, a Constant's value, RandomNormal's `dtype`, ...)."""
     for graph in model.graphs():

@@ -42,6 +42,7 @@ from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.rewrite import SHAPE_READERS
 from irtool.ir.topo import toposort_graph
+from irtool.passes.fp16 import has_float16_source
 from irtool.passes.quant.bias_gemm import bias_add
 from irtool.passes.quant.bias_gemm import fuse as fuse_bias_adds
 from irtool.passes.quant.calibrate import METADATA_KEY, stored_profile, stored_ranges
@@ -354,7 +355,7 @@ class InsertQDQ(Pass):
         pairs = apply_plan(model, plan, ranges, placement)
         fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
         pools = global_means_to_pools(model, means)
-        if pairs == 0 and _computes_in_float16(model):
+        if pairs == 0 and has_float16_source(model):
             ctx.logger.warning("insert-qdq: nothing quantized: the model computes in float16, and INT8 placement "
                                "takes float32; run `fp32` first (the quant pipelines do)")
         del model.metadata[METADATA_KEY]
@@ -374,7 +375,3 @@ class InsertQDQ(Pass):
         keep = keep_in_float(model, ranges, placement, base, ctx, min_sqnr=self.options.min_sqnr,
                              keep_fp=self.options.keep_fp)
         return Selection(base.exclude, base.exclude_ops, base.keep_first, base.keep_last, frozenset(keep))
-
-
-def _computes_in_float16(model: Model) -> bool:
-    return any(getattr(t, "dtype", None) == np.float16 for node in model.graph.nodes for t in node.inputs)
