@@ -27,6 +27,7 @@ from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
+from irtool.passes.quant.bias_gemm import linear_weight
 from irtool.passes.quant.insert_qdq import (
     FULL_RANGE,
     INSERTED_BIAS,
@@ -57,15 +58,9 @@ def _layers(model: Model) -> list[tuple[gs.Node, tuple[gs.Node, int] | None]]:
             layers.append((node, (node, 2)))
         elif node.op == "MatMul" and (slot := bias_slot(node, outputs)) is not None:
             layers.append((node, slot))
-        elif node.op == "MatMul" and _plain_weight(node):
+        elif linear_weight(node) is not None:
             layers.append((node, None))
     return layers
-
-
-def _plain_weight(matmul: gs.Node) -> bool:
-    weight = matmul.inputs[1] if len(matmul.inputs) == 2 else None
-    return isinstance(weight, gs.Constant) and np.ndim(weight.values) == 2 \
-        and np.asarray(weight.values).dtype == np.float32 and not isinstance(matmul.inputs[0], gs.Constant)
 
 
 def _insert_bias_add(model: Model, matmul: gs.Node) -> tuple[gs.Node, int]:

@@ -34,6 +34,18 @@ if TYPE_CHECKING:  # placement imports bias_add from here
     from irtool.passes.quant.placement import QuantPlan
 
 
+def linear_weight(matmul: gs.Node) -> gs.Constant | None:
+    """The constant float32 [K, N] second operand of a two-input MatMul whose first operand is computed (an
+    nn.Linear on tokens), or None."""
+    if matmul.op != "MatMul" or len(matmul.inputs) != 2 or isinstance(matmul.inputs[0], gs.Constant):
+        return None
+    weight = matmul.inputs[1]
+    if not isinstance(weight, gs.Constant) or np.ndim(weight.values) != 2 \
+            or np.asarray(weight.values).dtype != np.float32:
+        return None
+    return weight
+
+
 def bias_add(matmul: gs.Node, graph_outputs: set[str]) -> gs.Node | None:
     """The Add that is the only reader of this MatMul's output and adds a constant float bias along its last
     axis (shape [N]; [1, ..., N] where the input's rank is known and no lower), or None."""

@@ -37,6 +37,7 @@ from irtool.calibration.tap import channel_abs_max
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.rewrite import is_default_domain
+from irtool.passes.quant.bias_gemm import linear_weight
 from irtool.passmanager import Pass, PassContext, PassResult
 
 SCALE_LIMITS = (1e-5, 1e5)
@@ -132,11 +133,7 @@ def _channel_constant(tensor: gs.Tensor) -> bool:
 
 
 def _reads_as_input(node: gs.Node, y: gs.Tensor) -> bool:
-    if node.op != "MatMul" or len(node.inputs) != 2 or node.inputs[0] is not y or node.inputs[1] is y:
-        return False
-    weight = node.inputs[1]
-    return isinstance(weight, gs.Constant) and np.ndim(weight.values) == 2 \
-        and np.asarray(weight.values).dtype == np.float32
+    return node.inputs[0] is y and linear_weight(node) is not None
 
 
 def _spread(peak: np.ndarray) -> float:
