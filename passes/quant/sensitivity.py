@@ -1,7 +1,7 @@
 """Per-layer quantization sensitivity and automatic mixed precision.
 
-Sensitivity of a layer = the output SQNR, 10·log10(Σ y² / Σ (y − ŷ)²) over every model output and
-evaluation sample (the first EVAL_SAMPLES of the calibration data), when only that layer (its activation
+Sensitivity of a layer = the output SQNR, 10·log10(Σ y² / Σ (y − ŷ)²) over the evaluation samples (the
+first EVAL_SAMPLES of the calibration data) of the worst model output, when only that layer (its activation
 inputs and weights) is quantized. Lower means more sensitive. Mixed precision keeps the most sensitive
 layers in float, ranked on the first SWEEP_SAMPLES: `keep-fp=K` keeps the K lowest; `min-sqnr=S` keeps the
 fewest most-sensitive layers for which the fully quantized model's SQNR on all evaluation samples reaches S,
@@ -64,15 +64,24 @@ def float_outputs(model: Model, ctx: PassContext) -> list[dict[str, np.ndarray]]
 
 
 def output_sqnr(reference: list[dict[str, np.ndarray]], test: list[dict[str, np.ndarray]]) -> float:
-    """Over the float outputs (all outputs when none is float): a class index or a TopK index output is not a
-    signal, and a flipped index counted its squared distance in classes into the noise."""
+    """The worst float output's SQNR (all outputs when none is float): a class index or a TopK index output is
+    not a signal, and a flipped index counted its squared distance in classes into the noise. Per output, not
+    pooled: a detector's box coordinates (hundreds of pixels) held the pooled signal, and its class scores
+    (0-1) could lose every digit without moving it. An output that is zero in float everywhere is not a signal
+    either (no ratio to take), unless every output is."""
     names = [n for n, v in reference[0].items() if v.dtype.kind == "f"] if reference else []
-    signal = noise = 0.0
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
     for ref, out in zip(reference, test, strict=True):
         for name in names or list(ref):
             value = ref[name].astype(np.float64)
-            signal += float(np.sum(value ** 2))
-            noise += float(np.sum((value - out[name]) ** 2))
+            signal[name] = signal.get(name, 0.0) + float(np.sum(value ** 2))
+            noise[name] = noise.get(name, 0.0) + float(np.sum((value - out[name]) ** 2))
+    measured = [name for name in signal if signal[name]] or list(signal)
+    return min((_sqnr(signal[name], noise[name]) for name in measured), default=math.inf)
+
+
+def _sqnr(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10.0 * math.log10(signal / noise) if signal else -math.inf
 
 
