@@ -256,3 +256,18 @@ def gelu_mlp(spelling: str = "torch", opset: int = 17, cubic: float = 0.044715) 
         erf_gelu(b, hidden, "gelu", spelling)
     b.node("Add", ["x", b.node("MatMul", [act, b.w("w2", 16, 8)], "fc2")], "y")
     return b.model({"x": [1, 4, 8]}, "y", [1, 4, 8], opset)
+
+
+def box_decode() -> onnx.ModelProto:
+    """A detector's end as YOLO exports write it: a 1x1 head conv, its map flattened and split into box offsets
+    and class logits, offsets plus anchor centres times the stride, Sigmoid scores, one Concat as the output."""
+    b = Builder(11)
+    feat = b.node("Relu", [b.conv("x", "stem", 3, 8)], "feat")
+    head = b.node("Reshape", [b.conv(feat, "head", 8, 5, 1), b.const("flat", [1, 5, 64])], "head_flat")
+    b.nodes.append(helper.make_node("Split", [head, b.const("sizes", [2, 3])], ["offsets", "logits"], name="split",
+                                    axis=1))
+    cells = np.stack(np.meshgrid(np.arange(8) + 0.5, np.arange(8) + 0.5)[::-1]).reshape(1, 2, 64)
+    centres = b.node("Add", ["offsets", b.const("anchors", cells, np.float32)], "centres")
+    boxes = b.node("Mul", [centres, b.const("stride", 8.0, np.float32)], "boxes")
+    b.node("Concat", [boxes, b.node("Sigmoid", ["logits"], "scores")], "y", axis=1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 5, 64])

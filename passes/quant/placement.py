@@ -47,6 +47,14 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
      1.21 ms against 1.96 for QLinearMatMul + QLinearSoftmax (whose table-driven kernel ran 0.96 ms against
      0.33 for DQ + Softmax + Q), and the exponential no longer reads scores rounded to 8 bits (output SQNR
      24.3 against 16.9 dB on that block). The probabilities are quantized as the next MatMul's input.
+  9. A quantized tensor that no integer kernel reads loses its Q/DQ, except a quantized Conv's output (its Q is
+     what runs the Conv on integers: ONNX Runtime has no integer Conv with a float output). Applied until nothing
+     changes, from the outputs back: the ops between the last layers and the model's outputs run in float, and a
+     MatMul or Gemm that only float ops read returns float itself (MatMulIntegerToFloat, QGemm without an output
+     scale). Rules 1-6 quantize every op between quantized values; at a model's end that rounded to 8 bits what
+     only float ops read, for no time saved: a YOLOv8 export's box decode (anchor Add, stride Mul on [1, 2, 8400])
+     ran as QLinearAdd / QLinearMul, rounding box centres to a step its largest anchor sets (80 cells at 640:
+     0.31 cells, 10 px at stride 32), and a transformer's residual branch was rounded just before its float Add.
   A quantized tensor is read dequantized by all its main-graph consumers, but Shape and Size, which read the
   QuantizeLinear output (same dims; from the DQ they kept a float copy of the tensor made only for its dims:
   torch's legacy exports with dynamic axes); a graph output that nothing reads stays float.
@@ -277,8 +285,34 @@ def plan_ort_cpu(model: Model, selection: Selection, per_channel: bool = True) -
                 for out in node.outputs:
                     if out.outputs:
                         plan.add(out)
+        _drop_unread_requantization(plan, integer_op)
     _share_through_data_movement(plan, model)
     return plan
+
+
+def _drop_unread_requantization(plan: QuantPlan, integer_op) -> None:
+    """Rule 9 (module docstring): Q/DQ only where an integer kernel reads the tensor, or a Conv writes it."""
+    def reads_integers(node: gs.Node) -> bool:
+        if node.name in quantized:
+            return True
+        if integer_op(node) or node.op in FLOAT_ACTIVATIONS:  # the latter: decomposed into Mul/Add/Clip
+            return _fused_output(node.outputs[0]).name in plan.tensors
+        return node.op in SHARED_SCALE_OPS and any(t.name in plan.tensors for t in node.outputs)
+
+    quantized = set(plan.quantized_nodes)
+    while unread := [name for name, t in plan.tensors.items()
+                     if not _conv_output(t, quantized) and not any(reads_integers(c) for c in t.outputs)]:
+        for name in unread:
+            del plan.tensors[name], plan.slots[name]
+    plan.constants = [(node, i) for node, i in plan.constants if _fused_output(node.outputs[0]).name in plan.tensors]
+
+
+def _conv_output(tensor: gs.Tensor, quantized: set[str]) -> bool:
+    """Made by a quantized Conv, or by the Relu/Clip right after one (fused into its output). Not ConvTranspose:
+    ONNX Runtime's CPU provider runs it in float, so its output's Q is a requantization like any other."""
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op in FUSED_ACTIVATIONS and tensor.inputs[0].inputs:
+        tensor = tensor.inputs[0].inputs[0]
+    return len(tensor.inputs) == 1 and tensor.inputs[0].op == "Conv" and tensor.inputs[0].name in quantized
 
 
 def global_means(model: Model) -> set[str]:

@@ -33,7 +33,9 @@ def test_shapes_read_the_integers_and_onnx_runtime_keeps_no_dequantize_for_them(
     sources = _shape_sources(quantized)
     assert "DequantizeLinear" not in sources and sources.count("QuantizeLinear") >= 2
     ops = optimized_ops(quantized, str(tmp_path / "optimized.onnx"), _batches(1, 1))
-    assert ops["DequantizeLinear"] == 1  # the output's; two more (one per Shape read) before this rule
+    # No DQ left: two (one per Shape read) before this rule, and the output's until the output projection's QGemm
+    # returned float itself (placement rule 9: nothing integer reads the output).
+    assert ops["DequantizeLinear"] == 0
     assert ops["QGemm"] == 2 and ops["QLinearMatMul"] == 1 and ops["MatMulIntegerToFloat"] == 1  # scores float
     test = _batches(2, 4, batch=3)  # another batch size: the dims read from the integers are right
     reference, out = run_batches(proto, test), run_batches(quantized, test)
