@@ -7,9 +7,9 @@ Grammar:  pipeline := item (',' item)* ;  item := NAME ['{' [opt (',' opt)*] '}'
 BARE runs up to one of `,{}[]=` or whitespace; QUOTED is '...' or "..." with backslash escapes,
 for regexes and other text holding those characters. Keys are the kebab-case names of the pass's
 Options fields; values are coerced from the field annotations (int, float, bool, str, Regex, Enum,
-tuple/list of those, X | None). A name that is a registered pipeline expands in place (only without
-options). `format_pipeline` prints the canonical text, non-default options only, and
-parse(format(p)) == p.
+tuple/list of those, X | None). A name that is a registered pipeline expands in place; options given
+to it go to every pass in it that has them (`quant{exclude=^head}`). `format_pipeline` prints the
+canonical text, non-default options only, and parse(format(p)) == p.
 """
 
 from __future__ import annotations
@@ -177,11 +177,9 @@ def _resolve(name: str, raw: list, reader: _Reader, start: int, expanding: tuple
     if name not in registry.pass_names():
         named = registry.get_pipeline(name)
         if named is not None:
-            if raw:
-                raise reader.error(f"named pipeline {name!r} takes no options; spell out its passes: {named}", start)
             if name in expanding:
                 raise PipelineError(f"named pipeline {name!r} expands to itself ({' -> '.join(expanding + (name,))})")
-            return _parse(named, expanding + (name,))
+            return _forward_options(name, _parse(named, expanding + (name,)), raw, reader)
     try:
         cls = registry.get_pass(name)
     except PipelineError as e:
@@ -189,21 +187,45 @@ def _resolve(name: str, raw: list, reader: _Reader, start: int, expanding: tuple
     return [PassSpec(name, _coerce_options(cls, raw, reader))]
 
 
+def _forward_options(name: str, specs: list[PassSpec], raw: list, reader: _Reader) -> list[PassSpec]:
+    """`quant{exclude=...}`: each option goes to every pass of the named pipeline that has it, over the options
+    the pipeline gives that pass (`quant{min-sqnr=30}` replaces insert-qdq's 20)."""
+    seen = set()
+    for key, _, pos in raw:
+        takers = [spec.name for spec in specs if key.replace("-", "_") in _fields(registry.get_pass(spec.name))]
+        if not takers:
+            passes = ", ".join(dict.fromkeys(spec.name for spec in specs))
+            raise reader.error(f"no pass of named pipeline {name!r} takes option {key!r} (its passes: {passes})", pos)
+        if key in seen:
+            raise reader.error(f"option {key!r} given twice", pos)
+        seen.add(key)
+    out = []
+    for spec in specs:
+        fields = _fields(registry.get_pass(spec.name))
+        mine = [item for item in raw if item[0].replace("-", "_") in fields]
+        out.append(PassSpec(spec.name, _coerce_options(registry.get_pass(spec.name), mine, reader, dict(spec.options)))
+                   if mine else spec)
+    return out
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls.Options)}
 
 
-def _coerce_options(cls, raw: list, reader: _Reader) -> tuple[tuple[str, Any], ...]:
+def _coerce_options(cls, raw: list, reader: _Reader, base: dict[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+    """The pass's options from `raw`, over `base` (the options a named pipeline gives it) when given."""
     fields = _fields(cls)
     hints = typing.get_type_hints(cls.Options)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
+    given = set()
     for key, value, pos in raw:
         field_name = key.replace("-", "_")
         if field_name not in fields:
             valid = [f.replace("_", "-") for f in fields]
             raise reader.error(registry.unknown_message("option", key, valid, f" of pass {cls.name!r}"), pos)
-        if field_name in values:
+        if field_name in given:
             raise reader.error(f"option {key!r} given twice", pos)
+        given.add(field_name)
         try:
             values[field_name] = coerce(value, hints[field_name])
         except (ValueError, TypeError) as e:

@@ -79,6 +79,23 @@ def test_named_pipeline_expands_in_place():
     assert options_of(p, 1)["ratio"] == 0.25
 
 
+def test_named_pipeline_options_go_to_every_pass_that_has_them():
+    """Over what the pipeline gives each pass: the first keeps its ratio when only round-to is given."""
+    p = parse_pipeline("typed-pair-test{round-to=4}")
+    assert [(o["ratio"], o["round_to"]) for o in (options_of(p, 0), options_of(p, 1))] == [(0.25, 4), (0.5, 4)]
+    assert [options_of(parse_pipeline("typed-pair-test{ratio=0.9}"), i)["ratio"] for i in (0, 1)] == [0.9, 0.9]
+
+
+def test_quant_takes_an_exclusion_and_a_target():
+    """`quant{exclude=...,min-sqnr=30}`: insert-qdq gets both, in place of the 20 dB quant gives it; calibrate,
+    which has neither, is the same as in plain `quant`."""
+    plain, given = parse_pipeline("quant"), parse_pipeline("quant{exclude='^/detect/dfl',min-sqnr=30}")
+    assert [s.name for s in plain.passes] == [s.name for s in given.passes]
+    changed = [(a.name, dict(b.options)) for a, b in zip(plain.passes, given.passes, strict=True) if a != b]
+    assert [name for name, _ in changed] == ["insert-qdq"]
+    assert changed[0][1]["exclude"] == ("^/detect/dfl",) and changed[0][1]["min_sqnr"] == 30.0
+
+
 @pytest.mark.parametrize(
     "text, fragment",
     [
@@ -97,7 +114,9 @@ def test_named_pipeline_expands_in_place():
         ("typed-test{label='open}", "unterminated quoted value"),
         ("", "empty pipeline"),
         ("Typed-Test", "not a kebab-case pass name"),
-        ("typed-pair-test{ratio=1}", "named pipeline 'typed-pair-test' takes no options"),
+        ("typed-pair-test{ration=1}", "column 17: no pass of named pipeline 'typed-pair-test' takes option 'ration'"),
+        ("typed-pair-test{ratio=1,ratio=2}", "column 25: option 'ratio' given twice"),
+        ("typed-pair-test{ratio=abc}", "option 'ratio' of pass 'typed-test': expected a number"),
         ("loop-a-test", "expands to itself"),
     ],
 )
