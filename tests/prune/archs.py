@@ -356,15 +356,18 @@ class Yolo(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(cbs(c, c, 3), cbs(c, c, 3), nn.Conv2d(c, outputs, 1))
                                    for c in (w[2], w[3], w[4]))
 
-    def forward(self, x):
+    def features(self, x):
+        """The neck's three maps (strides 8, 16, 32), which the heads read."""
         p3 = self.p3(self.stem(x))
         p4 = self.p4(p3)
         p5 = self.p5(p4)
         t4 = self.top_down4(torch.cat([self.up(p5), p4], 1))
         n3 = self.top_down3(torch.cat([self.up(t4), p3], 1))
         n4 = self.bottom_up4(torch.cat([self.down3(n3), t4], 1))
-        n5 = self.bottom_up5(torch.cat([self.down4(n4), p5], 1))
-        return tuple(head(f) for head, f in zip(self.heads, (n3, n4, n5), strict=True))
+        return n3, n4, self.bottom_up5(torch.cat([self.down4(n4), p5], 1))
+
+    def forward(self, x):
+        return tuple(head(f) for head, f in zip(self.heads, self.features(x), strict=True))
 
 
 ARCHS = {

@@ -60,14 +60,7 @@ class YoloV8(nn.Module):
         del self.body.heads
 
     def forward(self, x):
-        b = self.body
-        p3 = b.p3(b.stem(x))
-        p4 = b.p4(p3)
-        p5 = b.p5(p4)
-        t4 = b.top_down4(torch.cat([b.up(p5), p4], 1))
-        n3 = b.top_down3(torch.cat([b.up(t4), p3], 1))
-        n4 = b.bottom_up4(torch.cat([b.down3(n3), t4], 1))
-        return self.detect([n3, n4, b.bottom_up5(torch.cat([b.down4(n4), p5], 1))])
+        return self.detect(self.body.features(x))
 
 
 def yolov8_export() -> onnx.ModelProto:
