@@ -301,6 +301,9 @@ def test_random_graphs_verify_stay_close_and_are_idempotent(proto):
     ref, got = run_ort(original, feeds), run_ort(model, feeds)
     for name, value in ref.items():
         assert got[name].dtype == value.dtype and got[name].shape == value.shape
-        assert np.max(np.abs(got[name] - value), initial=0) <= 1e-2 * np.max(np.abs(value), initial=0) + 1e-3
+        # NaN where float32 itself gives NaN (a random Sqrt or Log of negatives) is agreement, not an error.
+        both_nan = np.isnan(value) & np.isnan(got[name])
+        error = np.where(both_nan, 0.0, np.abs(got[name] - value))
+        assert np.max(error, initial=0) <= 1e-2 * np.max(np.abs(np.where(both_nan, 0.0, value)), initial=0) + 1e-3
     once = format_model(model)
     assert run(model, "fp16")[0].modified is False and format_model(model) == once
