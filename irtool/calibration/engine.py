@@ -32,7 +32,7 @@ from irtool.progress import bar
 
 log = logging.getLogger(__name__)
 Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-CACHE_VERSION = 2  # 2: histogram methods take extremes from the sample
+CACHE_VERSION = 3  # 2: histogram methods take extremes from the sample; 3: but not of Softmax outputs
 
 
 @dataclass

@@ -140,13 +140,15 @@ def test_histogram_bins_are_exact_for_tiny_and_edge_values():
 @pytest.mark.parametrize("rows", ["static", "dynamic"])
 def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
     """Histogram methods take a tensor's extremes from its sample: no min/max reduction in the graph but for the
-    graph inputs; the Summary leaves the extremes to the histogram (high None, low the producer's floor: a
-    Softmax's 0) and the engine's statistics are the sample's; an infinity still shows through the NaN check's
-    sum (`ratio` divides by |0|) or in the sample's extremes (`y`)."""
+    graph inputs and the Softmax outputs (probabilities, which calibrate does not clip: their maximum is reduced,
+    their minimum is the floor 0); the Summary leaves the extremes to the histogram (high None, low the
+    producer's floor) and the engine's statistics are the sample's; an infinity still shows through the NaN
+    check's sum (`ratio` divides by |0|) or in the sample's extremes (`y`)."""
     model, names = _heads() if rows == "static" else _dynamic_rows(_heads()), ["x", "q", "heads", "probs", "ratio", "y"]
     proto, _, taps = _summarized_proto(model, names, 40, sample_extremes=True)
     reducers = {n.input[0] for n in proto.graph.node if n.op_type in ("ReduceMax", "ReduceMin", "GlobalMaxPool")}
-    assert {t.high for t in taps.values()} - {None} == {taps["x"].high} and reducers == {"__irtool_tap0_flat"}
+    assert {t.high for t in taps.values()} - {None} == {taps["x"].high, taps["probs"].high}
+    assert reducers == {"__irtool_tap0_flat", "probs"}
     rng = np.random.default_rng(5)
     batches = [{"x": rng.standard_normal((3, 6, 12)).astype(np.float32)} for _ in range(2)]
     batches[1]["x"][0, 0, :] = 0.0
@@ -156,15 +158,17 @@ def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
         for name in names[1:]:
             sample, summary = exact[index][name].sample, got[name]
             np.testing.assert_array_equal(summary.sample, sample)
-            floor = 0.0 if name == "probs" else -np.inf
             finite = not (name == "ratio" and index == 1)  # y reshapes ratio: its infinity is in its sample
-            assert (summary.low, summary.high, summary.finite) == (floor, None, finite), name
+            if name == "probs":
+                assert (summary.low, summary.high, summary.finite) == (0.0, exact[index][name].high, True)
+                continue
+            assert (summary.low, summary.high, summary.finite) == (-np.inf, None, finite), name
     stats = collect(model, names, lambda: batches[:1], histograms=True)
     (exact,) = tap(model, names, batches[:1], summary=values_per_sample(None))  # the engine's sample size
     for name in names[1:]:
         sample = exact[name].sample
-        low = 0.0 if name == "probs" else float(sample.min())
-        assert (stats[name].minmax.low, stats[name].minmax.high) == (low, float(sample.max())), name
+        expected = (0.0, exact[name].high) if name == "probs" else (float(sample.min()), float(sample.max()))
+        assert (stats[name].minmax.low, stats[name].minmax.high) == expected, name
     assert (stats["x"].minmax.low, stats["x"].minmax.high) == (exact["x"].low, exact["x"].high)
     for name in ("ratio", "y"):  # by the NaN check's sum, and by the extremes the histogram takes of the sample
         with pytest.raises(InputError, match=f"'{name}' holds NaN or Inf"):

@@ -1,6 +1,6 @@
-"""Softmax outputs get [0, 1] under the clipping calibration methods: most probabilities sit near 0, so a clipping
-threshold lands inside the tail of confident ones and saturates exactly those, and a histogram's subsample holds
-few of them (passes/quant/calibrate.py)."""
+"""Softmax outputs keep their observed range under the clipping calibration methods: most probabilities sit near 0,
+so a clipping threshold lands inside the tail of confident ones and saturates exactly those, and a histogram's
+subsample holds few of them, so their extremes are reduced exactly (calibrate, irtool.calibration.tap)."""
 
 from __future__ import annotations
 
@@ -32,23 +32,21 @@ def _batches():
 @pytest.mark.parametrize("method", ["entropy", "percentile", "mse"])
 def test_probabilities_keep_their_largest_value_where_other_tensors_are_clipped(method):
     """On this small model entropy clipped them before (0.998 for 1.0); the detector's probabilities below lost
-    far more. minmax keeps the largest value it observed."""
+    far more."""
     proto = attention_like()
     exact = intermediate_values(proto, ["p", "h_relu"], _batches())
     model = optimize(proto, f"calibrate{{method={method},profile=trt}}", calibration_data=_batches).model
     ranges = json.loads(model.metadata[METADATA_KEY])["ranges"]
-    assert ranges["p"] == [0.0, 1.0]
+    assert ranges["p"] == pytest.approx([0.0, float(exact["p"].max())], rel=1e-6)
     assert exact["p"].max() > 0.5 and np.mean(exact["p"] > 0.5) <= 1 / 64  # a tail: one value a row at most
     assert ranges["h_relu"][1] < float(exact["h_relu"].max())  # the method does clip the others
-    minmax = optimize(proto, "calibrate{profile=trt}", calibration_data=_batches).model
-    assert json.loads(minmax.metadata[METADATA_KEY])["ranges"]["p"] == pytest.approx([0.0, exact["p"].max()])
 
 
 def test_the_trt_recipe_keeps_a_yolov8_heads_boxes():
     """`quant-trt` calibrates with entropy. Its DFL conv reads the box-distance probabilities: clipped (and their
     extremes taken from a subsample, 0.48 for 0.76), box coordinates came out 7.1 px off on average and 104 px at
-    most on the 640x640 test detector; with [0, 1] 0.79 and 10.6 px (run in ONNX Runtime, the only runtime here:
-    TensorRT's own kernels were not run)."""
+    most on the 640x640 test detector; with their observed range, 0.53 and 9.4 px (run in ONNX Runtime, the
+    only runtime here: TensorRT's own kernels were not run)."""
     from tests.quant.ort_run import run_batches
     from tests.quant.test_detector_decode import _images, yolov8_export
 
@@ -56,4 +54,4 @@ def test_the_trt_recipe_keeps_a_yolov8_heads_boxes():
     quantized = optimize(proto, "quant-trt", calibration_data=_images(0, 16)).model.to_proto()
     test = _images(1, 8)
     error = np.abs(run_batches(quantized, test)[:, :4] - run_batches(proto, test)[:, :4])
-    assert error.mean() < 1.0 and error.max() < 15.0, (error.mean(), error.max())
+    assert error.mean() < 0.8 and error.max() < 12.0, (error.mean(), error.max())
