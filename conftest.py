@@ -9,6 +9,7 @@ from hypothesis import settings
 settings.register_profile("default", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite golden/*/*/expected.ir and expected_outputs.npz from the current passes "
