@@ -213,8 +213,7 @@ def _pipeline_from_options(passes: str | None, pipeline_text: str | None) -> str
     if (passes is None) == (pipeline_text is None):
         raise click.UsageError("give exactly one of --passes and --pipeline")
     if passes is not None and any(c in passes for c in "{}="):
-        raise PipelineError(f"--passes {passes!r}: names only; put options in --pipeline, "
-                            "e.g. --pipeline 'prune{ratio=0.5}'")
+        raise PipelineError(f"--passes {passes!r}: names only; options go in --pipeline: --pipeline '{passes}'")
     return passes if passes is not None else pipeline_text
 
 

@@ -30,7 +30,15 @@ def test_malformed_pipeline_names_the_column(tiny: Path, tmp_path: Path):
 
 
 def test_options_in_passes_point_to_pipeline(tiny: Path, tmp_path: Path):
-    assert_one_line_error(opt(tiny, tmp_path, "--passes", "dce{}"), 2, "--pipeline")
+    """With the user's own text to paste, not an unrelated example."""
+    assert_one_line_error(opt(tiny, tmp_path, "--passes", "quant{min-sqnr=30}"), 2,
+                          "--pipeline 'quant{min-sqnr=30}'")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_an_option_no_pass_of_a_named_pipeline_takes(tiny: Path, tmp_path: Path):
+    assert_one_line_error(opt(tiny, tmp_path, "--pipeline", "cleanup{ratio=0.5}"), 2, "column 9",
+                          "no pass of named pipeline 'cleanup' takes option 'ratio'", "its passes: dce,")
 
 
 @pytest.mark.parametrize("args", [[], ["--passes", "dce", "--pipeline", "dce"]])
