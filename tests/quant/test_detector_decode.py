@@ -84,6 +84,13 @@ def _images(seed: int, count: int) -> list[dict[str, np.ndarray]]:
     return [{"images": rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)} for _ in range(count)]
 
 
+def held_out_errors(proto: onnx.ModelProto, quantized: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
+    """|quantized - float| of the box coordinates (px) and the class scores on 8 held-out inputs."""
+    test = _images(1, 8)
+    reference, out = run_batches(proto, test), run_batches(quantized, test)
+    return np.abs(out[:, :4] - reference[:, :4]), np.abs(out[:, 4:] - reference[:, 4:])
+
+
 @pytest.fixture(scope="module")
 def float_and_int8():
     proto = yolov8_export()
@@ -108,12 +115,11 @@ def test_boxes_within_half_a_pixel_on_average_and_scores_within_a_hundredth(floa
     at most, scores by 0.0014 and 0.0083. With the decode quantized: 1.01 and 16.1 px, 0.0020 and 0.0094. With the
     DFL conv kept float too (`quant{exclude=^/detect/dfl}`, README): 0.18 and 3.8 px."""
     proto, quantized = float_and_int8
-    test = _images(1, 8)
-    reference, out = run_batches(proto, test), run_batches(quantized, test)
-    box_error, score_error = np.abs(out[:, :4] - reference[:, :4]), np.abs(out[:, 4:] - reference[:, 4:])
+    box_error, score_error = held_out_errors(proto, quantized)
     assert box_error.mean() < 0.6 and box_error.max() < 12.0, (box_error.mean(), box_error.max())
     assert score_error.mean() < 0.002 and score_error.max() < 0.02, (score_error.mean(), score_error.max())
-    assert reference[:, 4:].min() < 0.05 and reference[:, 4:].max() > 0.8  # the scores do span 0..1
+    scores = run_batches(proto, _images(1, 8))[:, 4:]
+    assert scores.min() < 0.05 and scores.max() > 0.8  # the scores do span 0..1
 
 
 def test_quant_with_the_dfl_conv_excluded_halves_the_box_error(float_and_int8):
@@ -125,7 +131,5 @@ def test_quant_with_the_dfl_conv_excluded_halves_the_box_error(float_and_int8):
     made_by = {out: n.op_type for n in graph.node for out in n.output}
     dfl = next(n for n in graph.node if n.name == "/detect/dfl/Conv")
     assert [made_by.get(name) for name in dfl.input] == ["Softmax", None]  # float input, float weights
-    test = _images(1, 8)
-    reference = run_batches(proto, test)
-    errors = [np.abs(run_batches(q, test)[:, :4] - reference[:, :4]) for q in (quantized, excluded.model.to_proto())]
+    errors = [held_out_errors(proto, q)[0] for q in (quantized, excluded.model.to_proto())]
     assert errors[1].mean() < 0.5 * errors[0].mean() and errors[1].max() < 5.0, [(e.mean(), e.max()) for e in errors]
