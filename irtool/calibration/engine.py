@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from irtool.progress import bar
 
 log = logging.getLogger(__name__)
 Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-CACHE_VERSION = 3  # 2: histogram methods take extremes from the sample; 3: but not of Softmax outputs
+CACHE_VERSION = 3  # 2: histogram methods take extremes from the sample; 3: but not of `exact` tensors
 
 
 @dataclass
@@ -58,13 +58,14 @@ class Timings:
 
 
 def collect(model: Model, names: list[str], provider: Provider, *, histograms: bool, bins: int = DEFAULT_BINS,
-            cache_dir: str | None = None, progress: bool = False,
-            timings: Timings | None = None) -> dict[str, TensorStats]:
+            cache_dir: str | None = None, progress: bool = False, timings: Timings | None = None,
+            exact: Collection[str] = ()) -> dict[str, TensorStats]:
     """Statistics of `names` over every batch `provider()` yields (from the cache when possible); `timings`,
-    when given, receives the time spent per stage."""
+    when given, receives the time spent per stage. The extremes of `exact` are reduced exactly, also for
+    histograms (tap)."""
     timings = timings if timings is not None else Timings()
     per_sample = values_per_sample(getattr(provider, "num_samples", None)) if histograms else 0
-    key = _cache_key(model, names, provider, per_sample, bins) if cache_dir else None
+    key = _cache_key(model, names, provider, per_sample, bins, sorted(exact)) if cache_dir else None
     if key is not None:
         cached = _load(Path(cache_dir) / f"{key}.npz", names, bins)
         if cached is not None:
@@ -73,7 +74,7 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     stats = {n: TensorStats(MinMax(), Histogram(bins, per_sample) if histograms else None) for n in names}
     started, batches, sizes = time.perf_counter(), 0, []
     summaries_of = tap(model, names, _sized(provider(), sizes, timings), summary=per_sample,
-                       sample_extremes=histograms, timings=timings)
+                       sample_extremes=histograms, timings=timings, exact=exact)
     bar_total = getattr(provider, "num_batches", None)
     pool = Binning(binning_workers() if histograms else 1)
     try:
@@ -208,7 +209,8 @@ def binning_workers() -> int:
 
 
 # ----------------------------------------------------------------------------------- cache
-def _cache_key(model: Model, names: list[str], provider: Provider, per_sample: int, bins: int) -> str | None:
+def _cache_key(model: Model, names: list[str], provider: Provider, per_sample: int, bins: int,
+               exact: list[str]) -> str | None:
     fingerprint = getattr(provider, "fingerprint", None)
     if fingerprint is None:
         log.warning("calibration cache skipped: the data source has no fingerprint")
@@ -216,7 +218,7 @@ def _cache_key(model: Model, names: list[str], provider: Provider, per_sample: i
     digest = hashlib.sha256()
     digest.update(model.to_proto().SerializeToString(deterministic=True))
     digest.update(json.dumps({"v": CACHE_VERSION, "data": fingerprint(), "names": names, "per_sample": per_sample,
-                              "bins": bins}, sort_keys=True).encode())
+                              "bins": bins, "exact": exact}, sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -16,12 +16,13 @@ per sample) cost 3-4x the float inference itself. A Summary holds
           the others can only overflow, and an infinity shows in the max or min of the tensor where it
           appears, if that tensor is observed;
   sample  for M > 0, about M values per sample at fixed positions (observers.subsample).
-With `sample_extremes` (histogram methods), tensors other than graph inputs and Softmax outputs get no min/max
-reduction: their extremes are the sample's, which the histogram takes in the pass that counts the sample (high
+With `sample_extremes` (histogram methods), tensors other than graph inputs and those named `exact` get no
+min/max reduction: their extremes are the sample's, which the histogram takes in the pass that counts the sample (high
 is None and low holds the floor above, -inf for none), and an infinity outside the sample shows only through
 the NaN check's sum. A histogram threshold lies within the sample's extremes anyway, so the exact extremes only
 decided the range where a threshold exceeded them; the reductions cost the ViT of bench/quant_bench.py about a
-fifth of its float inference. Probabilities keep theirs: `calibrate` does not clip them (see _probabilities).
+fifth of its float inference. `calibrate` names as `exact` the tensors it does not clip (probabilities, logits),
+whose few extreme values decide what they mean and which a sample misses.
 Other tensors (other dtypes, unknown rank; with M > 0 also [N, C, H, W] tensors with a dynamic C, H or W)
 are tapped whole and summarized in numpy by `summarize`, which takes the exact minimum and checks every value.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -140,10 +141,12 @@ class _Taps:
 
 
 def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sample_extremes: bool = False,
-                      weights: dict | None = None) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
+                      weights: dict | None = None,
+                      exact: Collection[str] = ()) -> tuple[onnx.ModelProto, list[str], dict[str, _Taps]]:
     """A copy of the model whose extra outputs summarize the tensors in `names`; returns (proto, names tapped
     whole, {name: its summary outputs}). With `sample_extremes` (and max_per_sample > 0) the tensors other than
-    graph inputs get no min/max reduction: their extremes are the sample's. `weights`: see Model.to_proto."""
+    graph inputs and `exact` get no min/max reduction: their extremes are the sample's. `weights`: see
+    Model.to_proto."""
     proto = model.to_proto(weights)
     types = infer_types(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -163,7 +166,7 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sampl
         producer = producers.get(name)
         floor = _lower_bound(producer, constants)
         nan_free = producer is None or producer.op_type in NAN_FREE  # graph inputs are checked as they stream
-        reduce = not (sample_extremes and max_per_sample) or name in inputs or _probabilities(producer)
+        reduce = not (sample_extremes and max_per_sample) or name in inputs or name in exact
         added[name], reduced[name] = builder.summary(f"__irtool_tap{i}", name, dims,
                                                      producer.op_type if producer else "", floor, nan_free, reduce)
     _place_after_producers(graph, added)
@@ -319,14 +322,6 @@ def _nchwc_share(proto: onnx.ModelProto) -> float:
     return len(pooled) / max(1, len(summary))
 
 
-def _probabilities(producer: onnx.NodeProto | None) -> bool:
-    """A Softmax output: its extremes are reduced even with `sample_extremes`, since `calibrate` gives
-    probabilities their observed range whatever the method. Their confident values are few and decide what they
-    mean (a YOLOv8 head's DFL expectations, attention peaks): a sample of 16384 values per sample missed them (the
-    test detector's DFL: 0.48 sampled, 0.76 in fact)."""
-    return producer is not None and producer.op_type == "Softmax"
-
-
 def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx.NodeProto]]) -> None:
     """Put each tensor's summary nodes right after the node producing it, so it is reduced while hot.
     Appended at the end of the graph instead, the tapped ResNet-50 ran about 2x slower (8.3 vs 4.3 s per
@@ -343,10 +338,10 @@ def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx
 
 def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
         threads: int | None = None, summary: int | None = None, sample_extremes: bool = False,
-        timings: Timings | None = None) -> Iterator[dict]:
+        timings: Timings | None = None, exact: Collection[str] = ()) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
-    `sample_extremes` too, take the extremes of tensors other than graph inputs from their sample.
+    `sample_extremes` too, take the extremes of tensors other than graph inputs and `exact` from their sample.
     `timings` gets the time spent waiting for the session (built while the first batches are read) added to
     its `session`."""
 
@@ -358,7 +353,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
             if threads:
                 options.intra_op_num_threads = threads
             return session_with_weights(proto, options, weights), list(names), {}
-        proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes, weights)
+        proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes, weights, exact)
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
                                       may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE, weights=weights)
         return session, whole, reduced  # the proto goes: the session holds what it needs

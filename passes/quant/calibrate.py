@@ -4,7 +4,7 @@ Observes every tensor the Q/DQ profile may quantize (`profile=trt` or `ort-cpu`;
 passes/quant/placement.py) in one streaming pass of ONNX Runtime (irtool.calibration.engine) and turns
 the statistics into a [low, high] range per tensor: minmax takes the observed extremes; percentile,
 entropy and mse compute a threshold T on |x| from the histogram (irtool.calibration.observers) and clip
-the extremes to [-T, T]. Graph inputs and Softmax outputs (probabilities) always keep their min/max range.
+the extremes to [-T, T]. Graph inputs, probabilities and logits always keep their min/max range.
 The ranges travel to `insert-qdq` through the IR, as JSON in the model's metadata under `irtool.calibration`,
 so the two passes can also run in separate invocations. Naming the profile observes fewer tensors (the ViT of
 bench/quant_bench.py: 98 for trt against 268) and, on ResNet-50, leaves the convs feeding residual Adds unobserved,
@@ -25,10 +25,12 @@ from irtool.calibration.engine import TensorStats, Timings, collect
 from irtool.calibration.observers import DEFAULT_BINS
 from irtool.errors import InputError
 from irtool.ir.model import Model
+from irtool.ir.rewrite import SHAPE_READERS
 from irtool.passes.quant.derived import derived_tensors
 from irtool.passes.quant.placement import (
     PERMUTATION_OPS,
     SELECTION_OPS,
+    SHARED_SCALE_OPS,
     Profile,
     candidate_tensors,
     moved_from,
@@ -107,11 +109,13 @@ class Calibrate(Pass):
         sources = permutation_sources(model, names)
         derived = derived_tensors(model, names)
         timings = Timings()
-        observed = collect(model, sorted(set(sources.values()) - set(derived)), ctx.calibration_data,
-                           histograms=self.options.method is not Method.MINMAX, bins=self.options.bins,
-                           cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings)
+        observe = sorted(set(sources.values()) - set(derived))
+        unclipped = set(unclipped_tensors(model, observe))
+        observed = collect(model, observe, ctx.calibration_data, histograms=self.options.method is not Method.MINMAX,
+                           bins=self.options.bins, cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings,
+                           exact=unclipped)
         started = time.perf_counter()
-        ranges = self._ranges(model, observed, sources, derived)
+        ranges = self._ranges(model, observed, sources, derived, unclipped)
         timings.search = time.perf_counter() - started
         profile = None if self.options.profile is None else self.options.profile.value  # None: any profile
         model.metadata[METADATA_KEY] = json.dumps({"method": self.options.method.value, "ranges": ranges,
@@ -121,32 +125,56 @@ class Calibrate(Pass):
                  "profile": profile, "seconds": timings.as_dict()}
         return PassResult(modified=True, preserved="*", stats=stats)
 
-    def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str],
-                derived: dict) -> dict[str, list[float]]:
-        """A range per tensor, searched once per observed tensor (and method); derived ones mapped from theirs."""
-        inputs = {t.name for t in model.graph.inputs}
-        searched: dict[tuple[str, Method], list[float]] = {}
+    def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str], derived: dict,
+                unclipped: set[str]) -> dict[str, list[float]]:
+        """A range per tensor, searched once per observed tensor; derived ones mapped from their origin's. Raw model
+        inputs are never clipped (the network never saw them saturated), nor are `unclipped_tensors`."""
+        unclipped = unclipped | {t.name for t in model.graph.inputs}
+        searched: dict[str, list[float]] = {}
 
-        def source_range(source: str, method: Method) -> list[float]:
-            if (source, method) not in searched:
+        def source_range(source: str) -> list[float]:
+            if source not in searched:
                 if source in derived:
                     origin, mapped = derived[source]
-                    values = mapped(*source_range(sources[origin], method))
+                    values = mapped(*source_range(sources[origin]))
                 else:
+                    method = Method.MINMAX if source in unclipped else self.options.method
                     values = tensor_range(observed[source], method, self.options.percentile)
-                searched[source, method] = [float(v) for v in values]
-            return searched[source, method]
+                searched[source] = [float(v) for v in values]
+            return searched[source]
 
-        # Raw model inputs are never clipped: the network never saw them saturated. Nor are probabilities
-        # (Softmax outputs): most sit near 0, so a clipping method's threshold lands inside the tail of confident
-        # ones and saturates exactly those. They keep their observed range (the tap reduces their extremes even
-        # for histogram methods, 2-4% of the ViT's calibration time); [0, 1] instead cost the bench's ViT 5 dB,
-        # its attention maps peaking near 0.3.
-        tensors = model.graph.tensors()
-        unclipped = inputs | {name for name, source in sources.items()
-                              if [p.op for p in tensors[source].inputs] == ["Softmax"]}
-        return {name: source_range(source, Method.MINMAX if name in unclipped else self.options.method)
-                for name, source in sources.items()}
+        return {name: source_range(source) for name, source in sources.items()}
+
+
+def unclipped_tensors(model: Model, names: list[str]) -> list[str]:
+    """The names that keep their observed range whatever the method: probabilities (Softmax outputs) and logits
+    (read, through data movement, by Softmax or Sigmoid alone). Most of their values sit near the bottom, so a
+    clipping threshold lands among the few large ones, which decide what they mean, and saturates exactly those; the
+    tap reduces their extremes exactly, since a histogram's sample holds few of them. On the 640x640 YOLOv8-style
+    test detector: `quant-trt` (entropy; the DFL probabilities clipped to 0.48, observed 0.76) had box coordinates
+    7.1 px off on average, 104 px at most, now 0.53 and 9.4 px; `quant{method=entropy}` (its head logits clipped
+    too) 4.1 px and scores 0.058 off on average, now 2.8 px and 0.0014 (minmax: 0.47 px). Giving probabilities
+    [0, 1] instead cost the bench's ViT 5 dB (attention maps peaking near 0.3)."""
+    tensors = model.graph.tensors()
+    return [name for name in names if [p.op for p in tensors[name].inputs] == ["Softmax"]
+            or _read_as_logits(tensors[name])]
+
+
+def _read_as_logits(tensor) -> bool:
+    """Read by Softmax or Sigmoid, through data movement and Concat, and by nothing else (not SiLU's Mul)."""
+    pending, seen, found = list(tensor.outputs), set(), False
+    while pending:
+        node = pending.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op in ("Softmax", "Sigmoid"):
+            found = True
+        elif node.op in SHARED_SCALE_OPS or node.op == "Concat":
+            pending.extend(reader for out in node.outputs for reader in out.outputs)
+        elif node.op not in SHAPE_READERS:
+            return False
+    return found
 
 
 def stored_profile(model: Model) -> Profile | None:

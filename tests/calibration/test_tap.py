@@ -140,12 +140,12 @@ def test_histogram_bins_are_exact_for_tiny_and_edge_values():
 @pytest.mark.parametrize("rows", ["static", "dynamic"])
 def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
     """Histogram methods take a tensor's extremes from its sample: no min/max reduction in the graph but for the
-    graph inputs and the Softmax outputs (probabilities, which calibrate does not clip: their maximum is reduced,
-    their minimum is the floor 0); the Summary leaves the extremes to the histogram (high None, low the
-    producer's floor) and the engine's statistics are the sample's; an infinity still shows through the NaN
-    check's sum (`ratio` divides by |0|) or in the sample's extremes (`y`)."""
+    graph inputs and the tensors named `exact` (calibrate's probabilities and logits, which it does not clip: here a
+    Softmax's, whose maximum is reduced and minimum is the floor 0); the Summary leaves the extremes to the
+    histogram (high None, low the producer's floor) and the engine's statistics are the sample's; an infinity still
+    shows through the NaN check's sum (`ratio` divides by |0|) or in the sample's extremes (`y`)."""
     model, names = _heads() if rows == "static" else _dynamic_rows(_heads()), ["x", "q", "heads", "probs", "ratio", "y"]
-    proto, _, taps = _summarized_proto(model, names, 40, sample_extremes=True)
+    proto, _, taps = _summarized_proto(model, names, 40, sample_extremes=True, exact=["probs"])
     reducers = {n.input[0] for n in proto.graph.node if n.op_type in ("ReduceMax", "ReduceMin", "GlobalMaxPool")}
     assert {t.high for t in taps.values()} - {None} == {taps["x"].high, taps["probs"].high}
     assert reducers == {"__irtool_tap0_flat", "probs"}
@@ -153,7 +153,7 @@ def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
     batches = [{"x": rng.standard_normal((3, 6, 12)).astype(np.float32)} for _ in range(2)]
     batches[1]["x"][0, 0, :] = 0.0
     exact = list(tap(model, names, batches, summary=40))
-    for index, got in enumerate(tap(model, names, batches, summary=40, sample_extremes=True)):
+    for index, got in enumerate(tap(model, names, batches, summary=40, sample_extremes=True, exact=["probs"])):
         assert (got["x"].low, got["x"].high) == (exact[index]["x"].low, exact[index]["x"].high)
         for name in names[1:]:
             sample, summary = exact[index][name].sample, got[name]
@@ -163,7 +163,7 @@ def test_sample_extremes_replace_the_reductions_except_for_graph_inputs(rows):
                 assert (summary.low, summary.high, summary.finite) == (0.0, exact[index][name].high, True)
                 continue
             assert (summary.low, summary.high, summary.finite) == (-np.inf, None, finite), name
-    stats = collect(model, names, lambda: batches[:1], histograms=True)
+    stats = collect(model, names, lambda: batches[:1], histograms=True, exact=["probs"])
     (exact,) = tap(model, names, batches[:1], summary=values_per_sample(None))  # the engine's sample size
     for name in names[1:]:
         sample = exact[name].sample

@@ -52,3 +52,15 @@ def test_the_trt_recipe_keeps_a_yolov8_heads_boxes():
     proto = yolov8_export()
     error, _ = held_out_errors(proto, optimize(proto, "quant-trt", calibration_data=_images(0, 16)).model.to_proto())
     assert error.mean() < 0.8 and error.max() < 12.0, (error.mean(), error.max())
+
+
+def test_a_detectors_logits_keep_their_range_under_entropy():
+    """`quant{method=entropy}` on the test detector: its head logits (read through Concat, Reshape and Split by
+    the DFL Softmax and the score Sigmoid alone) were clipped like any activation, and scores came out 0.058 off
+    on average, boxes 4.1 px; now 0.0014 and 2.8 px."""
+    from tests.quant.test_detector_decode import _images, held_out_errors, yolov8_export
+
+    proto = yolov8_export()
+    quantized = optimize(proto, "quant{method=entropy}", calibration_data=_images(0, 16)).model.to_proto()
+    boxes, scores = held_out_errors(proto, quantized)
+    assert scores.mean() < 0.003 and boxes.mean() < 3.5, (scores.mean(), boxes.mean())
