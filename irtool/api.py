@@ -47,8 +47,9 @@ def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pip
     """Run `pipeline` (text or parsed) on a copy of the model; raise a typed IrtoolError on failure.
 
     The model is a path, an onnx.ModelProto, an irtool Model, or a torch.nn.Module with `example_inputs` (a
-    tensor or a tuple of them), exported by irtool.frontends.torch.export_module with its defaults (dynamo,
-    falling back to the TorchScript tracer; dynamic batch; input names from forward's parameters).
+    tensor, a tuple of them, or a dict of them by forward's parameter names), exported by
+    irtool.frontends.torch.export_module with its defaults (dynamo, falling back to the TorchScript tracer;
+    dynamic batch; input names from forward's parameters).
 
     `ir_printer` receives the IR text for `print_ir_after`; by default it is logged at INFO.
     `calibration_data` is a CalibrationData, a path (.npz file, folder of .npy/.npz files or images),

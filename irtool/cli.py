@@ -236,7 +236,8 @@ def _check_output_paths(model_in: Path, out: Path, report: Path | None) -> None:
 @click.argument("spec", metavar="MODULE")
 @click.option("-o", "--output", "out", required=True, metavar="OUT", help="The ONNX file to write.")
 @click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="NAME:DxDx..",
-              help="Name and shape of forward's inputs, in order, e.g. x:1x3x224x224 (repeatable).")
+              help="Name and shape of one of forward's inputs, e.g. x:1x3x224x224 (repeatable). Passed by name when "
+                   "every NAME is a parameter of forward (optional ones may be left out), else in order.")
 @click.option("--input-dtype", "input_dtypes", multiple=True, metavar="NAME:DTYPE",
               help="An input's dtype (default float32), e.g. input_ids:int64 (repeatable).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
@@ -254,7 +255,7 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
     returns one when called without arguments. The module is traced in eval mode on random inputs of the
     given shapes (zeros for integer dtypes); needs torch (pip install 'irtool[torch]').
     """
-    from irtool.frontends.torch import example_inputs_for, export_module, load_module
+    from irtool.frontends.torch import binds_by_name, example_inputs_for, export_module, load_module
     from irtool.ir.model import Model
 
     shapes, dtypes = _parse_shapes(input_shapes), _parse_dtypes(input_dtypes)
@@ -263,9 +264,12 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
         raise InputError(f"--input-dtype {unknown[0]!r}: no --input-shape of that name")
     _check_output_paths(Path(spec.rpartition(":")[0] or spec), Path(out), None)
     module = load_module(spec)
-    proto = export_module(module, example_inputs_for(shapes, dtypes, seed), input_names=list(shapes),
-                          dynamic_batch=not static_batch, dynamic_axes=_parse_dynamic(dynamic_dims),
-                          exporter=exporter, opset=opset)
+    arrays = example_inputs_for(shapes, dtypes, seed)
+    # By name where forward declares every name: a wrong order would otherwise swap inputs without an error.
+    by_name = binds_by_name(module, list(shapes))
+    proto = export_module(module, dict(zip(shapes, arrays, strict=True)) if by_name else arrays,
+                          input_names=None if by_name else list(shapes), dynamic_batch=not static_batch,
+                          dynamic_axes=_parse_dynamic(dynamic_dims), exporter=exporter, opset=opset)
     model = Model.from_proto(proto, source=spec, owned=True)
     model.save(out)
     inputs = ", ".join(f"{t.name}: {list(t.shape or [])}" for t in model.graph.inputs)

@@ -7,10 +7,17 @@ with a warning that says why, since torch.export refuses some modules the tracer
 Python control flow, which the tracer records for the example input only).
 
 The module is exported in eval mode (BatchNorm with its running statistics, no Dropout) and every
-submodule's training flag is put back afterwards. Input names default to the parameter names of
-`forward`; the batch dim (dim 0 of every input and output) is dynamic unless `dynamic_batch=False`, so
-calibration and deployment can use other batch sizes than the example's; `dynamic_axes` makes more dims
-symbolic ({"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}}: one name ties dims together).
+submodule's training flag is put back afterwards. Example inputs are a tensor, a tuple of them (passed in
+order; input names default to the parameter names of `forward`), or a mapping from forward's parameter
+names to tensors, as a Hugging Face tokenizer returns them: those are passed by name, so their order does not
+matter and optional parameters can be left out (`{"input_ids": ..., "attention_mask": ...}` on a forward that
+also takes token_type_ids=None). The ONNX inputs then follow forward's order. Where the given names are not
+forward's first parameters, the module is called through a small wrapper that passes them by keyword; the
+wrapper's own scope is removed from the exported names, so node and weight names (what `exclude=` regexes
+match) read as in a positional export. The batch dim (dim 0 of every input and output) is dynamic unless
+`dynamic_batch=False`, so calibration and deployment can use other batch sizes than the example's;
+`dynamic_axes` makes more dims symbolic ({"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}}: one
+name ties dims together).
 """
 
 from __future__ import annotations
@@ -45,33 +52,39 @@ def export_module(module: Any, example_inputs: Any, *, input_names: Sequence[str
                   output_names: Sequence[str] | None = None, dynamic_batch: bool = True,
                   dynamic_axes: Mapping[str, Mapping[int, str]] | None = None, exporter: str = "auto",
                   opset: int | None = None) -> onnx.ModelProto:
-    """`module` as an ONNX ModelProto, traced on `example_inputs` (a tensor or array, or a tuple of them)."""
+    """`module` as an ONNX ModelProto, traced on `example_inputs`: a tensor or array, a tuple of them, or a
+    mapping from forward's parameter names to them (see the module docstring)."""
     torch = _torch()
     if exporter not in EXPORTERS:
         raise InputError(f"exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
-    args = _as_args(torch, example_inputs)
-    names = list(input_names) if input_names is not None else _forward_names(module, len(args))
-    if len(names) != len(args):
-        raise InputError(f"{len(names)} input name(s) for {len(args)} example input(s)")
-    dims = _symbolic_dims(names, args, dynamic_batch, dynamic_axes or {})
     label = type(module).__name__
+    traced, args, names = _bind(torch, module, example_inputs, input_names, label)
+    dims = _symbolic_dims(names, args, dynamic_batch, dynamic_axes or {})
     with _eval_mode(module), torch.no_grad():
         if output_names is None:
-            output_names = _output_names(torch, module, args, label)
-        if exporter in ("auto", "dynamo"):
-            try:
-                with _quiet(stderr=True):
-                    return _dynamo(torch, module, args, names, output_names, dims, opset)
-            except Exception as e:  # torch.export raises many types; the tracer may still take the module
-                if exporter == "dynamo":
-                    raise InputError(f"exporting {label} with torch's dynamo exporter failed: {first_line(e)}") from e
-                log.warning("exporting %s: the dynamo exporter failed (%s); using the TorchScript tracer",
-                            label, first_line(e))
+            output_names = _output_names(torch, traced, args, label)
+        proto = _export(torch, traced, args, names, output_names, dims, dynamic_batch, opset, exporter, label)
+    if traced is not module:
+        _drop_scope(proto.graph, KEYWORD_SCOPE)
+    return proto
+
+
+def _export(torch: Any, module, args, names, output_names, dims, dynamic_batch, opset, exporter,
+            label) -> onnx.ModelProto:
+    if exporter in ("auto", "dynamo"):
         try:
-            with _quiet(stderr=False):
-                return _torchscript(torch, module, args, names, output_names, dims, dynamic_batch, opset)
-        except Exception as e:
-            raise InputError(f"exporting {label} with the TorchScript exporter failed: {first_line(e)}") from e
+            with _quiet(stderr=True):
+                return _dynamo(torch, module, args, names, output_names, dims, opset)
+        except Exception as e:  # torch.export raises many types; the tracer may still take the module
+            if exporter == "dynamo":
+                raise InputError(f"exporting {label} with torch's dynamo exporter failed: {first_line(e)}") from e
+            log.warning("exporting %s: the dynamo exporter failed (%s); using the TorchScript tracer",
+                        label, first_line(e))
+    try:
+        with _quiet(stderr=False):
+            return _torchscript(torch, module, args, names, output_names, dims, dynamic_batch, opset)
+    except Exception as e:
+        raise InputError(f"exporting {label} with the TorchScript exporter failed: {first_line(e)}") from e
 
 
 def _torch() -> Any:
@@ -82,29 +95,139 @@ def _torch() -> Any:
     return torch
 
 
-def _as_args(torch: Any, example_inputs: Any) -> tuple:
-    items = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+def _bind(torch: Any, module: Any, example_inputs: Any, input_names: Sequence[str] | None,
+          label: str) -> tuple[Any, tuple, list[str]]:
+    """(the module to trace, its positional example args, the input names): `module` itself unless the example
+    inputs name parameters that are not forward's first ones, which a keyword-passing wrapper then takes."""
+    if not isinstance(example_inputs, Mapping):
+        items = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        args = _as_args(torch, items, list(range(len(items))))
+        names = list(input_names) if input_names is not None else _forward_names(module, len(args))
+        if len(names) != len(args):
+            raise InputError(f"{len(names)} input name(s) for {len(args)} example input(s)")
+        return module, args, names
+    if input_names is not None and list(input_names) != list(example_inputs):
+        raise InputError("example inputs given by name are named by their keys; leave input_names out")
+    names = _keyword_order(module, example_inputs, label)
+    args = _as_args(torch, tuple(example_inputs[name] for name in names), names)
+    if names == _positional_names(module)[:len(names)]:
+        return module, args, names
+    return _keyword_call(torch, module, names), args, names
+
+
+def _as_args(torch: Any, items: tuple, labels: list) -> tuple:
     if not items:
         raise InputError("example_inputs is empty: give the tensors the module's forward takes")
     args = []
-    for index, item in enumerate(items):
+    for label, item in zip(labels, items, strict=True):
         if isinstance(item, np.ndarray):
             item = torch.from_numpy(np.ascontiguousarray(item))
         if not isinstance(item, torch.Tensor):
-            raise InputError(f"example input {index} is a {type(item).__name__}; expected a tensor or an array")
+            shown = label if isinstance(label, int) else repr(label)
+            raise InputError(f"example input {shown} is a {type(item).__name__}; expected a tensor or an array")
         args.append(item)
     return tuple(args)
 
 
+def _parameters(module: Any) -> list[inspect.Parameter] | None:
+    """forward's parameters, or None where Python cannot read them (a builtin or C-implemented forward)."""
+    try:
+        return list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def _positional_names(module: Any) -> list[str]:
+    return [p.name for p in _parameters(module) or [] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def binds_by_name(module: Any, names: Sequence[str]) -> bool:
+    """Whether every name is a parameter forward declares (so inputs can be passed by name, in any order)."""
+    declared = {p.name for p in _parameters(module) or [] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return bool(names) and set(names) <= declared
+
+
+def _keyword_order(module: Any, example_inputs: Mapping, label: str) -> list[str]:
+    """The mapping's keys in forward's parameter order (keys only a **kwargs takes last, as given); a key
+    forward does not take, or a parameter without a default that no key gives, is the caller's error."""
+    params = _parameters(module)
+    if params is None:
+        raise InputError(f"{label}.forward's parameters cannot be read: give the example inputs as a tuple, in order")
+    keyword = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    for key in example_inputs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise InputError(f"example input key {key!r}: expected the name of a parameter of {label}.forward")
+        if key not in keyword and not takes_any:
+            raise InputError(f"example input {key!r}: {label}.forward takes no such parameter "
+                             f"(it takes {', '.join(keyword) or 'none by name'})")
+    needed = [p.name for p in params if p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in example_inputs]
+    if needed:
+        raise InputError(f"{label}.forward needs {needed[0]!r}, which has no default: give an example input for it")
+    return [name for name in keyword if name in example_inputs] + [k for k in example_inputs if k not in keyword]
+
+
+# The attribute the keyword wrapper holds the module under; `_drop_scope` removes it from exported names.
+KEYWORD_SCOPE = "irtool_keyword_call"
+
+
+def _keyword_call(torch: Any, module: Any, names: list[str]) -> Any:
+    """A module whose forward(*tensors) calls `module` with them by name. One wrapper serves both exporters:
+    the tracer's own keyword form (a dict as the last example arg) lost an input of the graph."""
+
+    class KeywordCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, KEYWORD_SCOPE, module)
+
+        def forward(self, *tensors):
+            return getattr(self, KEYWORD_SCOPE)(**dict(zip(names, tensors, strict=True)))
+
+    # torch.export binds the example args and dynamic shapes to forward's signature: one parameter per name.
+    KeywordCall.forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+    call = KeywordCall()
+    call.training = False  # itself only: export_module puts the module's own flags back after the export
+    return call
+
+
+def _drop_scope(graph: onnx.GraphProto, scope: str) -> None:
+    """Rename `scope.x` (weights) and `/scope/x` (the tracer's node and value names) to `x` and `/x`, in
+    `graph` and its subgraphs, unless the shorter name is taken."""
+    graphs = list(_graphs(graph))
+    taken = set()
+    for g in graphs:
+        taken |= {t.name for t in (*g.initializer, *g.value_info, *g.input, *g.output, *g.node)}
+        taken |= {o for n in g.node for o in n.output}
+    renamed = {}
+    for name in taken:
+        for prefix, keep in ((f"{scope}.", ""), (f"/{scope}/", "/")):
+            if name.startswith(prefix) and keep + name[len(prefix):] not in taken:
+                renamed[name] = keep + name[len(prefix):]
+    for g in graphs:
+        for item in (*g.initializer, *g.value_info, *g.input, *g.output, *g.node):
+            item.name = renamed.get(item.name, item.name)
+        for node in g.node:
+            node.input[:] = [renamed.get(name, name) for name in node.input]
+            node.output[:] = [renamed.get(name, name) for name in node.output]
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph in it (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                yield from _graphs(sub)
+
+
 def _forward_names(module: Any, count: int) -> list[str]:
     """The first `count` positional parameters of forward, or input, input_1, ... when it takes *args."""
-    try:
-        params = [p for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    if len(params) >= count:
-        return [p.name for p in params[:count]]
+    names = _positional_names(module)
+    if len(names) >= count:
+        return names[:count]
     return ["input" if i == 0 else f"input_{i}" for i in range(count)]
 
 

@@ -129,6 +129,57 @@ def test_dynamic_axes_make_the_token_dim_symbolic_and_tie_it_across_inputs(expor
         np.testing.assert_allclose(next(iter(run_ort(proto, feeds).values())), ref, rtol=1e-5, atol=1e-6)
 
 
+class Encoder(nn.Module):
+    """Hugging Face's calling convention: input_ids, then optional attention_mask and token_type_ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        x = self.emb(input_ids)
+        if token_type_ids is not None:
+            x = x + token_type_ids.unsqueeze(-1).to(x.dtype)
+        if attention_mask is not None:
+            x = x * attention_mask.unsqueeze(-1)
+        return self.fc(x.sum(1))
+
+
+def encoder_feeds(seed: int, batch: int, tokens: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, 50, (batch, tokens)), "token_type_ids": rng.integers(0, 2, (batch, tokens))}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_example_inputs_by_name_skip_optional_parameters_in_any_order(exporter):
+    """token_type_ids without attention_mask: passed by keyword through a wrapper whose scope leaves no trace in
+    the names, which match a positional export's (what exclude= regexes are written against)."""
+    torch.manual_seed(0)
+    module = Encoder().eval()
+    example = {name: torch.from_numpy(value) for name, value in reversed(encoder_feeds(0, 2, 5).items())}
+    tokens = {"input_ids": {1: "tokens"}, "token_type_ids": {1: "tokens"}}
+    proto = export_module(module, example, dynamic_axes=tokens, exporter=exporter)
+    assert [i.name for i in proto.graph.input] == ["input_ids", "token_type_ids"]  # forward's order
+    names = {n.name for n in proto.graph.node} | {t.name for t in proto.graph.initializer}
+    assert not [name for name in names if "irtool" in name]
+    assert {"emb.weight", "fc.weight", "fc.bias"} <= {t.name for t in proto.graph.initializer}
+    feeds = encoder_feeds(1, 3, 9)  # another batch and length than the example's
+    with torch.no_grad():
+        ref = module(**{name: torch.from_numpy(value) for name, value in feeds.items()}).numpy()
+    np.testing.assert_allclose(next(iter(run_ort(proto, feeds).values())), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_example_inputs_by_name_that_lead_forward_export_as_a_tuple_would(exporter):
+    """No wrapper where the names are forward's first parameters: the same bytes as the positional export."""
+    torch.manual_seed(0)
+    module = TokenPool().eval()
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
+    by_name = export_module(module, {"mask": mask, "ids": ids}, exporter=exporter)
+    assert by_name.SerializeToString() == export_module(module, (ids, mask), exporter=exporter).SerializeToString()
+
+
 class TwoHeads(nn.Module):
     def __init__(self, as_dict: bool):
         super().__init__()
@@ -161,6 +212,13 @@ def test_outputs_are_named_alike_by_both_exporters_and_keep_a_dynamic_batch(expo
     (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), input_names=["a", "b"]), r"2 input name\(s\) for 1"),
     (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), dynamic_axes={"x": {2: "h"}}), "the inputs are img"),
     (lambda: export_module(Net(), torch.ones(1, 3, 8, 8), dynamic_axes={"img": {4: "h"}}), "needs an axis of its 4"),
+    (lambda: export_module(Net(), {"image": torch.ones(1, 3, 8, 8)}),
+     r"example input 'image': Net.forward takes no such parameter \(it takes img\)"),
+    (lambda: export_module(Encoder(), {"attention_mask": torch.ones(1, 5)}),
+     "Encoder.forward needs 'input_ids', which has no default: give an example input for it"),
+    (lambda: export_module(Encoder(), {"input_ids": "ids"}), r"example input 'input_ids' is a str; expected a tensor"),
+    (lambda: export_module(Encoder(), {"input_ids": torch.ones(1, 5, dtype=torch.int64)}, input_names=["ids"]),
+     "example inputs given by name are named by their keys; leave input_names out"),
 ])
 def test_bad_calls_are_input_errors(call, message):
     with pytest.raises(InputError, match=message):
@@ -194,11 +252,18 @@ def not_a_module():
 '''
 
 
-def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
+@pytest.mark.parametrize("shapes, names", [
+    (["ids:1x5", "scale:1x1"], ["ids", "scale"]),
+    (["scale:1x1", "ids:1x5"], ["ids", "scale"]),  # forward's names: passed by name (this once swapped them)
+    (["tokens:1x5", "factor:1x1"], ["tokens", "factor"]),  # other names: in the order given
+])
+def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path, shapes: list[str], names: list[str]):
     (tmp_path / "models.py").write_text(MODULE_FILE)
     out = tmp_path / "net.onnx"
-    args = ["export", tmp_path / "models.py:build", "-o", out, "--input-shape", "ids:1x5", "--input-shape",
-            "scale:1x1", "--input-dtype", "ids:int64", "--dynamic", "ids:1=tokens"]
+    ids_name, scale_name = names
+    given = [arg for shape in shapes for arg in ("--input-shape", shape)]
+    args = ["export", tmp_path / "models.py:build", "-o", out, *given,
+            "--input-dtype", f"{ids_name}:int64", "--dynamic", f"{ids_name}:1=tokens"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{out}: Net exported (opset ")
@@ -206,7 +271,7 @@ def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
     assert run_cli(*args).returncode == 0 and sha256(out) == first  # deterministic
     proto = onnx.load(out)
     assert [(i.name, i.type.tensor_type.elem_type) for i in proto.graph.input] == [
-        ("ids", onnx.TensorProto.INT64), ("scale", onnx.TensorProto.FLOAT)]
+        (ids_name, onnx.TensorProto.INT64), (scale_name, onnx.TensorProto.FLOAT)]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("models_under_test", tmp_path / "models.py")
@@ -217,7 +282,7 @@ def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path):
     scale = np.full((3, 1), 0.5, np.float32)
     with torch.no_grad():
         ref = module.build().eval()(torch.from_numpy(ids), torch.from_numpy(scale)).numpy()
-    got = next(iter(run_ort(proto, {"ids": ids, "scale": scale}).values()))
+    got = next(iter(run_ort(proto, {ids_name: ids, scale_name: scale}).values()))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     optimized = run_cli("opt", out, "-o", tmp_path / "net.opt.onnx", "--passes", "cleanup")
     assert optimized.returncode == 0, optimized.stderr
