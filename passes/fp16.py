@@ -14,6 +14,16 @@ right after the input and the outputs Cast back to float32 right before the outp
 original names. float16 has a 10-bit mantissa: each rounding adds a relative error of at most
 2^-11 ≈ 4.9e-4, and its largest finite value is 65504.
 
+Quantized models (`quant-trt,fp16`, the INT8 + FP16 recipe for TensorRT 11, whose networks are strongly
+typed): QuantizeLinear and DequantizeLinear take float16 values and scales from opset 19 on. At an older
+opset a DequantizeLinear writes float32, so a Cast sat between it and the Conv, Gemm or MatMul it feeds, and
+TensorRT fuses a DequantizeLinear into an INT8 layer only where it feeds the layer directly (irtool
+trt-check warns `cast-after-dq`). A model with Q/DQ below opset 19 is therefore converted to opset 19 first
+(onnx.version_converter, exact; stat `opset_upgraded`), and its Q/DQ become float16: each scale is rounded
+to float16 (at most 2^-11 relative; a Q and its DQ read the same scale, so they stay a pair). A Q/DQ whose
+scale float16 holds with fewer than 11 bits (below 2^-14) or not at all stays float32, Cast-wrapped, with a
+warning (stat `qdq_kept_fp32`).
+
 Overflow policy: a finite constant with |c| > 65504 is clipped to ±65504 (logged as a warning and
 counted in `constants_clipped`): such constants are almost always "minus infinity" fills for
 attention masks, where -65504 does the same job; ±inf and NaN are kept. Values computed at run time
@@ -51,6 +61,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from irtool.ir import io
 from irtool.ir.model import Model
 from irtool.ir.rewrite import ValueTypes, is_default_domain, value_types
 from irtool.ir.topo import toposort_graph
@@ -59,6 +70,10 @@ from irtool.pipeline import Regex
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 2^-14; below it float16 keeps fewer than 11 bits
+# QuantizeLinear and DequantizeLinear take float16 values and scales from opset 19 on (see the module docstring).
+QDQ_FLOAT16_OPSET = 19
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DEFAULT_BLOCK_OPS = ("NonMaxSuppression", "TopK", "RoiAlign", "Range", "CumSum", "Min", "Max", "Upsample",
                      "RandomUniformLike")
 # Float attributes that fix an output type this pass does not rewrite (RandomNormal's dtype, ...).
@@ -98,6 +113,9 @@ class Float32(Pass):
 def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult:
     if target == FLOAT and not has_float16_source(model):
         return PassResult(modified=False, stats={"nodes_converted": 0})  # without shape inference (ResNet-50: 0.1 s)
+    upgraded = target == FLOAT16 and model.opset < QDQ_FLOAT16_OPSET and any(n.op in QDQ_OPS for n in model.nodes())
+    if upgraded:
+        _upgrade(model, QDQ_FLOAT16_OPSET)
     types = value_types(model, ctx.input_shapes or None)
     plans = {id(node): plan for node in model.graph.nodes
              if (plan := _plan(node, types, model.opset, options, target)) is not None}
@@ -105,7 +123,32 @@ def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult
         return PassResult(modified=False, stats={"nodes_converted": 0})
     rewriter = _Rewriter(model, types, plans, ctx, target)
     rewriter.apply(options.keep_io_types)
-    return PassResult(modified=True, preserved=(), stats=rewriter.stats())
+    stats = rewriter.stats()
+    if target == FLOAT16:
+        kept = [n.name for n in model.graph.nodes if n.op in QDQ_OPS and _scale_beyond_float16(n)]
+        if kept:
+            ctx.logger.warning("fp16: %d Q/DQ node(s) keep float32 scales, beyond float16's normal range (%s, ...), "
+                               "with Casts around them (TensorRT does not fuse a layer such a DequantizeLinear "
+                               "feeds)", len(kept), kept[0])
+        stats.update(qdq_kept_fp32=len(kept), opset_upgraded=int(upgraded))
+    return PassResult(modified=True, preserved=(), stats=stats)
+
+
+def _upgrade(model: Model, opset: int) -> None:
+    """Bring `model` to `opset` in place (onnx.version_converter, as on load)."""
+    proto = io.upgrade_opset(model.to_proto(), model.source or "<model>", keep_input=False, target=opset,
+                             why="for float16 Q/DQ")
+    model.graph = Model.from_proto(proto, checked=True, owned=True).graph
+    model.forget_names()
+
+
+def _scale_beyond_float16(node: gs.Node) -> bool:
+    """A Q/DQ whose constant scale float16 cannot hold to 11 bits (or at all): it stays float32."""
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(scale, gs.Constant):
+        return False
+    values = np.abs(np.asarray(scale.values, np.float64))
+    return bool(values.size) and bool((values < FP16_MIN_NORMAL).any() or (values > FP16_MAX).any())
 
 
 def has_float16_source(model: Model) -> bool:
@@ -142,6 +185,8 @@ def _plan(node: gs.Node, types: ValueTypes, opset: int, options, target: int) ->
     """The node's slots that turn `target`, or None when it keeps its types (blocked, or nothing to convert)."""
     source = _other(target)
     if _blocked(node, options) or (target == FLOAT16 and _is_fp16_boundary(node, types)):
+        return None
+    if target == FLOAT16 and node.op in QDQ_OPS and _scale_beyond_float16(node):
         return None
     schema = _schema(node, opset)
     if schema is None:

@@ -644,12 +644,26 @@ def _check_partial_quantization(view: ModelView) -> Iterator[Finding]:
         node = site.node
         if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
             continue
-        dq_weight = _produced_by(view, node.input[1], "DequantizeLinear")
-        dq_input = _produced_by(view, node.input[0], "DequantizeLinear")
-        if dq_weight and not dq_input:
+        dq_input, dq_weight = (_dequantized(view, name) for name in node.input[:2])
+        if "cast" in (dq_input, dq_weight):
+            yield _warning("cast-after-dq", f"{node.op_type} '{site.name}': a DequantizeLinear reaches it through a "
+                                            "Cast, and TensorRT fuses only a DequantizeLinear that feeds the layer "
+                                            "directly, so this layer runs in float; make the Q/DQ float16 (opset 19, "
+                                            "as irtool's fp16 pass does)", site)
+        elif dq_weight and not dq_input:
             yield _warning("partial-qdq", f"{node.op_type} '{site.name}': the weight is quantized but the input is "
                                           "not, so TensorRT runs this layer in float; put a Q/DQ pair on its input "
                                           "(insert-qdq{profile=trt})", site)
+
+
+def _dequantized(view: ModelView, name: str) -> str | None:
+    """"direct" where a DequantizeLinear makes `name`, "cast" where it does through a Cast, else None."""
+    if _produced_by(view, name, "DequantizeLinear"):
+        return "direct"
+    site = view.producers.get(name)
+    if site is not None and site.node.op_type == "Cast" and _produced_by(view, site.node.input[0], "DequantizeLinear"):
+        return "cast"
+    return None
 
 
 def _produced_by(view: ModelView, name: str, op: str) -> bool:

@@ -101,8 +101,9 @@ def default_opset(proto: onnx.ModelProto) -> int | None:
     return None
 
 
-def upgrade_opset(proto: onnx.ModelProto, origin: str, *, keep_input: bool = True) -> onnx.ModelProto:
-    """A new proto of `proto` at MIN_OPSET, converted by onnx.version_converter (which rewrites the ops whose
+def upgrade_opset(proto: onnx.ModelProto, origin: str, *, keep_input: bool = True,
+                  target: int = MIN_OPSET, why: str = "on load") -> onnx.ModelProto:
+    """A new proto of `proto` at opset `target`, converted by onnx.version_converter (which rewrites the ops whose
     form changed, Softmax's axis semantics and If/Loop bodies included).
 
     The converter takes the model serialized, so the large initializers are held out of `proto` while it runs:
@@ -113,9 +114,9 @@ def upgrade_opset(proto: onnx.ModelProto, origin: str, *, keep_input: bool = Tru
     held = _hold_out(proto)
     try:
         try:
-            converted = version_converter.convert_version(proto, MIN_OPSET)
+            converted = version_converter.convert_version(proto, target)
         except (RuntimeError, ValueError) as e:
-            raise InputError(f"{origin}: opset {opset} could not be upgraded to {MIN_OPSET} "
+            raise InputError(f"{origin}: opset {opset} could not be upgraded to {target} "
                              f"by onnx.version_converter ({_converter_reason(e)})") from e
         _put_back(converted, held, origin)
     finally:
@@ -124,7 +125,7 @@ def upgrade_opset(proto: onnx.ModelProto, origin: str, *, keep_input: bool = Tru
     # Opset 13 needs IR version 7; an IR 3 model's initializers are graph inputs, which the import drops.
     needed = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
     converted.ir_version = max(converted.ir_version, needed)
-    log.info("%s: opset %d upgraded to %d on load (onnx.version_converter)", origin, opset, MIN_OPSET)
+    log.info("%s: opset %d upgraded to %d %s (onnx.version_converter)", origin, opset, target, why)
     return converted
 
 

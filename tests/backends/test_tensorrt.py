@@ -216,6 +216,18 @@ def test_weight_only_quantization_warns_that_the_layer_runs_in_float():
     assert [(f.severity, f.node) for f in found] == [(Severity.WARNING, "conv")]
 
 
+def test_a_cast_between_a_dequantize_and_its_layer_is_a_warning():
+    """DQ -> Cast -> Conv, as a float16 conversion at opset < 19 left it: TensorRT does not fuse that DQ."""
+    model = _conv_with_weight_dq(axis=0)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node(
+        "Cast", ["wd"], ["wd16"], name="w_cast", to=TensorProto.FLOAT16))
+    conv.input[1] = "wd16"
+    found = check_trt_readiness(model).findings
+    assert [(f.severity, f.code, f.node) for f in found] == [(Severity.WARNING, "cast-after-dq", "conv")]
+    assert "make the Q/DQ float16 (opset 19" in found[0].message
+
+
 def test_int8_request_without_qdq_is_an_error():
     [finding] = check_trt_readiness(cnn(batch=1), int8=True).findings
     assert (finding.severity, finding.code, finding.message) == (Severity.ERROR, "int8-needs-qdq", INT8_NEEDS_QDQ)

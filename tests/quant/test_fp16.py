@@ -304,3 +304,48 @@ def test_random_graphs_verify_stay_close_and_are_idempotent(proto):
         assert within_budget(got[name], value), name
     once = format_model(model)
     assert run(model, "fp16")[0].modified is False and format_model(model) == once
+
+
+def _two_quantized_convs(weight_scale: float) -> onnx.ModelProto:
+    """x -> Q/DQ -> conv a (weight scale 0.01) -> Q/DQ -> conv b (weight scale `weight_scale`), opset 17."""
+    nodes, inits = [], [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z")]
+    source = "x"
+    for name, scale in (("a", 0.01), ("b", weight_scale)):
+        weights = (np.arange(4 * 4 * 9) % 7 - 3).astype(np.int8).reshape(4, 4, 3, 3)
+        inits += [numpy_helper.from_array(weights, f"{name}_wq"),
+                  numpy_helper.from_array(np.full(4, scale, np.float32), f"{name}_ws"),
+                  numpy_helper.from_array(np.zeros(4, np.int8), f"{name}_wz")]
+        nodes += [helper.make_node("QuantizeLinear", [source, "s", "z"], [f"{name}_xq"], name=f"{name}_q"),
+                  helper.make_node("DequantizeLinear", [f"{name}_xq", "s", "z"], [f"{name}_xd"], name=f"{name}_dq"),
+                  helper.make_node("DequantizeLinear", [f"{name}_wq", f"{name}_ws", f"{name}_wz"], [f"{name}_wd"],
+                                   name=f"{name}_w_dq", axis=0),
+                  helper.make_node("Conv", [f"{name}_xd", f"{name}_wd"], [f"{name}_y"], name=f"conv_{name}",
+                                   pads=[1, 1, 1, 1])]
+        source = f"{name}_y"
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", F32, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("b_y", F32, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("weight_scale, kept", [(0.02, 0), (1e-7, 1)])
+def test_qdq_turn_float16_at_opset_19_unless_float16_cannot_hold_the_scale(weight_scale, kept, caplog):
+    """Each DequantizeLinear feeds its Conv directly (what TensorRT fuses); a scale below float16's normal range
+    (1e-7: a subnormal with 4 bits) keeps its DQ float32, Cast-wrapped, which trt-check then names."""
+    from irtool.backends.trt_readiness import check_trt_readiness
+
+    original = _two_quantized_convs(weight_scale)
+    model = model_of(original)
+    with caplog.at_level(logging.WARNING, logger="irtool"):
+        stats = run(model, "fp16")[0].stats
+    assert (model.opset, stats["opset_upgraded"], stats["qdq_kept_fp32"]) == (19, 1, kept)
+    assert ("keep float32 scales" in caplog.text) == bool(kept)
+    feeding = {n.name: [t.inputs[0].op for t in n.inputs[:2]] for n in model.graph.nodes if n.op == "Conv"}
+    assert feeding == {"conv_a": ["DequantizeLinear"] * 2,
+                       "conv_b": ["DequantizeLinear", "Cast" if kept else "DequantizeLinear"]}
+    found = [(f.code, f.node) for f in check_trt_readiness(model.to_proto(), fp16=True).findings
+             if f.code == "cast-after-dq"]
+    assert found == ([("cast-after-dq", "conv_b")] if kept else [])
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    ref = run_ort(model_of(original), feeds)["b_y"]
+    got = run_ort(model, feeds)["b_y"]
+    assert got.dtype == np.float32 and within_budget(got, ref, 2e-2)

@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from irtool.api import optimize
+from irtool.backends.trt_readiness import check_trt_readiness
 from irtool.errors import InputError
 from irtool.ir import Model
 from irtool.passes.quant.calibrate import METADATA_KEY
@@ -89,6 +90,33 @@ def test_trt_profile_places_qdq_only_on_inputs():
     add = next(n for n in model.graph.nodes if n.op == "Add")
     kinds = sorted(t.inputs[0].op for t in add.inputs)
     assert kinds == ["Conv", "DequantizeLinear"]  # the skip branch is quantized, the conv output is not
+
+
+def test_quant_trt_then_fp16_feeds_every_layer_from_its_float16_dequantize():
+    """TensorRT 11's INT8 + FP16 recipe (strongly typed: precision comes from the model). At the export's opset
+    17 a DequantizeLinear writes float32, and fp16 put a Cast between each DQ and its layer, which TensorRT does
+    not fuse; now the model goes to opset 19, whose Q/DQ take float16, with the scales rounded to float16."""
+    proto, data = trained("residual")
+    (x, y), x_calib = data["test"], data["calib"][0]
+    int8 = quantize(proto, "quant-trt", x_calib).model
+    result = quantize(proto, "quant-trt,fp16", x_calib)
+    model = result.model
+    stats = next(r.stats for r in result.records if r.name == "fp16")
+    assert (model.opset, stats["opset_upgraded"], stats["qdq_kept_fp32"]) == (19, 1, 0)
+    layers = [n for n in model.graph.nodes if n.op in ("Conv", "Gemm")]
+    assert len(layers) == 7 and all(t.inputs[0].op == "DequantizeLinear" for n in layers for t in n.inputs[:2])
+    qdq = [n for n in model.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
+    before = [n for n in int8.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) == len(before) == 21
+    assert {np.asarray(n.inputs[1].values).dtype for n in qdq} == {np.dtype(np.float16)}
+    rounded = sorted(np.concatenate([np.asarray(n.inputs[1].values, np.float32).ravel() for n in before]).astype(
+        np.float16).tolist())
+    assert sorted(np.concatenate([np.asarray(n.inputs[1].values).ravel() for n in qdq]).tolist()) == rounded
+    found = check_trt_readiness(model.to_proto(), fp16=True, int8=True).findings
+    assert not [f for f in found if f.code in ("cast-after-dq", "partial-qdq")]
+    ref, out, out_int8 = logits(proto, x), logits(model.to_proto(), x), logits(int8.to_proto(), x)
+    assert sqnr_db(ref, out) > sqnr_db(ref, out_int8) - 0.5
+    assert (out.argmax(1) == y).mean() >= (ref.argmax(1) == y).mean() - 0.005
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
