@@ -6,7 +6,10 @@ trt (TensorRT explicit quantization, following NVIDIA's Q/DQ placement guidance)
   2. Their outputs are not quantized: TensorRT fuses the following bias/activation and decides the
      output precision itself.
   3. On a residual Add fed by a quantized layer's output, the other input (the skip branch) gets
-     Q/DQ, so TensorRT can fuse the add into that layer as an INT8 epilogue.
+     Q/DQ, so TensorRT can fuse the add into that layer as an INT8 epilogue. Not on an Add that a Softmax
+     reads (attention scores plus a mask or a position bias): that is no skip branch, and a padding mask
+     holds -inf or float32's lowest value, which no INT8 scale carries (calibration stopped on the -inf of
+     nn.MultiheadAttention's key_padding_mask).
   4. A Concat whose output is quantized gets Q/DQ on every input, all with the output's scale, so
      the concat runs in INT8 without requantization (what TensorRT's Q propagation would do).
   5. Activations are INT8 symmetric (zero point 0), per tensor; nothing is quantized inside or across
@@ -240,6 +243,8 @@ def plan_trt(model: Model, selection: Selection, per_channel: bool = True) -> Qu
 
 
 def _residual(plan: QuantPlan, add: gs.Node, enabled: set[str]) -> None:
+    if _feeds_softmax(add.outputs[0]):  # a mask or bias on attention scores (rule 3)
+        return
     a, b = add.inputs
     from_layer = [bool(t.inputs) and t.inputs[0].name in enabled for t in (a, b)]
     if not any(from_layer) or isinstance(a, gs.Constant) or isinstance(b, gs.Constant):

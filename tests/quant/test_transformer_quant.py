@@ -146,3 +146,59 @@ def test_input_shapes_that_fold_shapes_become_the_written_models_inputs():
     with pytest.raises(InputError, match=r"input 'input_ids' has shape \[16, 24\], the model declares \[8, 24\] "
                                          r"\(--calib-batch-size"):
         optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=16))
+
+
+def padding_mask_attention_proto() -> onnx.ModelProto:
+    """nn.MultiheadAttention with a key_padding_mask, as torch's dynamo exporter writes it: Where(mask == 0, -inf,
+    0) expanded over the heads and added to the scores (the 1/sqrt(d) is folded into q, so a MatMul feeds the
+    Add), then Softmax."""
+    import torch
+    from torch import nn
+
+    from irtool.frontends.torch import export_module
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 32)
+            self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.ln = nn.LayerNorm(32)
+
+        def forward(self, ids, mask):
+            x = self.emb(ids)
+            y, _ = self.att(x, x, x, key_padding_mask=mask == 0)
+            return self.ln(x + y).mean(1)
+
+    torch.manual_seed(0)
+    example = {"ids": torch.randint(0, 100, (2, 12)), "mask": torch.ones(2, 12, dtype=torch.int64)}
+    return export_module(Masked().eval(), example, exporter="dynamo")
+
+
+def padded_batches(seed: int, count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        lengths = rng.integers(3, 13, 8)
+        batches.append({"ids": rng.integers(0, 100, (8, 12)),
+                        "mask": (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)})
+    return batches
+
+
+@pytest.mark.parametrize("pipeline", ["quant", "quant-trt"])
+def test_an_attention_padding_mask_stays_float(pipeline):
+    """The mask holds -inf: quant-trt took the scores + mask Add for a residual and quantized the mask, and
+    calibration stopped ("holds NaN or Inf")."""
+    proto = padding_mask_attention_proto()
+    result = optimize(proto, pipeline, calibration_data=padded_batches(0, 8), verify_each=True)
+    softmax = next(n for n in result.model.graph.nodes if n.op == "Softmax")
+    add = softmax.inputs[0].inputs[0]
+    assert add.op == "Add" and not [t for t in add.inputs if t.inputs and t.inputs[0].op == "DequantizeLinear"]
+    assert any(n.op == "QuantizeLinear" for n in result.model.graph.nodes)
+    test = padded_batches(1, 4)
+
+    def outputs(model_proto):
+        session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, b)[0] for b in test])
+
+    reference, got = outputs(proto), outputs(result.model.to_proto())
+    assert np.isfinite(got).all() and mean_cosine(reference, got) > 0.999
