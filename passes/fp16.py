@@ -22,7 +22,10 @@ trt-check warns `cast-after-dq`). A model with Q/DQ below opset 19 is therefore 
 (onnx.version_converter, exact; stat `opset_upgraded`), and its Q/DQ become float16: each scale is rounded
 to float16 (at most 2^-11 relative; a Q and its DQ read the same scale, so they stay a pair). A Q/DQ whose
 scale float16 holds with fewer than 11 bits (below 2^-14) or not at all stays float32, Cast-wrapped, with a
-warning (stat `qdq_kept_fp32`).
+warning (stat `qdq_kept_fp32`). A Concat whose inputs are all dequantized and whose output a Q alone reads
+stays float32 with those Q/DQ (stat `qdq_concats_kept_fp32`; a DQ another node reads too is copied for it),
+which needs no Cast since their other sides are integers: in float16, ONNX Runtime's CPU provider fuses that
+pattern into a QLinearConcat, which takes float32 scales only, and refused to load the model.
 
 Overflow policy: a finite constant with |c| > 65504 is clipped to ±65504 (logged as a warning and
 counted in `constants_clipped`): such constants are almost always "minus infinity" fills for
@@ -116,9 +119,10 @@ def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult
     upgraded = target == FLOAT16 and model.opset < QDQ_FLOAT16_OPSET and any(n.op in QDQ_OPS for n in model.nodes())
     if upgraded:
         _upgrade(model, QDQ_FLOAT16_OPSET)
+    held = _hold_quantized_concats(model) if target == FLOAT16 else set()
     types = value_types(model, ctx.input_shapes or None)
-    plans = {id(node): plan for node in model.graph.nodes
-             if (plan := _plan(node, types, model.opset, options, target)) is not None}
+    plans = {id(node): plan for node in model.graph.nodes if id(node) not in held
+             and (plan := _plan(node, types, model.opset, options, target)) is not None}
     if not plans:
         return PassResult(modified=False, stats={"nodes_converted": 0})
     rewriter = _Rewriter(model, types, plans, ctx, target)
@@ -130,7 +134,8 @@ def _convert(model: Model, ctx: PassContext, options, target: int) -> PassResult
             ctx.logger.warning("fp16: %d Q/DQ node(s) keep float32 scales, beyond float16's normal range (%s, ...), "
                                "with Casts around them (TensorRT does not fuse a layer such a DequantizeLinear "
                                "feeds)", len(kept), kept[0])
-        stats.update(qdq_kept_fp32=len(kept), opset_upgraded=int(upgraded))
+        concats = sum(node.op == "Concat" for node in model.graph.nodes if id(node) in held)
+        stats.update(qdq_kept_fp32=len(kept), opset_upgraded=int(upgraded), qdq_concats_kept_fp32=concats)
     return PassResult(modified=True, preserved=(), stats=stats)
 
 
@@ -140,6 +145,38 @@ def _upgrade(model: Model, opset: int) -> None:
                              why="for float16 Q/DQ")
     model.graph = Model.from_proto(proto, checked=True, owned=True).graph
     model.forget_names()
+
+
+def _hold_quantized_concats(model: Model) -> set[int]:
+    """ids of each Concat whose inputs all come from a DequantizeLinear and whose output a QuantizeLinear alone
+    reads, of that Q and of those DQs, to keep float32: they need no Cast (their other sides are integers), where
+    in float16 ONNX Runtime's CPU provider fuses them into a QLinearConcat, which takes float32 scales only, and
+    refused to load the model. A DQ something else reads too is copied for the Concat, so that reader still
+    gets a float16 DQ and the Concat no Cast."""
+    held: set[int] = set()
+    for node in list(model.graph.nodes):
+        sources = [t.inputs[0] if len(t.inputs) == 1 else None for t in node.inputs]
+        readers = node.outputs[0].outputs if node.op == "Concat" else []
+        if not (sources and readers and all(s is not None and s.op == "DequantizeLinear" for s in sources)
+                and len(readers) == 1 and readers[0].op == "QuantizeLinear"):
+            continue
+        held |= {id(node), id(readers[0])}
+        for index, source in enumerate(sources):
+            if any(c is not node for c in source.outputs[0].outputs):
+                source = _own_copy(model, source, node, index)
+            held.add(id(source))
+    return held
+
+
+def _own_copy(model: Model, dequantize: gs.Node, reader: gs.Node, index: int) -> gs.Node:
+    """A copy of `dequantize` whose output only input `index` of `reader` reads."""
+    out = dequantize.outputs[0]
+    copy_out = gs.Variable(model.unique_name(f"{out.name}_for_{reader.name}"), dtype=out.dtype, shape=out.shape)
+    copy = gs.Node(dequantize.op, model.unique_name(f"{dequantize.name}_for_{reader.name}"),
+                   dict(dequantize.attrs), list(dequantize.inputs), [copy_out])
+    model.graph.nodes.append(copy)
+    reader.inputs[index] = copy_out
+    return copy
 
 
 def _scale_beyond_float16(node: gs.Node) -> bool:

@@ -92,26 +92,33 @@ def test_trt_profile_places_qdq_only_on_inputs():
     assert kinds == ["Conv", "DequantizeLinear"]  # the skip branch is quantized, the conv output is not
 
 
-def test_quant_trt_then_fp16_feeds_every_layer_from_its_float16_dequantize():
+@pytest.mark.parametrize("arch, concats", [("residual", 0), ("efficient", 1)])
+def test_quant_trt_then_fp16_feeds_every_layer_from_its_float16_dequantize(arch, concats):
     """TensorRT 11's INT8 + FP16 recipe (strongly typed: precision comes from the model). At the export's opset
     17 a DequantizeLinear writes float32, and fp16 put a Cast between each DQ and its layer, which TensorRT does
-    not fuse; now the model goes to opset 19, whose Q/DQ take float16, with the scales rounded to float16."""
-    proto, data = trained("residual")
+    not fuse; now the model goes to opset 19, whose Q/DQ take float16, with the scales rounded to float16. The
+    efficient net's C2f Concat (DQ inputs, a Q output) keeps float32 Q/DQ, without a Cast: ONNX Runtime fused it
+    into a QLinearConcat that takes float32 scales only and refused to load the model."""
+    proto, data = trained(arch)
     (x, y), x_calib = data["test"], data["calib"][0]
     int8 = quantize(proto, "quant-trt", x_calib).model
     result = quantize(proto, "quant-trt,fp16", x_calib)
     model = result.model
     stats = next(r.stats for r in result.records if r.name == "fp16")
     assert (model.opset, stats["opset_upgraded"], stats["qdq_kept_fp32"]) == (19, 1, 0)
+    assert stats["qdq_concats_kept_fp32"] == concats
     layers = [n for n in model.graph.nodes if n.op in ("Conv", "Gemm")]
-    assert len(layers) == 7 and all(t.inputs[0].op == "DequantizeLinear" for n in layers for t in n.inputs[:2])
-    qdq = [n for n in model.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
-    before = [n for n in int8.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
-    assert len(qdq) == len(before) == 21
-    assert {np.asarray(n.inputs[1].values).dtype for n in qdq} == {np.dtype(np.float16)}
-    rounded = sorted(np.concatenate([np.asarray(n.inputs[1].values, np.float32).ravel() for n in before]).astype(
-        np.float16).tolist())
-    assert sorted(np.concatenate([np.asarray(n.inputs[1].values).ravel() for n in qdq]).tolist()) == rounded
+    assert len(layers) == sum(n.op in ("Conv", "Gemm") for n in int8.graph.nodes)
+    assert all(t.inputs[0].op == "DequantizeLinear" for n in layers for t in n.inputs[:2])
+    io = {t.name for t in (*model.graph.inputs, *model.graph.outputs)}
+    assert all({t.name for t in (*n.inputs, *n.outputs)} & io for n in model.graph.nodes if n.op == "Cast")
+    rounded = {float(v) for n in int8.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")
+               for v in np.asarray(n.inputs[1].values, np.float32).astype(np.float16).ravel()}
+    scales = [np.asarray(n.inputs[1].values) for n in model.graph.nodes
+              if n.op in ("QuantizeLinear", "DequantizeLinear")]
+    half = [s for s in scales if s.dtype == np.float16]
+    assert len(scales) - len(half) == 4 * concats  # 3 inputs and the output of the C2f Concat
+    assert {float(v) for s in half for v in s.ravel()} <= rounded
     found = check_trt_readiness(model.to_proto(), fp16=True, int8=True).findings
     assert not [f for f in found if f.code in ("cast-after-dq", "partial-qdq")]
     ref, out, out_int8 = logits(proto, x), logits(model.to_proto(), x), logits(int8.to_proto(), x)
