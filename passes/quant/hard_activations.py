@@ -35,6 +35,17 @@ def hard_swish_range(low: float, high: float) -> Range:
     return min(*ends, f(min(max(-1.5, low), high))), max(ends)
 
 
+def sensitive_interval(node: gs.Node) -> Range | None:
+    """Where a HardSigmoid's or HardSwish's output depends on its input: below -beta/alpha it is 0, and above
+    (1 - beta)/alpha HardSigmoid is 1 (HardSwish is x there). None for other ops and for alpha <= 0."""
+    if node.op not in ("HardSigmoid", "HardSwish"):
+        return None
+    alpha, beta = parameters(node)
+    if alpha <= 0:
+        return None
+    return -beta / alpha, (1.0 - beta) / alpha if node.op == "HardSigmoid" else float("inf")
+
+
 def parameters(node: gs.Node) -> tuple[float, float]:
     """HardSigmoid's alpha and beta (ONNX's defaults 0.2, 0.5); HardSwish's fixed 1/6, 1/2."""
     if node.op == "HardSwish":

@@ -1,7 +1,7 @@
 """CNNs trained in seconds on scikit-learn's digits for quantization tests: plain, residual, a
-MobileNet-like net with depthwise blocks, and an EfficientNet/YOLO-like net (SiLU, squeeze-excitation gates,
-a C2f split -> concat with a LeakyReLU branch). Exported with BatchNormalization kept (fold-bn runs in the
-pipeline) and a dynamic batch axis."""
+MobileNet-like net with depthwise blocks, a MobileNetV3-like one (HardSwish, HardSigmoid gates), and an
+EfficientNet/YOLO-like net (SiLU, squeeze-excitation gates, a C2f split -> concat with a LeakyReLU branch).
+Exported with BatchNormalization kept (fold-bn runs in the pipeline) and a dynamic batch axis."""
 
 from __future__ import annotations
 
@@ -90,13 +90,46 @@ def efficient_like() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class HardSE(nn.Module):
+    """MobileNetV3's squeeze-excitation: a gate with HardSigmoid."""
+
+    def __init__(self, c: int, squeeze: int = 8):
+        super().__init__()
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, squeeze, 1), nn.ReLU(),
+                                  nn.Conv2d(squeeze, c, 1), nn.Hardsigmoid())
+
+    def forward(self, x):
+        return x * self.gate(x)
+
+
+def mobilenet_v3_like() -> nn.Module:
+    """MobileNetV3's block: expand and depthwise convs with HardSwish, a HardSigmoid gate, a linear projection."""
+    def block(c: int, h: int) -> nn.Module:
+        return Residual(nn.Sequential(
+            nn.Conv2d(c, h, 1), nn.BatchNorm2d(h), nn.Hardswish(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h), nn.BatchNorm2d(h), nn.Hardswish(), HardSE(h),
+            nn.Conv2d(h, c, 1), nn.BatchNorm2d(c)))
+
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardswish(),
+                         block(16, 64), block(16, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
 ARCHS = {"plain": plain, "residual": DigitsNet, "mobilenet": mobilenet_like,
-         "mobilenet-imbalanced": mobilenet_imbalanced, "efficient": efficient_like}
+         "mobilenet-imbalanced": mobilenet_imbalanced, "efficient": efficient_like, "mobilenetv3": mobilenet_v3_like}
 
 
 # Epochs to a net that is good at the task (the SiLU net is at 0.91 after 8, 0.98 after 16): an undertrained
 # net has many near-ties, and its top-1 then moves with any perturbation, quantized or not.
-EPOCHS = {"efficient": 16}
+EPOCHS = {"efficient": 16, "mobilenetv3": 16}
 
 
 def train(arch: str, epochs: int | None = None, seed: int = 0) -> tuple[onnx.ModelProto, dict]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from golden._quant_blocks import hard_swish_se
+from golden._quant_blocks import Builder, hard_swish_se
 from irtool.api import optimize
 from irtool.passes.quant.calibrate import METADATA_KEY
 from irtool.passes.quant.hard_activations import hard_sigmoid_range, hard_swish_range
@@ -68,3 +69,30 @@ def test_calibrate_maps_their_ranges_from_the_input_without_observing_them():
     for name in names:
         values = actual[name]
         assert ranges[name] == pytest.approx([float(values.min()), float(values.max())], rel=1e-5, abs=1e-6), name
+
+
+def _read_by_hard_activations() -> onnx.ModelProto:
+    """conv a read only by a HardSigmoid (torch's alpha 1/6), conv b read by a HardSwish and by an Add."""
+    b = Builder(4)
+    gate = b.node("HardSigmoid", [b.conv("x", "a", 3, 8, 1)], "gate", alpha=1 / 6, beta=0.5)
+    swish = b.node("HardSwish", [b.conv("x", "b", 3, 8, 1)], "swish")
+    summed = b.node("Add", ["b", swish], "sum")
+    b.conv(b.node("Mul", [gate, summed], "gated"), "y", 8, 4, 1)
+    return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
+
+
+def test_a_tensor_only_they_read_is_ranged_where_they_are_not_constant():
+    """Below -3 HardSwish is 0, and HardSigmoid is constant outside [-3, 3]: a range past that only coarsens the
+    steps, so calibrate cuts it (exact). A tensor something else reads too (b) keeps its whole range."""
+    batches = [{"x": b["x"] * 3} for b in _batches(2, 6)]
+    for proto, cuts in ((hard_swish_se(), {"expand": (-3.0, np.inf), "dw": (-3.0, np.inf), "fc2": (-3.0, 3.0)}),
+                        (_read_by_hard_activations(), {"a": (-3.0, 3.0), "b": (-np.inf, np.inf)})):
+        result = optimize(proto, "calibrate{profile=ort-cpu}", calibration_data=batches)
+        ranges = json.loads(result.model.metadata[METADATA_KEY])["ranges"]
+        actual = intermediate_values(proto, list(cuts), batches)
+        for name, (low, high) in cuts.items():
+            values = actual[name]
+            expected = [max(float(values.min()), low), min(float(values.max()), high)]
+            assert ranges[name] == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+        assert actual["expand" if "expand" in cuts else "a"].min() < -3.0  # the data does go past the cut
+    assert actual["b"].min() < -3.0

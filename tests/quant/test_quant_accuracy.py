@@ -33,7 +33,7 @@ def quantize(proto, text: str, x_calib: np.ndarray, batch: int = 50, **kwargs):
     return optimize(proto, text, calibration_data=calibration(x_calib, batch), verify_each=True, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["plain", "residual", "mobilenet", "efficient"])
+@pytest.mark.parametrize("arch", ["plain", "residual", "mobilenet", "mobilenetv3", "efficient"])
 @pytest.mark.parametrize("pipeline", ["quant", "quant-trt"])
 def test_int8_keeps_accuracy_and_agreement(arch, pipeline):
     proto, data = trained(arch)
