@@ -8,7 +8,8 @@ the JSON atomically (temporary file in the destination folder, then rename).
     {"schema": 1, "input": ..., "output": ..., "pipeline": "<canonical text>",
      "passes": [{"name", "options": {kebab-key: value, ...every option...}}],
      "versions": {"irtool", "onnx", "onnxruntime", "python"}, "seed", "input_shapes",
-     "opset": {"input": <the loaded model's>, "output": <after any upgrade on load (irtool.ir.io.upgrade_opset)>},
+     "opset": {"input": <the loaded model's>, "output": <the written model's: after any upgrade on load
+               (irtool.ir.io.upgrade_opset) or by a pass (fp16 takes a quantized model to opset 19)>},
      "records": [{"name", "options", "modified", "seconds", "stats"}], "total_seconds",
      "before": METRICS, "after": METRICS, "ratios": {metric: after / before or null}}
     METRICS = {"nodes", "params", "nonzero_params", "weight_bytes", "macs", "peak_activation_bytes",
@@ -137,13 +138,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- text form
+def _upgraded_where(opset: dict[str, int]) -> str:
+    """On load (below io.MIN_OPSET), by a pass (fp16 takes a quantized model to opset 19), or both."""
+    from irtool.ir.io import MIN_OPSET
+
+    where = ["on load"] if opset["input"] < MIN_OPSET else []
+    if opset["output"] > max(opset["input"], MIN_OPSET):
+        where.append("by the pipeline")
+    return " and ".join(where)
+
+
 def format_text(report: dict[str, Any]) -> str:
     """Tables for people: header, metrics before/after with ratios, passes, op histogram changes."""
     lines = [f"irtool {report['versions']['irtool']}: {report['input']} -> {report['output']}",
              f"pipeline: {report['pipeline']}", ""]
     opset = report.get("opset", {})
     if opset.get("input") != opset.get("output"):
-        lines[-1:-1] = [f"opset: {opset['input']} -> {opset['output']} (upgraded on load)"]
+        lines[-1:-1] = [f"opset: {opset['input']} -> {opset['output']} (upgraded {_upgraded_where(opset)})"]
     lines += format_metrics(report["before"], report["after"], report["ratios"])
     lines += ["", *format_records(report["records"])]
     changes = format_histogram_changes(report["before"]["op_histogram"], report["after"]["op_histogram"])

@@ -74,6 +74,17 @@ def test_text_form_has_metrics_passes_and_histogram_changes():
     assert "MACs unknown" not in text
 
 
+def test_text_form_says_where_the_opset_was_upgraded():
+    """On load below opset 13; by the pipeline where fp16 took a quantized model to opset 19 (it said "on load")."""
+    report = make_report()
+    cases = {(11, 13): "on load", (17, 19): "by the pipeline", (11, 19): "on load and by the pipeline"}
+    for (before, after), where in cases.items():
+        report["opset"] = {"input": before, "output": after}
+        assert rep.format_text(report).splitlines()[2] == f"opset: {before} -> {after} (upgraded {where})"
+    report["opset"] = {"input": 17, "output": 17}
+    assert not [line for line in rep.format_text(report).splitlines() if line.startswith("opset:")]
+
+
 def test_write_report_is_atomic_and_replaces(tmp_path: Path):
     path = tmp_path / "report.json"
     path.write_text("old")
