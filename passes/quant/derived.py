@@ -59,6 +59,27 @@ def derived_tensors(model: Model, names: list[str]) -> dict[str, tuple[str, Call
     return out
 
 
+def silu_tail(high: float, levels: int = 255) -> float:
+    """The T > 1.28 where |SiLU(-T)| = T * sigmoid(-T) is half a step of a SiLU output quantized over
+    [SiLU's minimum, SiLU(high)]: below -T every input gives an output within that half step of 0, so an input
+    range cut there rounds no output by more than its own quantization already does."""
+    half_step = (_silu(max(high, 0.0)) - _silu(SILU_ARGMIN)) / levels / 2
+    low, high_t = -SILU_ARGMIN, 60.0
+    for _ in range(60):  # bisection: T * sigmoid(-T) falls monotonically past the argmin
+        mid = (low + high_t) / 2
+        low, high_t = (mid, high_t) if -_silu(-mid) > half_step else (low, mid)
+    return high_t
+
+
+def silu_input(tensor: gs.Tensor) -> bool:
+    """Read exactly by a Sigmoid and by the Mul of the tensor and that Sigmoid's output (SiLU, spelled out)."""
+    readers = tensor.outputs
+    if sorted(r.op for r in readers) != ["Mul", "Sigmoid"]:
+        return False
+    mul = next(r for r in readers if r.op == "Mul")
+    return len(mul.inputs) == 2 and any(_is_sigmoid_of(gate, x) for x, gate in (mul.inputs, mul.inputs[::-1]))
+
+
 def _rule(node: gs.Node, candidates: set[str]):
     observed_input = bool(node.inputs) and node.inputs[0].name in candidates
     if node.op == "Sigmoid" and observed_input:
