@@ -77,7 +77,8 @@ def silu_input(tensor: gs.Tensor) -> bool:
     if sorted(r.op for r in readers) != ["Mul", "Sigmoid"]:
         return False
     mul = next(r for r in readers if r.op == "Mul")
-    return len(mul.inputs) == 2 and any(_is_sigmoid_of(gate, x) for x, gate in (mul.inputs, mul.inputs[::-1]))
+    sigmoid = next(r for r in readers if r.op == "Sigmoid")
+    return sorted(t.name for t in mul.inputs) == sorted((tensor.name, sigmoid.outputs[0].name))
 
 
 def _rule(node: gs.Node, candidates: set[str]):
