@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.analysis.shapes import ShapeInfo, Shapes
 from irtool.ir.model import Model
-from irtool.ir.topo import topo_order
+from irtool.ir.topo import outer_uses, topo_order
 from irtool.passmanager import Analysis, PassContext
 
 
@@ -209,7 +209,8 @@ class ChannelGroups(Analysis):
         for node in (nodes[i] for i in topo_order(nodes)):
             handler = HANDLERS.get(node.op)
             if handler is None:
-                for t in node.inputs:
+                # outer_uses: an If's or Loop's branches read tensors of this graph without naming them as inputs
+                for t in outer_uses(node):
                     if t.name in builder.spaces:
                         builder.lock(t, f"read by {node.op} node {node.name!r}, which has no channel handler")
                 continue

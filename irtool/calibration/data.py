@@ -1,7 +1,8 @@
 """Calibration data: the input samples INT8 calibration and data-driven passes run the model on.
 
 Every source gives the same thing, a re-iterable provider: `data()` returns a fresh iterator of
-batches {input name: array with a leading batch axis}, the shape PassContext.calibration_data has.
+batches {input name: array with a leading batch axis (none for a scalar input)}, the shape
+PassContext.calibration_data has.
 
 Sources
   one .npz file        arrays keyed by input name, first axis = samples; a single-input model may use
@@ -17,7 +18,9 @@ Sources
   random               only when asked for by name (`--calib-data random`); logs a warning.
 Folders are scanned recursively, read in sorted path order; hidden and other files are ignored; one
 folder holds one kind. Per array the rank decides: the input's rank means a stack (first axis =
-samples), one less means one sample; an input of unknown rank takes stacks.
+samples), one less means one sample; an input of unknown rank takes stacks. A scalar (rank-0) input, such as
+a diffusion timestep, has no batch axis: a sample holds a 0-d value, a stack a 1-d array, and a batch is fed
+one value, so only samples that share it are batched together (a model of scalar inputs alone runs per sample).
 
 Selection: when `samples` < available, numpy default_rng(seed).choice without replacement picks the
 samples, sorted so files are read in order. `samples` > available clamps to all, with a warning.
@@ -58,7 +61,8 @@ from irtool.calibration.validate import ModelInput, convert_sample, model_inputs
 from irtool.errors import InputError
 from irtool.usercode import is_file_spec
 
-__all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data", "model_inputs", "select_indices",
+__all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data", "batch_rows", "model_inputs",
+           "select_indices",
            "DEFAULT_BATCH_SIZE", "DEFAULT_RANDOM_SAMPLES", "RANDOM"]
 
 log = logging.getLogger(__name__)
@@ -85,7 +89,9 @@ def select_indices(total: int, samples: int | None, seed: int) -> np.ndarray:
 def _batch_size(inputs: list[ModelInput], requested: int, samples: int) -> int:
     if requested < 1:
         raise InputError(f"--calib-batch-size must be at least 1, got {requested}")
-    fixed = {inp.shape[0] for inp in inputs if inp.shape is not None and inp.shape[0] is not None}
+    if all(inp.scalar for inp in inputs):  # the model runs once per batch: one sample each keeps the counts
+        return 1
+    fixed = {inp.shape[0] for inp in inputs if inp.shape and inp.shape[0] is not None}
     if not fixed:
         return requested
     if len(fixed) > 1:
@@ -107,8 +113,25 @@ def _put(buffer: np.ndarray, row: int, value: np.ndarray, name: str, where: str)
     buffer[row] = value
 
 
+def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: the length of its batched inputs; 1 for a batch of scalar inputs alone."""
+    if not batch:
+        return 0
+    return max((len(value) for value in batch.values() if np.ndim(value)), default=1)
+
+
 def _reshaped(batch: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> bool:
     return any(batch[name].shape[1:] != value.shape for name, value in sample.items())
+
+
+def _rescaled(batch: dict[str, np.ndarray], sample: dict[str, np.ndarray], scalars: list[str]) -> str | None:
+    """The first scalar input whose value in `sample` differs from its batch's (fed once per batch), or None."""
+    return next((name for name in scalars if batch[name][0] != sample[name]), None)
+
+
+def _fed(batch: dict[str, np.ndarray], filled: int, scalars: list[str]) -> dict[str, np.ndarray]:
+    """The first `filled` samples of a batch as the model takes them: scalar inputs once, as 0-d arrays."""
+    return {name: array[0, ...] if name in scalars else array[:filled] for name, array in batch.items()}
 
 
 # ----------------------------------------------------------------------------------- the public class
@@ -120,7 +143,8 @@ class CalibrationData:
                  batch_size: int = DEFAULT_BATCH_SIZE, description: str = ""):
         self._source, self.inputs, self.indices = source, inputs, indices
         self.batch_size = _batch_size(inputs, batch_size, len(indices))
-        self._batch_fixed = any(inp.shape is not None and inp.shape[0] is not None for inp in inputs)
+        self._batch_fixed = any(inp.shape and inp.shape[0] is not None for inp in inputs)
+        self._scalars = [inp.name for inp in inputs if inp.scalar]
         self.description = description or source.kind
         self._fingerprint: str | None = None
 
@@ -156,10 +180,16 @@ class CalibrationData:
         last_log = time.monotonic()
         for where, sample in self._source.samples(self.indices):
             converted = {inp.name: convert_sample(inp, sample[inp.name], where) for inp in self.inputs}
-            if filled and not self._batch_fixed and _reshaped(batch, converted):
-                # A sample shaped unlike its batch-mates (text padded per batch, images of several sizes) closes
-                # the batch early: statistics are per sample, so where a batch ends changes none of them.
-                yield {name: array[:filled] for name, array in batch.items()}
+            changed = _rescaled(batch, converted, self._scalars) if filled else None
+            if changed and self._batch_fixed:
+                raise InputError(f"input {changed!r}: {where} has the value {converted[changed]}, other samples in "
+                                 f"its batch {batch[changed][0]}; the model fixes the batch to {len(batch[changed])} "
+                                 f"and takes {changed!r} once per batch, so samples of one batch must share it")
+            if filled and not self._batch_fixed and (changed or _reshaped(batch, converted)):
+                # A sample shaped unlike its batch-mates (text padded per batch, images of several sizes), or with
+                # another value of a scalar input, closes the batch early: statistics are per sample, so where a
+                # batch ends changes none of them.
+                yield _fed(batch, filled, self._scalars)
                 batch, filled = None, 0
             if batch is None:
                 size = min(self.batch_size, remaining)
@@ -168,7 +198,7 @@ class CalibrationData:
                 _put(batch[name], filled, value, name, where)
             filled, remaining = filled + 1, remaining - 1
             if filled == len(next(iter(batch.values()))):
-                yield batch
+                yield _fed(batch, filled, self._scalars)
                 batch, filled = None, 0
             if time.monotonic() - last_log > _PROGRESS_SECONDS:
                 log.info("calibration data: %d of %d samples read", self.num_samples - remaining, self.num_samples)

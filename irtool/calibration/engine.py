@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from irtool.calibration.data import batch_rows
 from irtool.calibration.observers import DEFAULT_BINS, Histogram, MinMax, values_per_sample
 from irtool.calibration.tap import Summary, tap
 from irtool.errors import InputError
@@ -105,8 +106,7 @@ def _sized(batches: Iterable[Mapping[str, np.ndarray]], sizes: list[int], timing
         timings.data += time.perf_counter() - started
         if batch is None:
             return
-        first = next(iter(batch.values()), None)
-        sizes.append(len(first) if first is not None and np.ndim(first) else 0)
+        sizes.append(batch_rows(batch))
         yield batch
 
 

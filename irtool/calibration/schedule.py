@@ -90,8 +90,11 @@ def calibration_session(proto: onnx.ModelProto, model_outputs: Iterable[str], th
                         may_renumber: bool = True,
                         weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """With `may_renumber` False (the caller knows few summaries sit on conv layouts) the plain session: saving
-    the optimized model alone cost the ViT 0.2-0.4 s. `weights`: see session_with_weights."""
-    if not may_renumber:
+    the optimized model alone cost the ViT 0.2-0.4 s. A graph with subgraphs (If, Loop, Scan) takes it too: ONNX
+    Runtime saved an If whose branches both hold convs with one reorder name in both (a model it refused to load),
+    and the renumbering does not see the names a branch reads from the outer graph. `weights`: see
+    session_with_weights."""
+    if not may_renumber or _has_subgraphs(proto.graph):
         return session_with_weights(proto, _options(threads), weights)
     with tempfile.TemporaryDirectory(prefix="irtool-calibration-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "optimized.onnx"
@@ -111,6 +114,11 @@ def calibration_session(proto: onnx.ModelProto, model_outputs: Iterable[str], th
         options = _options(threads, prepack=False)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in graph.node for attr in node.attribute)
 
 
 def _options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:

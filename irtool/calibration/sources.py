@@ -309,15 +309,18 @@ def _split_item(item: Any, inputs: list[ModelInput], where: str) -> Iterator[Sam
     mapping = map_keys([str(k) for k in item], inputs, where)
     arrays = {inp.name: np.asarray(item[mapping[inp.name]]) for inp in inputs}
     counts = {inp.name: stack_count(inp, arrays[inp.name].shape, where) for inp in inputs}
-    if len(set(counts.values())) > 1:
+    # A batch as the model takes it gives a scalar input once, for all its samples.
+    shared = {inp.name for inp in inputs if inp.scalar and counts[inp.name] is None}
+    stacked = {v for k, v in counts.items() if k not in shared}
+    if len(stacked) > 1 or (not stacked and len(set(counts.values())) > 1):
         raise InputError(f"{where}: inputs hold different numbers of samples "
                          f"({', '.join(f'{k!r}: {1 if v is None else v}' for k, v in counts.items())})")
-    count = next(iter(counts.values()))
+    count = next(iter(stacked), None)
     if count is None:
         yield arrays
         return
     for i in range(count):
-        yield {name: array[i] for name, array in arrays.items()}
+        yield {name: array if name in shared else array[i] for name, array in arrays.items()}
 
 
 def provider_of(data: Any) -> Callable[[], Iterable[Any]]:

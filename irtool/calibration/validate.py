@@ -29,6 +29,11 @@ class ModelInput(NamedTuple):
     def sample_shape(self) -> tuple[int | None, ...] | None:
         return None if self.shape is None else self.shape[1:]
 
+    @property
+    def scalar(self) -> bool:
+        """A rank-0 input (a diffusion timestep, a threshold): one value per batch, which has no batch axis."""
+        return self.shape == ()
+
 
 def model_inputs(model: Any, input_shapes: Mapping[str, list[int]] | None = None) -> list[ModelInput]:
     """The real inputs of an irtool Model; `input_shapes` fills symbolic dims except the batch axis."""
@@ -59,9 +64,6 @@ def normalize_inputs(inputs: Iterable[Any]) -> list[ModelInput]:
              for name, dtype, shape in inputs]
     if not specs:
         raise InputError("calibration data: the model has no inputs")
-    for spec in specs:
-        if spec.shape is not None and len(spec.shape) == 0:
-            raise InputError(f"input {spec.name!r} is a scalar: calibration batches need a leading batch axis")
     return specs
 
 
@@ -72,8 +74,11 @@ def format_shape(shape: tuple[int | None, ...] | None) -> str:
 
 
 def stack_count(inp: ModelInput, shape: tuple[int, ...], where: str) -> int | None:
-    """Samples in an array of `shape`: shape[0] for a stack, None for a single sample."""
+    """Samples in an array of `shape`: shape[0] for a stack, None for a single sample. A scalar input's sample
+    is a 0-d array and its stack a 1-d one (it has no batch axis to share)."""
     rank = None if inp.shape is None else len(inp.shape)
+    if inp.scalar and len(shape) <= 1:
+        return int(shape[0]) if shape else None
     if (rank is None and len(shape) > 0) or len(shape) == rank:
         return int(shape[0])
     if rank is not None and len(shape) == rank - 1:

@@ -172,20 +172,31 @@ def subgraphs_of(node: gs.Node) -> Iterator[gs.Graph]:
 
 
 def name_unnamed_nodes(model: Model) -> None:
-    """Give nameless nodes a deterministic `<op>_<n>` name so names identify nodes everywhere."""
+    """Give nameless nodes a deterministic `<op>_<n>` name, and a node whose name an earlier node holds
+    `<name>_<n>`, so names identify nodes everywhere (ONNX Runtime refuses a model with two nodes of one name,
+    which some exporters and hand edits write)."""
     nodes = list(model.nodes())
-    used = {node.name for node in nodes}
-    if "" not in used and None not in used:
-        return  # every node is named: the common case, one pass
-    used.discard("")
-    used.discard(None)
+    names = [node.name for node in nodes]
+    if all(names) and len(set(names)) == len(names):
+        return  # every node is named once: the common case, one pass
+    used = {name for name in names if name}
+    seen: set[str] = set()
     counters: dict[str, int] = {}
+    duplicates: list[str] = []
     for node in nodes:
-        if node.name:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
             continue
-        index = counters.get(node.op, 0)
-        while f"{node.op}_{index}" in used:
+        if node.name:
+            duplicates.append(node.name)
+        prefix = node.name or node.op
+        index = counters.get(prefix, 1 if node.name else 0)
+        while f"{prefix}_{index}" in used:
             index += 1
-        node.name = f"{node.op}_{index}"
+        node.name = f"{prefix}_{index}"
         used.add(node.name)
-        counters[node.op] = index + 1
+        seen.add(node.name)
+        counters[prefix] = index + 1
+    if duplicates:
+        log.warning("%d node(s) named like an earlier node (%r first) were renamed <name>_<n>", len(duplicates),
+                    duplicates[0])

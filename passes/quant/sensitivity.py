@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from irtool.calibration.data import batch_rows
 from irtool.calibration.tap import tap
 from irtool.ir.model import Model
 from irtool.passmanager import PassContext
@@ -47,7 +48,7 @@ def with_eval_batches(ctx: PassContext, samples: int = EVAL_SAMPLES) -> PassCont
     batches, count = [], 0
     for batch in ctx.calibration_data():
         batches.append({name: np.array(value) for name, value in batch.items()})
-        count += max((len(v) for v in batches[-1].values() if v.ndim), default=1)
+        count += batch_rows(batches[-1])
         if count >= samples:
             break
     return dataclasses.replace(ctx, calibration_data=lambda: iter(batches))

@@ -177,6 +177,39 @@ def test_samples_of_different_shapes_never_share_a_batch():
             (1, 3, 4), (1, 3, 5)]
 
 
+SCALAR_T = [("x", F32, (None, 2)), ("t", I64, ())]  # a diffusion UNet's image and timestep
+
+
+def test_a_scalar_input_is_fed_once_per_batch_of_samples_that_share_its_value(tmp_path: Path):
+    """A rank-0 input has no batch axis: an .npz stacks it as [N], and a batch holds only samples with one
+    value of it, which the batch feeds as a 0-d array."""
+    np.savez(tmp_path / "d.npz", x=samples(5, (2,)), t=np.array([5, 5, 5, 7, 7]))
+    data = CalibrationData.from_path(tmp_path / "d.npz", SCALAR_T, batch_size=4)
+    got = [(b["x"].shape, b["t"].shape, int(b["t"])) for b in data()]
+    assert got == [((3, 2), (), 5), ((2, 2), (), 7)]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in data()]), samples(5, (2,)))
+
+
+def test_a_batched_item_gives_its_scalar_input_once_for_all_its_samples():
+    items = [{"x": samples(3, (2,)), "t": np.array(9)}, {"x": samples(1, (2,), start=3)[0], "t": np.array(9)},
+             {"x": samples(2, (2,), start=4), "t": np.array([1, 2])}]
+    data = CalibrationData.from_iterable(items, SCALAR_T, batch_size=8)
+    assert [(b["x"].shape[0], int(b["t"])) for b in data()] == [(4, 9), (1, 1), (1, 2)]
+    with pytest.raises(InputError, match=r"different numbers of samples \('x': 3, 't': 2\)"):
+        list(CalibrationData.from_iterable([{"x": samples(3, (2,)), "t": np.array([1, 2])}], SCALAR_T)())
+
+
+def test_a_model_of_scalar_inputs_alone_runs_each_sample_by_itself():
+    data = CalibrationData.from_iterable([{"s": np.arange(3.0)}], [("s", F32, ())], batch_size=16)
+    assert data.batch_size == 1 and [float(b["s"]) for b in data()] == [0.0, 1.0, 2.0]
+
+
+def test_where_the_model_fixes_the_batch_its_samples_must_share_a_scalar_input():
+    items = [{"x": samples(2, (2,)), "t": np.array([1, 2])}]
+    with pytest.raises(InputError, match=r"input 't': sample 1 .* has the value 2, other samples in its batch 1"):
+        list(CalibrationData.from_iterable(items, [("x", F32, (2, 2)), ("t", I64, ())])())
+
+
 # ----------------------------------------------------------------------------------- validation
 def test_a_missing_input_is_named(tmp_path: Path):
     np.savez(tmp_path / "d.npz", a=np.zeros((2, 2), np.float32))
