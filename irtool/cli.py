@@ -236,8 +236,9 @@ def _check_output_paths(model_in: Path, out: Path, report: Path | None) -> None:
 @click.argument("spec", metavar="MODULE")
 @click.option("-o", "--output", "out", required=True, metavar="OUT", help="The ONNX file to write.")
 @click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="NAME:DxDx..",
-              help="Name and shape of one of forward's inputs, e.g. x:1x3x224x224 (repeatable). Passed by name when "
-                   "every NAME is a parameter of forward (optional ones may be left out), else in order.")
+              help="Name and shape of one of forward's inputs, e.g. x:1x3x224x224, or t:scalar for a 0-d tensor "
+                   "(repeatable). Passed by name when every NAME is a parameter of forward (optional ones may be "
+                   "left out), else in order.")
 @click.option("--input-dtype", "input_dtypes", multiple=True, metavar="NAME:DTYPE",
               help="An input's dtype (default float32), e.g. input_ids:int64 (repeatable).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,

@@ -56,14 +56,18 @@ def concrete_input_shapes(model: Model, given: dict[str, list[int]] | None = Non
 
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
-    """`name:1x3x224x224` -> ("name", [1, 3, 224, 224]); the name may itself contain ':'."""
+    """`name:1x3x224x224` -> ("name", [1, 3, 224, 224]); `name:scalar` -> ("name", []) (a rank-0 input, such as
+    a diffusion timestep); the name may itself contain ':'."""
     name, sep, dims_text = text.rpartition(":")
     if not sep or not name:
         raise InputError(f"--input-shape {text!r}: expected NAME:DxDxD, e.g. input:1x3x224x224")
+    if dims_text.lower() == "scalar":
+        return name, []
+    bad = InputError(f"--input-shape {text!r}: dims must be positive integers joined by 'x' (or 'scalar')")
     try:
         dims = [int(d) for d in dims_text.lower().split("x")]
     except ValueError:
-        raise InputError(f"--input-shape {text!r}: dims must be positive integers joined by 'x'") from None
+        raise bad from None
     if any(d <= 0 for d in dims):
-        raise InputError(f"--input-shape {text!r}: dims must be positive integers joined by 'x'")
+        raise bad
     return name, dims

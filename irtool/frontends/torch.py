@@ -120,8 +120,8 @@ def _as_args(torch: Any, items: tuple, labels: list) -> tuple:
         raise InputError("example_inputs is empty: give the tensors the module's forward takes")
     args = []
     for label, item in zip(labels, items, strict=True):
-        if isinstance(item, np.ndarray):
-            item = torch.from_numpy(np.ascontiguousarray(item))
+        if isinstance(item, np.ndarray):  # np.require: ascontiguousarray makes a 0-d array (a timestep) 1-d
+            item = torch.from_numpy(np.require(item, requirements="C"))
         if not isinstance(item, torch.Tensor):
             shown = label if isinstance(label, int) else repr(label)
             raise InputError(f"example input {shown} is a {type(item).__name__}; expected a tensor or an array")

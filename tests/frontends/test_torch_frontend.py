@@ -288,6 +288,34 @@ def test_cli_export_writes_an_onnx_file_opt_takes(tmp_path: Path, shapes: list[s
     assert optimized.returncode == 0, optimized.stderr
 
 
+def test_cli_export_takes_a_scalar_input_and_opt_calibrates_it(tmp_path: Path):
+    """`scale:scalar` traces a 0-d example (numpy's ascontiguousarray had made it 1-d, exported as ['batch']), and
+    calibration takes one value per sample from an .npz."""
+    (tmp_path / "models.py").write_text(MODULE_FILE)
+    out = tmp_path / "net.onnx"
+    result = run_cli("export", tmp_path / "models.py:build", "-o", out, "--input-shape", "ids:1x5",
+                     "--input-dtype", "ids:int64", "--input-shape", "scale:scalar")
+    assert result.returncode == 0, result.stderr
+    proto = onnx.load(out)
+    assert [len(i.type.tensor_type.shape.dim) for i in proto.graph.input] == [2, 0]
+    ids = np.arange(15).reshape(3, 5) % 50
+    got = next(iter(run_ort(proto, {"ids": ids, "scale": np.array(2.0, np.float32)}).values()))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("models_under_test_scalar", tmp_path / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.no_grad():
+        ref = module.build().eval()(torch.from_numpy(ids), torch.tensor(2.0)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", ids=rng.integers(0, 50, (12, 5)), scale=np.repeat(np.float32([0.5, 2.0]), 6))
+    quantized = run_cli("opt", out, "-o", tmp_path / "net.q.onnx", "--passes", "quant", "--calib-data",
+                        tmp_path / "calib.npz")
+    assert quantized.returncode == 0, quantized.stderr
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "net.q.onnx").graph.node)
+
+
 @pytest.mark.parametrize("target, fragment", [
     ("models.py:nope", "models.py has no 'nope'"),
     ("models.py:NUMBER", "NUMBER is a int, not a module or a factory"),
