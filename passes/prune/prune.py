@@ -13,6 +13,7 @@ model's outputs after zeroing, in every consumer, the input-channel weights of t
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from irtool.passes.prune.recover import Recover, recover
 from irtool.passes.prune.select import Limits, MacModel, select_for_macs, select_global, select_uniform
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
+
+log = logging.getLogger(__name__)
 
 
 class Scope(enum.Enum):
@@ -101,6 +104,8 @@ class PruneChannels(Pass):
         macs_before = _cost(model, ctx).total_macs
         plan = self.plan(model, ctx)
         if not plan.removed_atoms:
+            if self.options.ratio > 0 or self.options.target_macs is not None:
+                _say_why_nothing_went(graph)
             return PassResult(modified=False, stats={"channels_removed": 0, "groups_pruned": 0})
         reference = model.copy() if self.options.recover is not Recover.NONE else None
         view = PruneView(graph, plan.removed_atoms)
@@ -121,6 +126,23 @@ class PruneChannels(Pass):
     def _excluded(self, group: Group) -> bool:
         names = _producers(group)
         return any(re.search(p, n) for p in self.options.exclude for n in names)
+
+
+def _say_why_nothing_went(graph: ChannelGraph) -> None:
+    """A warning naming the commonest lock reasons, when prune was asked to remove channels and removed none."""
+    reasons: dict[str, int] = {}
+    for group in graph.groups:
+        if group.locked is not None:
+            reasons[group.locked] = reasons.get(group.locked, 0) + 1
+    free = len(graph.groups) - sum(reasons.values())
+    common = sorted(reasons, key=lambda r: (-reasons[r], r))[:3]
+    # Exports compute pads, axes and shapes in the graph; fold-constants turns them into the constants the
+    # analysis reads.
+    hint = "; run cleanup before prune (--passes cleanup,prune) to fold shape arithmetic" if any(
+        "non-constant" in r or "unknown" in r for r in common) else ""
+    small = f"; the {free} free group(s) are too small for the ratio" if free else ""
+    log.warning("prune removed no channels: %d of %d channel groups are locked (%s)%s%s", len(graph.groups) - free,
+                len(graph.groups), "; ".join(common) or "none", small, hint)
 
 
 def _cost(model: Model, ctx: PassContext) -> CostReport:

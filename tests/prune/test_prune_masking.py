@@ -173,3 +173,33 @@ def test_same_seed_same_bytes():
     a, _, _ = prune(net_proto(), "prune{ratio=0.5,importance=random}", seed=3)
     b, _, _ = prune(net_proto(), "prune{ratio=0.5,importance=random}", seed=3)
     assert a.to_proto().SerializeToString(deterministic=True) == b.to_proto().SerializeToString(deterministic=True)
+
+
+class PickedStep(nn.Module):
+    """A sequence net read at one step on another axis than the channels: the last step of a Conv1d stack
+    (y[:, :, -1]) and the class token of a token MLP (h[:, 0]); both export to a Gather."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(6, 24, 3, padding=1), nn.Conv1d(24, 24, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(24, 32), nn.Linear(32, 24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        h = torch.relu(self.fc2(torch.relu(self.fc1(y.transpose(1, 2)))))
+        return self.head(h[:, 0] + y[:, :, -1])
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_gather_on_another_axis_passes_the_channels_through(dynamo):
+    """c2's and fc2's channels meet in an add after a Gather each; without a Gather handler they were locked
+    ("read by Gather ..., which has no channel handler")."""
+    original = export(PickedStep(), shape=(2, 6, 10), dynamo=dynamo)
+    graph = PassContext().analysis(ChannelGroups, Model.from_proto(original))
+    assert sorted(g.size for g in graph.groups if g.locked is None) == [24, 24, 32]
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == 40
+    x = np.random.default_rng(1).standard_normal((2, 6, 10)).astype(np.float32)
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+    assert np.abs(run(original, x) - run(masked(original, removed), x)).max() > 1e-3

@@ -97,3 +97,31 @@ def test_lstsq_recovery_beats_bias_beats_none_at_30_percent_macs(digits):
         model, _ = pruned(proto, f"prune{{target-macs=0.3,recover={recover}}}", calib)
         logits_err[recover] = float(np.abs(run(model.to_proto(), x_test) - run(proto, x_test)).mean())
     assert logits_err["lstsq"] < logits_err["none"]
+
+
+def _padded_convs():
+    """Conv -> Pad (pads from a Constant node, as torch's legacy exporter writes F.pad) -> Conv -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    pads = helper.make_tensor("p", TensorProto.INT64, [8], [0, 0, 1, 1, 0, 0, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Constant", [], ["pads"], name="pads", value=pads),
+             helper.make_node("Pad", ["c1", "pads"], ["p1"], name="pad"),
+             helper.make_node("Conv", ["p1", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+                               numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_prune_that_removes_nothing_says_why(caplog):
+    model, record = pruned(_padded_convs(), "prune{ratio=0.5}")
+    assert record.stats["channels_removed"] == 0
+    assert ("prune removed no channels: 2 of 2 channel groups are locked ('y' is a graph output; Pad 'pad' has "
+            "non-constant pads); run cleanup before prune (--passes cleanup,prune)") in caplog.text
+    caplog.clear()
+    model, _ = pruned(_padded_convs(), "cleanup,prune{ratio=0.5}")
+    conv1 = next(n for n in model.graph.nodes if n.name == "conv1")
+    assert conv1.inputs[1].values.shape[0] == 4 and "prune removed no" not in caplog.text

@@ -268,3 +268,25 @@ class Slice(Handler):
             values = np.asarray(node.inputs[index].values).copy()
             values[k] = value
             node.inputs[index] = gs.Constant(f"{node.name}_{'starts' if index == 1 else 'ends'}", values)
+
+
+@handles("Gather")
+class Gather(Handler):
+    """Picking along another axis keeps the channels: a ViT's class token (x[:, 0] on [N, T, C]) or a sequence's
+    last step (y[:, :, -1] on [N, C, T]). The indices' rank replaces the picked axis (a scalar removes it).
+    Picking channels, or indices that carry channels themselves, is locked."""
+
+    def propagate(self, node, b):
+        x, indices = node.inputs[0], node.inputs[1]
+        space = b.space(x)
+        if space is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % space.rank
+        index_shape = b.shape(indices)
+        if axis == space.axis:
+            b.lock(x, f"Gather {node.name!r} picks along the channel axis")
+            return
+        if index_shape is None or b.space(indices) is not None:
+            b.lock(x, f"Gather {node.name!r} has indices of unknown rank")
+            return
+        _follow(node, b, space.axis if space.axis < axis else space.axis + len(index_shape) - 1)
