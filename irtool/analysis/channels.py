@@ -22,6 +22,7 @@ pruning ranks atoms inside a group.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,11 +126,25 @@ class ChannelGraph:
 
 
 class PruneView:
-    """What handlers see while applying a removal: surviving indices and channel spaces per tensor."""
+    """What handlers see while applying a removal: surviving indices and channel spaces per tensor, and the
+    constants a node may slice (`own`)."""
 
-    def __init__(self, graph: ChannelGraph, removed_atoms: set[int]):
+    def __init__(self, graph: ChannelGraph, removed_atoms: set[int], outputs: Collection[str] = (),
+                 unique_name: Callable[[str], str] | None = None):
         self.graph, self.removed = graph, removed_atoms
+        self._outputs, self._unique_name = set(outputs), unique_name or (lambda prefix: prefix)
         self._cache: dict[str, np.ndarray | None] = {}
+
+    def own(self, node: gs.Node, index: int) -> gs.Constant:
+        """The constant node.inputs[index], first copied for this node alone when another node reads it or it is
+        a graph output: dedup-initializers merges equal biases (two convs' zero biases), and slicing the shared
+        one for the first conv broke the second."""
+        constant = node.inputs[index]
+        if len(constant.outputs) > 1 or constant.name in self._outputs:
+            copy = gs.Constant(self._unique_name(constant.name), np.array(constant.values))
+            node.inputs[index] = copy
+            return copy
+        return constant
 
     def keep(self, tensor: gs.Tensor) -> np.ndarray | None:
         if tensor.name not in self._cache:

@@ -108,7 +108,7 @@ class PruneChannels(Pass):
                 _say_why_nothing_went(graph)
             return PassResult(modified=False, stats={"channels_removed": 0, "groups_pruned": 0})
         reference = model.copy() if self.options.recover is not Recover.NONE else None
-        view = PruneView(graph, plan.removed_atoms)
+        view = PruneView(graph, plan.removed_atoms, {t.name for t in model.graph.outputs}, model.unique_name)
         for node in model.graph.nodes:
             if node.op in HANDLERS:
                 HANDLERS[node.op].apply(node, view)

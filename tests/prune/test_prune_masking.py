@@ -203,3 +203,45 @@ def test_a_gather_on_another_axis_passes_the_channels_through(dynamo):
     x = np.random.default_rng(1).standard_normal((2, 6, 10)).astype(np.float32)
     np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
     assert np.abs(run(original, x) - run(masked(original, removed), x)).max() > 1e-3
+
+
+def _twin_convs() -> onnx.ModelProto:
+    """Two branches Conv(bias) -> Relu -> Conv, added; both biases zero, and one of them also a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    zeros = [numpy_helper.from_array(np.zeros(8, np.float32), name) for name in ("ba", "bb")]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("Conv", ["x", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("Conv", ["ra", "wa2"], ["ya"], name="conv_a2"),
+             helper.make_node("Conv", ["rb", "wb2"], ["yb"], name="conv_b2"),
+             helper.make_node("Add", ["ya", "yb"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8]),
+                               helper.make_tensor_value_info("bb", TensorProto.FLOAT, [8])],
+                              [weight("wa", 8, 3, 3, 3), weight("wb", 8, 3, 3, 3), *zeros,
+                               weight("wa2", 4, 8, 1, 1), weight("wb2", 4, 8, 1, 1)])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_a_bias_shared_by_two_convs_or_output_by_the_graph_is_sliced_for_one_conv_only():
+    """dedup-initializers merges the two zero biases into one; slicing it for the first conv crashed the
+    second ("index 6 is out of bounds"), and a bias that is also a graph output came out sliced."""
+    model = Model.from_proto(_twin_convs())
+    PassManager(parse_pipeline("cleanup").build()).run(model, PassContext())
+    cleaned = model.to_proto()
+    readers = [n.name for n in cleaned.graph.node if len(n.input) > 2 and n.input[2] == "ba"]
+    assert sorted(readers) == ["conv_a", "conv_b"]  # the premise: one bias tensor for both convs
+    model, removed, records = prune(cleaned, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == 8
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(model.to_proto().SerializeToString(), providers=["CPUExecutionProvider"])
+    got, bias = session.run(None, {"x": x})
+    np.testing.assert_allclose(got, run(masked(cleaned, removed), x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(bias, np.zeros(8, np.float32))

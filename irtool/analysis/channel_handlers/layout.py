@@ -45,9 +45,9 @@ class Concat(Handler):
         keep, space = view.keep(y), view.space(y)
         if keep is None or int(node.attrs.get("axis", 0)) % space.rank == space.axis:
             return
-        for t in node.inputs:
+        for index, t in enumerate(node.inputs):
             if _constant(t) is not None:
-                _take(t, keep, space.axis)
+                _take(view.own(node, index), keep, space.axis)
 
 
 @handles("Flatten")

@@ -39,8 +39,8 @@ class ChannelNorm(Handler):
 
     def apply(self, node, view):
         indices = view.keep(node.inputs[0])
-        for param in node.inputs[1:]:
-            _take(param, indices, 0)
+        for index in range(1, len(node.inputs)):
+            _take(view.own(node, index), indices, 0)
 
 
 @handles("GroupNormalization")
@@ -71,7 +71,8 @@ class GroupNorm(Handler):
             return
         groups = int(node.attrs.get("num_groups", 1))
         kept_groups = np.unique(keep // (space.size // groups))
-        for param in node.inputs[1:]:
+        for index in range(1, len(node.inputs)):
+            param = view.own(node, index)
             size = np.asarray(param.values).shape[0]
             _take(param, keep if size == space.size else kept_groups, 0)
         node.attrs["num_groups"] = len(kept_groups)
@@ -113,14 +114,13 @@ class Elementwise(Handler):
         indices, space = view.keep(y), view.space(y)
         if indices is None:
             return
-        for t in node.inputs:
-            c = _constant(t)
-            if c is None:
+        for index, t in enumerate(node.inputs):
+            if _constant(t) is None:
                 continue
-            values = np.asarray(c.values)
+            values = np.asarray(t.values)
             local = space.axis - (space.rank - values.ndim)
             if 0 <= local < values.ndim and values.shape[local] > 1:
-                _take(c, indices, local)
+                _take(view.own(node, index), indices, local)
 
 
 @handles("Transpose")

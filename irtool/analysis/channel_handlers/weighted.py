@@ -47,13 +47,13 @@ class Conv(Handler):
         b.add_filters(node, y, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
-        w = node.inputs[1]
+        w = view.own(node, 1)
         out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
         group = int(node.attrs.get("group", 1))
         k_in, per_group = np.asarray(w.values).shape[1], np.asarray(w.values).shape[0] // group
         _take(w, out_keep, 0)
         if len(node.inputs) > 2:
-            _take(node.inputs[2], out_keep, 0)
+            _take(view.own(node, 2), out_keep, 0)
         if group > 1 and k_in == 1:
             node.attrs["group"] = int(np.asarray(w.values).shape[0]) // per_group
         elif group > 1 and in_keep is not None:
@@ -95,14 +95,14 @@ class Gemm(Handler):
             b.add_slices(node, a, rows.T)
 
     def apply(self, node, view):
-        w = node.inputs[1]
+        w = view.own(node, 1)
         trans_b = int(node.attrs.get("transB", 0))
         out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
         _take(w, out_keep, 0 if trans_b else 1)
         _take(w, in_keep, 1 if trans_b else 0)
         if len(node.inputs) > 2 and np.asarray(node.inputs[2].values).ndim >= 1 \
                 and np.asarray(node.inputs[2].values).shape[-1] > 1:
-            bias = node.inputs[2]
+            bias = view.own(node, 2)
             _take(bias, out_keep, np.asarray(bias.values).ndim - 1)
 
 
@@ -162,8 +162,8 @@ class MatMul(Handler):
                 b.tie(t, y)
 
     def apply(self, node, view):
-        w = _constant(node.inputs[1])
-        if w is not None and _constant(node.inputs[0]) is None:
+        if _constant(node.inputs[1]) is not None and _constant(node.inputs[0]) is None:
+            w = view.own(node, 1)
             _take(w, view.keep(node.outputs[0]), 1)
             _take(w, view.keep(node.inputs[0]), 0)
 
@@ -188,8 +188,8 @@ class ConvTranspose(Handler):
             b.add_slices(node, x, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
-        w = node.inputs[1]
+        w = view.own(node, 1)
         _take(w, view.keep(node.outputs[0]), 1)
         _take(w, view.keep(node.inputs[0]), 0)
         if len(node.inputs) > 2:
-            _take(node.inputs[2], view.keep(node.outputs[0]), 0)
+            _take(view.own(node, 2), view.keep(node.outputs[0]), 0)
