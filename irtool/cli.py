@@ -256,7 +256,13 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
     returns one when called without arguments. The module is traced in eval mode on random inputs of the
     given shapes (zeros for integer dtypes); needs torch (pip install 'irtool[torch]').
     """
-    from irtool.frontends.torch import binds_by_name, example_inputs_for, export_module, load_module
+    from irtool.frontends.torch import (
+        binds_by_name,
+        example_inputs_for,
+        export_module,
+        load_module,
+        missing_parameters,
+    )
     from irtool.ir.model import Model
 
     shapes, dtypes = _parse_shapes(input_shapes), _parse_dtypes(input_dtypes)
@@ -268,6 +274,10 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
     arrays = example_inputs_for(shapes, dtypes, seed)
     # By name where forward declares every name: a wrong order would otherwise swap inputs without an error.
     by_name = binds_by_name(module, list(shapes))
+    missing = missing_parameters(module, list(shapes)) if by_name else []
+    if missing:
+        raise InputError(f"{type(module).__name__}.forward needs {missing[0]!r}, which has no default: give "
+                         f"--input-shape {missing[0]}:DxD..")
     proto = export_module(module, dict(zip(shapes, arrays, strict=True)) if by_name else arrays,
                           input_names=None if by_name else list(shapes), dynamic_batch=not static_batch,
                           dynamic_axes=_parse_dynamic(dynamic_dims), exporter=exporter, opset=opset)

@@ -26,7 +26,7 @@ import contextlib
 import inspect
 import io
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,6 +147,16 @@ def binds_by_name(module: Any, names: Sequence[str]) -> bool:
     return bool(names) and set(names) <= declared
 
 
+def missing_parameters(module: Any, names: Sequence[str]) -> list[str]:
+    """forward's parameters without a default that `names` leaves out (none when they cannot be read)."""
+    return _without_default(_parameters(module) or [], names)
+
+
+def _without_default(params: list, given: Collection[str]) -> list[str]:
+    return [p.name for p in params if p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in given]
+
+
 def _keyword_order(module: Any, example_inputs: Mapping, label: str) -> list[str]:
     """The mapping's keys in forward's parameter order (keys only a **kwargs takes last, as given); a key
     forward does not take, or a parameter without a default that no key gives, is the caller's error."""
@@ -161,8 +171,7 @@ def _keyword_order(module: Any, example_inputs: Mapping, label: str) -> list[str
         if key not in keyword and not takes_any:
             raise InputError(f"example input {key!r}: {label}.forward takes no such parameter "
                              f"(it takes {', '.join(keyword) or 'none by name'})")
-    needed = [p.name for p in params if p.default is p.empty and p.kind in (
-        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in example_inputs]
+    needed = _without_default(params, example_inputs)
     if needed:
         raise InputError(f"{label}.forward needs {needed[0]!r}, which has no default: give an example input for it")
     return [name for name in keyword if name in example_inputs] + [k for k in example_inputs if k not in keyword]

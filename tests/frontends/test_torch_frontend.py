@@ -335,6 +335,15 @@ def test_cli_export_bad_modules_are_one_line_errors(tmp_path: Path, target: str,
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_cli_export_names_the_missing_input_as_an_input_shape(tmp_path: Path):
+    """forward(ids, mask=None) given mask alone: the API says to give an example input, the CLI which flag."""
+    (tmp_path / "optional.py").write_text("from torch import nn\n\n\nclass Net(nn.Module):\n"
+                                          "    def forward(self, ids, mask=None):\n        return ids\n")
+    result = run_cli("export", "optional.py:Net", "-o", "out.onnx", "--input-shape", "mask:1x5", cwd=tmp_path)
+    assert_one_line_error(result, 2, "Net.forward needs 'ids', which has no default: give --input-shape ids:DxD..")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_opt_on_a_module_spec_says_to_export_it_first(tmp_path: Path):
     (tmp_path / "models.py").write_text(MODULE_FILE)
     result = run_cli("opt", "models.py:build", "-o", "out.onnx", "--passes", "cleanup", cwd=tmp_path)
