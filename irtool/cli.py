@@ -265,7 +265,7 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
     )
     from irtool.ir.model import Model
 
-    shapes, dtypes = _parse_shapes(input_shapes), _parse_dtypes(input_dtypes)
+    shapes, dtypes, dynamic = _parse_shapes(input_shapes), _parse_dtypes(input_dtypes), _parse_dynamic(dynamic_dims)
     unknown = sorted(set(dtypes) - set(shapes))
     if unknown:
         raise InputError(f"--input-dtype {unknown[0]!r}: no --input-shape of that name")
@@ -280,7 +280,7 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
                          f"--input-shape {missing[0]}:DxD..")
     proto = export_module(module, dict(zip(shapes, arrays, strict=True)) if by_name else arrays,
                           input_names=None if by_name else list(shapes), dynamic_batch=not static_batch,
-                          dynamic_axes=_parse_dynamic(dynamic_dims), exporter=exporter, opset=opset)
+                          dynamic_axes=dynamic, exporter=exporter, opset=opset)
     model = Model.from_proto(proto, source=spec, owned=True)
     model.save(out)
     inputs = ", ".join(f"{t.name}: {list(t.shape or [])}" for t in model.graph.inputs)
