@@ -116,12 +116,22 @@ def _padded_convs():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def test_prune_that_removes_nothing_says_why(caplog):
+def test_prune_folds_computed_operands_that_would_lock_channels(caplog):
+    """The pads come from a Constant node, which the Pad handler cannot read ("non-constant pads"): prune folds
+    such constant arithmetic first (torch's legacy exports compute split sizes and reshape targets from Shape),
+    without specializing the model to --input-shape."""
     model, record = pruned(_padded_convs(), "prune{ratio=0.5}")
+    assert record.stats["channels_removed"] == 4 and record.stats["constants_folded"] == 1
+    assert next(n for n in model.graph.nodes if n.name == "conv1").inputs[1].values.shape[0] == 4
+    assert [n.op for n in model.graph.nodes] == ["Conv", "Pad", "Conv"]
+    model = Model.from_proto(_padded_convs())
+    ctx = PassContext(input_shapes={"x": [1, 3, 8, 8]})
+    PassManager(parse_pipeline("prune{ratio=0.5}").build(), verify_each=True).run(model, ctx)
+    assert model.graph.inputs[0].shape[0] == "N"
+
+
+def test_prune_that_removes_nothing_says_why(caplog):
+    model, record = pruned(_padded_convs(), "prune{ratio=0.5,exclude=['conv1']}")
     assert record.stats["channels_removed"] == 0
-    assert ("prune removed no channels: 2 of 2 channel groups are locked ('y' is a graph output; Pad 'pad' has "
-            "non-constant pads); run cleanup before prune (--passes cleanup,prune)") in caplog.text
-    caplog.clear()
-    model, _ = pruned(_padded_convs(), "cleanup,prune{ratio=0.5}")
-    conv1 = next(n for n in model.graph.nodes if n.name == "conv1")
-    assert conv1.inputs[1].values.shape[0] == 4 and "prune removed no" not in caplog.text
+    assert ("prune removed no channels: 1 of 2 channel groups are locked ('y' is a graph output); the 1 other "
+            "group(s) are excluded or too small for the ratio") in caplog.text
