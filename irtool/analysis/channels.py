@@ -56,6 +56,32 @@ class UnionFind:
             # The smaller root wins so that atom ids do not depend on union order.
             self.parent[max(ra, rb)] = min(ra, rb)
 
+    def union_runs(self, a: int, b: int, count: int) -> None:
+        """union(a + i, b + i) for i < count, with find inlined: ResNet-50 at 224x224 ties 57k pairs."""
+        parent = self.parent
+        for i in range(count):
+            ra, rb = a + i, b + i
+            while parent[ra] != ra:
+                parent[ra] = parent[parent[ra]]
+                ra = parent[ra]
+            while parent[rb] != rb:
+                parent[rb] = parent[parent[rb]]
+                rb = parent[rb]
+            if ra < rb:
+                parent[rb] = ra
+            elif rb < ra:
+                parent[ra] = rb
+
+    def roots(self) -> np.ndarray:
+        """The root of every element, by pointer jumping over the whole array at once (ResNet-50 at 224x224
+        has 145k channel elements: one find() each took a fifth of a second)."""
+        roots = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            jumped = roots[roots]
+            if np.array_equal(jumped, roots):
+                return roots
+            roots = jumped
+
 
 @dataclass
 class Space:
@@ -101,17 +127,32 @@ class ChannelGraph:
     slices: list[Filter] = field(default_factory=list)  # consumer input-channel weights, for group importance
     locks: dict[int, str] = field(default_factory=dict)
     groups: list[Group] = field(default_factory=list)
+    # The weight matrices behind `filters` and `slices`, row i for channel i: (node, tensor, rows).
+    filter_blocks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
+    slice_blocks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
+    roots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # every element's atom
 
     def atom(self, tensor: str, index: int) -> int:
-        return self.uf.find(self.spaces[tensor].base + index)
+        return int(self.roots[self.spaces[tensor].base + index])
 
-    def keep_indices(self, tensor: str, removed_atoms: set[int]) -> np.ndarray | None:
-        """Indices of `tensor`'s channel axis that survive, or None when nothing is removed."""
-        space = self.spaces.get(tensor)
-        if space is None:
+    def atoms_of(self, tensor: str) -> np.ndarray:
+        """The atom of each channel of `tensor`."""
+        space = self.spaces[tensor]
+        return self.roots[space.base:space.base + space.size]
+
+    def removed_mask(self, removed_atoms: Collection[int]) -> np.ndarray:
+        """A boolean per element id (atom ids are element ids): True for the removed atoms."""
+        mask = np.zeros(len(self.roots), dtype=bool)
+        mask[np.fromiter(removed_atoms, np.int64, len(removed_atoms))] = True
+        return mask
+
+    def keep_indices(self, tensor: str, removed: np.ndarray) -> np.ndarray | None:
+        """Indices of `tensor`'s channel axis that survive (`removed`: removed_mask), or None when nothing is
+        removed."""
+        if tensor not in self.spaces:
             return None
-        keep = [i for i in range(space.size) if self.atom(tensor, i) not in removed_atoms]
-        return None if len(keep) == space.size else np.asarray(keep, dtype=np.int64)
+        keep = np.flatnonzero(~removed[self.atoms_of(tensor)])
+        return None if len(keep) == self.spaces[tensor].size else keep.astype(np.int64)
 
     def to_dict(self) -> dict:
         return {
@@ -132,6 +173,7 @@ class PruneView:
     def __init__(self, graph: ChannelGraph, removed_atoms: set[int], outputs: Collection[str] = (),
                  unique_name: Callable[[str], str] | None = None):
         self.graph, self.removed = graph, removed_atoms
+        self._removed_mask = graph.removed_mask(removed_atoms)
         self._outputs, self._unique_name = set(outputs), unique_name or (lambda prefix: prefix)
         self._cache: dict[str, np.ndarray | None] = {}
 
@@ -148,7 +190,7 @@ class PruneView:
 
     def keep(self, tensor: gs.Tensor) -> np.ndarray | None:
         if tensor.name not in self._cache:
-            self._cache[tensor.name] = self.graph.keep_indices(tensor.name, self.removed)
+            self._cache[tensor.name] = self.graph.keep_indices(tensor.name, self._removed_mask)
         return self._cache[tensor.name]
 
     def space(self, tensor: gs.Tensor) -> Space | None:
@@ -164,6 +206,8 @@ class Builder:
         self.uf = UnionFind()
         self.filters: list[Filter] = []
         self.slices: list[Filter] = []
+        self.filter_blocks: list[tuple[str, str, np.ndarray]] = []
+        self.slice_blocks: list[tuple[str, str, np.ndarray]] = []
         self.tensor_locks: dict[str, str] = {}
 
     def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
@@ -188,8 +232,7 @@ class Builder:
     def tie(self, a: gs.Tensor, b: gs.Tensor, offset_b: int = 0) -> None:
         """Tie channel i of a to channel offset_b + i of b."""
         sa, sb = self.spaces[a.name], self.spaces[b.name]
-        for i in range(sa.size):
-            self.uf.union(sa.base + i, sb.base + offset_b + i)
+        self.uf.union_runs(sa.base, sb.base + offset_b, sa.size)
 
     def tie_block(self, src: gs.Tensor, dst: gs.Tensor, block: int) -> None:
         """Tie channel c of src to channels c*block .. c*block+block-1 of dst (flattening)."""
@@ -199,11 +242,13 @@ class Builder:
                 self.uf.union(ss.base + c, sd.base + c * block + j)
 
     def add_filters(self, node: gs.Node, tensor: gs.Tensor, rows: np.ndarray) -> None:
+        self.filter_blocks.append((node.name, tensor.name, rows))
         for i in range(rows.shape[0]):
             self.filters.append(Filter(node.name, tensor.name, i, rows[i]))
 
     def add_slices(self, node: gs.Node, tensor: gs.Tensor, rows: np.ndarray) -> None:
         """Consumer weights that read channel i of `tensor` (row i): they go with the channel too."""
+        self.slice_blocks.append((node.name, tensor.name, rows))
         for i in range(rows.shape[0]):
             self.slices.append(Filter(node.name, tensor.name, i, rows[i]))
 
@@ -237,16 +282,17 @@ class ChannelGroups(Analysis):
 
 
 def _finish(builder: Builder) -> ChannelGraph:
-    graph = ChannelGraph(builder.spaces, builder.uf, builder.filters, builder.slices)
+    graph = ChannelGraph(builder.spaces, builder.uf, builder.filters, builder.slices,
+                         filter_blocks=builder.filter_blocks, slice_blocks=builder.slice_blocks,
+                         roots=builder.uf.roots())
     for name, reason in sorted(builder.tensor_locks.items()):
-        space = builder.spaces.get(name)
-        if space is not None:
-            for i in range(space.size):
-                graph.locks.setdefault(builder.uf.find(space.base + i), reason)
+        if name in builder.spaces:
+            for atom in graph.atoms_of(name).tolist():
+                graph.locks.setdefault(atom, reason)
     members: dict[int, set[str]] = defaultdict(set)
-    for name, space in builder.spaces.items():
-        for i in range(space.size):
-            members[builder.uf.find(space.base + i)].add(name)
+    for name in builder.spaces:
+        for atom in np.unique(graph.atoms_of(name)).tolist():
+            members[atom].add(name)
     filters: dict[int, list[Filter]] = defaultdict(list)
     for f in builder.filters:
         filters[graph.atom(f.tensor, f.index)].append(f)

@@ -351,6 +351,12 @@ _PLAIN_TYPES = frozenset({_T.FLOAT, _T.FLOAT16, _T.DOUBLE, _T.INT8, _T.INT16, _T
                           _T.UINT16, _T.UINT32, _T.UINT64, _T.BOOL})
 
 
+class DimsOnly(dict):
+    """A `weights` dict for a proto that shape inference alone reads: large initializers are exported as
+    external data with their dims and type, and their arrays are neither loaded nor kept. Exporting ResNet-50's
+    weights whole for the shapes analysis cost a third of the `channel-groups` analysis (0.1 s at 224x224)."""
+
+
 def _kept_aside(tensor: gs.Constant, weights: dict[str, np.ndarray]) -> onnx.TensorProto | None:
     """The initializer as external data with its array put in `weights`, or None to export it whole."""
     values = tensor._values
@@ -360,6 +366,8 @@ def _kept_aside(tensor: gs.Constant, weights: dict[str, np.ndarray]) -> onnx.Ten
         source = values.tensor
         if source.data_type not in _PLAIN_TYPES or source.data_location == _T.EXTERNAL:
             return None
+        if isinstance(weights, DimsOnly):
+            return _external(tensor.name, source.data_type, list(source.dims))
         values = values.load()
     if not isinstance(values, np.ndarray):
         return None
@@ -369,10 +377,16 @@ def _kept_aside(tensor: gs.Constant, weights: dict[str, np.ndarray]) -> onnx.Ten
         return None
     if data_type not in _PLAIN_TYPES:
         return None
-    proto = _T(name=tensor.name, data_type=data_type, dims=values.shape, data_location=_T.EXTERNAL)
+    if isinstance(weights, DimsOnly):
+        return _external(tensor.name, data_type, list(values.shape))
+    weights[tensor.name] = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("="), copy=False))
+    return _external(tensor.name, data_type, list(values.shape))
+
+
+def _external(name: str, data_type: int, dims: list[int]) -> onnx.TensorProto:
+    proto = _T(name=name, data_type=data_type, dims=dims, data_location=_T.EXTERNAL)
     entry = proto.external_data.add()
     entry.key, entry.value = "location", WEIGHTS_IN_MEMORY
-    weights[tensor.name] = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("="), copy=False))
     return proto
 
 

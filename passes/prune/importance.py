@@ -61,27 +61,16 @@ def _filters_by_atom(graph: ChannelGraph) -> dict[int, list[Filter]]:
 
 
 def _norms(atoms: list[int], graph: ChannelGraph, p: int) -> dict[int, float]:
+    """Σ|w|^p over every weight row of an atom (its filters, then its consumers' slices), one reduction per
+    weight matrix; the rows are added in the order the analysis found them, as one row at a time would."""
     totals: dict[int, float] = defaultdict(float)
-    for rows in (graph.filters, graph.slices):
-        powers = _row_powers(rows, p)
-        for f in rows:
-            totals[graph.atom(f.tensor, f.index)] += powers[id(f)]
+    for blocks in (graph.filter_blocks, graph.slice_blocks):
+        for _, tensor, rows in blocks:
+            powered = np.abs(rows) if p == 1 else np.square(rows) if p == 2 else np.abs(rows) ** p
+            sums = np.sum(powered, axis=1).tolist()
+            for atom, value in zip(graph.atoms_of(tensor)[:len(sums)].tolist(), sums, strict=True):
+                totals[atom] += value
     return {a: totals[a] if p == 1 else math.sqrt(totals[a]) for a in atoms}
-
-
-def _row_powers(rows: list[Filter], p: int) -> dict[int, float]:
-    """Σ|w|^p of every row (keyed by id of the Filter), one reduction per node and tensor rather than
-    one per row (ResNet-50 has 26k rows); same float32 row sums as reducing each row alone."""
-    by_output: dict[tuple[str, str, int], list[Filter]] = defaultdict(list)
-    for f in rows:
-        by_output[(f.node, f.tensor, f.weights.size)].append(f)
-    values: dict[int, float] = {}
-    for filters in by_output.values():
-        stacked = np.stack([f.weights.reshape(-1) for f in filters])
-        powered = np.abs(stacked) if p == 1 else np.square(stacked) if p == 2 else np.abs(stacked) ** p
-        sums = np.sum(powered, axis=1).tolist()
-        values.update(zip(map(id, filters), sums, strict=True))
-    return values
 
 
 def _fpgm_rows(graph: ChannelGraph) -> dict[tuple[str, int], float]:

@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.analysis.channel_handlers import HANDLERS
@@ -26,7 +27,7 @@ from irtool.analysis.cost import Cost, CostReport, model_cost
 from irtool.analysis.shapes import concrete_input_shapes
 from irtool.ir.model import Model
 from irtool.passes.dce import DeadCodeElimination
-from irtool.passes.fold_constants import FoldConstants
+from irtool.passes.fold_constants import FoldConstants, may_fold
 from irtool.passes.prune.importance import Importance, atom_scores
 from irtool.passes.prune.recover import Recover, recover
 from irtool.passes.prune.select import Limits, MacModel, select_for_macs, select_global, select_uniform
@@ -52,8 +53,9 @@ class PrunePlan:
 
     def removed_indices(self, graph: ChannelGraph) -> dict[str, list[int]]:
         out = {}
-        for name, space in graph.spaces.items():
-            gone = [i for i in range(space.size) if graph.atom(name, i) in self.removed_atoms]
+        removed = graph.removed_mask(self.removed_atoms)
+        for name in graph.spaces:
+            gone = np.flatnonzero(removed[graph.atoms_of(name)]).tolist()
             if gone:
                 out[name] = gone
         return out
@@ -141,6 +143,8 @@ def _fold_shape_arithmetic(model: Model, ctx: PassContext) -> int:
     computed operand shapes stays locked: at ratio 0.5 without cleanup first, its YOLO lost 656 channels instead
     of 912 and ShuffleNetV2 168 instead of 210 (`--passes prune,quant`). Folding runs without the context's
     input shapes, so it never specializes the model to them as `cleanup` with --input-shape does."""
+    if not may_fold(model):
+        return 0
     unshaped = dataclasses.replace(ctx, input_shapes={}, _analyses={})
     result = FoldConstants().run(model, unshaped)
     if not result.modified:

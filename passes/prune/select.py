@@ -82,7 +82,6 @@ class MacModel:
         for node in nodes:
             if macs.get(node.name):
                 self.terms.append(self._term(node, macs[node.name]))
-        self._atoms: dict[str, np.ndarray] = {}
 
     def _term(self, node: gs.Node, macs: int) -> tuple[int, str | None, str | None]:
         spaces = self.graph.spaces
@@ -93,10 +92,7 @@ class MacModel:
         return macs, None, out or first
 
     def atoms_of(self, tensor: str) -> np.ndarray:
-        if tensor not in self._atoms:
-            size = self.graph.spaces[tensor].size
-            self._atoms[tensor] = np.fromiter((self.graph.atom(tensor, i) for i in range(size)), np.int64, size)
-        return self._atoms[tensor]
+        return self.graph.atoms_of(tensor)
 
     def macs(self, removed: set[int]) -> float:
         removed_arr = np.fromiter(removed, np.int64, len(removed))
