@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 import tempfile
 import time
 from collections import deque
@@ -30,6 +31,9 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from irtool.backends.ort import ort_message
+from irtool.errors import InputError
 
 log = logging.getLogger(__name__)
 PROVIDERS = ["CPUExecutionProvider"]
@@ -80,7 +84,7 @@ def session_with_weights(proto: onnx.ModelProto, options: ort.SessionOptions,
         names = list(weights)
         values = [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names]
         options.add_external_initializers(names, values)
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=PROVIDERS)
+    session = _session(proto.SerializeToString(), options)
     # ONNX Runtime keeps pointers into the arrays, not references to them: the session must hold them.
     session._irtool_weights = values
     return session
@@ -113,7 +117,21 @@ def calibration_session(proto: onnx.ModelProto, model_outputs: Iterable[str], th
         onnx.save(optimized, str(path))  # the weights stay in weights.bin next to it
         options = _options(threads, prepack=False)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        return _session(str(path), options)
+
+
+# What ONNX Runtime says of an op it has no kernel for: the model's, not calibration's, to fix.
+_MISSING_OP = re.compile(r"is not a registered function/op|Could not find an implementation for")
+
+
+def _session(source: str | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=PROVIDERS)
+    except Exception as e:  # onnxruntime's errors derive from Exception only
+        if _MISSING_OP.search(str(e)):
+            raise InputError(f"calibration runs the model in ONNX Runtime, which cannot run it: {ort_message(e)} "
+                             "(register the op's library with ONNX Runtime, or replace the op)") from e
+        raise
 
 
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:

@@ -145,3 +145,17 @@ def test_an_error_building_is_raised():
         raise InputError("the model does not load")
     with pytest.raises(InputError, match="does not load"):
         build_while_reading(build, _batches(2, 64, [0]))
+
+
+@pytest.mark.parametrize("may_renumber", [False, True])
+def test_an_op_onnx_runtime_lacks_is_the_model_s_error_named_in_one_line(may_renumber):
+    """A custom-domain op without its library: calibration cannot run the model, which is the input's problem
+    (InputError, CLI exit 2), not a failed pass with ONNX Runtime's raw message."""
+    graph = helper.make_graph([helper.make_node("Magic", ["x"], ["y"], domain="my.domain")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)],
+                              ir_version=10)
+    with pytest.raises(InputError, match=r"calibration runs the model in ONNX Runtime, which cannot run it: .*"
+                                         r"my\.domain:Magic\(-1\) is not a registered function/op \(register"):
+        calibration_session(proto, ["y"], may_renumber=may_renumber)
