@@ -29,6 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.analysis.shapes import ShapeInfo, Shapes
+from irtool.ir.convert import paused_gc
 from irtool.ir.model import Model
 from irtool.ir.topo import outer_uses, topo_order
 from irtool.passmanager import Analysis, PassContext
@@ -262,6 +263,10 @@ class ChannelGroups(Analysis):
     name = "channel-groups"
 
     def compute(self, model: Model, ctx: PassContext) -> ChannelGraph:
+        with paused_gc():  # tens of thousands of Filters: each GC pass would rescan the whole model
+            return self._compute(model, ctx)
+
+    def _compute(self, model: Model, ctx: PassContext) -> ChannelGraph:
         from irtool.analysis.channel_handlers import HANDLERS
 
         builder = Builder(ctx.analysis(Shapes, model))

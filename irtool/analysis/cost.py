@@ -247,6 +247,13 @@ def build_report(model: Model, info: ShapeInfo) -> CostReport:
     )
 
 
+def macs_by_node(model: Model, info: ShapeInfo) -> dict[str, int | None]:
+    """node_macs of every main-graph node, without the rest of a report: its weight totals read every weight
+    (count_nonzero over ResNet-50's 25M: 0.055 s, a seventh of prune's time there)."""
+    shape = Shape(info)
+    return {node.name: node_macs(node, shape) for node in model.graph.nodes}
+
+
 def node_macs(node: gs.Node, shape: Shape) -> int | None:
     """MACs of one node; None when a shape it needs is dynamic or the node is control flow."""
     if node.op in CONTROL_FLOW:

@@ -23,8 +23,8 @@ import onnx_graphsurgeon as gs
 
 from irtool.analysis.channel_handlers import HANDLERS
 from irtool.analysis.channels import ChannelGraph, ChannelGroups, Group, PruneView
-from irtool.analysis.cost import Cost, CostReport, model_cost
-from irtool.analysis.shapes import concrete_input_shapes
+from irtool.analysis.cost import macs_by_node
+from irtool.analysis.shapes import Shapes, concrete_input_shapes
 from irtool.ir.model import Model
 from irtool.passes.dce import DeadCodeElimination
 from irtool.passes.fold_constants import FoldConstants, may_fold
@@ -98,7 +98,7 @@ class PruneChannels(Pass):
         limits = Limits(self.options.round_to, self.options.min_channels, self.options.max_ratio)
         estimate = None
         if self.options.target_macs is not None:
-            macs = MacModel(model.graph.nodes, graph, _cost(model, ctx))
+            macs = MacModel(model.graph.nodes, graph, _macs(model, ctx))
             removed, estimate = select_for_macs(groups, scores, self.options.target_macs, limits,
                                                 self.options.scope is Scope.GLOBAL, macs)
         elif self.options.scope is Scope.GLOBAL:
@@ -110,7 +110,7 @@ class PruneChannels(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         plan = self.plan(model, ctx)
         graph = ctx.analysis(ChannelGroups, model)
-        macs_before = _cost(model, ctx).total_macs
+        macs_before = sum(_macs(model, ctx).values())
         folded = {"constants_folded": plan.constants_folded} if plan.constants_folded else {}
         if not plan.removed_atoms:
             if self.options.ratio > 0 or self.options.target_macs is not None:
@@ -167,12 +167,13 @@ def _say_why_nothing_went(graph: ChannelGraph) -> None:
                 len(graph.groups), "; ".join(common) or "none", small)
 
 
-def _cost(model: Model, ctx: PassContext) -> CostReport:
-    """MACs per sample: symbolic dims (a dynamic batch) count as 1 unless the user fixed them."""
-    cost = ctx.analysis(Cost, model)
-    if cost.unknown_macs:
-        cost = model_cost(model, concrete_input_shapes(model, ctx.input_shapes))
-    return cost
+def _macs(model: Model, ctx: PassContext) -> dict[str, int]:
+    """MACs per node and sample: symbolic dims (a dynamic batch) count as 1 unless the user fixed them."""
+    macs = macs_by_node(model, ctx.analysis(Shapes, model))
+    if any(value is None for value in macs.values()):
+        concrete = PassContext(input_shapes=concrete_input_shapes(model, ctx.input_shapes))
+        macs = macs_by_node(model, concrete.analysis(Shapes, model))
+    return {name: value or 0 for name, value in macs.items()}
 
 
 def _producers(group: Group) -> list[str]:

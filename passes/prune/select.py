@@ -21,7 +21,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.analysis.channels import ChannelGraph, Group
-from irtool.analysis.cost import CostReport
 
 BISECTION_STEPS = 30
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -74,8 +73,7 @@ def select_global(groups: list[Group], scores: dict[int, float], quantile: float
 class MacModel:
     """MACs of the model after removing a set of atoms, estimated from per-node MACs."""
 
-    def __init__(self, nodes: list[gs.Node], graph: ChannelGraph, cost: CostReport):
-        macs = {n.name: (n.macs or 0) for n in cost.per_node}
+    def __init__(self, nodes: list[gs.Node], graph: ChannelGraph, macs: dict[str, int]):
         self.total = sum(macs.values())
         self.graph = graph
         self.terms: list[tuple[int, str | None, str | None]] = []
