@@ -77,7 +77,7 @@ def branching_convs() -> onnx.ModelProto:
     def branch(name: str, weight: str) -> onnx.GraphProto:
         out = f"{name}_y"
         return helper.make_graph([helper.make_node("Conv", ["r1", weight], [out], name=f"{name}_conv")], name, [],
-                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 4, 8, 8])])
 
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
@@ -87,7 +87,7 @@ def branching_convs() -> onnx.ModelProto:
                               else_branch=branch("else", "we"))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8]),
                                            helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [_weight(rng, "w0", 8, 3, 3, 3), _weight(rng, "w1", 8, 8, 3, 3),
                                _weight(rng, "wt", 4, 8, 1, 1), _weight(rng, "we", 4, 8, 1, 1)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
