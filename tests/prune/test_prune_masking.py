@@ -205,7 +205,7 @@ def test_a_gather_on_another_axis_passes_the_channels_through(dynamo):
     assert np.abs(run(original, x) - run(masked(original, removed), x)).max() > 1e-3
 
 
-def _twin_convs() -> onnx.ModelProto:
+def twin_convs() -> onnx.ModelProto:
     """Two branches Conv(bias) -> Relu -> Conv, added; both biases zero, and one of them also a graph output."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -233,7 +233,7 @@ def _twin_convs() -> onnx.ModelProto:
 def test_a_bias_shared_by_two_convs_or_output_by_the_graph_is_sliced_for_one_conv_only():
     """dedup-initializers merges the two zero biases into one; slicing it for the first conv crashed the
     second ("index 6 is out of bounds"), and a bias that is also a graph output came out sliced."""
-    model = Model.from_proto(_twin_convs())
+    model = Model.from_proto(twin_convs())
     PassManager(parse_pipeline("cleanup").build()).run(model, PassContext())
     cleaned = model.to_proto()
     readers = [n.name for n in cleaned.graph.node if len(n.input) > 2 and n.input[2] == "ba"]
