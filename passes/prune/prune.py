@@ -4,7 +4,9 @@ The `channel-groups` analysis partitions channels into atoms (one channel everyw
 groups (a layer's interchangeable atoms). The pass scores atoms (passes/prune/importance.py), picks
 the ones to remove per group or globally, by ratio or by a MAC target (passes/prune/select.py), lets
 each op's channel handler slice its weights, biases, norm parameters and attributes, and optionally
-recovers accuracy without training (passes/prune/recover.py). Graph outputs never change shape.
+recovers accuracy without training (passes/prune/recover.py). Graph outputs never change shape. The pass first
+folds constant arithmetic (fold-constants, dce), which exporters leave computing split sizes, reshape targets and
+pads at run time, so that `prune` alone finds what `cleanup,prune` does.
 
 Contract (the masking oracle, with recover=none): the pruned model's outputs equal the original
 model's outputs after zeroing, in every consumer, the input-channel weights of the removed channels.
