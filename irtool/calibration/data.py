@@ -20,7 +20,8 @@ Folders are scanned recursively, read in sorted path order; hidden and other fil
 folder holds one kind. Per array the rank decides: the input's rank means a stack (first axis =
 samples), one less means one sample; an input of unknown rank takes stacks. A scalar (rank-0) input, such as
 a diffusion timestep, has no batch axis: a sample holds a 0-d value, a stack a 1-d array, and a batch is fed
-one value, so only samples that share it are batched together (a model of scalar inputs alone runs per sample).
+one value, so only samples that share it are batched together: up to MAX_OPEN_BATCHES batches fill at once, one
+per value (a model of scalar inputs alone runs per sample).
 
 Selection: when `samples` < available, numpy default_rng(seed).choice without replacement picks the
 samples, sorted so files are read in order. `samples` > available clamps to all, with a warning.
@@ -33,8 +34,8 @@ values are checked as they stream. A model input with a static first dim fixes t
 sample shaped unlike the batch it would join (sequences padded per batch, images of several sizes) starts a
 new batch.
 
-Memory: at most one batch is held, plus what a format forces: .npy files are memory-mapped, .npz
-members are read row by row from the zip stream (a Fortran-ordered member is loaded whole).
+Memory: at most one batch is held (MAX_OPEN_BATCHES with scalar inputs), plus what a format forces: .npy files
+are memory-mapped, .npz members are read row by row from the zip stream (a Fortran-ordered member is loaded whole).
 
 `fingerprint()` hashes the source kind, preprocessing, selection and the bytes of the files holding
 the selected samples (for iterables the selected samples' bytes): the key of on-disk statistic caches.
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_RANDOM_SAMPLES = 16
+MAX_OPEN_BATCHES = 4  # batches filled at once, one per value of the scalar inputs (a diffusion timestep)
 RANDOM = "random"
 _PROGRESS_SECONDS = 5.0
 
@@ -129,9 +131,25 @@ def _rescaled(batch: dict[str, np.ndarray], sample: dict[str, np.ndarray], scala
     return next((name for name in scalars if batch[name][0] != sample[name]), None)
 
 
-def _fed(batch: dict[str, np.ndarray], filled: int, scalars: list[str]) -> dict[str, np.ndarray]:
-    """The first `filled` samples of a batch as the model takes them: scalar inputs once, as 0-d arrays."""
-    return {name: array[0, ...] if name in scalars else array[:filled] for name, array in batch.items()}
+class _OpenBatch:
+    """A batch being filled: one buffer per input, `size` samples long."""
+
+    def __init__(self, first: dict[str, np.ndarray], size: int):
+        self.arrays = {name: np.empty((size, *a.shape), a.dtype) for name, a in first.items()}
+        self.filled = 0
+
+    def put(self, sample: dict[str, np.ndarray], where: str) -> None:
+        for name, value in sample.items():
+            _put(self.arrays[name], self.filled, value, name, where)
+        self.filled += 1
+
+    @property
+    def full(self) -> bool:
+        return self.filled == len(next(iter(self.arrays.values())))
+
+    def fed(self, scalars: list[str]) -> dict[str, np.ndarray]:
+        """The samples so far as the model takes them: scalar inputs once, as 0-d arrays."""
+        return {name: array[0, ...] if name in scalars else array[:self.filled] for name, array in self.arrays.items()}
 
 
 # ----------------------------------------------------------------------------------- the public class
@@ -176,36 +194,45 @@ class CalibrationData:
         return self._fingerprint
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        remaining, filled, batch = self.num_samples, 0, None
+        remaining = self.num_samples
+        # Batches being filled, by the values of the scalar inputs (one key, (), for models without them), oldest
+        # first: a timestep drawn per sample would otherwise give batches of one sample. At most
+        # MAX_OPEN_BATCHES are held; statistics are per sample and order-free, so the grouping changes none.
+        open_batches: dict[tuple, _OpenBatch] = {}
         last_log = time.monotonic()
         for where, sample in self._source.samples(self.indices):
             converted = {inp.name: convert_sample(inp, sample[inp.name], where) for inp in self.inputs}
-            changed = _rescaled(batch, converted, self._scalars) if filled else None
-            if changed and self._batch_fixed:
-                raise InputError(f"input {changed!r}: {where} has the value {converted[changed]}, other samples in "
-                                 f"its batch {batch[changed][0]}; the model fixes the batch to {len(batch[changed])} "
-                                 f"and takes {changed!r} once per batch, so samples of one batch must share it")
-            if filled and not self._batch_fixed and (changed or _reshaped(batch, converted)):
-                # A sample shaped unlike its batch-mates (text padded per batch, images of several sizes), or with
-                # another value of a scalar input, closes the batch early: statistics are per sample, so where a
-                # batch ends changes none of them.
-                yield _fed(batch, filled, self._scalars)
-                batch, filled = None, 0
-            if batch is None:
-                size = min(self.batch_size, remaining)
-                batch = {name: np.empty((size, *a.shape), a.dtype) for name, a in converted.items()}
-            for name, value in converted.items():
-                _put(batch[name], filled, value, name, where)
-            filled, remaining = filled + 1, remaining - 1
-            if filled == len(next(iter(batch.values()))):
-                yield _fed(batch, filled, self._scalars)
-                batch, filled = None, 0
+            key = tuple(converted[name].item() for name in self._scalars)
+            if self._batch_fixed and open_batches and key not in open_batches:
+                self._refuse_mixed_scalars(next(iter(open_batches.values())), converted, where)
+            current = open_batches.get(key)
+            if current is not None and not self._batch_fixed and _reshaped(current.arrays, converted):
+                # A sample shaped unlike its batch-mates (text padded per batch, images of several sizes) closes
+                # the batch early: statistics are per sample, so where a batch ends changes none of them.
+                yield open_batches.pop(key).fed(self._scalars)
+                current = None
+            if current is None:
+                if len(open_batches) >= MAX_OPEN_BATCHES:
+                    yield open_batches.pop(next(iter(open_batches))).fed(self._scalars)
+                current = open_batches[key] = _OpenBatch(converted, self.batch_size)
+            current.put(converted, where)
+            remaining -= 1
+            if current.full:
+                yield open_batches.pop(key).fed(self._scalars)
             if time.monotonic() - last_log > _PROGRESS_SECONDS:
                 log.info("calibration data: %d of %d samples read", self.num_samples - remaining, self.num_samples)
                 last_log = time.monotonic()
+        for batch in open_batches.values():
+            yield batch.fed(self._scalars)
         if remaining:
             raise InputError(f"calibration data {self.description}: {remaining} of {self.num_samples} "
                              "samples went missing while reading")
+
+    def _refuse_mixed_scalars(self, batch: _OpenBatch, sample: dict[str, np.ndarray], where: str) -> None:
+        changed = _rescaled(batch.arrays, sample, self._scalars)
+        raise InputError(f"input {changed!r}: {where} has the value {sample[changed]}, other samples in its batch "
+                         f"{batch.arrays[changed][0]}; the model fixes the batch to {len(batch.arrays[changed])} and "
+                         f"takes {changed!r} once per batch, so samples of one batch must share it")
 
     # ------------------------------------------------------------------------------- constructors
     @classmethod

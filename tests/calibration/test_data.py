@@ -12,6 +12,7 @@ import pytest
 
 from irtool.calibration.data import (
     DEFAULT_BATCH_SIZE,
+    MAX_OPEN_BATCHES,
     CalibrationData,
     ModelInput,
     as_calibration_data,
@@ -197,6 +198,20 @@ def test_a_batched_item_gives_its_scalar_input_once_for_all_its_samples():
     assert [(b["x"].shape[0], int(b["t"])) for b in data()] == [(4, 9), (1, 1), (1, 2)]
     with pytest.raises(InputError, match=r"different numbers of samples \('x': 3, 't': 2\)"):
         list(CalibrationData.from_iterable([{"x": samples(3, (2,)), "t": np.array([1, 2])}], SCALAR_T)())
+
+
+def test_samples_are_grouped_by_their_scalar_value_in_a_bounded_number_of_open_batches():
+    """Timesteps drawn per sample (1, 2, 1, 2, ...) still fill whole batches, one open batch per value; at most
+    MAX_OPEN_BATCHES are held, so six values cycling run one sample per batch (the oldest goes first)."""
+    def batches(values, size):
+        items = [{"x": samples(1, (2,), start=i)[0], "t": np.array(v)} for i, v in enumerate(values)]
+        return [(b["x"].shape[0], int(b["t"]), b["x"][:, 0].astype(int).tolist())
+                for b in CalibrationData.from_iterable(items, SCALAR_T, batch_size=size)()]
+
+    assert batches([1, 2] * 6, 4) == [(4, 1, [0, 2, 4, 6]), (4, 2, [1, 3, 5, 7]), (2, 1, [8, 10]), (2, 2, [9, 11])]
+    assert MAX_OPEN_BATCHES == 4
+    cycled = batches(list(range(6)) * 2, 2)
+    assert [(n, t) for n, t, _ in cycled] == [(1, t) for t in [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]]
 
 
 def test_a_model_of_scalar_inputs_alone_runs_each_sample_by_itself():
