@@ -94,7 +94,7 @@ def describe_model(model: Any, input_shapes: dict[str, list[int]]) -> dict[str, 
     from irtool.ir.skeleton import infer_types
 
     check_input_shapes(model, input_shapes)
-    known = infer_types(model.to_proto(), input_shapes or None)
+    known = infer_types(model.shape_inference_proto(), input_shapes or None)
     # "opset" is the file's; a model below opset 13 is analysed upgraded (irtool.ir.io.upgrade_opset).
     data = {"opset": model.source_opset, "analysed_opset": model.opset, "ir_version": int(model.graph.ir_version or 0),
             "inputs": [_value(t.name, known) for t in model.graph.inputs],

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 
 from irtool.errors import InputError
-from irtool.ir.convert import DimsOnly
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
 from irtool.passmanager import Analysis, PassContext
@@ -43,7 +42,7 @@ class Shapes(Analysis):
     name = "shapes"
 
     def compute(self, model: Model, ctx: PassContext) -> ShapeInfo:
-        return ShapeInfo(infer_types(model.to_proto(DimsOnly()), ctx.input_shapes or None))
+        return ShapeInfo(infer_types(model.shape_inference_proto(), ctx.input_shapes or None))
 
 
 def concrete_input_shapes(model: Model, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from irtool.ir import io
-from irtool.ir.convert import export_model, import_model, paused_gc
+from irtool.ir.convert import DimsOnly, export_model, import_model, paused_gc
 from irtool.ir.topo import toposort_graph
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,12 @@ class Model:
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, self.metadata[key]
         return proto
+
+    def shape_inference_proto(self) -> onnx.ModelProto:
+        """A ModelProto for shape inference alone: large weights carry their dims and types, not their values,
+        which are neither copied nor loaded (convert.DimsOnly). Exporting ResNet-50/224's weights whole cost a
+        third of the channel analysis."""
+        return self.to_proto(DimsOnly())
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
              proto: onnx.ModelProto | None = None) -> None:

@@ -36,7 +36,7 @@ def dtype_name(elem_type: int) -> str:
 
 def format_model(model: Model, input_shapes: dict[str, list[int]] | None = None) -> str:
     """The whole model as text, with inferred dtypes and shapes."""
-    types = infer_types(model.to_proto(), input_shapes)
+    types = infer_types(model.shape_inference_proto(), input_shapes)
     lines = [f"opset {model.opset}"]
     lines.extend(_format_graph(model.graph, types, indent=""))
     return "\n".join(lines) + "\n"

@@ -112,7 +112,7 @@ def value_types(model: Model, input_shapes: dict[str, list[int]] | None = None) 
     irtool.ir.skeleton.infer_types reads only the main graph's value_info; passes that look inside
     If/Loop bodies need the inferred types stored in the nested GraphProtos as well.
     """
-    proto = model.to_proto()
+    proto = model.shape_inference_proto()
     skel = skeleton(proto)
     if input_shapes:
         _set_input_shapes(skel, input_shapes)

@@ -138,7 +138,7 @@ def _input_dims(model: Model, inputs: list[gs.Tensor]) -> dict[str, list | None]
     without value_info; 20 ms on the bench's ViT)."""
     dims = {x.name: list(x.shape) if x.shape is not None else None for x in inputs}
     if any(d is None for d in dims.values()):
-        inferred = infer_types(model.to_proto())
+        inferred = infer_types(model.shape_inference_proto())
         dims.update({name: inferred.get(name, (None, None))[1] for name, d in dims.items() if d is None})
     return dims
 

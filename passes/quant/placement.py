@@ -331,7 +331,7 @@ def global_means(model: Model) -> set[str]:
     if len(ranks) < len(means):
         from irtool.ir.skeleton import infer_types
 
-        from_proto = infer_types(model.to_proto())
+        from_proto = infer_types(model.shape_inference_proto())
         for node in means:
             dims = from_proto.get(node.inputs[0].name, (None, None))[1]
             if node.name not in ranks and dims is not None:
