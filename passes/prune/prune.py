@@ -32,7 +32,7 @@ from irtool.passes.dce import DeadCodeElimination
 from irtool.passes.fold_constants import FoldConstants, may_fold
 from irtool.passes.prune.importance import Importance, atom_scores
 from irtool.passes.prune.recover import Recover, recover
-from irtool.passes.prune.select import Limits, MacModel, select_for_macs, select_global, select_uniform
+from irtool.passes.prune.select import Auto, Limits, MacModel, rounding, select_for_macs, select_global, select_uniform
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 
@@ -75,7 +75,7 @@ class PruneChannels(Pass):
         target_macs: float | None = None
         scope: Scope = Scope.UNIFORM
         max_ratio: float = 0.9
-        round_to: int = 1
+        round_to: int | Auto = Auto.AUTO
         min_channels: int = 1
         importance: Importance = Importance.L2
         exclude: tuple[Regex, ...] = ()
@@ -88,7 +88,7 @@ class PruneChannels(Pass):
                 raise ValueError(f"target-macs must be in (0, 1), got {self.target_macs}")
             if not 0.0 < self.max_ratio < 1.0:
                 raise ValueError(f"max-ratio must be in (0, 1), got {self.max_ratio}")
-            if self.round_to < 1 or self.min_channels < 1:
+            if (self.round_to is not Auto.AUTO and self.round_to < 1) or self.min_channels < 1:
                 raise ValueError("round-to and min-channels must be at least 1")
 
     def plan(self, model: Model, ctx: PassContext) -> PrunePlan:
@@ -97,7 +97,8 @@ class PruneChannels(Pass):
         graph = ctx.analysis(ChannelGroups, model)
         groups = [g for g in graph.groups if g.locked is None and not self._excluded(g)]
         scores = atom_scores(self.options.importance, model, graph, ctx)
-        limits = Limits(self.options.round_to, self.options.min_channels, self.options.max_ratio)
+        limits = Limits(self.options.min_channels, self.options.max_ratio,
+                        rounding(groups, graph, model.graph.nodes, self.options.round_to))
         estimate = None
         if self.options.target_macs is not None:
             macs = MacModel(model.graph.nodes, graph, _macs(model, ctx))
