@@ -73,6 +73,10 @@ log = logging.getLogger("bench.prune")
 SECTION = "prune_vs_torch_pruning"
 TITLE = "Structured pruning vs Torch-Pruning"
 RATIO = 0.5
+# A second irtool row where the model has LayerNormalization over its channels: Torch-Pruning prunes through those
+# norms by default, irtool keeps them (the exact masking contract) unless asked with through-norms=true.
+THROUGH_NORMS = {"vit_b16", "convnext_tiny"}
+THROUGH_NORMS_SIDE = "irtool through-norms=true"
 MATCH_TOLERANCE = 0.02  # Torch-Pruning's MACs within 2% of irtool's
 NOT_INSTALLED = "Torch-Pruning not installed (pip install -e .[bench])"
 
@@ -259,6 +263,8 @@ def bench_arch(name: str, repeats: int, rounds: int, workdir: Path) -> dict:
     log.info("%s: %.4g MACs, %.4g params", name, macs0, params0)
     protos = {"before": original}
     sides = {"irtool": Side(), "torch-pruning": Side()}
+    if name in THROUGH_NORMS:
+        sides[THROUGH_NORMS_SIDE] = Side()
     big = macs0 > 1e9
     repeats = repeats + 2 if big else repeats  # the timing target is on ResNet-50/224: more samples
     for _ in range(repeats):  # alternate the tools, so that load from other work hits both alike
@@ -266,8 +272,9 @@ def bench_arch(name: str, repeats: int, rounds: int, workdir: Path) -> dict:
             if side.status != "ok":
                 continue
             try:
-                if tool == "irtool":
-                    model, clock, _ = irtool_prune(path, f"prune{{ratio={RATIO}}}")
+                if tool.startswith("irtool"):
+                    extra = ",through-norms=true" if tool == THROUGH_NORMS_SIDE else ""
+                    model, clock, _ = irtool_prune(path, f"prune{{ratio={RATIO}{extra}}}")
                     protos[tool] = model.to_proto()
                 else:
                     pruned, clock = tp_prune(module, x, RATIO)
@@ -460,7 +467,10 @@ def render(results: dict, meta: dict) -> str:
              "chunk arithmetic in shufflenet_v2 and yolo but run on every model, is shown and not counted); "
              "Torch-Pruning = BasePruner construction (DependencyGraph build: one traced forward) + step(). For "
              "vit_b16 Torch-Pruning gets `num_heads` for q/k/v and the attention's `head_dim` is updated after "
-             "the step (its documented usage). Latency: ONNX Runtime CPU, median ms of "
+             "the step (its documented usage). Torch-Pruning also prunes the channels a LayerNorm normalizes "
+             "over (the ViT and ConvNeXt residual streams), which irtool keeps unless asked (row "
+             f"`{THROUGH_NORMS_SIDE}`: the norms then normalize over the kept channels). Latency: ONNX Runtime "
+             "CPU, median ms of "
              f"{meta['runs']} runs, best of {meta['rounds']} interleaved rounds; speedup = unpruned / pruned.", "",
              "### Per architecture, ratio 0.5", "",
              "| architecture (input; unpruned) | tool | result | MACs after (removed) | params after (removed) | "

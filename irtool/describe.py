@@ -182,5 +182,6 @@ def format_channel_groups(data: dict[str, Any]) -> str:
     for group in data["groups"]:
         producers = ", ".join(group["producers"]) or "-"
         state = f"locked: {group['locked']}" if group["locked"] else "prunable"
+        state += " (prune{through-norms=true} removes them)" if group.get("soft") else ""
         lines.append(f"  {group['channels']:>6} ch  {state}  producers: {producers}")
     return "\n".join(lines) + "\n"

@@ -15,8 +15,9 @@ topological order and tie elements together:
 A union-find over all elements gives *atoms*: sets of (tensor, index) that are one channel seen from
 everywhere it flows; removing an atom removes every index in it. Atoms touching a graph output, a
 tensor an op without a handler reads, or a shape that cannot be proven are *locked*, with the reason
-kept for the report. Atoms over the same set of tensors form a *group* (one layer's channels);
-pruning ranks atoms inside a group.
+kept for the report. Atoms a statistic is taken over (a LayerNorm over the channel axis, a mean over
+channels) are *soft* locked: exact pruning keeps them, prune{through-norms=true} removes them. Atoms
+over the same set of tensors form a *group* (one layer's channels); pruning ranks atoms inside a group.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ class Group:
     atoms: list[int]
     filters: dict[int, list[Filter]]
     locked: str | None = None
+    # locked only because a LayerNormalization normalizes over these channels: prune{through-norms=true} removes
+    # them anyway, and the norm's statistics then cover the kept channels only
+    soft: bool = False
 
     @property
     def size(self) -> int:
@@ -127,6 +131,7 @@ class ChannelGraph:
     filters: list[Filter]
     slices: list[Filter] = field(default_factory=list)  # consumer input-channel weights, for group importance
     locks: dict[int, str] = field(default_factory=dict)
+    soft_locks: dict[int, str] = field(default_factory=dict)  # atoms locked only by a norm over their channels
     groups: list[Group] = field(default_factory=list)
     # The weight matrices behind `filters` and `slices`, row i for channel i: (node, tensor, rows).
     filter_blocks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
@@ -158,7 +163,7 @@ class ChannelGraph:
     def to_dict(self) -> dict:
         return {
             "groups": [
-                {"tensors": list(g.key), "channels": g.size, "locked": g.locked,
+                {"tensors": list(g.key), "channels": g.size, "locked": g.locked, "soft": g.soft,
                  "producers": sorted({f.node for fs in g.filters.values() for f in fs})}
                 for g in self.groups
             ],
@@ -210,6 +215,8 @@ class Builder:
         self.filter_blocks: list[tuple[str, str, np.ndarray]] = []
         self.slice_blocks: list[tuple[str, str, np.ndarray]] = []
         self.tensor_locks: dict[str, str] = {}
+        self.soft_tensor_locks: dict[str, str] = {}
+        self.statistics: set[str] = set()  # outputs that hold a statistic over channels, and so carry none
 
     def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
         """Dims of a tensor; symbolic dims (a dynamic batch) stay strings, channel dims must be ints."""
@@ -256,6 +263,14 @@ class Builder:
     def lock(self, tensor: gs.Tensor, reason: str) -> None:
         self.tensor_locks.setdefault(tensor.name, reason)
 
+    def soft_lock(self, tensor: gs.Tensor, reason: str) -> None:
+        """A lock prune lifts when asked to (Group.soft): removing these channels changes a statistic over them."""
+        self.soft_tensor_locks.setdefault(tensor.name, reason)
+
+    def statistic(self, tensor: gs.Tensor) -> None:
+        """`tensor` reduces the channels away (a mean over them): it carries none, and nothing was lost."""
+        self.statistics.add(tensor.name)
+
 
 class ChannelGroups(Analysis):
     """Coupled channel groups of every prunable tensor, with lock reasons."""
@@ -294,6 +309,11 @@ def _finish(builder: Builder) -> ChannelGraph:
         if name in builder.spaces:
             for atom in graph.atoms_of(name).tolist():
                 graph.locks.setdefault(atom, reason)
+    for name, reason in sorted(builder.soft_tensor_locks.items()):
+        if name in builder.spaces:
+            for atom in graph.atoms_of(name).tolist():
+                if atom not in graph.locks:
+                    graph.soft_locks.setdefault(atom, reason)
     members: dict[int, set[str]] = defaultdict(set)
     for name in builder.spaces:
         for atom in np.unique(graph.atoms_of(name)).tolist():
@@ -310,5 +330,7 @@ def _finish(builder: Builder) -> ChannelGraph:
             group.locked = next(graph.locks[a] for a in atoms if a in graph.locks)
         elif not any(group.filters[a] for a in atoms):
             group.locked = "no producer filters (e.g. model input channels)"
+        elif any(a in graph.soft_locks for a in atoms):
+            group.locked, group.soft = next(graph.soft_locks[a] for a in atoms if a in graph.soft_locks), True
         graph.groups.append(group)
     return graph

@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from irtool.analysis.channels import ChannelGraph, Filter
+from irtool.analysis.channels import ChannelGraph, Filter, Group
 from irtool.calibration.tap import tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
@@ -38,8 +38,9 @@ class Importance(enum.Enum):
     RANDOM = "random"
 
 
-def atom_scores(kind: Importance, model: Model, graph: ChannelGraph, ctx: PassContext) -> dict[int, float]:
-    atoms = [a for g in graph.groups if g.locked is None for a in g.atoms]
+def atom_scores(kind: Importance, model: Model, graph: ChannelGraph, groups: list[Group],
+                ctx: PassContext) -> dict[int, float]:
+    atoms = [a for g in groups for a in g.atoms]
     if kind is Importance.RANDOM:
         rng = np.random.default_rng(ctx.seed)
         return dict(zip(atoms, rng.random(len(atoms)).tolist(), strict=True))

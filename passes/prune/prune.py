@@ -10,6 +10,9 @@ pads at run time, so that `prune` alone finds what `cleanup,prune` does.
 
 Contract (the masking oracle, with recover=none): the pruned model's outputs equal the original
 model's outputs after zeroing, in every consumer, the input-channel weights of the removed channels.
+Channels a LayerNormalization or RMSNormalization normalizes over, or a reduction averages over (a LayerNorm
+written out), stay unless through-norms=true; with it they go too, and the contract is the masking oracle in which
+each such norm or reduction covers the kept channels only (tests/prune/test_prune_through_norms.py).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class PruneChannels(Pass):
         importance: Importance = Importance.L2
         exclude: tuple[Regex, ...] = ()
         recover: Recover = Recover.NONE
+        through_norms: bool = False
 
         def __post_init__(self):
             if not 0.0 <= self.ratio < 1.0:
@@ -95,8 +99,8 @@ class PruneChannels(Pass):
         """What to remove; first folds the model's constant shape arithmetic (see _fold_shape_arithmetic)."""
         folded = _fold_shape_arithmetic(model, ctx)
         graph = ctx.analysis(ChannelGroups, model)
-        groups = [g for g in graph.groups if g.locked is None and not self._excluded(g)]
-        scores = atom_scores(self.options.importance, model, graph, ctx)
+        groups = [g for g in graph.groups if self._free(g) and not self._excluded(g)]
+        scores = atom_scores(self.options.importance, model, graph, groups, ctx)
         limits = Limits(self.options.min_channels, self.options.max_ratio,
                         rounding(groups, graph, model.graph.nodes, self.options.round_to))
         estimate = None
@@ -117,7 +121,7 @@ class PruneChannels(Pass):
         folded = {"constants_folded": plan.constants_folded} if plan.constants_folded else {}
         if not plan.removed_atoms:
             if self.options.ratio > 0 or self.options.target_macs is not None:
-                _say_why_nothing_went(graph)
+                _say_why_nothing_went(graph, self.options.through_norms)
             return PassResult(modified=bool(folded), stats={"channels_removed": 0, "groups_pruned": 0, **folded})
         reference = model.copy() if self.options.recover is not Recover.NONE else None
         view = PruneView(graph, plan.removed_atoms, {t.name for t in model.graph.outputs}, model.unique_name)
@@ -134,6 +138,9 @@ class PruneChannels(Pass):
             stats["estimated_mac_reduction"] = round(plan.estimated_mac_reduction, 4)
         stats["groups"] = plan.groups
         return PassResult(modified=True, stats=stats)
+
+    def _free(self, group: Group) -> bool:
+        return group.locked is None or (group.soft and self.options.through_norms)
 
     def _excluded(self, group: Group) -> bool:
         names = _producers(group)
@@ -157,7 +164,7 @@ def _fold_shape_arithmetic(model: Model, ctx: PassContext) -> int:
     return int(result.stats["nodes_folded"])
 
 
-def _say_why_nothing_went(graph: ChannelGraph) -> None:
+def _say_why_nothing_went(graph: ChannelGraph, through_norms: bool) -> None:
     """A warning naming the commonest lock reasons, when prune was asked to remove channels and removed none."""
     reasons: dict[str, int] = {}
     for group in graph.groups:
@@ -166,6 +173,8 @@ def _say_why_nothing_went(graph: ChannelGraph) -> None:
     free = len(graph.groups) - sum(reasons.values())
     common = sorted(reasons, key=lambda r: (-reasons[r], r))[:3]
     small = f"; the {free} other group(s) are excluded or too small for the ratio" if free else ""
+    if not through_norms and any(g.soft for g in graph.groups):
+        small += "; through-norms=true also removes channels a LayerNormalization normalizes over"
     log.warning("prune removed no channels: %d of %d channel groups are locked (%s)%s", len(graph.groups) - free,
                 len(graph.groups), "; ".join(common) or "none", small)
 

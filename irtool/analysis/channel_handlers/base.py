@@ -39,7 +39,7 @@ def _losing_track_locks(propagate):
 
     def guarded(self, node: gs.Node, b: Builder) -> None:
         propagate(self, node, b)
-        lost = [y for y in node.outputs if y.name and b.space(y) is None]
+        lost = [y for y in node.outputs if y.name and b.space(y) is None and y.name not in b.statistics]
         if lost:
             reason = b.tensor_locks.get(lost[0].name) or f"{node.op} {node.name!r} output {lost[0].name!r} has no " \
                                                             "channel space"

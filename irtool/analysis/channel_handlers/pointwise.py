@@ -162,7 +162,9 @@ class SqueezeUnsqueeze(Handler):
 
 @handles("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd")
 class Reduce(Handler):
-    """Reducing other axes keeps channels; reducing the channel axis mixes them (locked)."""
+    """Reducing other axes keeps channels. A reduction over the channel axis is a statistic over them (the mean
+    and variance of a LayerNorm written out): its output carries no channels, and the input's group is soft
+    locked (Group.soft), as for a LayerNormalization: prune{through-norms=true} computes it over the kept ones."""
 
     def propagate(self, node, b):
         x = node.inputs[0]
@@ -175,7 +177,8 @@ class Reduce(Handler):
             return
         axes = [a % space.rank for a in axes] or list(range(space.rank))
         if space.axis in axes:
-            b.lock(x, f"{node.op} {node.name!r} reduces over the channel axis")
+            b.soft_lock(x, f"{node.op} {node.name!r} reduces over the channel axis")
+            b.statistic(node.outputs[0])
             return
         keepdims = int(node.attrs.get("keepdims", 1))
         _follow(node, b, space.axis if keepdims else space.axis - sum(1 for a in axes if a < space.axis))
@@ -218,10 +221,11 @@ class Pad(Handler):
         _follow(node, b, space.axis)
 
 
-@handles("LayerNormalization")
+@handles("LayerNormalization", "RMSNormalization")
 class LayerNorm(Handler):
-    """Normalizing over other axes keeps channels. Over the channel axis the statistics would change
-    when channels go, which breaks the masking contract, so such groups are locked."""
+    """Normalizing over other axes keeps channels. Over the channel axis the statistics change when channels go,
+    which breaks the masking contract: such channels pass through under a soft lock (Group.soft), which
+    prune{through-norms=true} lifts; scale and bias are then sliced and the norm covers the kept channels."""
 
     def propagate(self, node, b):
         x = node.inputs[0]
@@ -229,6 +233,20 @@ class LayerNorm(Handler):
         if space is None:
             return
         if space.axis >= int(node.attrs.get("axis", -1)) % space.rank:
-            b.lock(x, f"LayerNormalization {node.name!r} normalizes over the channel axis")
-            return
+            if any(_constant(p) is None for p in node.inputs[1:] if p.name):  # shared ones are copied (own)
+                b.lock(x, f"{node.op} {node.name!r} normalizes over the channel axis with non-constant parameters")
+                return
+            b.soft_lock(x, f"{node.op} {node.name!r} normalizes over the channel axis")
         _follow(node, b, space.axis)
+
+    def apply(self, node, view):
+        x = node.inputs[0]
+        indices, space = view.keep(x), view.space(x)
+        if indices is None:
+            return
+        for index in range(1, len(node.inputs)):
+            param = node.inputs[index]
+            shape = np.asarray(param.values).shape if param.name else ()
+            local = space.axis - space.rank + len(shape)  # scale and bias broadcast against x from the right
+            if local >= 0 and shape[local] > 1:
+                _take(view.own(node, index), indices, local)
