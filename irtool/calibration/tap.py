@@ -40,6 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from irtool.calibration.data import batch_rows
 from irtool.calibration.observers import spatial_stride, subsample
 from irtool.calibration.schedule import (
     MIN_RENUMBERED_SHARE,
@@ -50,6 +51,7 @@ from irtool.calibration.schedule import (
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
+from irtool.ir.topo import outer_uses, topo_order
 
 if TYPE_CHECKING:  # the engine imports this module
     from irtool.calibration.engine import Timings
@@ -425,18 +427,32 @@ def channel_means(model: Model, axes: Mapping[str, int],
     names = sorted(axes)
     fetch = [out for name in names for out in _fetched(name, reduced.get(name))]
     inputs = session.get_inputs()
+    unbatched = batch_free(model, names)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for index, batch in enumerate(batches):
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
+        rows = batch_rows(batch)
         for name in names:
             total, count = _channel_sums(values, name, axes[name], reduced.get(name))
-            sums[name] = sums.get(name, 0.0) + total
-            counts[name] += count
+            weight = rows if name in unbatched else 1  # computed once for the batch's samples, which share it
+            sums[name] = sums.get(name, 0.0) + total * weight
+            counts[name] += count * weight
         del values  # freed before the next batch runs
     if not sums:
         raise InputError("calibration data is empty")
     return {name: sums[name] / max(1, counts[name]) for name in names}
+
+
+def batch_free(model: Model, names: Iterable[str]) -> set[str]:
+    """The named values computed from scalar inputs and constants alone (a diffusion timestep's embedding): a
+    batch holds one for all its samples, which calibration groups by their scalar values."""
+    batched = {t.name for t in model.graph.inputs if t.shape is None or len(t.shape)}
+    nodes = model.graph.nodes
+    for node in (nodes[i] for i in topo_order(nodes)):
+        if any(t.name in batched for t in outer_uses(node)):
+            batched.update(t.name for t in node.outputs)
+    return {name for name in names if name not in batched}
 
 
 def channel_abs_max(model: Model, names: Iterable[str],

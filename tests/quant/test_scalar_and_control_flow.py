@@ -137,3 +137,39 @@ def test_nodes_that_share_a_name_are_renamed_on_load(caplog):
     assert "3 node(s) named like an earlier node ('same' first) were renamed" in caplog.text
     batch = [{"x": np.ones((2, 8), np.float32), "s": np.array(2.0, np.float32)}]
     np.testing.assert_array_equal(run_batches(model.to_proto(), batch), run_batches(scaled_mlp(), batch))
+
+
+def timestep_mlp() -> onnx.ModelProto:
+    """y = MatMul(Relu(MatMul(x, w1) + MatMul(s * v, wt)), w2): the embedding MatMul reads s * v, which only the
+    scalar input s feeds (a diffusion timestep's embedding), so a batch computes it once for all its samples."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Mul", ["s", "v"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "wt"], ["te"], name="time_fc"),
+             helper.make_node("Add", ["h", "te"], ["ht"], name="add"),
+             helper.make_node("Relu", ["ht"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                                           helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [_weight(rng, "w1", 8, 16), _weight(rng, "v", 1, 8), _weight(rng, "wt", 8, 16),
+                               _weight(rng, "w2", 16, 4)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_bias_correct_weights_a_scalar_only_value_by_the_samples_that_share_it():
+    """30 samples at s = 0.5 and 10 at s = 3: at batch size 16 the s = 0.5 samples make two batches and the
+    s = 3 ones one, so time_fc's input mean counted per batch would be (2 e(0.5) + e(3)) / 3 instead of
+    (30 e(0.5) + 10 e(3)) / 40; per sample, batch sizes 1 and 16 correct alike."""
+    rng = np.random.default_rng(5)
+    data = [{"x": rng.standard_normal(8).astype(np.float32), "s": np.array(s, np.float32)}
+            for s in [0.5] * 30 + [3.0] * 10]
+
+    def bias_of(batch_size: int) -> np.ndarray:
+        model = optimize(timestep_mlp(), "bias-correct", calibration_data=data, calib_batch_size=batch_size).model
+        add = next(n for n in model.graph.nodes if n.name == "time_fc_bias_add")
+        return np.asarray(add.inputs[1].values)
+
+    one, sixteen = bias_of(1), bias_of(16)
+    np.testing.assert_allclose(sixteen, one, rtol=1e-5, atol=1e-9)
+    assert np.abs(one).max() > 1e-6  # the embedding layer was corrected at all
