@@ -182,6 +182,16 @@ class PruneView:
         self._removed_mask = graph.removed_mask(removed_atoms)
         self._outputs, self._unique_name = set(outputs), unique_name or (lambda prefix: prefix)
         self._cache: dict[str, np.ndarray | None] = {}
+        self.new_nodes: list[gs.Node] = []  # added by handlers; the pass puts them in the graph
+
+    def gathered(self, tensor: gs.Tensor, indices: np.ndarray, axis: int) -> gs.Variable:
+        """A new value: `tensor` with only `indices` along `axis`, by a Gather node (for inputs computed at run
+        time, such as a recurrent layer's initial state)."""
+        name = self._unique_name(f"{tensor.name}_kept")
+        out = gs.Variable(name, dtype=tensor.dtype)
+        index = gs.Constant(self._unique_name(f"{name}_indices"), np.asarray(indices, dtype=np.int64))
+        self.new_nodes.append(gs.Node("Gather", name, attrs={"axis": axis}, inputs=[tensor, index], outputs=[out]))
+        return out
 
     def own(self, node: gs.Node, index: int) -> gs.Constant:
         """The constant node.inputs[index], first copied for this node alone when another node reads it or it is

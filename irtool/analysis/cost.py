@@ -185,6 +185,14 @@ mac_rule("InstanceNormalization", "LayerNormalization", "GroupNormalization")(_p
 mac_rule("Softmax", "LogSoftmax")(_per_element(3))
 
 
+@mac_rule("LSTM", "GRU", "RNN")
+def _recurrent(node: gs.Node, shape: Shape) -> int:
+    """The matrix products: every step and direction multiplies the input by W [D, G·H, I] and the hidden state
+    by R [D, G·H, H] (the gates' elementwise work is left out)."""
+    x, w, r = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.inputs[2])
+    return x[0] * x[1] * w[0] * w[1] * (w[2] + r[2])
+
+
 @mac_rule("MaxPool", "AveragePool", "LpPool")
 def _pool(node: gs.Node, shape: Shape) -> int:
     return _elements(node, shape) * _prod(node.attrs["kernel_shape"])

@@ -88,7 +88,7 @@ def _constant_text(tensor: gs.Constant) -> str:
 
 
 def _format_node(node: gs.Node, types: dict, indent: str) -> list[str]:
-    outs = ", ".join(f"%{t.name} : {_type_text(t.name, types, t)}" for t in node.outputs)
+    outs = ", ".join(f"%{t.name} : {_type_text(t.name, types, t)}" if t.name else "_" for t in node.outputs)
     ins = ", ".join(_value_ref(t) for t in node.inputs)
     domain = f"{node.domain}." if node.domain and node.domain != "ai.onnx" else ""
     plain = {k: v for k, v in sorted(node.attrs.items()) if not isinstance(v, gs.Graph)}

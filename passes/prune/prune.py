@@ -31,6 +31,7 @@ from irtool.analysis.channels import ChannelGraph, ChannelGroups, Group, PruneVi
 from irtool.analysis.cost import macs_by_node
 from irtool.analysis.shapes import Shapes, concrete_input_shapes
 from irtool.ir.model import Model
+from irtool.ir.topo import toposort_graph
 from irtool.passes.dce import DeadCodeElimination
 from irtool.passes.fold_constants import FoldConstants, may_fold
 from irtool.passes.prune.importance import Importance, atom_scores
@@ -128,6 +129,9 @@ class PruneChannels(Pass):
         for node in model.graph.nodes:
             if node.op in HANDLERS:
                 HANDLERS[node.op].apply(node, view)
+        if view.new_nodes:
+            model.graph.nodes.extend(view.new_nodes)
+            toposort_graph(model.graph)
         _forget_inner_shapes(model.graph)
         stats = {"channels_removed": sum(g["before"] - g["after"] for g in plan.groups),
                  "groups_pruned": len(plan.groups), "macs_before": macs_before, **folded}

@@ -33,6 +33,7 @@ from irtool.analysis.channels import ChannelGraph, Group
 
 BISECTION_STEPS = 30
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_RECURRENT = {"LSTM", "GRU", "RNN"}
 
 
 AUTO_MULTIPLE = 4  # what ONNX Runtime's NCHWc Conv needs its input channel count to be a multiple of
@@ -146,18 +147,23 @@ class MacModel:
     def __init__(self, nodes: list[gs.Node], graph: ChannelGraph, macs: dict[str, int]):
         self.total = sum(macs.values())
         self.graph = graph
-        self.terms: list[tuple[int, str | None, str | None]] = []
+        self.terms: list[tuple[float, str | None, str | None]] = []
         for node in nodes:
             if macs.get(node.name):
-                self.terms.append(self._term(node, macs[node.name]))
+                self.terms += self._terms(node, macs[node.name])
 
-    def _term(self, node: gs.Node, macs: int) -> tuple[int, str | None, str | None]:
+    def _terms(self, node: gs.Node, macs: int) -> list[tuple[float, str | None, str | None]]:
         spaces = self.graph.spaces
         out = node.outputs[0].name if node.outputs and node.outputs[0].name in spaces else None
         first = node.inputs[0].name if node.inputs and node.inputs[0].name in spaces else None
+        if node.op in _RECURRENT and all(isinstance(t, gs.Constant) for t in node.inputs[1:3]):
+            # input x W: bilinear in inputs and units; state x R: in units twice
+            inputs, units = (np.asarray(node.inputs[i].values).shape[2] for i in (1, 2))
+            share = inputs / (inputs + units)
+            return [(macs * share, first, out), (macs * (1 - share), out, out)]
         if node.op in _WEIGHTED and _reduces_over_input_channels(node):
-            return macs, first, out
-        return macs, None, out or first
+            return [(macs, first, out)]
+        return [(macs, None, out or first)]
 
     def atoms_of(self, tensor: str) -> np.ndarray:
         return self.graph.atoms_of(tensor)

@@ -83,6 +83,9 @@ def masked(proto: onnx.ModelProto, removed: dict[str, list[int]]) -> onnx.ModelP
     out.CopyFrom(proto)
     inits = {t.name: t for t in out.graph.initializer}
     for node in out.graph.node:
+        if node.op_type in ("LSTM", "GRU", "RNN"):
+            _mask_recurrent(node, inits, removed)
+            continue
         if not node.input or node.input[0] not in removed or len(node.input) < 2 or node.input[1] not in inits:
             continue
         idx = removed[node.input[0]]
@@ -105,6 +108,17 @@ def masked(proto: onnx.ModelProto, removed: dict[str, list[int]]) -> onnx.ModelP
             continue
         inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(w, node.input[1]))
     return out
+
+
+def _mask_recurrent(node: onnx.NodeProto, inits: dict, removed: dict[str, list[int]]) -> None:
+    """A recurrent layer reads removed input channels through W [D, G·H, I] and its own removed hidden units
+    through R [D, G·H, H] (the recurrence): zero those columns."""
+    hidden = removed.get(next(name for name in node.output if name), [])
+    for index, gone in ((1, removed.get(node.input[0], [])), (2, hidden)):
+        if len(gone):
+            w = onnx.numpy_helper.to_array(inits[node.input[index]]).copy()
+            w[:, :, gone] = 0
+            inits[node.input[index]].CopyFrom(onnx.numpy_helper.from_array(w, node.input[index]))
 
 
 def prune(proto: onnx.ModelProto, text: str, seed: int = 0):

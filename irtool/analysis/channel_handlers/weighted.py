@@ -193,3 +193,68 @@ class ConvTranspose(Handler):
         _take(w, view.keep(node.inputs[0]), 0)
         if len(node.inputs) > 2:
             _take(view.own(node, 2), view.keep(node.outputs[0]), 0)
+
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+@handles("LSTM", "GRU", "RNN")
+class Recurrent(Handler):
+    """W: [D, G·H, I], R: [D, G·H, H], B: [D, 2·G·H] with G gates (LSTM 4, GRU 3, RNN 1) per direction d.
+    Hidden unit h is one filter: rows g·H+h of W and R for every gate and direction. It lives on the last axis
+    of Y, Y_h and Y_c (whatever the layout), of initial_h and initial_c, and in column h of R: the recurrence
+    reads the hidden state. Removing it takes those rows, that column, B's entries, LSTM's peepholes P [D, 3·H]
+    and hidden_size; an initial state computed at run time goes through a Gather of the kept units. The input's
+    channels are W's columns (slices), on X's last axis."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], [t for t in node.outputs if t.name]
+        space_in = b.space(x)
+        params = [node.inputs[i] for i in (1, 2, 3, 7) if len(node.inputs) > i and node.inputs[i].name]
+        if any(_constant(p) is None or not _only_use(p) for p in params):
+            if space_in is not None:
+                b.lock(x, f"{node.op} {node.name!r} has non-constant or shared weights")
+            return
+        if space_in is not None and space_in.axis != space_in.rank - 1:
+            b.lock(x, f"{node.op} {node.name!r} reads channels on an axis it does not reduce over")
+            return
+        if not y or any(b.new_space(t, -1) is None for t in y):
+            return
+        for t in y[1:]:
+            b.tie(y[0], t)
+        w, r = np.asarray(node.inputs[1].values), np.asarray(node.inputs[2].values)
+        b.add_filters(node, y[0], np.concatenate([_unit_rows(w, node.op), _unit_rows(r, node.op)], axis=1))
+        b.add_slices(node, y[0], np.moveaxis(r, 2, 0).reshape(r.shape[2], -1))
+        if space_in is not None:
+            b.add_slices(node, x, np.moveaxis(w, 2, 0).reshape(w.shape[2], -1))
+
+    def apply(self, node, view):
+        hidden = int(np.asarray(node.inputs[2].values).shape[2])
+        keep = view.keep(next(t for t in node.outputs if t.name))
+        _take(view.own(node, 1), view.keep(node.inputs[0]), 2)
+        if keep is None:
+            return
+        rows = lambda blocks: np.concatenate([g * hidden + keep for g in range(blocks)])  # noqa: E731
+        gates = GATES[node.op]
+        _take(view.own(node, 1), rows(gates), 1)
+        r = view.own(node, 2)
+        _take(r, rows(gates), 1)
+        _take(r, keep, 2)
+        for index, blocks in ((3, 2 * gates), (7, 3)):  # B: W's and R's biases; P: LSTM's three peepholes
+            if len(node.inputs) > index and node.inputs[index].name:
+                _take(view.own(node, index), rows(blocks), 1)
+        for index in (5, 6):  # initial_h, initial_c: [D, batch, H] or [batch, D, H]
+            state = node.inputs[index] if len(node.inputs) > index else None
+            if state is not None and state.name:
+                if _constant(state) is not None:
+                    _take(view.own(node, index), keep, -1)
+                else:
+                    node.inputs[index] = view.gathered(state, keep, -1)
+        node.attrs["hidden_size"] = len(keep)
+
+
+def _unit_rows(weights: np.ndarray, op: str) -> np.ndarray:
+    """[D, G·H, K] -> [H, D·G·K]: row h holds unit h's rows of every gate and direction."""
+    d, gh, k = weights.shape
+    gates = GATES[op]
+    return weights.reshape(d, gates, gh // gates, k).transpose(2, 0, 1, 3).reshape(gh // gates, -1)
