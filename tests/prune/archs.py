@@ -5,7 +5,8 @@ model keeps the coupling structure of the original: residual adds with downsampl
 inverted residuals with depthwise convs and ReLU6 (MobileNetV2), MBConv with squeeze-excitation and SiLU
 (EfficientNet-B0), chunk + concat + channel shuffle (ShuffleNetV2), depthwise 7x7 + NHWC LayerNorm + MLP
 + layer scale (ConvNeXt-Tiny), patch embedding + cls token + multi-head attention + MLP (ViT-B/16), and a
-YOLO-style detector with C2f blocks, SPPF and an FPN/PAN neck with three detection heads.
+YOLO-style detector with C2f blocks, SPPF and an FPN/PAN neck with three detection heads, and a keyword
+spotter with a Conv1d front end and two LSTM layers.
 """
 
 from __future__ import annotations
@@ -370,6 +371,22 @@ class Yolo(nn.Module):
         return tuple(head(f) for head, f in zip(self.heads, self.features(x), strict=True))
 
 
+# ------------------------------------------------------------------------------------- keyword spotting
+class SpeechLSTM(nn.Module):
+    """Keyword spotting on feature frames [N, 10, T]: a Conv1d front end, two LSTM layers, a classifier on the
+    last step."""
+
+    def __init__(self, features: int = 10, channels: int = 64, hidden: int = 96, classes: int = 12):
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv1d(features, channels, 3, padding=1), nn.BatchNorm1d(channels), nn.ReLU())
+        self.lstm = nn.LSTM(channels, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        y, _ = self.lstm(self.front(x).transpose(1, 2))
+        return self.head(y[:, -1])
+
+
 ARCHS = {
     "resnet18": (resnet18, (2, 3, 32, 32)),
     "resnet50": (resnet50, (2, 3, 32, 32)),
@@ -379,6 +396,7 @@ ARCHS = {
     "convnext_tiny": (ConvNeXtTiny, (2, 3, 32, 32)),
     "vit_b16": (ViT, (2, 3, 32, 32)),
     "yolo": (Yolo, (2, 3, 64, 64)),
+    "speech_lstm": (SpeechLSTM, (2, 10, 32)),
 }
 
 
