@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,12 @@ def cost(proto: onnx.ModelProto, shape: list[int]) -> tuple[int, int]:
 
 
 def one_line(e: BaseException) -> str:
+    """The error's first line; a bare assert says nothing, so then where it failed, and the assert itself."""
     text = (str(e).strip().splitlines() or [""])[0]
+    if not text and e.__traceback__ is not None:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        where = frame.filename.split("site-packages/")[-1]
+        text = f"at {where}:{frame.lineno} ({(frame.line or '').strip()})"
     return f"{type(e).__name__}: {text[:160]}"
 
 
