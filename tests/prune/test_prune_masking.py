@@ -259,3 +259,27 @@ def test_a_bias_shared_by_two_convs_or_output_by_the_graph_is_sliced_for_one_con
     got, bias = session.run(None, {"x": x})
     np.testing.assert_allclose(got, run(masked(cleaned, removed), x), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(bias, np.zeros(8, np.float32))
+
+
+def test_a_batch_norm_whose_scale_and_variance_are_one_constant_is_pruned():
+    """An untrained BatchNorm's scale and running variance are both ones, and torch.export stores them as one
+    constant: the layer used to be locked ("non-constant parameters")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    params = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+              (("w1", rng.standard_normal((16, 3, 3, 3)) * 0.3), ("w2", rng.standard_normal((4, 16, 1, 1)) * 0.3),
+               ("ones", np.ones(16)), ("shift", rng.standard_normal(16) * 0.1), ("mean", rng.standard_normal(16)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "ones", "shift", "mean", "ones"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], params)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == 8
+    bn = next(n for n in model.graph.nodes if n.op == "BatchNormalization")
+    assert [np.asarray(t.values).shape for t in bn.inputs[1:]] == [(8,)] * 4
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-5, atol=1e-5)

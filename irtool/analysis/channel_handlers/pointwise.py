@@ -31,7 +31,9 @@ class ChannelNorm(Handler):
         space = b.space(x)
         if space is None:
             return
-        if space.axis != 1 or any(_constant(p) is None or not _only_use(p) for p in node.inputs[1:]):
+        # shared parameters are fine: apply() slices its own copy (an untrained BatchNorm's scale and variance are
+        # both ones, and torch.export's optimizer stores them as one constant)
+        if space.axis != 1 or any(_constant(p) is None for p in node.inputs[1:]):
             b.lock(x, f"{node.op} {node.name!r} normalizes another axis or has non-constant parameters")
             return
         if b.new_space(y, 1) is not None:
@@ -55,8 +57,7 @@ class GroupNorm(Handler):
         if space is None:
             return
         groups = int(node.attrs.get("num_groups", 1))
-        if space.axis != 1 or any(_constant(p) is None or not _only_use(p) for p in node.inputs[1:]) \
-                or space.size % groups:
+        if space.axis != 1 or any(_constant(p) is None for p in node.inputs[1:]) or space.size % groups:
             b.lock(x, f"GroupNormalization {node.name!r} normalizes another axis or has non-constant parameters")
             return
         per_group = space.size // groups
