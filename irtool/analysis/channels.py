@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -137,6 +138,7 @@ class ChannelGraph:
     filter_blocks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
     slice_blocks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
     roots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # every element's atom
+    notes: dict[str, Any] = field(default_factory=dict)  # what a handler's propagate left its apply, by node name
 
     def atom(self, tensor: str, index: int) -> int:
         return int(self.roots[self.spaces[tensor].base + index])
@@ -184,6 +186,10 @@ class PruneView:
         self._cache: dict[str, np.ndarray | None] = {}
         self.new_nodes: list[gs.Node] = []  # added by handlers; the pass puts them in the graph
 
+    def unique(self, prefix: str) -> str:
+        """A name no tensor or node of the model has."""
+        return self._unique_name(prefix)
+
     def gathered(self, tensor: gs.Tensor, indices: np.ndarray, axis: int) -> gs.Variable:
         """A new value: `tensor` with only `indices` along `axis`, by a Gather node (for inputs computed at run
         time, such as a recurrent layer's initial state)."""
@@ -227,6 +233,7 @@ class Builder:
         self.tensor_locks: dict[str, str] = {}
         self.soft_tensor_locks: dict[str, str] = {}
         self.statistics: set[str] = set()  # outputs that hold a statistic over channels, and so carry none
+        self.notes: dict[str, Any] = {}
 
     def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
         """Dims of a tensor; symbolic dims (a dynamic batch) stay strings, channel dims must be ints."""
@@ -278,7 +285,8 @@ class Builder:
         self.soft_tensor_locks.setdefault(tensor.name, reason)
 
     def statistic(self, tensor: gs.Tensor) -> None:
-        """`tensor` reduces the channels away (a mean over them): it carries none, and nothing was lost."""
+        """`tensor` carries no channels by design (a mean over them, the batch size read off a shape): nothing was
+        lost, so the node's inputs stay unlocked."""
         self.statistics.add(tensor.name)
 
 
@@ -314,7 +322,7 @@ class ChannelGroups(Analysis):
 def _finish(builder: Builder) -> ChannelGraph:
     graph = ChannelGraph(builder.spaces, builder.uf, builder.filters, builder.slices,
                          filter_blocks=builder.filter_blocks, slice_blocks=builder.slice_blocks,
-                         roots=builder.uf.roots())
+                         roots=builder.uf.roots(), notes=builder.notes)
     for name, reason in sorted(builder.tensor_locks.items()):
         if name in builder.spaces:
             for atom in graph.atoms_of(name).tolist():

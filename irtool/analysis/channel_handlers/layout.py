@@ -92,7 +92,8 @@ class Reshape(Handler):
         if space is None:
             return
         run = _reshape_run(b.shape(x), b.shape(y), space.axis)
-        if run is None or _constant(node.inputs[1]) is None:
+        pieces = None if _constant(node.inputs[1]) is not None else _shape_pieces(node.inputs[1], b)
+        if run is None or (_constant(node.inputs[1]) is None and pieces is None):
             b.lock(x, f"Reshape {node.name!r} has a dynamic shape or moves the channel axis across others")
             return
         x_dims, r, y_dims, y_offset = run
@@ -102,6 +103,13 @@ class Reshape(Handler):
             return
         accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)))] or carriers
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
+        if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite
+            piece = next(((k, y_offset + j - start) for k, (start, t) in enumerate(pieces)
+                          if start <= y_offset + j < start + _length(t, b)), None)
+            if piece is None or _constant(pieces[piece[0]][1]) is None:
+                b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
+                return
+            b.notes[node.name] = piece
         if b.new_space(y, y_offset + j) is None:
             return
         sx, sy = b.space(x), b.space(y)
@@ -113,10 +121,51 @@ class Reshape(Handler):
         keep, space = view.keep(y), view.space(y)
         if keep is None:
             return
+        if node.name in view.graph.notes:
+            self._rewrite_piece(node, view, *view.graph.notes[node.name], len(keep))
+            return
         values = np.asarray(node.inputs[1].values).copy()
         if values[space.axis] > 0:
             values[space.axis] = len(keep)
             node.inputs[1] = gs.Constant(f"{node.name}_shape", values)
+
+    @staticmethod
+    def _rewrite_piece(node, view, index: int, offset: int, kept: int) -> None:
+        """The target is Concat(pieces): its carrier entry sits in constant piece `index`. A Concat that other
+        nodes read too is copied for this reshape first."""
+        concat = node.inputs[1].inputs[0]
+        values = np.asarray(concat.inputs[index].values).copy()
+        if values[offset] <= 0:  # -1 or 0: ONNX Runtime works it out
+            return
+        values[offset] = kept
+        if len(node.inputs[1].outputs) > 1:
+            target = gs.Variable(view.unique(f"{node.name}_shape"), dtype=np.int64)
+            concat = gs.Node("Concat", view.unique(f"{node.name}_shape_concat"), attrs=dict(concat.attrs),
+                             inputs=list(concat.inputs), outputs=[target])
+            view.new_nodes.append(concat)
+            node.inputs[1] = target
+        concat.inputs[index] = gs.Constant(view.unique(f"{node.name}_shape_piece"), values)
+
+
+def _shape_pieces(shape: gs.Tensor, b) -> list[tuple[int, gs.Tensor]] | None:
+    """A reshape target built at run time as Concat (axis 0) of 1-D pieces (a dynamic batch read off Shape, then
+    constants): (first entry, piece) for each; None for any other form."""
+    producer = shape.inputs[0] if shape.inputs else None
+    if producer is None or producer.op != "Concat" or int(producer.attrs.get("axis", 0)) != 0:
+        return None
+    pieces, start = [], 0
+    for piece in producer.inputs:
+        length = _length(piece, b)
+        if length is None:
+            return None
+        pieces.append((start, piece))
+        start += length
+    return pieces
+
+
+def _length(piece: gs.Tensor, b) -> int | None:
+    dims = b.shape(piece)
+    return dims[0] if dims is not None and len(dims) == 1 and isinstance(dims[0], int) else None
 
 
 def _reshape_run(sx, sy, axis: int):
@@ -290,3 +339,36 @@ class Gather(Handler):
             b.lock(x, f"Gather {node.name!r} has indices of unknown rank")
             return
         _follow(node, b, space.axis if space.axis < axis else space.axis + len(index_shape) - 1)
+
+
+@handles("Shape")
+class Shape(Handler):
+    """Shape reads dims, not values. When what reads it picks other dims than the channel axis (a batch size to
+    build a recurrent layer's initial state, a sequence length), removing channels changes nothing it computes:
+    its output carries no channels. Passing the channel count on (into a reshape target) is locked."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        start = int(node.attrs.get("start", 0)) % max(space.rank, 1)
+        end = int(node.attrs.get("end", space.rank))
+        end = end % space.rank if end < 0 else min(end, space.rank)
+        if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start) for c in y.outputs):
+            b.lock(x, f"Shape {node.name!r} passes the channel count on")
+            return
+        b.statistic(y)
+
+
+def _picks_other(consumer: gs.Node, axis: int, length: int) -> bool:
+    """Does `consumer` of a shape vector read only entries other than `axis` (a Gather or a Slice of others)?"""
+    if consumer.op == "Gather" and int(consumer.attrs.get("axis", 0)) == 0 and _constant(consumer.inputs[1]):
+        return axis not in (np.asarray(consumer.inputs[1].values).reshape(-1) % length).tolist()
+    if consumer.op == "Slice":
+        bounds = [_ints(consumer, "", i) for i in range(1, 5)]  # starts, ends, axes, steps
+        if any(not v for v in bounds[:2]) or any(v is None for v in bounds) or bounds[2] not in ([], [0]) \
+                or bounds[3] not in ([], [1]):
+            return False
+        return axis not in range(length)[slice(bounds[0][0], bounds[1][0])]
+    return False

@@ -1,0 +1,34 @@
+"""prune on models exported with a dynamic batch: reshape targets and recurrent initial states are then built at
+run time from Shape (torch's x.view(B, ...), h0 of the batch size). A Shape read only for other dims than the
+channels is no lock, and a target built as Concat(batch from Shape, constants) has its channel entry rewritten.
+Before, ShuffleNetV2 (torchscript) lost 168 channels instead of 210 and the LSTM keyword spotter (dynamo) 32
+instead of 128."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from irtool.api import optimize
+from irtool.frontends.torch import export_module
+from tests.prune.archs import ARCHS, init_weights
+from tests.prune.test_prune_masking import masked, prune
+from tests.prune.test_prune_recurrent import run
+
+CASES = [("shufflenet_v2", "torchscript", 210), ("speech_lstm", "torchscript", 128), ("speech_lstm", "dynamo", 128),
+         ("shufflenet_v2", "dynamo", 210)]
+
+
+@pytest.mark.parametrize(("arch", "exporter", "removed_channels"), CASES, ids=[f"{a}-{e}" for a, e, _ in CASES])
+def test_dynamic_batch_exports_prune_like_static_ones_and_equal_the_masked_original(arch, exporter,
+                                                                                      removed_channels):
+    factory, shape = ARCHS[arch]
+    proto = export_module(init_weights(factory()), {"x": torch.randn(*shape)}, exporter=exporter,
+                          dynamic_batch=True)
+    original = optimize(proto, "cleanup").model.to_proto()
+    assert not original.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # the batch is dynamic
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == removed_channels
+    x = {"x": np.random.default_rng(2).standard_normal((3, *shape[1:])).astype(np.float32)}  # not the export's 2
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
