@@ -32,3 +32,27 @@ def test_dynamic_batch_exports_prune_like_static_ones_and_equal_the_masked_origi
     assert records[0].stats["channels_removed"] == removed_channels
     x = {"x": np.random.default_rng(2).standard_normal((3, *shape[1:])).astype(np.float32)}  # not the export's 2
     np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+
+
+class Tokens(torch.nn.Module):
+    """A conv stem flattened into tokens, x.flatten(2): torchscript builds the target from Shape(x)[0:2] and -1
+    with a dynamic batch, so the channel entry is x's own count and shape inference leaves the -1 symbolic."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 48, 3, padding=1)
+        self.fc = torch.nn.Linear(48, 8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.stem(x)).flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_flatten_whose_target_reads_its_own_shape_is_pruned(exporter):
+    torch.manual_seed(0)
+    proto = export_module(Tokens().eval(), {"x": torch.randn(2, 3, 6, 6)}, exporter=exporter, dynamic_batch=True)
+    original = optimize(proto, "cleanup").model.to_proto()
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == 24
+    x = {"x": np.random.default_rng(3).standard_normal((3, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)

@@ -103,13 +103,17 @@ class Reshape(Handler):
             return
         accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)))] or carriers
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
-        if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite
+        if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite,
+            # or x's own channel count read off Shape(x) (x.flatten(2)), which follows the pruning by itself
             piece = next(((k, y_offset + j - start) for k, (start, t) in enumerate(pieces)
                           if start <= y_offset + j < start + _length(t, b)), None)
-            if piece is None or _constant(pieces[piece[0]][1]) is None:
+            own = piece is not None and _own_dim(pieces[piece[0]][1], piece[1], x) == space.axis \
+                and b.shape(y)[y_offset + j] == space.size
+            if not own and (piece is None or _constant(pieces[piece[0]][1]) is None):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
                 return
-            b.notes[node.name] = piece
+            if not own:
+                b.notes[node.name] = piece
         if b.new_space(y, y_offset + j) is None:
             return
         sx, sy = b.space(x), b.space(y)
@@ -123,6 +127,8 @@ class Reshape(Handler):
             return
         if node.name in view.graph.notes:
             self._rewrite_piece(node, view, *view.graph.notes[node.name], len(keep))
+            return
+        if _constant(node.inputs[1]) is None:  # the channel entry is read off the input's own shape
             return
         values = np.asarray(node.inputs[1].values).copy()
         if values[space.axis] > 0:
@@ -163,6 +169,25 @@ def _shape_pieces(shape: gs.Tensor, b) -> list[tuple[int, gs.Tensor]] | None:
     return pieces
 
 
+def _own_dim(piece: gs.Tensor, offset: int, x: gs.Tensor) -> int | None:
+    """The dim of x that entry `offset` of a target piece copies, when the piece is Slice(Shape(x)) (unit step,
+    constant start) or Gather(Shape(x), constant); None otherwise."""
+    producer = piece.inputs[0] if piece.inputs else None
+    if producer is None or not producer.inputs:
+        return None
+    shape = producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None
+    if shape is None or shape.op != "Shape" or shape.inputs[0] is not x or int(shape.attrs.get("start", 0)) != 0:
+        return None
+    if producer.op == "Gather" and _constant(producer.inputs[1]) is not None:
+        picked = np.asarray(producer.inputs[1].values).reshape(-1)
+        return int(picked[offset]) if offset < picked.size and picked[offset] >= 0 else None
+    if producer.op == "Slice":
+        starts, axes, steps = (_ints(producer, "", i) for i in (1, 3, 4))
+        if starts and starts[0] >= 0 and axes in ([], [0]) and steps in ([], [1]):
+            return starts[0] + offset
+    return None
+
+
 def _length(piece: gs.Tensor, b) -> int | None:
     dims = b.shape(piece)
     return dims[0] if dims is not None and len(dims) == 1 and isinstance(dims[0], int) else None
@@ -184,6 +209,14 @@ def _reshape_run(sx, sy, axis: int):
             and len(sx) - 1 - s != axis:
         s += 1
     mid_x, mid_y = list(sx[p:len(sx) - s]), list(sy[p:len(sy) - s])
+    unknown = [j for j, d in enumerate(mid_y) if not isinstance(d, int)]
+    if len(unknown) == 1 and all(isinstance(d, int) and d > 0 for d in mid_x):
+        # a -1 that inference left symbolic behind a dynamic batch ([N, C, H, W] -> [N, C, -1]): the runs
+        # around hold the same elements, so it is what the rest of the middle leaves
+        known = int(np.prod([d for d in mid_y if isinstance(d, int)], dtype=np.int64))
+        total = int(np.prod(mid_x, dtype=np.int64))
+        if known > 0 and total % known == 0:
+            mid_y[unknown[0]] = total // known
     if not all(isinstance(d, int) and d > 0 for d in mid_x + mid_y):
         return None
     px, py = np.cumprod([1] + mid_x), np.cumprod([1] + mid_y)
@@ -355,10 +388,23 @@ class Shape(Handler):
         start = int(node.attrs.get("start", 0)) % max(space.rank, 1)
         end = int(node.attrs.get("end", space.rank))
         end = end % space.rank if end < 0 else min(end, space.rank)
-        if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start) for c in y.outputs):
+        if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start)
+                                                  or _reshapes_its_source(c, x) for c in y.outputs):
             b.lock(x, f"Shape {node.name!r} passes the channel count on")
             return
         b.statistic(y)
+
+
+def _reshapes_its_source(consumer: gs.Node, x: gs.Tensor) -> bool:
+    """Does the shape vector go, through a Slice or Gather and a Concat, only into targets of reshapes of x itself
+    (x.flatten(2) with a dynamic batch)? The Reshape handler then checks that the entry is x's channel count."""
+    if consumer.op not in ("Slice", "Gather"):
+        return False
+    concats = [c for t in consumer.outputs for c in t.outputs]
+    return bool(concats) and all(
+        c.op == "Concat" and c.outputs[0].outputs
+        and all(r.op == "Reshape" and r.inputs[0] is x and r.inputs[1] is c.outputs[0] for r in c.outputs[0].outputs)
+        for c in concats)
 
 
 def _picks_other(consumer: gs.Node, axis: int, length: int) -> bool:
