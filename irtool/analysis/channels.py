@@ -114,8 +114,8 @@ class Group:
     atoms: list[int]
     filters: dict[int, list[Filter]]
     locked: str | None = None
-    # locked only because a LayerNormalization normalizes over these channels: prune{through-norms=true} removes
-    # them anyway, and the norm's statistics then cover the kept channels only
+    # locked only because a statistic is taken over these channels (a LayerNorm or RMSNorm over them, a reduction
+    # over the channel axis): prune{through-norms=true} removes them anyway, and the statistic covers the kept ones
     soft: bool = False
 
     @property

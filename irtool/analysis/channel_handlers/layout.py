@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.analysis.channel_handlers.base import Handler, _constant, _follow, _ints, _only_use, _take, handles
-from irtool.analysis.channels import UnionFind
+from irtool.analysis.channels import Space, UnionFind
 
 
 @handles("Concat")
@@ -107,7 +107,7 @@ class Reshape(Handler):
             # or x's own channel count read off Shape(x) (x.flatten(2)), which follows the pruning by itself
             piece = next(((k, y_offset + j - start) for k, (start, t) in enumerate(pieces)
                           if start <= y_offset + j < start + _length(t, b)), None)
-            own = piece is not None and _own_dim(pieces[piece[0]][1], piece[1], x) == space.axis \
+            own = piece is not None and _own_dim(pieces[piece[0]][1], piece[1], x, space.rank) == space.axis \
                 and b.shape(y)[y_offset + j] == space.size
             if not own and (piece is None or _constant(pieces[piece[0]][1]) is None):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
@@ -169,9 +169,9 @@ def _shape_pieces(shape: gs.Tensor, b) -> list[tuple[int, gs.Tensor]] | None:
     return pieces
 
 
-def _own_dim(piece: gs.Tensor, offset: int, x: gs.Tensor) -> int | None:
-    """The dim of x that entry `offset` of a target piece copies, when the piece is Slice(Shape(x)) (unit step,
-    constant start) or Gather(Shape(x), constant); None otherwise."""
+def _own_dim(piece: gs.Tensor, offset: int, x: gs.Tensor, rank: int) -> int | None:
+    """The dim of x (of `rank` dims) that entry `offset` of a target piece copies, when the piece is
+    Slice(Shape(x)) (unit step, constant bounds) or Gather(Shape(x), constant); None otherwise."""
     producer = piece.inputs[0] if piece.inputs else None
     if producer is None or not producer.inputs:
         return None
@@ -180,12 +180,15 @@ def _own_dim(piece: gs.Tensor, offset: int, x: gs.Tensor) -> int | None:
         return None
     if producer.op == "Gather" and _constant(producer.inputs[1]) is not None:
         picked = np.asarray(producer.inputs[1].values).reshape(-1)
-        return int(picked[offset]) if offset < picked.size and picked[offset] >= 0 else None
-    if producer.op == "Slice":
-        starts, axes, steps = (_ints(producer, "", i) for i in (1, 3, 4))
-        if starts and starts[0] >= 0 and axes in ([], [0]) and steps in ([], [1]):
-            return starts[0] + offset
-    return None
+        return int(picked[offset]) % rank if offset < picked.size else None
+    bounds = _vector_slice(producer, rank) if producer.op == "Slice" else None
+    return bounds[0] + offset if bounds is not None else None
+
+
+def _vector_slice(node: gs.Node, length: int) -> tuple[int, int] | None:
+    """(start, end) of a unit-step Slice with constant bounds of a vector of `length` entries (a shape)."""
+    bounds = Slice._bounds(node, Space(0, length, 0, 1))
+    return bounds if isinstance(bounds, tuple) else None
 
 
 def _length(piece: gs.Tensor, b) -> int | None:
@@ -411,10 +414,5 @@ def _picks_other(consumer: gs.Node, axis: int, length: int) -> bool:
     """Does `consumer` of a shape vector read only entries other than `axis` (a Gather or a Slice of others)?"""
     if consumer.op == "Gather" and int(consumer.attrs.get("axis", 0)) == 0 and _constant(consumer.inputs[1]):
         return axis not in (np.asarray(consumer.inputs[1].values).reshape(-1) % length).tolist()
-    if consumer.op == "Slice":
-        bounds = [_ints(consumer, "", i) for i in range(1, 5)]  # starts, ends, axes, steps
-        if any(not v for v in bounds[:2]) or any(v is None for v in bounds) or bounds[2] not in ([], [0]) \
-                or bounds[3] not in ([], [1]):
-            return False
-        return axis not in range(length)[slice(bounds[0][0], bounds[1][0])]
-    return False
+    bounds = _vector_slice(consumer, length) if consumer.op == "Slice" else None
+    return bounds is not None and not bounds[0] <= axis < bounds[1]

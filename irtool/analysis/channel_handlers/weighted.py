@@ -234,7 +234,9 @@ class Recurrent(Handler):
         _take(view.own(node, 1), view.keep(node.inputs[0]), 2)
         if keep is None:
             return
-        rows = lambda blocks: np.concatenate([g * hidden + keep for g in range(blocks)])  # noqa: E731
+        def rows(blocks: int) -> np.ndarray:  # unit h's entry in each of `blocks` stacked [H] blocks
+            return np.concatenate([g * hidden + keep for g in range(blocks)])
+
         gates = GATES[node.op]
         _take(view.own(node, 1), rows(gates), 1)
         r = view.own(node, 2)
