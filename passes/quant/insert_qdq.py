@@ -130,7 +130,7 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
             log.debug("insert-qdq: no calibrated range for %s, left in float", name)
             continue
         _insert_pair(model, tensor, plan.slots[name], *activation_qparams(*shared[name], placement.signed),
-                     shapes_read_integers=placement.profile is Profile.ORT_CPU)
+                     shapes_read_integers=placement.profile is Profile.ORT_CPU, graph_output=name in plan.outputs)
         pairs += 1
     stored: dict[str, gs.Variable] = {}
     for node, index in plan.constants:
@@ -233,17 +233,24 @@ def _shared_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> d
 
 
 def _insert_pair(model: Model, tensor: gs.Tensor, slots: list, scale: np.float32, zero: np.ndarray,
-                 shapes_read_integers: bool = False) -> None:
+                 shapes_read_integers: bool = False, graph_output: bool = False) -> None:
     """Q and DQ after `tensor`, the DQ read by `slots`. With `shapes_read_integers`, a Shape or Size slot reads
     the Q output instead (same shape): read from the DQ, it kept that DQ in ONNX Runtime's graph, a float copy
-    of the tensor made only to read its dims (torch's legacy exports with dynamic axes read many)."""
-    if not slots:
+    of the tensor made only to read its dims (torch's legacy exports with dynamic axes read many). With
+    `graph_output`, the DQ writes `tensor` itself (the model's output keeps its name, and every reader reads the
+    dequantized values) and its producer writes a renamed copy that only the Q reads."""
+    if not slots and not graph_output:
         return
     base = tensor.name
     scale_c = gs.Constant(model.unique_name(f"{base}_scale"), np.asarray(scale, np.float32))
     zero_c = gs.Constant(model.unique_name(f"{base}_zero_point"), zero)
     quantized = gs.Variable(model.unique_name(f"{base}_quantized"), dtype=zero.dtype)
     dequantized = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32)
+    if graph_output:  # readers of the output keep reading it, now the DQ's
+        producer = tensor.inputs[0]
+        raw = gs.Variable(model.unique_name(f"{base}_float"), dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[producer.outputs.index(tensor)] = raw
+        tensor, dequantized, slots = raw, tensor, []
     q = gs.Node("QuantizeLinear", model.unique_name(f"{base}_QuantizeLinear"),
                 inputs=[tensor, scale_c, zero_c], outputs=[quantized])
     dq = gs.Node("DequantizeLinear", model.unique_name(f"{base}_DequantizeLinear"),
