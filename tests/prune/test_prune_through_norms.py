@@ -11,11 +11,15 @@ import logging
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
 from irtool.analysis.channels import Space
 from irtool.analysis.cost import model_cost
+from irtool.api import optimize
+from irtool.frontends.torch import export_module
 from irtool.ir import Model
+from tests.prune.archs import ARCHS, init_weights
 from tests.prune.test_prune_archs import EXPORTERS, analysis, prepared, run_all
 from tests.prune.test_prune_masking import masked, prune
 
@@ -108,3 +112,21 @@ def test_without_the_option_the_norm_locks_stay_and_say_how_to_lift_them(caplog)
     with caplog.at_level(logging.WARNING):
         prune(prepared("vit_b16", "legacy"), "prune{ratio=0.5,exclude=[fc, q, k, v, proj, mlp]}")
     assert "through-norms=true" in caplog.text
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_class_token_expanded_to_a_dynamic_batch_is_sliced_like_a_constant(exporter):
+    """cls.expand(B, -1, -1): with a dynamic batch the Expand's shape is computed at run time (a Where over -1
+    entries, or a Concat of the batch read off Shape), and the Concat joining it to the tokens locked the residual
+    stream: 260 channels removed instead of the static export's 292."""
+    factory, shape = ARCHS["vit_b16"]
+    proto = export_module(init_weights(factory()), {"x": torch.randn(*shape)}, exporter=exporter,
+                          dynamic_batch=True)
+    original = optimize(proto, "cleanup").model.to_proto()
+    model, removed, records = prune(original, "prune{ratio=0.5,through-norms=true}")
+    assert records[0].stats["channels_removed"] == 292
+    cls = next(n for n in model.graph.nodes if n.op == "Expand").inputs[0]
+    assert np.asarray(cls.values).shape == (1, 1, 32)
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)  # not the export's batch
+    oracle = over_kept(masked(original, removed), removed, analysis(original).spaces)
+    np.testing.assert_allclose(run_all(model.to_proto(), x)[0], run_all(oracle, x)[0], rtol=1e-4, atol=1e-4)

@@ -65,6 +65,39 @@ def _only_use(constant: gs.Constant) -> bool:
     return len(constant.outputs) <= 1
 
 
+def _expanded_constant(tensor: gs.Tensor, b: Builder) -> gs.Node | None:
+    """The Expand node when `tensor` is Expand(constant, shape), read by one node, the constant by the Expand
+    alone, and the shape a vector of the output's rank: a class token broadcast to a batch known only at run
+    time (cls.expand(B, -1, -1) with a dynamic batch). `_slice_expanded` slices it like a constant."""
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op != "Expand" or len(tensor.outputs) != 1:
+        return None
+    constant, out, shape = _constant(producer.inputs[0]), b.shape(tensor), b.shape(producer.inputs[1])
+    if constant is None or not _only_use(constant) or out is None or shape != [len(out)]:
+        return None
+    return producer
+
+
+def _slice_expanded(expand: gs.Node, view: PruneView, indices: np.ndarray, axis: int, rank: int) -> None:
+    """Keep `indices` along `axis` of an `_expanded_constant`'s output (of `rank` dims): the constant is sliced
+    (unless it broadcasts along the axis), and the shape's entry for the axis becomes the kept count: shape *
+    (1 - onehot) + count * onehot, as the shape is computed at run time (for a constant one, cleanup folds it)."""
+    constant = view.own(expand, 0)
+    local = axis - (rank - np.ndim(constant.values))
+    if 0 <= local and np.shape(constant.values)[local] > 1:
+        _take(constant, indices, local)
+    name, shape = expand.name, expand.inputs[1]
+    onehot = np.eye(rank, dtype=np.int64)[axis]
+    others = gs.Variable(view.unique(f"{name}_other_dims"), dtype=np.int64)
+    target = gs.Variable(view.unique(f"{name}_shape"), dtype=np.int64)
+    view.new_nodes += [
+        gs.Node("Mul", view.unique(f"{name}_other_dims"),
+                inputs=[shape, gs.Constant(view.unique(f"{name}_mask"), 1 - onehot)], outputs=[others]),
+        gs.Node("Add", view.unique(f"{name}_kept_dim"),
+                inputs=[others, gs.Constant(view.unique(f"{name}_count"), onehot * len(indices))], outputs=[target])]
+    expand.inputs[1] = target
+
+
 def _ints(node: gs.Node, attr: str, input_index: int) -> list[int] | None:
     """An int-list operand given as attribute (older opsets) or as constant input (newer ones)."""
     if attr in node.attrs:

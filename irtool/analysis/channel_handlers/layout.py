@@ -5,14 +5,25 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from irtool.analysis.channel_handlers.base import Handler, _constant, _follow, _ints, _only_use, _take, handles
+from irtool.analysis.channel_handlers.base import (
+    Handler,
+    _constant,
+    _expanded_constant,
+    _follow,
+    _ints,
+    _only_use,
+    _slice_expanded,
+    _take,
+    handles,
+)
 from irtool.analysis.channels import Space, UnionFind
 
 
 @handles("Concat")
 class Concat(Handler):
     """On the channel axis: output channel offset_k + i is channel i of input k. On another axis (tokens
-    joined with a class token) every input carries the same channels; a constant input is sliced."""
+    joined with a class token) every input carries the same channels; a constant input is sliced, and so is a
+    constant broadcast by Expand (a class token expanded to a batch known at run time)."""
 
     def propagate(self, node, b):
         y = node.outputs[0]
@@ -30,7 +41,7 @@ class Concat(Handler):
                 b.tie(t, y, offset)
                 offset += s.size
         elif len(channel_axes) == 1 and axis not in channel_axes \
-                and all(s is not None or (_constant(t) is not None and _only_use(t))
+                and all(s is not None or (_constant(t) is not None and _only_use(t)) or _expanded_constant(t, b)
                         for t, s in zip(node.inputs, spaces, strict=True)):
             if b.new_space(y, channel_axes.pop()) is not None:
                 for t in node.inputs:
@@ -48,6 +59,8 @@ class Concat(Handler):
         for index, t in enumerate(node.inputs):
             if _constant(t) is not None:
                 _take(view.own(node, index), keep, space.axis)
+            elif view.space(t) is None and t.inputs and t.inputs[0].op == "Expand":  # passed _expanded_constant
+                _slice_expanded(t.inputs[0], view, keep, space.axis, space.rank)
 
 
 @handles("Flatten")
