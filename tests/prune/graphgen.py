@@ -1,7 +1,8 @@
 """Random CNN-style ONNX graphs for pruning property tests: stacks of blocks that exercise every
 channel handler (residual adds, concats, splits, slices, depthwise and grouped convs, BN, transposes
 to NHWC with MatMul, squeeze/unsqueeze, SE-style gating, channel shuffle, multi-head self-attention
-over the 4x4 positions, GroupNormalization and its Reshape-InstanceNormalization-Reshape form,
+over the 4x4 positions, GroupNormalization and its Reshape-InstanceNormalization-Reshape form (back to a
+constant shape or to the conv output's Shape), pixel shuffles (DepthToSpace CRD/DCR, SpaceToDepth),
 flatten -> Gemm)."""
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
         y = b.op("Reshape", [normed, b.const([2, c, 4, 4])])[0]
         y = b.op("Add", [b.op("Mul", [y, b.weight(c, 1, 1)])[0], b.weight(c, 1, 1)])[0]
         return b.op("Relu", [y])[0], c
+    if kind == "groupnorm_shape" and c % 2 == 0:  # the same with dynamic axes: back to the conv output's Shape
+        g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
+        conv = b.conv(x, c, c)
+        normed = b.op("InstanceNormalization", [b.op("Reshape", [conv, b.const([2, g, -1])])[0], b.weight(g),
+                                                b.weight(g)])[0]
+        y = b.op("Reshape", [normed, b.op("Shape", [conv])[0]])[0]
+        return b.op("Relu", [b.op("Add", [b.op("Mul", [y, b.weight(c, 1, 1)])[0], b.weight(c, 1, 1)])[0]])[0], c
+    if kind == "pixel_shuffle":  # to 8x8 (CRD: torch's pixel_shuffle, or DCR) and back (SpaceToDepth)
+        c2 = int(rng.integers(2, 5))
+        mode = "CRD" if rng.random() < 0.5 else "DCR"
+        wide = b.op("DepthToSpace", [b.conv(x, c, 4 * c2)], blocksize=2, mode=mode)[0]
+        deep = b.op("SpaceToDepth", [b.op("Relu", [b.conv(wide, c2, c2, 3)])[0]], blocksize=2)[0]
+        return b.op("Relu", [b.conv(deep, 4 * c2, c)])[0], c
     if kind == "squeeze":
         s = b.op("Unsqueeze", [x, b.const([2])])[0]
         return b.op("Squeeze", [b.op("Relu", [s])[0], b.const([2])])[0], c
@@ -133,7 +147,7 @@ def _attention(b: GraphBuilder, x: str, c: int) -> str:
 
 
 KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze", "grouped",
-         "shuffle", "attention", "groupnorm", "groupnorm_decomposed"]
+         "shuffle", "attention", "groupnorm", "groupnorm_decomposed", "groupnorm_shape", "pixel_shuffle"]
 
 
 def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProto:

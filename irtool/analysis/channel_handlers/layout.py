@@ -1,4 +1,4 @@
-"""Handlers of ops that move channels between tensors: Concat, Split, Slice, Flatten, Reshape."""
+"""Handlers of ops that move channels between tensors: Concat, Split, Slice, Flatten, Reshape, pixel shuffles."""
 
 from __future__ import annotations
 
@@ -100,20 +100,27 @@ class Reshape(Handler):
     """
 
     def propagate(self, node, b):
+        source = _shape_source(node.inputs[1], b)
+        if not self._follow(node, b, source) and source is not None and b.space(source) is not None:
+            b.lock(source, f"Reshape {node.name!r} gives a tensor whose channels it cannot follow the shape of "
+                           f"{source.name!r}")
+
+    def _follow(self, node, b, source: gs.Tensor | None) -> bool:
+        """Tie the output's channels to the input's; False where the output carries none (input locked, or none)."""
         x, y = node.inputs[0], node.outputs[0]
         space = b.space(x)
         if space is None:
-            return
+            return False
         run = _reshape_run(b.shape(x), b.shape(y), space.axis)
-        pieces = None if _constant(node.inputs[1]) is not None else _shape_pieces(node.inputs[1], b)
-        if run is None or (_constant(node.inputs[1]) is None and pieces is None):
+        pieces = None if _constant(node.inputs[1]) is not None or source else _shape_pieces(node.inputs[1], b)
+        if run is None or (_constant(node.inputs[1]) is None and pieces is None and source is None):
             b.lock(x, f"Reshape {node.name!r} has a dynamic shape or moves the channel axis across others")
-            return
+            return False
         x_dims, r, y_dims, y_offset = run
         carriers = [(j, _digit_ties(x_dims, r, y_dims, j)) for j, d in enumerate(y_dims) if d > 1]
         if not carriers:
             b.lock(x, f"Reshape {node.name!r} leaves the channel axis nowhere")
-            return
+            return False
         accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)))] or carriers
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
         if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite,
@@ -124,14 +131,21 @@ class Reshape(Handler):
                 and b.shape(y)[y_offset + j] == space.size
             if not own and (piece is None or _constant(pieces[piece[0]][1]) is None):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
-                return
+                return False
             if not own:
                 b.notes[node.name] = piece
+        if source is not None and (b.space(source) is None or b.space(source).axis != y_offset + j
+                                   or b.space(source).size != b.shape(y)[y_offset + j]):
+            b.lock(x, f"Reshape {node.name!r} takes its shape from {source.name!r}, whose channels are elsewhere")
+            return False
         if b.new_space(y, y_offset + j) is None:
-            return
+            return False
         sx, sy = b.space(x), b.space(y)
         for c, v in pairs:
             b.uf.union(sx.base + c, sy.base + v)
+        if source is not None:  # y has source's shape, read at run time: both keep the same channels
+            b.tie(source, y)
+        return True
 
     def apply(self, node, view):
         y = node.outputs[0]
@@ -164,6 +178,16 @@ class Reshape(Handler):
             view.new_nodes.append(concat)
             node.inputs[1] = target
         concat.inputs[index] = gs.Constant(view.unique(f"{node.name}_shape_piece"), values)
+
+
+def _shape_source(shape: gs.Tensor, b) -> gs.Tensor | None:
+    """src when a reshape target is Shape(src), whole: a decomposed GroupNorm (torch's legacy export) reshapes its
+    normalized groups back to the input's own shape."""
+    producer = shape.inputs[0] if shape.inputs else None
+    if producer is None or producer.op != "Shape" or int(producer.attrs.get("start", 0)) != 0 \
+            or "end" in producer.attrs:
+        return None
+    return producer.inputs[0]
 
 
 def _shape_pieces(shape: gs.Tensor, b) -> list[tuple[int, gs.Tensor]] | None:
@@ -277,6 +301,34 @@ def _accepts(tensor: gs.Tensor, axis: int, rank: int, depth: int = 4) -> bool:
         elif node.op == "InstanceNormalization" and axis != 1:
             return False
     return True
+
+
+@handles("DepthToSpace", "SpaceToDepth")
+class PixelShuffle(Handler):
+    """Channels moved into space and back (torch's pixel_shuffle / pixel_unshuffle, TensorFlow's depth_to_space).
+    With block b, channel c of the side with C channels is made of b*b channels of the other: c*b*b + k
+    (DepthToSpace in CRD mode, torch's) or k*C + c (DCR mode, and SpaceToDepth). Removing c removes all of them;
+    the op keeps its attributes."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        if space.axis != 1 or space.rank != 4:
+            b.lock(x, f"{node.op} {node.name!r} reads channels on axis {space.axis}")
+            return
+        if b.new_space(y, 1) is None:
+            return
+        few, deep = (y, x) if node.op == "DepthToSpace" else (x, y)
+        block = int(node.attrs["blocksize"]) ** 2
+        mode = node.attrs.get("mode", "DCR")
+        if node.op == "DepthToSpace" and (mode.decode() if isinstance(mode, bytes) else mode) == "CRD":
+            b.tie_block(few, deep, block)
+            return
+        size, base = b.space(few).size, b.space(deep).base
+        for k in range(block):
+            b.uf.union_runs(b.space(few).base, base + k * size, size)
 
 
 @handles("Split")
@@ -405,7 +457,8 @@ class Shape(Handler):
         end = int(node.attrs.get("end", space.rank))
         end = end % space.rank if end < 0 else min(end, space.rank)
         if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start)
-                                                  or _reshapes_its_source(c, x) for c in y.outputs):
+                                                  or _reshapes_its_source(c, x) or _restores(c, y, b)
+                                                  for c in y.outputs):
             b.lock(x, f"Shape {node.name!r} passes the channel count on")
             return
         b.statistic(y)
@@ -421,6 +474,12 @@ def _reshapes_its_source(consumer: gs.Node, x: gs.Tensor) -> bool:
         c.op == "Concat" and c.outputs[0].outputs
         and all(r.op == "Reshape" and r.inputs[0] is x and r.inputs[1] is c.outputs[0] for r in c.outputs[0].outputs)
         for c in concats)
+
+
+def _restores(consumer: gs.Node, shape: gs.Tensor, b) -> bool:
+    """Is `consumer` a Reshape to this whole shape vector (`_shape_source`)? The Reshape handler then ties its output
+    to the vector's source, or locks its input, so both keep the same channel count."""
+    return consumer.op == "Reshape" and consumer.inputs[1] is shape and _shape_source(shape, b) is not None
 
 
 def _picks_other(consumer: gs.Node, axis: int, length: int) -> bool:
