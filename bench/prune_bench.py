@@ -92,9 +92,12 @@ ARCHS = {"resnet50_224": (resnet50_224, (1, 3, 224, 224)), **archs.ARCHS}
 
 
 def ignored_layers(module: nn.Module) -> list[nn.Module]:
-    """The layers irtool locks because they write a graph output: detection heads' last convs, or the classifier."""
+    """The layers irtool locks because they write a graph output: detection heads' last convs, a super-resolution
+    net's RGB tail, or the classifier."""
     if isinstance(module, archs.Yolo):
         return [head[-1] for head in module.heads]
+    if isinstance(module, archs.EDSR):
+        return [module.tail]
     return [m for m in module.modules() if isinstance(m, nn.Linear)][-1:]
 
 

@@ -387,6 +387,35 @@ class SpeechLSTM(nn.Module):
         return self.head(y[:, -1])
 
 
+# ------------------------------------------------------------------------------------- super-resolution
+class EDSRBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class EDSR(nn.Module):
+    """EDSR's topology at toy size (x2): a head conv, residual blocks without BatchNorm and a global skip, then
+    the sub-pixel upsampler (a conv to 4x the channels, PixelShuffle(2)) and the RGB tail conv after it."""
+
+    def __init__(self, channels: int = 48, blocks: int = 2, scale: int = 2):
+        super().__init__()
+        self.head = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*[EDSRBlock(channels) for _ in range(blocks)],
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.upsample = nn.Sequential(nn.Conv2d(channels, channels * scale ** 2, 3, padding=1),
+                                      nn.PixelShuffle(scale))
+        self.tail = nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        return self.tail(self.upsample(self.body(h) + h))
+
+
 ARCHS = {
     "resnet18": (resnet18, (2, 3, 32, 32)),
     "resnet50": (resnet50, (2, 3, 32, 32)),
@@ -397,6 +426,7 @@ ARCHS = {
     "vit_b16": (ViT, (2, 3, 32, 32)),
     "yolo": (Yolo, (2, 3, 64, 64)),
     "speech_lstm": (SpeechLSTM, (2, 10, 32)),
+    "edsr": (EDSR, (2, 3, 16, 16)),
 }
 
 
