@@ -1,0 +1,176 @@
+"""Pass `convtranspose-to-conv`: a ConvTranspose as a Conv, followed by DepthToSpace when it is strided
+(sub-pixel convolution).
+
+ONNX Runtime's CPU provider has no integer ConvTranspose: in an INT8 model a U-Net's up-convolutions ran in
+float between a DequantizeLinear and a QuantizeLinear (in quantize_static's models too). A ConvTranspose of
+stride s computes each of the s x s output phases as a correlation of its input with a slice of its kernel, so it
+equals one Conv with C_out·s·s filters followed by DepthToSpace(s, CRD) (Shi et al., "Is the deconvolution layer
+the same as a convolutional layer?", 2016). Both run on integers in ONNX Runtime (QLinearConv; DepthToSpace moves
+the quantized values), so `quant` runs this pass; `quant-trt` does not, as TensorRT has INT8 deconvolutions.
+
+Per spatial axis (kernel k, stride s, leading pad p): output t reads input i through kernel tap a where
+t + p = i·s + a. For the output phase r' = t mod s write r' + p = c·s + r; then a = r + m·s and i = t div s + c − m
+for m = 0, 1, ... while a < k. Phase r' is a correlation with taps at input offsets d = c − m, so one Conv over the
+offsets d_min .. d_max (leading pad −d_min) holds every phase: filter (o, r'_y, r'_x) at (d_y − d_min_y,
+d_x − d_min_x) is W[:, o, a_y, a_x]. When every phase has its taps at the same offsets (k a multiple of s and p
+one too, as in a U-Net's kernel-2 stride-2 up-convolution) the Conv has the ConvTranspose's MACs; otherwise its
+kernel holds zeros, and the pass rewrites only up to `max-macs` times the original MACs (kernel 4, stride 2, pad 1:
+2.25x). A Relu, Clip or other elementwise activation that alone reads the ConvTranspose moves before the
+DepthToSpace, where ONNX Runtime folds it into the integer Conv (left after it, the Conv's output was quantized
+over its negative values too: -1 dB on the test decoder).
+
+Declines: groups, dilations, auto_pad, an output_shape attribute, unequal strides, non-constant weights or bias,
+other than 2-D, an output length that is not a multiple of s ((k − p_begin − p_end + output_padding) mod s ≠ 0),
+or a Conv that would need negative padding.
+Contract: bounded (the same products, summed in another order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from irtool.ir.model import Model
+from irtool.ir.rewrite import is_default_domain, is_graph_output
+from irtool.ir.topo import toposort_graph
+from irtool.passmanager import Pass, PassContext, PassResult
+
+# Elementwise ops of one activation input: they commute with DepthToSpace.
+MOVABLE_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
+                                 "Selu", "Gelu", "Softplus"})
+
+
+class ConvTransposeToConv(Pass):
+    """Rewrite ConvTranspose as Conv (+ DepthToSpace for strides > 1), so that INT8 runs it on integers."""
+
+    name = "convtranspose-to-conv"
+
+    @dataclass(frozen=True)
+    class Options:
+        max_macs: float = 2.25  # rewrite only where the Conv has at most this many times the MACs
+
+        def __post_init__(self):
+            if self.max_macs < 1.0:
+                raise ValueError("max-macs must be >= 1")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        rewritten = 0
+        for node in [n for n in model.graph.nodes if n.op == "ConvTranspose" and is_default_domain(n)]:
+            plan = _plan(node)
+            if plan is not None and plan.mac_ratio <= self.options.max_macs + 1e-9:
+                _rewrite(model, node, plan)
+                rewritten += 1
+        if rewritten:
+            toposort_graph(model.graph)
+        return PassResult(modified=rewritten > 0, stats={"rewritten": rewritten})
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One spatial axis of the equivalent Conv: {(output phase, input offset): kernel tap}, and its pads."""
+
+    taps: dict[tuple[int, int], int]
+    first: int  # d_min
+    size: int   # Conv kernel size, d_max - d_min + 1
+    pads: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    stride: int
+    axes: tuple[_Axis, _Axis]
+    weight: np.ndarray
+    bias: np.ndarray | None
+    mac_ratio: float
+
+
+def _plan(node: gs.Node) -> _Plan | None:
+    attrs = node.attrs
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if not isinstance(weight, gs.Constant) or (bias is not None and not isinstance(bias, gs.Constant)):
+        return None
+    w = np.asarray(weight.values)
+    strides = list(attrs.get("strides", [1, 1]))
+    if w.ndim != 4 or int(attrs.get("group", 1)) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])) \
+            or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or "output_shape" in attrs \
+            or len(set(strides)) != 1:
+        return None
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    extra = list(attrs.get("output_padding", [0, 0]))
+    axes = tuple(_axis(w.shape[2 + i], strides[0], pads[i], pads[i + 2], extra[i]) for i in range(2))
+    if any(a is None for a in axes):
+        return None
+    ratio = axes[0].size * axes[1].size * strides[0] ** 2 / (w.shape[2] * w.shape[3])
+    return _Plan(strides[0], axes, w, None if bias is None else np.asarray(bias.values), ratio)
+
+
+def _axis(k: int, s: int, begin: int, end: int, extra: int) -> _Axis | None:
+    if (k - begin - end + extra) % s:
+        return None  # the output is no whole number of phases
+    taps = {}
+    for phase in range(s):
+        c, r = divmod(phase + begin, s)
+        for m in range((k - r + s - 1) // s if r < k else 0):
+            taps[(phase, c - m)] = r + m * s
+    if not taps:
+        return None
+    first, last = min(d for _, d in taps), max(d for _, d in taps)
+    size = last - first + 1
+    # The Conv's output length must be the ConvTranspose's divided by s: input + pads - size + 1 = input + e
+    e = (k - begin - end + extra) // s - 1
+    pads = (-first, e + first + size - 1)
+    return _Axis(taps, first, size, pads) if min(pads) >= 0 else None
+
+
+def _conv_weights(plan: _Plan) -> tuple[np.ndarray, np.ndarray | None]:
+    """[C_out·s·s, C_in, K_y, K_x] in DepthToSpace's CRD channel order (o, phase_y, phase_x), and the bias repeated."""
+    w, s = plan.weight, plan.stride
+    c_in, c_out = w.shape[:2]
+    (ay, ax) = plan.axes
+    out = np.zeros((c_out, s, s, c_in, ay.size, ax.size), w.dtype)
+    for (py, dy), ty in ay.taps.items():
+        for (px, dx), tx in ax.taps.items():
+            out[:, py, px, :, dy - ay.first, dx - ax.first] = w[:, :, ty, tx].T
+    bias = None if plan.bias is None else np.repeat(plan.bias, s * s)
+    return out.reshape(c_out * s * s, c_in, ay.size, ax.size), bias
+
+
+def _rewrite(model: Model, node: gs.Node, plan: _Plan) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    weight, bias = _conv_weights(plan)
+    inputs = [x, gs.Constant(model.unique_name(f"{node.name}_conv_weight"), weight)]
+    if bias is not None:
+        inputs.append(gs.Constant(model.unique_name(f"{node.name}_conv_bias"), bias))
+    (ay, ax), s = plan.axes, plan.stride
+    attrs = {"kernel_shape": [ay.size, ax.size], "pads": [ay.pads[0], ax.pads[0], ay.pads[1], ax.pads[1]],
+             "strides": [1, 1], "dilations": [1, 1], "group": 1}
+    node.inputs.clear()
+    node.outputs.clear()
+    model.graph.nodes.remove(node)
+    if s == 1:
+        model.graph.nodes.append(gs.Node("Conv", node.name, attrs=attrs, inputs=inputs, outputs=[y]))
+        return
+    phases = gs.Variable(model.unique_name(f"{y.name}_phases"), dtype=y.dtype)
+    model.graph.nodes.append(gs.Node("Conv", node.name, attrs=attrs, inputs=inputs, outputs=[phases]))
+    activation = _movable_activation(model, y)
+    if activation is not None:  # y is read by it alone: it reads the phases, and DepthToSpace writes its output
+        out = activation.outputs[0]
+        activation.inputs[0] = phases
+        phases = gs.Variable(model.unique_name(f"{out.name}_phases"), dtype=out.dtype)
+        activation.outputs[0] = phases
+        y = out
+    model.graph.nodes.append(gs.Node("DepthToSpace", model.unique_name(f"{node.name}_depth_to_space"),
+                                     attrs={"blocksize": s, "mode": "CRD"}, inputs=[phases], outputs=[y]))
+
+
+def _movable_activation(model: Model, y: gs.Variable) -> gs.Node | None:
+    if len(y.outputs) != 1 or is_graph_output(model.graph, y):
+        return None
+    reader = y.outputs[0]
+    if reader.op not in MOVABLE_ACTIVATIONS or not is_default_domain(reader) or reader.inputs[0] is not y \
+            or any(t is y for t in reader.inputs[1:]) or len(reader.outputs) != 1:
+        return None
+    return reader

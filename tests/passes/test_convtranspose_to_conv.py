@@ -1,0 +1,91 @@
+"""convtranspose-to-conv: a ConvTranspose equals a Conv over its output phases followed by DepthToSpace, for every
+kernel, stride, padding and output padding it accepts; `quant` runs it, so ONNX Runtime's INT8 model runs the
+up-convolution as a QLinearConv (it has no integer ConvTranspose)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from irtool.api import optimize
+from tests.quant.ort_run import optimized_ops
+
+CASES = [(k, s, p, extra) for k, s, p, extra in itertools.product((1, 2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (0, 1))
+         if extra < s and p < k]
+
+
+def _export(module: torch.nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.randn(*shape),), buffer, dynamo=False, input_names=["x"],
+                      opset_version=17, dynamic_axes={"x": {0: "n"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(("k", "s", "p", "extra"), CASES, ids=[f"k{k}s{s}p{p}op{e}" for k, s, p, e in CASES])
+def test_the_rewrite_equals_the_conv_transpose(k, s, p, extra):
+    torch.manual_seed(k * 100 + s * 10 + p)
+    module = torch.nn.ConvTranspose2d(5, 3, k, s, padding=p, output_padding=extra, bias=bool(p % 2))
+    proto = _export(module, (2, 5, 6, 7))
+    result = optimize(proto, "convtranspose-to-conv{max-macs=100}")
+    whole_phases = (k - 2 * p + extra) % s == 0
+    rewritten = result.records[0].stats["rewritten"]
+    ops = [n.op for n in result.model.graph.nodes]
+    x = np.random.default_rng(k + s + p).standard_normal((3, 5, 6, 7)).astype(np.float32)  # not the export's batch
+    reference, out = _run(proto, x), _run(result.model.to_proto(), x)
+    assert out.shape == reference.shape
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+    if whole_phases and p - (k - 1) <= 0:
+        assert rewritten == 1 and ops == (["Conv"] if s == 1 else ["Conv", "DepthToSpace"])
+    else:
+        assert rewritten == 0 and ops == ["ConvTranspose"]
+
+
+def test_an_activation_after_it_moves_before_the_depth_to_space():
+    proto = _export(torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 2, 2, 2), torch.nn.ReLU()), (1, 4, 3, 3))
+    model = optimize(proto, "convtranspose-to-conv").model
+    assert [n.op for n in model.graph.nodes] == ["Conv", "Relu", "DepthToSpace"]
+    assert model.graph.nodes[2].outputs[0].name == proto.graph.node[-1].output[0]  # the Relu's output name stays
+
+
+def test_max_macs_bounds_the_zero_taps():
+    """Kernel 4, stride 2, pads 1: each phase has 2x2 of the Conv's 3x3 taps, 2.25x the MACs (the default bound)."""
+    proto = _export(torch.nn.ConvTranspose2d(4, 2, 4, 2, padding=1), (1, 4, 3, 3))
+    assert optimize(proto, "convtranspose-to-conv").records[0].stats["rewritten"] == 1
+    assert optimize(proto, "convtranspose-to-conv{max-macs=2}").records[0].stats["rewritten"] == 0
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self, kernel: int, padding: int):
+        super().__init__()
+        self.a = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(32, 16, kernel, 2, padding=padding)
+        self.b = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.up(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize(("kernel", "padding"), [(2, 0), (4, 1)])
+def test_quant_runs_the_up_convolution_on_integers(tmp_path, kernel, padding):
+    torch.manual_seed(0)
+    proto = _export(Decoder(kernel, padding), (1, 16, 8, 8))
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)} for _ in range(8)]
+    quantized = optimize(proto, "quant", calibration_data=calib).model.to_proto()
+    ops = optimized_ops(quantized, str(tmp_path / "optimized.onnx"), calib[:1])
+    # before: ConvTranspose in float between a DequantizeLinear and a QuantizeLinear, as in quantize_static's model
+    assert not ops["ConvTranspose"] and ops["QLinearConv"] == 3 and ops["DepthToSpace"] == 1
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1  # the model's input and output only
+    x = rng.standard_normal((4, 16, 8, 8)).astype(np.float32)
+    reference, out = _run(proto, x), _run(quantized, x)
+    assert 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - out) ** 2)) > 30.0
