@@ -2,20 +2,9 @@
 
 ONNX Runtime's CPU provider has no integer ConvTranspose, so both tools' INT8 models used to run every
 up-convolution in float between a DequantizeLinear and a QuantizeLinear. irtool's `quant` now rewrites it as a
-Conv over the output phases plus DepthToSpace (`convtranspose-to-conv`), which runs as a QLinearConv. Models
-(fixed-seed weights, torch legacy export, opset 17, batch 1):
-
-* unet          a U-Net at 128x128: three encoder stages (conv-BN-ReLU x2, max pool), two decoder stages, each a
-                kernel-2 stride-2 ConvTranspose, a skip Concat and two conv-BN-ReLU, a 1x1 head to 4 classes.
-* pose_head     a SimpleBaseline-style pose net at 128x128: a stride-16 conv backbone, then three kernel-4
-                stride-2 pads-1 ConvTranspose-BN-ReLU stages and a 1x1 conv to 8 heatmaps.
-
-Rows: float; irtool `quant` without the rewrite (the pipeline with `convtranspose-to-conv` removed, what it was
-before); irtool `quant`; quantize_static (QDQ, per-channel, reduce_range, u8 activations x s8 weights, minmax, the
-same calibration set). Calibration: 32 fixed-seed synthetic images (smooth noise, ImageNet-normalized); SQNR on
-16 others against the float model. Latency: ONNX Runtime CPU, 1 and 2 threads, the four models interleaved,
-median per round, best of the rounds; ConvTranspose = float ConvTranspose kernels left in ONNX Runtime's
-optimized graph.
+Conv over the output phases plus DepthToSpace, or a Reshape/Transpose interleave in 1-D (`convtranspose-to-conv`),
+which runs as a QLinearConv. Models and rows: SETUP below (it goes into BENCHMARKS.md with the tables).
+Latency: ONNX Runtime CPU, 1 and 2 threads, the four models interleaved, median per round, best of the rounds.
 
     python bench/deconv_bench.py [--quick] [--no-write]
 """
@@ -52,13 +41,15 @@ log = logging.getLogger("bench.deconv")
 SETUP = ("`unet`: a U-Net at 128x128 (three encoder stages of two conv-BN-ReLU and a max pool; two decoder "
          "stages of a kernel-2 stride-2 ConvTranspose, a skip Concat and two conv-BN-ReLU; a 1x1 head to 4 classes). "
          "`pose_head`: a SimpleBaseline-style pose net at 128x128 (a stride-16 conv backbone, three kernel-4 "
-         "stride-2 pads-1 ConvTranspose-BN-ReLU stages, a 1x1 conv to 8 heatmaps). Fixed-seed weights, torch legacy "
-         "export, opset 17, "
-         "batch 1. Rows: float; irtool `quant` with `convtranspose-to-conv` taken out of the pipeline (what `quant` "
-         "did before it); irtool `quant`; quantize_static (QDQ, per-channel, reduce_range, u8 activations x s8 "
-         "weights, minmax). Both tools calibrate on the same 32 fixed-seed synthetic images (smooth noise, "
-         "ImageNet-normalized); SQNR on 16 others against the float model. The third column counts float "
-         "ConvTranspose kernels and QLinearConv kernels in ONNX Runtime's optimized graph.")
+         "stride-2 pads-1 ConvTranspose-BN-ReLU stages, a 1x1 conv to 8 heatmaps). `vocoder`: HiFi-GAN V1's "
+         "generator shape at width 128 on 64 mel frames (four ConvTranspose1d upsamplers of kernel 2s, stride s = 8, "
+         "8, 2, 2, pads s/2, each after a LeakyReLU and before a residual conv; 16384 samples out). Fixed-seed "
+         "weights, torch legacy export, opset 17, batch 1. Rows: float; irtool `quant` with `convtranspose-to-conv` "
+         "taken out of the pipeline (what `quant` did before it); irtool `quant`; quantize_static (QDQ, "
+         "per-channel, reduce_range, u8 activations x s8 weights, minmax). Both tools calibrate on the same 32 "
+         "fixed-seed synthetic inputs (images: smooth noise, ImageNet-normalized; mels: smooth log-mel-like "
+         "frames); SQNR on 16 others against the float model. The third column counts float ConvTranspose kernels "
+         "and QLinearConv kernels in ONNX Runtime's optimized graph.")
 SECTION = "deconv_int8"
 
 
@@ -102,13 +93,37 @@ class PoseHead(nn.Module):
         return self.heatmaps(self.deconv(self.backbone(x)))
 
 
-MODELS = {"unet": UNet, "pose_head": PoseHead}
-SHAPE = (1, 3, 128, 128)
+class Vocoder(nn.Module):
+    """HiFi-GAN V1's generator shape at width 128: conv_pre, four upsamplers (LeakyReLU, ConvTranspose1d of kernel
+    2s, stride s = 8, 8, 2, 2, pads s/2) each followed by a residual LeakyReLU-conv, conv_post and tanh."""
+
+    def __init__(self, width: int = 128, mels: int = 80):
+        super().__init__()
+        self.pre = nn.Conv1d(mels, width, 7, padding=3)
+        ups, res, c = [], [], width
+        for stride in (8, 8, 2, 2):
+            ups.append(nn.ConvTranspose1d(c, c // 2, 2 * stride, stride, padding=stride // 2))
+            c //= 2
+            res.append(nn.Conv1d(c, c, 3, padding=1))
+        self.ups, self.res = nn.ModuleList(ups), nn.ModuleList(res)
+        self.post = nn.Conv1d(c, 1, 7, padding=3)
+
+    def forward(self, x):
+        x = self.pre(x)
+        for up, res in zip(self.ups, self.res, strict=True):
+            x = up(nn.functional.leaky_relu(x, 0.1))
+            x = x + res(nn.functional.leaky_relu(x, 0.1))
+        return torch.tanh(self.post(nn.functional.leaky_relu(x, 0.1)))
+
+
+MODELS = {"unet": (UNet, (1, 3, 128, 128)), "pose_head": (PoseHead, (1, 3, 128, 128)),
+          "vocoder": (Vocoder, (1, 80, 64))}
 
 
 def build(name: str) -> onnx.ModelProto:
     torch.manual_seed(0)
-    module = MODELS[name]()
+    factory, shape = MODELS[name]
+    module = factory()
     for m in module.modules():  # trained-like statistics, so that BatchNorm is no identity
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(std=0.1)
@@ -116,18 +131,25 @@ def build(name: str) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(*SHAPE),), buffer, dynamo=False, input_names=["x"],
+        torch.onnx.export(module.eval(), (torch.randn(*shape),), buffer, dynamo=False, input_names=["x"],
                           output_names=["y"], opset_version=17)
     return onnx.load_from_string(buffer.getvalue())
 
 
-def images(seed: int, count: int) -> list[dict[str, np.ndarray]]:
-    """Smooth noise (blurred by upsampling a coarse grid), normalized like ImageNet inputs."""
+def images(seed: int, count: int, shape: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
+    """Smooth noise (a coarse grid upsampled 8x), normalized like ImageNet inputs; for [1, mels, frames], log-mel-like
+    frames (smooth over time, offset per band)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        coarse = rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)
-        image = np.kron(coarse, np.ones((1, 1, 8, 8), np.float32)) + rng.normal(0, 0.05, SHAPE).astype(np.float32)
+        if len(shape) == 3:
+            coarse = rng.uniform(0, 1, (*shape[:-1], shape[-1] // 8)).astype(np.float32)
+            bands = np.linspace(0, -4, shape[1], dtype=np.float32).reshape(1, -1, 1)
+            frames = np.repeat(coarse, 8, axis=-1) * 2 + bands + rng.normal(0, 0.1, shape).astype(np.float32)
+            out.append({"x": frames.astype(np.float32)})
+            continue
+        coarse = rng.uniform(0, 1, (1, 3, shape[2] // 8, shape[3] // 8)).astype(np.float32)
+        image = np.kron(coarse, np.ones((1, 1, 8, 8), np.float32)) + rng.normal(0, 0.05, shape).astype(np.float32)
         mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
         std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
         out.append({"x": ((image - mean) / std).astype(np.float32)})
@@ -197,7 +219,8 @@ def latencies(models: dict[str, onnx.ModelProto], feeds: dict, threads: int, rou
 
 def bench_model(name: str, rounds: int, runs: int) -> dict:
     proto = build(name)
-    calib, test = images(0, 32), images(1, 16)
+    shape = MODELS[name][1]
+    calib, test = images(0, 32, shape), images(1, 16, shape)
     without = ",".join(p for p in QUANT.split(",") if p != "convtranspose-to-conv")
     started = time.perf_counter()
     models = {"float": proto,

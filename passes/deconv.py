@@ -1,5 +1,5 @@
 """Pass `convtranspose-to-conv`: a ConvTranspose as a Conv, followed by DepthToSpace when it is strided
-(sub-pixel convolution).
+(sub-pixel convolution); for 1-D (vocoders' upsamplers) by a Reshape, Transpose, Reshape interleave.
 
 ONNX Runtime's CPU provider has no integer ConvTranspose: in an INT8 model a U-Net's up-convolutions ran in
 float between a DequantizeLinear and a QuantizeLinear (in quantize_static's models too). A ConvTranspose of
@@ -20,13 +20,14 @@ DepthToSpace, where ONNX Runtime folds it into the integer Conv (left after it, 
 over its negative values too: -1 dB on the test decoder).
 
 Declines: groups, dilations, auto_pad, an output_shape attribute, unequal strides, non-constant weights or bias,
-other than 2-D, an output length that is not a multiple of s ((k − p_begin − p_end + output_padding) mod s ≠ 0),
+other than 1-D or 2-D, an output length that is not a multiple of s ((k − p_begin − p_end + output_padding) mod s ≠ 0),
 or a Conv that would need negative padding.
 Contract: bounded (the same products, summed in another order).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,7 +81,7 @@ class _Axis:
 @dataclass(frozen=True)
 class _Plan:
     stride: int
-    axes: tuple[_Axis, _Axis]
+    axes: tuple[_Axis, ...]
     weight: np.ndarray
     bias: np.ndarray | None
     mac_ratio: float
@@ -93,17 +94,18 @@ def _plan(node: gs.Node) -> _Plan | None:
     if not isinstance(weight, gs.Constant) or (bias is not None and not isinstance(bias, gs.Constant)):
         return None
     w = np.asarray(weight.values)
-    strides = list(attrs.get("strides", [1, 1]))
-    if w.ndim != 4 or int(attrs.get("group", 1)) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])) \
+    rank = w.ndim - 2
+    strides = list(attrs.get("strides", [1] * rank))
+    if rank not in (1, 2) or int(attrs.get("group", 1)) != 1 or any(d != 1 for d in attrs.get("dilations", [1])) \
             or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or "output_shape" in attrs \
             or len(set(strides)) != 1:
         return None
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    extra = list(attrs.get("output_padding", [0, 0]))
-    axes = tuple(_axis(w.shape[2 + i], strides[0], pads[i], pads[i + 2], extra[i]) for i in range(2))
+    pads = list(attrs.get("pads", [0] * 2 * rank))
+    extra = list(attrs.get("output_padding", [0] * rank))
+    axes = tuple(_axis(w.shape[2 + i], strides[0], pads[i], pads[i + rank], extra[i]) for i in range(rank))
     if any(a is None for a in axes):
         return None
-    ratio = axes[0].size * axes[1].size * strides[0] ** 2 / (w.shape[2] * w.shape[3])
+    ratio = float(np.prod([a.size * strides[0] for a in axes]) / np.prod(w.shape[2:]))
     return _Plan(strides[0], axes, w, None if bias is None else np.asarray(bias.values), ratio)
 
 
@@ -126,16 +128,17 @@ def _axis(k: int, s: int, begin: int, end: int, extra: int) -> _Axis | None:
 
 
 def _conv_weights(plan: _Plan) -> tuple[np.ndarray, np.ndarray | None]:
-    """[C_out·s·s, C_in, K_y, K_x] in DepthToSpace's CRD channel order (o, phase_y, phase_x), and the bias repeated."""
-    w, s = plan.weight, plan.stride
+    """[C_out·s^r, C_in, K...] with channels in (o, phase_y, phase_x) order (DepthToSpace's CRD), and the bias
+    repeated s^r times."""
+    w, s, axes = plan.weight, plan.stride, plan.axes
     c_in, c_out = w.shape[:2]
-    (ay, ax) = plan.axes
-    out = np.zeros((c_out, s, s, c_in, ay.size, ax.size), w.dtype)
-    for (py, dy), ty in ay.taps.items():
-        for (px, dx), tx in ax.taps.items():
-            out[:, py, px, :, dy - ay.first, dx - ax.first] = w[:, :, ty, tx].T
-    bias = None if plan.bias is None else np.repeat(plan.bias, s * s)
-    return out.reshape(c_out * s * s, c_in, ay.size, ax.size), bias
+    out = np.zeros((c_out, *[s] * len(axes), c_in, *[a.size for a in axes]), w.dtype)
+    for taps in itertools.product(*[a.taps.items() for a in axes]):  # ((phase, offset), tap) per axis
+        phases = tuple(phase for (phase, _), _ in taps)
+        offsets = tuple(d - a.first for ((_, d), _), a in zip(taps, axes, strict=True))
+        out[(slice(None), *phases, slice(None), *offsets)] = w[(slice(None), slice(None), *[t for _, t in taps])].T
+    bias = None if plan.bias is None else np.repeat(plan.bias, s ** len(axes))
+    return out.reshape(c_out * s ** len(axes), c_in, *[a.size for a in axes]), bias
 
 
 def _rewrite(model: Model, node: gs.Node, plan: _Plan) -> None:
@@ -144,9 +147,9 @@ def _rewrite(model: Model, node: gs.Node, plan: _Plan) -> None:
     inputs = [x, gs.Constant(model.unique_name(f"{node.name}_conv_weight"), weight)]
     if bias is not None:
         inputs.append(gs.Constant(model.unique_name(f"{node.name}_conv_bias"), bias))
-    (ay, ax), s = plan.axes, plan.stride
-    attrs = {"kernel_shape": [ay.size, ax.size], "pads": [ay.pads[0], ax.pads[0], ay.pads[1], ax.pads[1]],
-             "strides": [1, 1], "dilations": [1, 1], "group": 1}
+    axes, s = plan.axes, plan.stride
+    attrs = {"kernel_shape": [a.size for a in axes], "pads": [a.pads[0] for a in axes] + [a.pads[1] for a in axes],
+             "strides": [1] * len(axes), "dilations": [1] * len(axes), "group": 1}
     node.inputs.clear()
     node.outputs.clear()
     model.graph.nodes.remove(node)
@@ -156,14 +159,31 @@ def _rewrite(model: Model, node: gs.Node, plan: _Plan) -> None:
     phases = gs.Variable(model.unique_name(f"{y.name}_phases"), dtype=y.dtype)
     model.graph.nodes.append(gs.Node("Conv", node.name, attrs=attrs, inputs=inputs, outputs=[phases]))
     activation = _movable_activation(model, y)
-    if activation is not None:  # y is read by it alone: it reads the phases, and DepthToSpace writes its output
+    if activation is not None:  # y is read by it alone: it reads the phases, and the interleave writes its output
         out = activation.outputs[0]
         activation.inputs[0] = phases
         phases = gs.Variable(model.unique_name(f"{out.name}_phases"), dtype=out.dtype)
         activation.outputs[0] = phases
         y = out
-    model.graph.nodes.append(gs.Node("DepthToSpace", model.unique_name(f"{node.name}_depth_to_space"),
-                                     attrs={"blocksize": s, "mode": "CRD"}, inputs=[phases], outputs=[y]))
+    model.graph.nodes += _interleave(model, node.name, phases, y, s, len(axes), plan.weight.shape[1])
+
+
+def _interleave(model: Model, name: str, phases: gs.Variable, y: gs.Variable, s: int, rank: int,
+                channels: int) -> list[gs.Node]:
+    """Phases [N, C·s^r, ...] to y [N, C, ... · s]: DepthToSpace for 2-D; for 1-D (no such op) a Reshape to
+    [N, C, s, L], a Transpose to [N, C, L, s] and a Reshape to [N, C, L·s], which ONNX Runtime runs on the
+    integers too."""
+    if rank == 2:
+        return [gs.Node("DepthToSpace", model.unique_name(f"{name}_depth_to_space"),
+                        attrs={"blocksize": s, "mode": "CRD"}, inputs=[phases], outputs=[y])]
+    split = gs.Variable(model.unique_name(f"{y.name}_by_phase"), dtype=y.dtype)
+    moved = gs.Variable(model.unique_name(f"{y.name}_phase_last"), dtype=y.dtype)
+    by_phase = gs.Constant(model.unique_name(f"{name}_by_phase_shape"), np.array([0, channels, s, -1], np.int64))
+    merged = gs.Constant(model.unique_name(f"{name}_merged_shape"), np.array([0, channels, -1], np.int64))
+    return [gs.Node("Reshape", model.unique_name(f"{name}_split_phases"), inputs=[phases, by_phase], outputs=[split]),
+            gs.Node("Transpose", model.unique_name(f"{name}_phase_last"), attrs={"perm": [0, 1, 3, 2]},
+                    inputs=[split], outputs=[moved]),
+            gs.Node("Reshape", model.unique_name(f"{name}_interleave"), inputs=[moved, merged], outputs=[y])]
 
 
 def _movable_activation(model: Model, y: gs.Variable) -> gs.Node | None:
