@@ -19,9 +19,10 @@ kernel holds zeros, and the pass rewrites only up to `max-macs` times the origin
 DepthToSpace, where ONNX Runtime folds it into the integer Conv (left after it, the Conv's output was quantized
 over its negative values too: -1 dB on the test decoder).
 
+An output length that is no multiple of s (kernel 3, stride 2, pads 1 without output_padding: 2·input − 1) is
+computed in whole phases and its last positions cut off by a Slice (ONNX Runtime slices the quantized values).
 Declines: groups, dilations, auto_pad, an output_shape attribute, unequal strides, non-constant weights or bias,
-other than 1-D or 2-D, an output length that is not a multiple of s ((k − p_begin − p_end + output_padding) mod s ≠ 0),
-or a Conv that would need negative padding.
+other than 1-D or 2-D, or a Conv that would need negative padding.
 Contract: bounded (the same products, summed in another order).
 """
 
@@ -76,6 +77,7 @@ class _Axis:
     first: int  # d_min
     size: int   # Conv kernel size, d_max - d_min + 1
     pads: tuple[int, int]
+    crop: int   # trailing positions past the ConvTranspose's output (its length is no multiple of s)
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,6 @@ def _plan(node: gs.Node) -> _Plan | None:
 
 
 def _axis(k: int, s: int, begin: int, end: int, extra: int) -> _Axis | None:
-    if (k - begin - end + extra) % s:
-        return None  # the output is no whole number of phases
     taps = {}
     for phase in range(s):
         c, r = divmod(phase + begin, s)
@@ -121,10 +121,12 @@ def _axis(k: int, s: int, begin: int, end: int, extra: int) -> _Axis | None:
         return None
     first, last = min(d for _, d in taps), max(d for _, d in taps)
     size = last - first + 1
-    # The Conv's output length must be the ConvTranspose's divided by s: input + pads - size + 1 = input + e
-    e = (k - begin - end + extra) // s - 1
+    # The ConvTranspose's output is (input - 1)·s + span. The Conv gives input + e positions per phase, the
+    # smallest whole number of phases that holds it, so that input + pads - size + 1 = input + e.
+    span = k - begin - end + extra
+    e = -(-span // s) - 1
     pads = (-first, e + first + size - 1)
-    return _Axis(taps, first, size, pads) if min(pads) >= 0 else None
+    return _Axis(taps, first, size, pads, (e + 1) * s - span) if min(pads) >= 0 else None
 
 
 def _conv_weights(plan: _Plan) -> tuple[np.ndarray, np.ndarray | None]:
@@ -165,7 +167,17 @@ def _rewrite(model: Model, node: gs.Node, plan: _Plan) -> None:
         phases = gs.Variable(model.unique_name(f"{out.name}_phases"), dtype=out.dtype)
         activation.outputs[0] = phases
         y = out
-    model.graph.nodes += _interleave(model, node.name, phases, y, s, len(axes), plan.weight.shape[1])
+    crops = [a.crop for a in axes]
+    if not any(crops):
+        model.graph.nodes += _interleave(model, node.name, phases, y, s, len(axes), plan.weight.shape[1])
+        return
+    whole = gs.Variable(model.unique_name(f"{y.name}_whole_phases"), dtype=y.dtype)
+    model.graph.nodes += _interleave(model, node.name, phases, whole, s, len(axes), plan.weight.shape[1])
+    cut = [(2 + i, c) for i, c in enumerate(crops) if c]
+    bounds = [gs.Constant(model.unique_name(f"{node.name}_crop_{what}"), np.array(v, np.int64)) for what, v in
+              (("starts", [0] * len(cut)), ("ends", [-c for _, c in cut]), ("axes", [a for a, _ in cut]))]
+    model.graph.nodes.append(gs.Node("Slice", model.unique_name(f"{node.name}_crop"), inputs=[whole, *bounds],
+                                     outputs=[y]))
 
 
 def _interleave(model: Model, name: str, phases: gs.Variable, y: gs.Variable, s: int, rank: int,

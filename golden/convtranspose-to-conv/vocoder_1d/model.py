@@ -14,7 +14,8 @@ def build():
              helper.make_node("ConvTranspose", ["a", "up.w", "up.b"], ["up"], name="up", kernel_shape=[8], strides=[4],
                               pads=[2, 2]),
              helper.make_node("LeakyRelu", ["up"], ["y"], name="post_act", alpha=0.1)]
-    graph = helper.make_graph(nodes, "upsampler", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, "t"])],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, "t"])]
+    graph = helper.make_graph(nodes, "upsampler", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, "t4"])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
