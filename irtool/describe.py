@@ -88,18 +88,23 @@ def format_registry(data: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------- one model
 def describe_model(model: Any, input_shapes: dict[str, list[int]]) -> dict[str, Any]:
-    """Cost metrics plus typed inputs/outputs of an irtool Model."""
+    """Cost metrics plus typed inputs/outputs of an irtool Model. Costs are per input of `cost_input_shapes`:
+    the shapes given, and symbolic dims counted as 1 (as `irtool opt` reports them), so that a dynamic batch does
+    not leave every MAC unknown."""
     from irtool.analysis.cost import model_cost
+    from irtool.analysis.shapes import concrete_input_shapes
     from irtool.api import check_input_shapes
     from irtool.ir.skeleton import infer_types
 
     check_input_shapes(model, input_shapes)
     known = infer_types(model.shape_inference_proto(), input_shapes or None)
+    cost_shapes = concrete_input_shapes(model, input_shapes)
     # "opset" is the file's; a model below opset 13 is analysed upgraded (irtool.ir.io.upgrade_opset).
     data = {"opset": model.source_opset, "analysed_opset": model.opset, "ir_version": int(model.graph.ir_version or 0),
             "inputs": [_value(t.name, known) for t in model.graph.inputs],
-            "outputs": [_value(t.name, known) for t in model.graph.outputs]}
-    data.update(cost_metrics(model_cost(model, input_shapes or None)))
+            "outputs": [_value(t.name, known) for t in model.graph.outputs],
+            "cost_input_shapes": {name: list(dims) for name, dims in cost_shapes.items()}}
+    data.update(cost_metrics(model_cost(model, cost_shapes or None)))
     return data
 
 
@@ -119,6 +124,11 @@ def format_model_summary(data: dict[str, Any]) -> str:
         lines += [f"  {v['name']}: {v['dtype'] or '?'}{_shape_text(v['shape'])}" for v in data[kind]]
     rows = [(key.replace("_", " "), metric_text(key, data[key])) for key in RATIO_METRICS]
     lines += table(rows, align="<>")
+    pinned = {v["name"]: data["cost_input_shapes"][v["name"]] for v in data["inputs"]
+              if v["name"] in data.get("cost_input_shapes", {}) and v["shape"] != data["cost_input_shapes"][v["name"]]}
+    if pinned:
+        shapes = ", ".join(f"{name}:{'x'.join(map(str, dims)) or 'scalar'}" for name, dims in pinned.items())
+        lines.append(f"costs per input of {shapes} (symbolic dims counted as 1; --input-shape to choose)")
     lines.append("op histogram:")
     lines += [f"  {op:<24} {count:>6}" for op, count in data["op_histogram"].items()]
     if data["unknown_macs"]:

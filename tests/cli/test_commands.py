@@ -86,6 +86,16 @@ def test_inspect_text(tiny: Path):
     assert "weight bytes" in result.stdout and "432 B" in result.stdout
 
 
+def test_inspect_counts_a_symbolic_batch_as_one_and_says_so(tiny: Path):
+    """Costs per sample, as `irtool opt` reports them: the batch N left every MAC unknown (macs 0)."""
+    data = json.loads(run_cli("inspect", tiny, "--json").stdout)
+    assert data["macs"] == 4 * 8 * 8 * 27 + 2 * 4 * 8 * 8 and data["cost_input_shapes"] == {"x": [1, 3, 8, 8]}
+    assert data["unknown_macs"] == []
+    text = run_cli("inspect", tiny).stdout
+    assert "costs per input of x:1x3x8x8 (symbolic dims counted as 1; --input-shape to choose)" in text
+    assert "costs per input" not in run_cli("inspect", tiny, "--input-shape", "x:2x3x8x8").stdout
+
+
 def test_show_prints_the_textual_ir(tiny: Path):
     result = run_cli("show", tiny, "--input-shape", "x:1x3x8x8")
     assert result.returncode == 0, result.stderr
