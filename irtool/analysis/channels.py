@@ -139,6 +139,8 @@ class ChannelGraph:
     slice_blocks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
     roots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # every element's atom
     notes: dict[str, Any] = field(default_factory=dict)  # what a handler's propagate left its apply, by node name
+    # Weights that several nodes read with their channels tied (Builder.share): sliced once (PruneView.once)
+    tied_weights: frozenset[str] = frozenset()
 
     def atom(self, tensor: str, index: int) -> int:
         return int(self.roots[self.spaces[tensor].base + index])
@@ -184,6 +186,7 @@ class PruneView:
         self._removed_mask = graph.removed_mask(removed_atoms)
         self._outputs, self._unique_name = set(outputs), unique_name or (lambda prefix: prefix)
         self._cache: dict[str, np.ndarray | None] = {}
+        self._sliced: set[str] = set()
         self.new_nodes: list[gs.Node] = []  # added by handlers; the pass puts them in the graph
 
     def unique(self, prefix: str) -> str:
@@ -210,6 +213,18 @@ class PruneView:
             return copy
         return constant
 
+    def once(self, node: gs.Node, index: int) -> gs.Constant | None:
+        """The weight node.inputs[index] to slice, as `own` gives it; for a tied weight (ChannelGraph.tied_weights:
+        every reader keeps the same channels) the first reader gets it and the others None, so that the readers
+        keep sharing one sliced weight instead of a copy each."""
+        constant = node.inputs[index]
+        if constant.name not in self.graph.tied_weights or constant.name in self._outputs:
+            return self.own(node, index)
+        if constant.name in self._sliced:
+            return None
+        self._sliced.add(constant.name)
+        return constant
+
     def keep(self, tensor: gs.Tensor) -> np.ndarray | None:
         if tensor.name not in self._cache:
             self._cache[tensor.name] = self.graph.keep_indices(tensor.name, self._removed_mask)
@@ -234,6 +249,7 @@ class Builder:
         self.soft_tensor_locks: dict[str, str] = {}
         self.statistics: set[str] = set()  # outputs that hold a statistic over channels, and so carry none
         self.notes: dict[str, Any] = {}
+        self.shared: dict[str, list[tuple[gs.Tensor, ...]]] = {}  # constant name -> its readers' sides (share)
 
     def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
         """Dims of a tensor; symbolic dims (a dynamic batch) stay strings, channel dims must be ints."""
@@ -280,6 +296,31 @@ class Builder:
     def lock(self, tensor: gs.Tensor, reason: str) -> None:
         self.tensor_locks.setdefault(tensor.name, reason)
 
+    def share(self, constant: gs.Constant, sides: tuple[gs.Tensor, ...]) -> None:
+        """A reader of `constant`, which other nodes read too (a block applied several times: iterative refinement,
+        an RNN unrolled by torch.export), slices it along the channels of `sides`: a weight's (input, output), an
+        elementwise operand's (output,). After the walk, tie_shared ties each side across the readers."""
+        self.shared.setdefault(constant.name, []).append(sides)
+
+    def tie_shared(self) -> set[str]:
+        """Tie each side of a shared constant's readers; where one reader cannot follow (no channels there, another
+        axis or size, another kind of reader), lock that side for all of them. Either way every reader keeps the
+        same channels of the constant, which is then sliced once (ChannelGraph.tied_weights)."""
+        for name, readers in self.shared.items():
+            sides = {len(r) for r in readers}
+            for side in range(max(sides)):
+                tensors = [r[side] for r in readers if side < len(r)]
+                spaces = [self.space(t) for t in tensors]
+                if len(sides) == 1 and all(spaces) and len({(s.axis, s.size) for s in spaces}) == 1:
+                    for t in tensors[1:]:
+                        self.tie(tensors[0], t)
+                    continue
+                for t, space in zip(tensors, spaces, strict=True):
+                    if space is not None:
+                        self.lock(t, f"{name!r} is shared by {len(readers)} nodes and one of them cannot follow its "
+                                     "channels")
+        return set(self.shared)
+
     def soft_lock(self, tensor: gs.Tensor, reason: str) -> None:
         """A lock prune lifts when asked to (Group.soft): removing these channels changes a statistic over them."""
         self.soft_tensor_locks.setdefault(tensor.name, reason)
@@ -313,16 +354,17 @@ class ChannelGroups(Analysis):
                         builder.lock(t, f"read by {node.op} node {node.name!r}, which has no channel handler")
                 continue
             handler.propagate(node, builder)
+        tied = builder.tie_shared()
         for t in model.graph.outputs:
             if t.name in builder.spaces:
                 builder.lock(t, f"{t.name!r} is a graph output")
-        return _finish(builder)
+        return _finish(builder, tied)
 
 
-def _finish(builder: Builder) -> ChannelGraph:
+def _finish(builder: Builder, tied: set[str]) -> ChannelGraph:
     graph = ChannelGraph(builder.spaces, builder.uf, builder.filters, builder.slices,
                          filter_blocks=builder.filter_blocks, slice_blocks=builder.slice_blocks,
-                         roots=builder.uf.roots(), notes=builder.notes)
+                         roots=builder.uf.roots(), notes=builder.notes, tied_weights=frozenset(tied))
     for name, reason in sorted(builder.tensor_locks.items()):
         if name in builder.spaces:
             for atom in graph.atoms_of(name).tolist():

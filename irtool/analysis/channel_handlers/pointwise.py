@@ -107,6 +107,8 @@ class Elementwise(Handler):
         full = shape is not None and 0 <= local < len(shape) and shape[local] == b.space(y).size
         if b.space(t) is not None:
             b.tie(t, y)
+        elif full and _constant(t) is not None and not _only_use(t) and all(r.op == node.op for r in t.outputs):
+            b.share(t, (y,))  # a bias every application of a shared layer adds: its readers keep the same channels
         elif full and (_constant(t) is None or not _only_use(t)):
             b.lock(y, f"{node.op} {node.name!r} has an operand {t.name!r} with channels from nowhere")
 
@@ -120,8 +122,11 @@ class Elementwise(Handler):
                 continue
             values = np.asarray(t.values)
             local = space.axis - (space.rank - values.ndim)
-            if 0 <= local < values.ndim and values.shape[local] > 1:
-                _take(view.own(node, index), indices, local)
+            if not (0 <= local < values.ndim and values.shape[local] > 1):
+                continue
+            constant = view.once(node, index)
+            if constant is not None:  # None: a shared operand another reader sliced
+                _take(constant, indices, local)
 
 
 @handles("Transpose")

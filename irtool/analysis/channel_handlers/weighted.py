@@ -23,7 +23,7 @@ class Conv(Handler):
     def propagate(self, node, b):
         x, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
         group = int(node.attrs.get("group", 1))
-        if w is None or not _only_use(w) or (len(node.inputs) > 2 and _constant(node.inputs[2]) is None):
+        if not _readable(w, node, b) or (len(node.inputs) > 2 and _constant(node.inputs[2]) is None):
             b.lock(x, f"Conv {node.name!r} has non-constant or shared weights") if b.space(x) else None
             return
         weights = np.asarray(w.values)
@@ -47,13 +47,15 @@ class Conv(Handler):
         b.add_filters(node, y, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
-        w = view.own(node, 1)
         out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
+        if len(node.inputs) > 2:
+            _take(view.own(node, 2), out_keep, 0)
+        w = view.once(node, 1)
+        if w is None:  # a tied weight another reader sliced
+            return
         group = int(node.attrs.get("group", 1))
         k_in, per_group = np.asarray(w.values).shape[1], np.asarray(w.values).shape[0] // group
         _take(w, out_keep, 0)
-        if len(node.inputs) > 2:
-            _take(view.own(node, 2), out_keep, 0)
         if group > 1 and k_in == 1:
             node.attrs["group"] = int(np.asarray(w.values).shape[0]) // per_group
         elif group > 1 and in_keep is not None:
@@ -62,6 +64,27 @@ class Conv(Handler):
             _take(w, positions, 1)
         else:
             _take(w, in_keep, 1)
+
+
+def _readable(w, node, b: Builder) -> bool:
+    """A constant weight read by `node` alone, or tied: read at input 1 only, by nodes of `node`'s op and layout (a
+    block applied several times: iterative refinement, an RNN unrolled by torch.export); then registered with
+    Builder.share, which ties the readers' channels after the walk. Grouped Convs are not tied."""
+    if w is None:
+        return False
+    if _only_use(w):
+        return True
+    if _layout(node)[1] != 1 or not all(_layout(r) == _layout(node) and len(r.inputs) > 1 and r.inputs[1] is w
+                                         and r.inputs[0] is not w and all(t is not w for t in r.inputs[2:])
+                                         for r in w.outputs):
+        return False
+    b.share(w, (node.inputs[0], node.outputs[0]))
+    return True
+
+
+def _layout(node) -> tuple:
+    """What must agree between the readers of a tied weight: the op and how it lays the weight out."""
+    return node.op, int(node.attrs.get("group", 1)), int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
 
 
 def _tie_positions(b: Builder, space: Space, groups: int) -> None:
@@ -79,7 +102,7 @@ class Gemm(Handler):
         a, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
         space_in = b.space(a)
         trans_a = int(node.attrs.get("transA", 0))
-        if w is None or not _only_use(w) or (len(node.inputs) > 2 and _constant(node.inputs[2]) is None):
+        if not _readable(w, node, b) or (len(node.inputs) > 2 and _constant(node.inputs[2]) is None):
             if space_in is not None:
                 b.lock(a, f"Gemm {node.name!r} has non-constant or shared weights")
             return
@@ -95,11 +118,12 @@ class Gemm(Handler):
             b.add_slices(node, a, rows.T)
 
     def apply(self, node, view):
-        w = view.own(node, 1)
+        w = view.once(node, 1)
         trans_b = int(node.attrs.get("transB", 0))
         out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
-        _take(w, out_keep, 0 if trans_b else 1)
-        _take(w, in_keep, 1 if trans_b else 0)
+        if w is not None:  # None: a tied weight another reader sliced
+            _take(w, out_keep, 0 if trans_b else 1)
+            _take(w, in_keep, 1 if trans_b else 0)
         if len(node.inputs) > 2 and np.asarray(node.inputs[2].values).ndim >= 1 \
                 and np.asarray(node.inputs[2].values).shape[-1] > 1:
             bias = view.own(node, 2)
@@ -122,7 +146,7 @@ class MatMul(Handler):
             self._batched(node, b)
             return
         space_in = b.space(a)
-        if w is None or not _only_use(w) or np.asarray(w.values).ndim != 2:
+        if not _readable(w, node, b) or np.asarray(w.values).ndim != 2:
             for t in node.inputs:
                 if b.space(t) is not None:
                     b.lock(t, f"MatMul {node.name!r} has no constant 2-D weight")
@@ -163,9 +187,10 @@ class MatMul(Handler):
 
     def apply(self, node, view):
         if _constant(node.inputs[1]) is not None and _constant(node.inputs[0]) is None:
-            w = view.own(node, 1)
-            _take(w, view.keep(node.outputs[0]), 1)
-            _take(w, view.keep(node.inputs[0]), 0)
+            w = view.once(node, 1)
+            if w is not None:  # None: a tied weight another reader sliced
+                _take(w, view.keep(node.outputs[0]), 1)
+                _take(w, view.keep(node.inputs[0]), 0)
 
 
 @handles("ConvTranspose")
