@@ -48,8 +48,8 @@ class Conv(Handler):
 
     def apply(self, node, view):
         out_keep, in_keep = view.keep(node.outputs[0]), view.keep(node.inputs[0])
-        if len(node.inputs) > 2:
-            _take(view.own(node, 2), out_keep, 0)
+        if len(node.inputs) > 2 and (bias := view.once(node, 2)) is not None:
+            _take(bias, out_keep, 0)
         w = view.once(node, 1)
         if w is None:  # a tied weight another reader sliced
             return
@@ -79,6 +79,10 @@ def _readable(w, node, b: Builder) -> bool:
                                          for r in w.outputs):
         return False
     b.share(w, (node.inputs[0], node.outputs[0]))
+    bias = _constant(node.inputs[2]) if len(node.inputs) > 2 else None
+    if bias is not None and not _only_use(bias) \
+            and all(len(r.inputs) > 2 and r.inputs[1] is w and r.inputs[2] is bias for r in bias.outputs):
+        b.share(bias, (node.outputs[0],))  # the same layer's bias: sliced once with its weight
     return True
 
 
@@ -125,8 +129,7 @@ class Gemm(Handler):
             _take(w, out_keep, 0 if trans_b else 1)
             _take(w, in_keep, 1 if trans_b else 0)
         if len(node.inputs) > 2 and np.asarray(node.inputs[2].values).ndim >= 1 \
-                and np.asarray(node.inputs[2].values).shape[-1] > 1:
-            bias = view.own(node, 2)
+                and np.asarray(node.inputs[2].values).shape[-1] > 1 and (bias := view.once(node, 2)) is not None:
             _take(bias, out_keep, np.asarray(bias.values).ndim - 1)
 
 
