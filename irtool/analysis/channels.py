@@ -250,6 +250,7 @@ class Builder:
         self.statistics: set[str] = set()  # outputs that hold a statistic over channels, and so carry none
         self.notes: dict[str, Any] = {}
         self.shared: dict[str, list[tuple[gs.Tensor, ...]]] = {}  # constant name -> its readers' sides (share)
+        self.shared_readers: dict[str, int] = {}  # constant name -> how many nodes read it
 
     def shape(self, tensor: gs.Tensor) -> list[int | str] | None:
         """Dims of a tensor; symbolic dims (a dynamic batch) stay strings, channel dims must be ints."""
@@ -301,6 +302,7 @@ class Builder:
         an RNN unrolled by torch.export), slices it along the channels of `sides`: a weight's (input, output), an
         elementwise operand's (output,). After the walk, tie_shared ties each side across the readers."""
         self.shared.setdefault(constant.name, []).append(sides)
+        self.shared_readers[constant.name] = len(constant.outputs)
 
     def tie_shared(self) -> set[str]:
         """Tie each side of a shared constant's readers; where one reader cannot follow (no channels there, another
@@ -308,17 +310,19 @@ class Builder:
         same channels of the constant, which is then sliced once (ChannelGraph.tied_weights)."""
         for name, readers in self.shared.items():
             sides = {len(r) for r in readers}
+            # every reader registered (a reader whose handler never got that far, or has none, keeps all channels)
+            complete = len(sides) == 1 and len(readers) == self.shared_readers[name]
             for side in range(max(sides)):
                 tensors = [r[side] for r in readers if side < len(r)]
                 spaces = [self.space(t) for t in tensors]
-                if len(sides) == 1 and all(spaces) and len({(s.axis, s.size) for s in spaces}) == 1:
+                if complete and all(spaces) and len({(s.axis, s.size) for s in spaces}) == 1:
                     for t in tensors[1:]:
                         self.tie(tensors[0], t)
                     continue
                 for t, space in zip(tensors, spaces, strict=True):
                     if space is not None:
-                        self.lock(t, f"{name!r} is shared by {len(readers)} nodes and one of them cannot follow its "
-                                     "channels")
+                        self.lock(t, f"{name!r} is shared by {self.shared_readers[name]} nodes and one of them cannot "
+                                     "follow its channels")
         return set(self.shared)
 
     def soft_lock(self, tensor: gs.Tensor, reason: str) -> None:

@@ -105,3 +105,23 @@ def test_a_shared_weight_whose_readers_disagree_is_locked():
     assert [(g.size, g.locked) for g in groups if g.size == 8] == [
         (8, "'w' is shared by 2 nodes and one of them cannot follow its channels")]
     assert prune(original, "prune{ratio=0.5,round-to=1}")[2][0].stats["channels_removed"] == 0
+
+
+def test_a_shared_bias_that_one_reader_adds_to_a_tensor_without_channels_is_locked():
+    """`b` is added to a conv output and to the graph input x, whose Add has no channels to follow: the first
+    Add's channels must stay, or slicing the one `b` would break the second Add."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (8, 8, 1, 1)), ("b", (1, 8, 1, 1)), ("w2", (3, 8, 1, 1)), ("w3", (3, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="c1"),
+             helper.make_node("Add", ["c", "b"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y1"], name="c2"),
+             helper.make_node("Add", ["x", "b"], ["a2"], name="add2"),
+             helper.make_node("Conv", ["a2", "w3"], ["y2"], name="c3")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 4, 4]) for n in ("y1", "y2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              outputs, inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    locked = {g.locked for g in analysis(original).groups if g.size == 8}
+    assert locked == {"'b' is shared by 2 nodes and one of them cannot follow its channels"}

@@ -102,8 +102,8 @@ class Reshape(Handler):
     def propagate(self, node, b):
         source = _shape_source(node.inputs[1], b)
         if not self._follow(node, b, source) and source is not None and b.space(source) is not None:
-            b.lock(source, f"Reshape {node.name!r} gives a tensor whose channels it cannot follow the shape of "
-                           f"{source.name!r}")
+            b.lock(source, f"Reshape {node.name!r} reshapes to the shape of {source.name!r} but cannot carry its "
+                           "channels")
 
     def _follow(self, node, b, source: gs.Tensor | None) -> bool:
         """Tie the output's channels to the input's; False where the output carries none (input locked, or none)."""
