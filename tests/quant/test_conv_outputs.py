@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from irtool.api import optimize
+from tests.quant.digits_models import sqnr_db
 from tests.quant.ort_run import optimized_ops
 
 SHAPE = (1, 3, 16, 16)
@@ -55,9 +56,6 @@ def _outputs(proto: onnx.ModelProto, batches) -> list[np.ndarray]:
     return [np.concatenate([r[i] for r in runs]) for i in range(len(runs[0]))]
 
 
-def _sqnr(reference: np.ndarray, out: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference ** 2) / np.sum((reference - out) ** 2)))
-
 
 def test_a_conv_writing_a_graph_output_runs_as_an_integer_conv(tmp_path):
     proto = _segmenter()
@@ -78,7 +76,7 @@ def test_a_conv_writing_a_graph_output_runs_as_an_integer_conv(tmp_path):
     test = _batches(2, 4)
     for name, reference, out in zip(("seg", "aux", "edge"), _outputs(proto, test), _outputs(quantized, test),
                                     strict=True):
-        assert _sqnr(reference, out) > 25.0, name
+        assert sqnr_db(reference, out) > 25.0, name
 
 
 def test_the_aux_output_and_its_reader_see_the_same_dequantized_values():
