@@ -29,7 +29,7 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 # float32 models; the Casts to float16 it turns into no-ops are removed by cleanup.
 # convtranspose-to-conv (ort-cpu only): ONNX Runtime has no integer ConvTranspose; as Conv + DepthToSpace a
 # decoder's up-convolution runs as a QLinearConv (0.56-0.85x the INT8 latency on the test decoders). TensorRT
-# has INT8 deconvolutions, so quant-trt keeps them.
+# has INT8 deconvolutions, so quant-trt keeps them. insert-qdq turns those it leaves float back into ConvTransposes.
 # smooth{min-spread=8}: SmoothQuant where a LayerNorm's output has outlier channels (BERT-class transformers);
 # it costs one float pass where LayerNorms feed MatMuls, and changes nothing where there are no outliers.
 QUANT = ("fp32,cleanup,einsum-to-matmul,fold-scale,fold-bn,convtranspose-to-conv,smooth{min-spread=8},"

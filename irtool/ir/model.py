@@ -157,6 +157,16 @@ class Model:
         self._taken.add(name)
         return name
 
+    def reuse_name(self, name: str) -> str:
+        """`name` itself if nothing in the model uses it now (a pass restoring what it removed earlier gives it
+        back its old name), else a unique name from it."""
+        if name in self._names():
+            return self.unique_name(name)
+        if self._taken is None:
+            self._taken = self._names()
+        self._taken.add(name)
+        return name
+
     def forget_names(self) -> None:
         self._taken = None
 

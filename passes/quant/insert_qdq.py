@@ -19,7 +19,9 @@ TensorRT does not saturate either: the trt profile always uses M = 127.
 Tensors that must share a scale (concat inputs for trt; tensors joined by data-movement ops alone,
 placement.SHARED_SCALE_OPS) use the union of their ranges; groups that overlap merge first. Mixed
 precision (min-sqnr / keep-fp) keeps the layers to which the output is most sensitive in float
-(passes/quant/sensitivity.py).
+(passes/quant/sensitivity.py). A ConvTranspose that convtranspose-to-conv rewrote and that stays float
+(excluded by name, by exclude-ops=ConvTranspose, first/last, or by mixed precision) is turned back into the
+ConvTranspose: the rewrite only pays as an integer Conv (in float: 1.5x the latency on the bench's pose net).
 GELU (ort-cpu, fuse-gelu=true): the GELU of transformer MLPs stays float between one DQ and one Q; ONNX
 Runtime cannot fuse it there (it gives each reader of x its own DQ copy first), so the profile emits the
 fused op itself (irtool.ir.gelu; com.microsoft.Gelu / FastGelu below opset 20, for the erf and tanh forms).
@@ -28,6 +30,7 @@ The trt profile leaves the ops: TensorRT fuses pointwise chains itself and has n
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -42,6 +45,7 @@ from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
 from irtool.ir.rewrite import SHAPE_READERS
 from irtool.ir.topo import toposort_graph
+from irtool.passes import deconv
 from irtool.passes.fp16 import has_float16_source
 from irtool.passes.quant.bias_gemm import bias_add
 from irtool.passes.quant.bias_gemm import fuse as fuse_bias_adds
@@ -205,6 +209,23 @@ def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
             holder.inputs[index] = gs.Constant(model.unique_name(original["name"]), values)
 
 
+def restore_float_convtransposes(model: Model, quantized: set[str]) -> list[str]:
+    """Turn the ConvTransposes that convtranspose-to-conv rewrote and that stay float back into ConvTransposes:
+    the rewrite exists for the integer Conv, and in float its phase Conv can cost more (zero taps). Their
+    bias-correct corrections are undone first (a correction per phase is no ConvTranspose bias) and forgotten."""
+    names = set(deconv.rewritten(model)) - quantized
+    if not names:
+        return []
+    restore_uncorrected_biases(model, quantized)
+    restored = deconv.restore(model, names)
+    if BIAS_CORRECTION_KEY in model.metadata:
+        record = json.loads(model.metadata[BIAS_CORRECTION_KEY])
+        for name in restored:
+            record.pop(name, None)
+        model.metadata[BIAS_CORRECTION_KEY] = json.dumps(record, sort_keys=True)
+    return restored
+
+
 def _remove_bias_add(model: Model, matmul: gs.Node, add: gs.Node) -> None:
     """Undo bias-correct's bias Add: the MatMul writes the Add's output (its old name) again."""
     out = add.outputs[0]
@@ -358,6 +379,9 @@ class InsertQDQ(Pass):
         hard = decompose_hard_activations(model, ranges, set(plan.tensors)) if ort_cpu else 0
         if hard:
             plan = build_plan(model, placement, selection)
+        restored = restore_float_convtransposes(model, set(plan.quantized_nodes))
+        if restored:
+            plan = build_plan(model, placement, selection)
         means = global_means(model) if ort_cpu else set()  # before the Q/DQ: their outputs carry no shapes
         pairs = apply_plan(model, plan, ranges, placement)
         fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
@@ -367,18 +391,19 @@ class InsertQDQ(Pass):
                                "takes float32; run `fp32` first (the quant pipelines do)")
         del model.metadata[METADATA_KEY]
         model.metadata.pop(BIAS_CORRECTION_KEY, None)
+        model.metadata.pop(deconv.METADATA_KEY, None)
         return PassResult(modified=True, stats={
             "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),
             "layers_kept_float": sorted(selection.keep_fp), "gelu_fused": fused, "global_pools": pools,
-            "hard_activations": hard, "profile": self.options.profile.value})
+            "hard_activations": hard, "convtransposes_restored": len(restored), "profile": self.options.profile.value})
 
     def _selection(self, model: Model, ranges, placement: Placement, ctx: PassContext) -> Selection:
         base = Selection(tuple(self.options.exclude), tuple(self.options.exclude_ops), self.options.keep_first,
-                         self.options.keep_last)
+                         self.options.keep_last, convtransposes=frozenset(deconv.rewritten(model)))
         if self.options.min_sqnr is None and not self.options.keep_fp:
             return base
         from irtool.passes.quant.sensitivity import keep_in_float
 
         keep = keep_in_float(model, ranges, placement, base, ctx, min_sqnr=self.options.min_sqnr,
                              keep_fp=self.options.keep_fp)
-        return Selection(base.exclude, base.exclude_ops, base.keep_first, base.keep_last, frozenset(keep))
+        return dataclasses.replace(base, keep_fp=frozenset(keep))

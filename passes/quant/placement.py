@@ -203,6 +203,8 @@ class Selection:
     keep_last: bool = False
     keep_fp: frozenset[str] = frozenset()
     only: frozenset[str] | None = None  # sensitivity analysis: quantize just these
+    # Convs that convtranspose-to-conv rewrote: exclude-ops=ConvTranspose still names them.
+    convtransposes: frozenset[str] = frozenset()
 
     def enabled(self, model: Model) -> list[gs.Node]:
         nodes = [model.graph.nodes[i] for i in topo_order(model.graph.nodes)]
@@ -217,7 +219,8 @@ class Selection:
     def _allowed(self, node: gs.Node) -> bool:
         if self.only is not None:
             return node.name in self.only
-        return node.op not in self.exclude_ops and node.name not in self.keep_fp \
+        op = "ConvTranspose" if node.name in self.convtransposes else node.op
+        return op not in self.exclude_ops and node.name not in self.keep_fp \
             and not any(re.search(p, node.name) for p in self.exclude)
 
 

@@ -101,14 +101,12 @@ def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext,
                       reference: list[dict[str, np.ndarray]] | None = None) -> list[tuple[str, float]]:
     """(layer, SQNR with only that layer quantized), most sensitive first. Its callers pass a context from
     with_eval_batches, so the sweep reads the data once, and the float outputs they already have."""
-    from irtool.passes.quant.placement import Selection
-
     reference = float_outputs(model, ctx) if reference is None else reference
     layers = [n.name for n in base.enabled(model)]
     results = []
     for index, name in enumerate(bar(layers, ctx.progress, "quant-sensitivity", "layer")):
         ctx.logger.info("quant-sensitivity: layer %d/%d %s", index + 1, len(layers), name)
-        only = Selection(base.exclude, base.exclude_ops, base.keep_first, base.keep_last, only=frozenset([name]))
+        only = dataclasses.replace(base, only=frozenset([name]))
         results.append((name, quantized_sqnr(model, ranges, placement, only, reference, ctx)))
     return sorted(results, key=lambda item: (item[1], item[0]))
 
@@ -116,7 +114,6 @@ def layer_sensitivity(model: Model, ranges, placement, base, ctx: PassContext,
 def keep_in_float(model: Model, ranges, placement, base, ctx: PassContext, *, min_sqnr: float | None,
                   keep_fp: int) -> set[str]:
     from irtool.errors import InputError
-    from irtool.passes.quant.placement import Selection
 
     if ctx.calibration_data is None:
         raise InputError("mixed precision (min-sqnr / keep-fp) needs calibration data")
@@ -136,8 +133,7 @@ def keep_in_float(model: Model, ranges, placement, base, ctx: PassContext, *, mi
 
     def sqnr_keeping(count: int) -> float:
         keep = frozenset(ranked[:count])
-        return quantized_sqnr(model, ranges, placement, Selection(base.exclude, base.exclude_ops, base.keep_first,
-                                                                  base.keep_last, keep), reference, ctx)
+        return quantized_sqnr(model, ranges, placement, dataclasses.replace(base, keep_fp=keep), reference, ctx)
 
     low, high = max(keep_fp, 0), len(ranked)
     if sqnr_keeping(low) >= min_sqnr:
@@ -202,11 +198,13 @@ def _finite(value: float) -> float | str:
 
 
 def sensitivity_report(model: Model, ranges, placement, ctx: PassContext) -> SensitivityReport:
+    from irtool.passes.deconv import rewritten
     from irtool.passes.quant.placement import Selection
 
-    base = Selection()
+    convtransposes = frozenset(rewritten(model))
+    base = Selection(convtransposes=convtransposes)
     ctx = with_eval_batches(ctx)
-    ops = {n.name: n.op for n in model.graph.nodes}
+    ops = {n.name: "ConvTranspose" if n.name in convtransposes else n.op for n in model.graph.nodes}
     reference = float_outputs(model, ctx)
     ranked = layer_sensitivity(model, ranges, placement, base, ctx, reference)
     full = quantized_sqnr(model, ranges, placement, base, reference, ctx)

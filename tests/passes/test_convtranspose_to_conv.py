@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from irtool.api import optimize
+from irtool.ir.model import Model
+from irtool.passes import deconv
 from irtool.passes.pipelines import QUANT
 from tests.quant.digits_models import sqnr_db
 from tests.quant.ort_run import optimized_ops
@@ -30,9 +32,22 @@ def _export(module: torch.nn.Module, shape: tuple[int, ...], dynamic_length: boo
     return onnx.load_from_string(buffer.getvalue())
 
 
-
 def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _assert_restores(original: onnx.ModelProto, model: Model) -> None:
+    """restore gives back the exported graph: the same nodes, attributes, names and weights, bit for bit."""
+    names = sorted(deconv.rewritten(model))
+    assert deconv.restore(model, names) == names and not deconv.rewritten(model)
+    back = model.to_proto()
+    assert [(n.op_type, list(n.input), list(n.output), n.attribute) for n in back.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output), n.attribute) for n in original.graph.node]
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
+    restored = {i.name: onnx.numpy_helper.to_array(i) for i in back.graph.initializer}
+    assert restored.keys() == weights.keys()
+    assert all(np.array_equal(restored[name], weights[name]) for name in weights)
+    assert not back.metadata_props
 
 
 @pytest.mark.parametrize(("k", "s", "p", "extra"), CASES, ids=[f"k{k}s{s}p{p}op{e}" for k, s, p, e in CASES])
@@ -50,6 +65,7 @@ def test_the_rewrite_equals_the_conv_transpose(k, s, p, extra):
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
     if p - (k - 1) <= 0:
         assert rewritten == 1 and ops == (["Conv"] if s == 1 else ["Conv", "DepthToSpace"] + ["Slice"] * cut)
+        _assert_restores(proto, result.model)
     else:  # the Conv would need negative padding
         assert rewritten == 0 and ops == ["ConvTranspose"]
 
@@ -72,6 +88,7 @@ def test_a_1d_conv_transpose_becomes_a_conv_and_an_interleave(k, s, p):
         assert ops == ["ConvTranspose", "LeakyRelu"]
     else:
         assert ops == (["Conv", "LeakyRelu"] if s == 1 else ["Conv", "LeakyRelu", *interleave])
+        _assert_restores(proto, result.model)  # the activation goes back after the ConvTranspose
 
 
 def test_an_activation_after_it_moves_before_the_depth_to_space():
@@ -145,3 +162,77 @@ def test_quant_runs_the_up_convolution_on_integers(tmp_path, kernel, padding):
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1  # the model's input and output only
     x = rng.standard_normal((4, 16, 8, 8)).astype(np.float32)
     assert sqnr_db(_run(proto, x), _run(quantized, x)) > 30.0
+
+
+class PoseNet(torch.nn.Module):
+    """SimpleBaseline's head: kernel-4 stride-2 pads-1 up-convolutions with BatchNorm and ReLU, then heatmaps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.up = torch.nn.Sequential(*[m for _ in range(2) for m in (torch.nn.ConvTranspose2d(32, 32, 4, 2, 1),
+                                                                      torch.nn.BatchNorm2d(32), torch.nn.ReLU())])
+        self.head = torch.nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.up(torch.relu(self.stem(x))))
+
+
+def _pose_net() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    torch.manual_seed(0)
+    module = PoseNet()
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(std=0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    rng = np.random.default_rng(0)
+    return _export(module, (1, 8, 6, 6)), [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+                                           for _ in range(8)]
+
+
+def test_an_excluded_conv_transpose_comes_out_as_it_went_in(tmp_path):
+    """exclude-ops=ConvTranspose names the rewritten ones too, and insert-qdq turns them back: the model is the one
+    quant makes without the rewrite, node for node and weight for weight (bias-correct's phase corrections are
+    undone first); only the activation scales can differ in the last bit, calibrated on float outputs that the
+    phase Conv sums in another order."""
+    proto, calib = _pose_net()
+    tail = "calibrate{profile=ort-cpu},bias-correct,insert-qdq{exclude-ops=[ConvTranspose]}"
+    rewritten = optimize(proto, f"fp32,cleanup,fold-bn,convtranspose-to-conv,{tail}", calibration_data=calib)
+    kept = optimize(proto, f"fp32,cleanup,fold-bn,{tail}", calibration_data=calib)
+    assert rewritten.records[-1].stats["convtransposes_restored"] == 2
+    got, want = rewritten.model.to_proto(), kept.model.to_proto()
+    assert list(got.graph.node) == list(want.graph.node)
+    got_weights = {i.name: onnx.numpy_helper.to_array(i) for i in got.graph.initializer}
+    want_weights = {i.name: onnx.numpy_helper.to_array(i) for i in want.graph.initializer}
+    assert got_weights.keys() == want_weights.keys()
+    for name, values in want_weights.items():
+        np.testing.assert_allclose(got_weights[name], values, rtol=1e-6 if values.dtype == np.float32 else 0, atol=0)
+    ops = optimized_ops(rewritten.model.to_proto(), str(tmp_path / "optimized.onnx"), calib[:1])
+    assert ops["ConvTranspose"] == 2 and not ops["DepthToSpace"] and ops["QLinearConv"] == 2  # stem and head
+
+
+def test_an_up_convolution_mixed_precision_keeps_float_is_a_conv_transpose_again():
+    """keep-fp leaves the most sensitive layers float; those that were ConvTransposes run as ConvTransposes (in float
+    the phase Conv of kernel 4, stride 2, pads 1 has 2.25x their MACs), the quantized one as Conv + DepthToSpace."""
+    proto, calib = _pose_net()
+    result = optimize(proto, QUANT.replace("min-sqnr=20", "keep-fp=2"), calibration_data=calib)
+    stats = result.records[-1].stats
+    float_convtransposes = [n for n in stats["layers_kept_float"] if "ConvTranspose" in n]
+    ops = [n.op for n in result.model.graph.nodes]
+    assert len(float_convtransposes) == 1 and stats["convtransposes_restored"] == 1  # with the heatmap conv
+    assert ops.count("ConvTranspose") == len(float_convtransposes)
+    assert ops.count("DepthToSpace") == 2 - len(float_convtransposes)
+    assert {n.name for n in result.model.graph.nodes if n.op == "ConvTranspose"} == set(float_convtransposes)
+    assert "irtool.convtranspose_to_conv" not in result.model.metadata
+    x = np.random.default_rng(1).standard_normal((4, 8, 6, 6)).astype(np.float32)
+    assert sqnr_db(_run(proto, x), _run(result.model.to_proto(), x)) > 30.0
+
+
+def test_a_rewrite_changed_since_stays_a_conv():
+    """A phase Conv whose weight a later pass changed (equalize, smooth) no longer splits into one ConvTranspose."""
+    proto = _export(torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 2, 4, 2, 1), torch.nn.ReLU()), (1, 4, 3, 3))
+    model = optimize(proto, "convtranspose-to-conv").model
+    conv = model.graph.nodes[0]
+    conv.inputs[1].values = np.asarray(conv.inputs[1].values) * 2.0
+    assert deconv.restore(model, deconv.rewritten(model)) == []
+    assert [n.op for n in model.graph.nodes] == ["Conv", "Relu", "DepthToSpace"]
