@@ -25,7 +25,9 @@ Parameters are the elements of every initializer (constant tensor) in the model,
 shape constants too; `weight_bytes` is their size in bytes. The peak-activation estimate walks the main
 graph in topological order, allocates each node's outputs, keeps every value alive until its last
 consumer has run (graph outputs until the end) and reports the largest live total. Graph inputs are
-live from the start; weights are not activations. Values of unknown size count 0.
+live from the start; weights are not activations, nor are values computed from weights alone (the
+DequantizeLinear of a quantized weight: a runtime folds it or fuses it into the integer kernel). Values of
+unknown size count 0.
 
 Adding an op is adding one entry to `MAC_RULES` (see `mac_rule`).
 """
@@ -314,6 +316,16 @@ def _value_bytes(tensor: gs.Tensor, shape: Shape) -> int | None:
     return _prod(dims) * dtype.itemsize
 
 
+def _computed_from_weights(nodes: list[gs.Node]) -> set[str]:
+    """Names of the values that topologically sorted `nodes` compute from constants alone."""
+    derived: set[str] = set()
+    for node in nodes:
+        used = outer_uses(node)
+        if (used or node.op == "Constant") and all(isinstance(t, gs.Constant) or t.name in derived for t in used):
+            derived.update(t.name for t in node.outputs if t.name)
+    return derived
+
+
 def peak_activation_bytes(graph: gs.Graph, nodes: list[gs.Node], shape: Shape) -> int:
     """Largest sum of live activation bytes while running `nodes` (topologically sorted) in order."""
     last_use: dict[str, int] = {}
@@ -322,13 +334,14 @@ def peak_activation_bytes(graph: gs.Graph, nodes: list[gs.Node], shape: Shape) -
             if not isinstance(t, gs.Constant):
                 last_use[t.name] = step
     keep = {t.name for t in graph.outputs}
+    weights = _computed_from_weights(nodes)
     live: dict[str, int] = {t.name: _value_bytes(t, shape) or 0 for t in graph.inputs}
     peak = sum(live.values())
     for name in [n for n in live if n not in last_use and n not in keep]:
         del live[name]
     for step, node in enumerate(nodes):
         for t in node.outputs:
-            if t.name:
+            if t.name and t.name not in weights:
                 live[t.name] = _value_bytes(t, shape) or 0
         peak = max(peak, sum(live.values()))
         for name in [n for n in live if last_use.get(n, -1) <= step and n not in keep]:

@@ -151,6 +151,21 @@ def test_peak_activation_keeps_values_until_last_consumer():
     assert report.total_macs == 100 * 1000 + 1000 * 10 + 100 * 10 + 10
 
 
+def test_values_computed_from_weights_alone_are_not_activations():
+    """A quantized weight's DequantizeLinear (and a Reshape of its output) is folded or fused by a runtime: a
+    float [1000, 10] weight must not count as a 40 kB activation, while the Q/DQ of the activation x does."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], name="wdq"),
+             helper.make_node("Reshape", ["wd", "shape"], ["wr"], name="wr"),
+             helper.make_node("MatMul", ["xd", "wr"], ["y"], name="mm")]
+    model = build(nodes, [("x", [1, 1000])], [("y", None)],
+                  {"s": np.float32(0.1), "z": np.uint8(0), "wq": np.ones((10, 1000), np.int8), "ws": np.float32(0.1),
+                   "shape": np.array([1000, 10], np.int64)})
+    # q holds x and xq, dq xq and xd: 5000 B; counted, wd and wr (40 kB each) made it 84 kB
+    assert model_cost(model).peak_activation_bytes == 4000 + 1000
+
+
 def test_symbolic_dims_resolved_via_input_shapes():
     model = conv_model(["N", 3, 32, 32], [8, 3, 3, 3], pads=[1, 1, 1, 1])
     dynamic = model_cost(model)
