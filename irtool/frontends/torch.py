@@ -81,7 +81,9 @@ def _export(torch: Any, module, args, names, output_names, dims, dynamic_batch, 
             log.warning("exporting %s: the dynamo exporter failed (%s); using the TorchScript tracer",
                         label, first_line(e))
     try:
-        with _quiet(stderr=False):
+        # Grad on: under no_grad an eval-mode nn.MultiheadAttention (nn.Transformer*, torchvision's ViT) takes its
+        # fused fast path, aten::_native_multi_head_attention, which the TorchScript exporter cannot export.
+        with _quiet(stderr=False), torch.enable_grad():
             return _torchscript(torch, module, args, names, output_names, dims, dynamic_batch, opset)
     except Exception as e:
         raise InputError(f"exporting {label} with the TorchScript exporter failed: {first_line(e)}") from e

@@ -90,6 +90,20 @@ def test_a_module_exports_in_eval_mode_with_a_dynamic_batch_and_forwards_names(e
     np.testing.assert_allclose(got, torch_eval(net, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_transformer_encoder_exports_with_either_exporter(exporter):
+    """Under no_grad an eval-mode nn.MultiheadAttention runs its fused fast path, which the TorchScript exporter
+    cannot export ('aten::_native_multi_head_attention ... not supported'): the tracer runs with grad on."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    net = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    proto = export_module(net, torch.randn(2, 6, 16), exporter=exporter)
+    x = np.random.default_rng(0).standard_normal((3, 6, 16)).astype(np.float32)
+    got = next(iter(run_ort(proto, {proto.graph.input[0].name: x}).values()))
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_optimize_takes_a_module_with_example_inputs_and_quantizes_it():
     net = trained_net()
     rng = np.random.default_rng(1)
