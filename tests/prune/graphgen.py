@@ -1,7 +1,8 @@
 """Random CNN-style ONNX graphs for pruning property tests: stacks of blocks that exercise every
 channel handler (residual adds, concats, splits, slices, depthwise and grouped convs, BN, transposes
 to NHWC with MatMul, squeeze/unsqueeze, SE-style gating, channel shuffle, multi-head self-attention
-over the 4x4 positions, GroupNormalization and its Reshape-InstanceNormalization-Reshape form (back to a
+over the 4x4 positions (also in nn.MultiheadAttention's sequence-first, heads-in-batch layout),
+GroupNormalization and its Reshape-InstanceNormalization-Reshape form (back to a
 constant shape or to the conv output's Shape), pixel shuffles (DepthToSpace CRD/DCR, SpaceToDepth),
 flatten -> Gemm)."""
 
@@ -91,6 +92,8 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
         return b.op("Relu", [b.op("Reshape", [swapped, back])[0]])[0], c
     if kind == "attention":
         return _attention(b, x, c), c
+    if kind == "attention_seq_first":
+        return _seq_first_attention(b, x, c), c
     if kind == "groupnorm" and c % 2 == 0:
         g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
         y = b.op("GroupNormalization", [b.conv(x, c, c), b.weight(c), b.weight(c)], num_groups=g)[0]
@@ -146,8 +149,36 @@ def _attention(b: GraphBuilder, x: str, c: int) -> str:
     return b.op("Add", [x, out])[0]
 
 
+def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
+    """nn.MultiheadAttention as torch exports it: tokens [16, 2, c] (sequence first), one packed projection to
+    3·H·D split by a Reshape [16, 2, 3, H·D] and Gathers, heads folded into the batch ([16, 2·H, D]), moved first
+    and unfolded ([2, H, 16, D]) for the scores, then merged back to [32, H·D] for the output projection."""
+    heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
+    width = heads * dim
+    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[2, 3, 0, 1])[0], b.const([16, 2, c])])[0]
+    packed = b.op("Add", [b.op("MatMul", [tokens, b.weight(c, 3 * width)])[0], b.weight(3 * width)])[0]
+    qkv = b.op("Reshape", [packed, b.const([16, 2, 3, width])])[0]
+    fold = b.const([16, 2 * heads, dim] if b.rng.random() < 0.5 else [16, -1, dim])
+    unfold = b.const([2, heads, 16, dim])
+
+    def head_major(index: int) -> str:
+        part = b.op("Gather", [qkv, b.const(index)], axis=2)[0]
+        return b.op("Transpose", [b.op("Reshape", [part, fold])[0]], perm=[1, 0, 2])[0]
+
+    q = b.op("Reshape", [head_major(0), unfold])[0]
+    k = b.op("Reshape", [b.op("Transpose", [head_major(1)], perm=[0, 2, 1])[0], b.const([2, heads, dim, 16])])[0]
+    v = b.op("Reshape", [head_major(2), unfold])[0]
+    scores = b.op("MatMul", [b.op("Mul", [q, b.const(dim ** -0.5, np.float32)])[0], k])[0]
+    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
+    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[2, 0, 1, 3])[0], b.const([32, width])])[0]
+    out = b.op("Gemm", [merged, b.weight(c, width), b.weight(c)], transB=1)[0]
+    out = b.op("Reshape", [out, b.const([4, 4, 2, c])])[0]
+    return b.op("Add", [x, b.op("Transpose", [out], perm=[2, 3, 0, 1])[0]])[0]
+
+
 KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze", "grouped",
-         "shuffle", "attention", "groupnorm", "groupnorm_decomposed", "groupnorm_shape", "pixel_shuffle"]
+         "shuffle", "attention", "attention_seq_first", "groupnorm", "groupnorm_decomposed", "groupnorm_shape",
+         "pixel_shuffle"]
 
 
 def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProto:

@@ -117,11 +117,12 @@ class Reshape(Handler):
             b.lock(x, f"Reshape {node.name!r} has a dynamic shape or moves the channel axis across others")
             return False
         x_dims, r, y_dims, y_offset = run
-        carriers = [(j, _digit_ties(x_dims, r, y_dims, j)) for j, d in enumerate(y_dims) if d > 1]
+        roots = [b.uf.find(space.base + c) for c in range(space.size)]
+        carriers = [(j, _digit_ties(x_dims, r, y_dims, j, roots)) for j, d in enumerate(y_dims) if d > 1]
         if not carriers:
             b.lock(x, f"Reshape {node.name!r} leaves the channel axis nowhere")
             return False
-        accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)))] or carriers
+        accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)), b.shape)] or carriers
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
         if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite,
             # or x's own channel count read off Shape(x) (x.flatten(2)), which follows the pruning by itself
@@ -271,8 +272,11 @@ def _reshape_run(sx, sy, axis: int):
     return [mid_x[i] for i in xs], r - xs[0], [mid_y[j] for j in ys], p + ys[0]
 
 
-def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int) -> tuple[list[tuple[int, int]], int]:
-    """Pairs (input channel, carrier index) sharing an element, and how many atoms they form."""
+def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int,
+                roots: list[int] | None = None) -> tuple[list[tuple[int, int]], int]:
+    """Pairs (input channel, carrier index) sharing an element, and how many atoms they form with the ties the
+    input channels already have (`roots`: each channel's atom; heads folded into the batch tie head h of every
+    batch, so unfolding that axis on the batch digit would merge all heads)."""
     flat = np.arange(int(np.prod(x_dims)), dtype=np.int64)
     c = flat // int(np.prod(x_dims[r + 1:])) % x_dims[r]
     v = flat // int(np.prod(y_dims[j + 1:])) % y_dims[j]
@@ -282,18 +286,27 @@ def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int) -> tuple[l
     uf.add(x_dims[r] + y_dims[j])
     for a, d in pairs:
         uf.union(a, x_dims[r] + d)
+    first: dict[int, int] = {}
+    for c, root in enumerate(roots or []):
+        uf.union(c, first.setdefault(root, c))
     return pairs, len({uf.find(i) for i in range(x_dims[r] + y_dims[j])})
 
 
-def _accepts(tensor: gs.Tensor, axis: int, rank: int, depth: int = 4) -> bool:
-    """Would the consumers of `tensor` (seen through transposes and scalings) keep channels on `axis`?"""
+def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 6) -> bool:
+    """Would the consumers of `tensor` (seen through transposes, scalings and reshapes) keep channels on `axis`?
+    A reshape passes the axis on to the output axes of its run (any of them may carry it): nn.MultiheadAttention
+    folds heads into the batch ([T, B, H·D] -> [T, B·H, D]) and unfolds them ([B·H, T, D] -> [B, H, T, D])
+    before the score MatMul, where only the head axis keeps channels, not D."""
     for node in tensor.outputs:
         if node.op == "Transpose" and depth:
             perm = list(node.attrs.get("perm") or range(rank)[::-1])
-            if not _accepts(node.outputs[0], perm.index(axis), rank, depth - 1):
+            if not _accepts(node.outputs[0], perm.index(axis), rank, shape, depth - 1):
                 return False
         elif node.op in ("Mul", "Div") and depth and any(_constant(t) is not None for t in node.inputs):
-            if not _accepts(node.outputs[0], axis, rank, depth - 1):
+            if not _accepts(node.outputs[0], axis, rank, shape, depth - 1):
+                return False
+        elif node.op == "Reshape" and node.inputs[0] is tensor and depth:
+            if not _reshape_accepts(node, axis, shape, depth - 1):
                 return False
         elif node.op == "MatMul" and not any(_constant(t) is not None for t in node.inputs):
             if axis >= rank - 2:
@@ -301,6 +314,16 @@ def _accepts(tensor: gs.Tensor, axis: int, rank: int, depth: int = 4) -> bool:
         elif node.op == "InstanceNormalization" and axis != 1:
             return False
     return True
+
+
+def _reshape_accepts(node: gs.Node, axis: int, shape, depth: int) -> bool:
+    y = node.outputs[0]
+    run = _reshape_run(shape(node.inputs[0]), shape(y), axis)
+    if run is None:
+        return True  # the reshape's own handler decides
+    _, _, y_dims, y_offset = run
+    rank = len(shape(y))
+    return any(_accepts(y, y_offset + j, rank, shape, depth) for j, d in enumerate(y_dims) if d > 1)
 
 
 @handles("DepthToSpace", "SpaceToDepth")

@@ -1,0 +1,8 @@
+"""nn.MultiheadAttention's exported layout: heads folded into the batch ([16, 2·H, D]) and unfolded again
+([2, H, 16, D]) before the scores; prune removes whole heads through both reshapes."""
+
+from tests.prune.graphgen import random_cnn
+
+
+def build():
+    return random_cnn(3, ["attention_seq_first", "conv"])

@@ -1,0 +1,63 @@
+"""prune through nn.MultiheadAttention as torch exports it (the attention of nn.Transformer*, torchvision's ViT,
+DETR): one packed in-projection, heads folded into the batch ([T, B·H, D]) and unfolded again ([B, H, T, D]) before
+the scores. Whole heads go. Before, the fold's reshape put the channels on D, which the score MatMul contracts, and
+every head stayed (static batch; a dynamic batch folds into a symbolic B·H axis, which still locks them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from irtool.api import optimize
+from irtool.frontends.torch import export_module
+from tests.prune.test_prune_masking import masked, prune
+from tests.prune.test_prune_recurrent import run
+
+
+class SelfAttention(torch.nn.Module):
+    """Tokens [N, 10, 16] -> 32 wide, 4 heads of 8, mean over the tokens, 5 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 32)
+        self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def _in_projection_widths(proto: onnx.ModelProto) -> list[int]:
+    """Output widths of the packed q/k/v projections (the initializers named after in_proj)."""
+    return sorted(int(t.dims[0]) for t in proto.graph.initializer if "in_proj_bias" in t.name)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("module", [SelfAttention, Encoder], ids=["multihead_attention", "transformer_encoder"])
+def test_whole_heads_are_removed_and_the_model_equals_the_masked_original(module, exporter):
+    torch.manual_seed(0)
+    proto = export_module(module().eval(), {"x": torch.randn(1, 10, 16)}, exporter=exporter, dynamic_batch=False)
+    original = optimize(proto, "cleanup").model.to_proto()
+    assert _in_projection_widths(original) == [96]
+    model, removed, _ = prune(original, "prune{ratio=0.5}")
+    pruned = model.to_proto()
+    assert _in_projection_widths(pruned) == [48]  # q, k and v of 2 of the 4 heads, 8 wide each
+    x = {"x": np.random.default_rng(1).standard_normal((1, 10, 16)).astype(np.float32)}
+    reference, oracle = run(original, x), run(masked(original, removed), x)
+    np.testing.assert_allclose(run(pruned, x), oracle, rtol=1e-4, atol=1e-5)
+    assert np.abs(reference - oracle).max() > 1e-2  # the oracle is not vacuous
