@@ -15,7 +15,10 @@ also takes token_type_ids=None). The ONNX inputs then follow forward's order. Wh
 forward's first parameters, the module is called through a small wrapper that passes them by keyword; the
 wrapper's own scope is removed from the exported names, so node and weight names (what `exclude=` regexes
 match) read as in a positional export. The batch dim (dim 0 of every input and output) is dynamic unless
-`dynamic_batch=False`, so calibration and deployment can use other batch sizes than the example's;
+`dynamic_batch=False`, so calibration and deployment can use other batch sizes than the example's (where
+torch.export fixes a symbolic dim at an example size of 1, as nn.MultiheadAttention makes it, the module is
+exported again with the examples repeated to size 2 along it; a dim the module's code fixes is named in a
+warning);
 `dynamic_axes` makes more dims symbolic ({"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}}: one
 name ties dims together).
 """
@@ -74,7 +77,7 @@ def _export(torch: Any, module, args, names, output_names, dims, dynamic_batch, 
     if exporter in ("auto", "dynamo"):
         try:
             with _quiet(stderr=True):
-                return _dynamo(torch, module, args, names, output_names, dims, opset)
+                return _dynamo_keeping_dims(torch, module, args, names, output_names, dims, opset, label)
         except Exception as e:  # torch.export raises many types; the tracer may still take the module
             if exporter == "dynamo":
                 raise InputError(f"exporting {label} with torch's dynamo exporter failed: {first_line(e)}") from e
@@ -316,6 +319,39 @@ def _dynamo(torch: Any, module, args, names, output_names, dims, opset) -> onnx.
     program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=output_names,
                                 dynamic_shapes=shapes, opset_version=opset, verbose=False)
     return program.model_proto
+
+
+def _dynamo_keeping_dims(torch: Any, module, args, names, output_names, dims, opset, label) -> onnx.ModelProto:
+    """_dynamo, exported again with the examples repeated along a symbolic dim that came out static: torch.export
+    fixes a dim whose example size is 1 where the code branches on it (nn.MultiheadAttention: a batch of 1 gave
+    a model that takes batch 1 only, without a word); a warning names what stays static."""
+    proto = _dynamo(torch, module, args, names, output_names, dims, opset)
+    lost = _fixed_dims(proto, dims)
+    ones = {dims[name][axis] for name, axis in lost if args[names.index(name)].shape[axis] == 1}
+    if ones:
+        log.info("exporting %s: the dynamo exporter fixed %s at the example's size 1; exporting with size 2",
+                 label, ", ".join(sorted(ones)))
+        args = tuple(_repeated(torch, arg, dims[name], ones) for name, arg in zip(names, args, strict=True))
+        proto = _dynamo(torch, module, args, names, output_names, dims, opset)
+        lost = _fixed_dims(proto, dims)
+    if lost:
+        log.warning("exporting %s: the dynamo exporter made %s static (the module's code fixes them)", label,
+                    ", ".join(f"dim {axis} of {name!r}" for name, axis in lost))
+    return proto
+
+
+def _fixed_dims(proto: onnx.ModelProto, dims: dict[str, dict[int, str]]) -> list[tuple[str, int]]:
+    """(input, axis) of the dims asked to be symbolic that the exported model has static."""
+    shapes = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
+    return [(name, axis) for name, axes in dims.items() for axis in axes
+            if name in shapes and axis < len(shapes[name]) and not shapes[name][axis].dim_param]
+
+
+def _repeated(torch: Any, arg, axes: dict[int, str], names: set[str]):
+    for axis, dim in axes.items():
+        if dim in names and arg.shape[axis] == 1:
+            arg = torch.cat([arg, arg], dim=axis)
+    return arg
 
 
 def _torchscript(torch: Any, module, args, names, output_names, dims, dynamic_batch, opset) -> onnx.ModelProto:

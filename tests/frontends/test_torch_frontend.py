@@ -91,17 +91,31 @@ def test_a_module_exports_in_eval_mode_with_a_dynamic_batch_and_forwards_names(e
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_a_transformer_encoder_exports_with_either_exporter(exporter):
+def test_a_transformer_encoder_exports_with_either_exporter_and_a_dynamic_batch(exporter):
     """Under no_grad an eval-mode nn.MultiheadAttention runs its fused fast path, which the TorchScript exporter
-    cannot export ('aten::_native_multi_head_attention ... not supported'): the tracer runs with grad on."""
+    cannot export ('aten::_native_multi_head_attention ... not supported'): the tracer runs with grad on. With
+    an example batch of 1, torch.export fixed the batch at 1 without a word: irtool exports again with 2."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     net = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
-    proto = export_module(net, torch.randn(2, 6, 16), exporter=exporter)
+    proto = export_module(net, torch.randn(1, 6, 16), exporter=exporter)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     x = np.random.default_rng(0).standard_normal((3, 6, 16)).astype(np.float32)
     got = next(iter(run_ort(proto, {proto.graph.input[0].name: x}).values()))
     with torch.no_grad():
         np.testing.assert_allclose(got, net(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class BranchOnBatch(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 3 else x
+
+
+def test_a_batch_the_module_fixes_is_named_in_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="irtool.frontends.torch"):
+        proto = export_module(BranchOnBatch(), torch.randn(3, 6), exporter="dynamo")
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    assert "made dim 0 of 'x' static" in caplog.text
 
 
 def test_optimize_takes_a_module_with_example_inputs_and_quantizes_it():
