@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 from irtool.analysis.shapes import ShapeInfo, Shapes
 from irtool.ir.convert import paused_gc
 from irtool.ir.model import Model
+from irtool.ir.skeleton import infer_types
 from irtool.ir.topo import outer_uses, topo_order
 from irtool.passmanager import Analysis, PassContext
 
@@ -347,7 +348,7 @@ class ChannelGroups(Analysis):
     def _compute(self, model: Model, ctx: PassContext) -> ChannelGraph:
         from irtool.analysis.channel_handlers import HANDLERS
 
-        builder = Builder(ctx.analysis(Shapes, model))
+        builder = Builder(_shapes(model, ctx))
         nodes = model.graph.nodes
         for node in (nodes[i] for i in topo_order(nodes)):
             handler = HANDLERS.get(node.op)
@@ -363,6 +364,27 @@ class ChannelGroups(Analysis):
             if t.name in builder.spaces:
                 builder.lock(t, f"{t.name!r} is a graph output")
         return _finish(builder, tied)
+
+
+# The batch size the analysis infers shapes with when the model's batch is symbolic (see _shapes).
+BATCH_STANDIN = 5
+
+
+def _shapes(model: Model, ctx: PassContext) -> ShapeInfo:
+    """Shapes with a symbolic batch (dim 0 of an input, and that dim wherever it appears) set to BATCH_STANDIN.
+
+    A model that runs at any batch size holds no batch-dependent constant in its reshape targets (they read -1,
+    0 or Shape), so what the analysis proves at one batch size and the constants it rewrites hold at all. With
+    the batch symbolic, a reshape that folds it with channels had no static shape to follow: nn.MultiheadAttention
+    folds the heads into the batch ([T, B, H·D] -> [T, B·H, D]), and every head was locked. Not 1: a batch of one
+    would hide such a fold; not 2 or 3, common channel and head counts. Other symbolic dims stay symbolic."""
+    given = dict(ctx.input_shapes or {})
+    batch = {t.shape[0] for t in model.graph.inputs if t.name not in given and t.shape and isinstance(t.shape[0], str)}
+    if not batch:
+        return ctx.analysis(Shapes, model)
+    pinned = {t.name: [BATCH_STANDIN if d in batch else d for d in t.shape] for t in model.graph.inputs
+              if t.name not in given and t.shape and any(d in batch for d in t.shape)}
+    return ShapeInfo(infer_types(model.shape_inference_proto(), {**given, **pinned}))
 
 
 def _finish(builder: Builder, tied: set[str]) -> ChannelGraph:

@@ -156,4 +156,7 @@ def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> N
                 raise InputError(f"--input-shape {name}: dim {i} is fixed to {old.dim_value} in the model, got {new}")
         shape.ClearField("dim")
         for d in dims:
-            shape.dim.add().dim_value = d
+            if isinstance(d, str):  # a dim left symbolic (irtool.analysis.channels fixes the batch only)
+                shape.dim.add().dim_param = d
+            else:
+                shape.dim.add().dim_value = d

@@ -1,7 +1,9 @@
 """prune through nn.MultiheadAttention as torch exports it (the attention of nn.Transformer*, torchvision's ViT,
 DETR): one packed in-projection, heads folded into the batch ([T, B·H, D]) and unfolded again ([B, H, T, D]) before
 the scores. Whole heads go. Before, the fold's reshape put the channels on D, which the score MatMul contracts, and
-every head stayed (static batch; a dynamic batch folds into a symbolic B·H axis, which still locks them)."""
+every head stayed; with a dynamic batch the fold had no static shape to follow (the analysis now infers shapes at a
+stand-in batch size). Not done: the TorchScript exporter's dynamic-batch export computes B·H at run time
+(Shape · num_heads), and those heads stay locked."""
 
 from __future__ import annotations
 
@@ -61,3 +63,17 @@ def test_whole_heads_are_removed_and_the_model_equals_the_masked_original(module
     reference, oracle = run(original, x), run(masked(original, removed), x)
     np.testing.assert_allclose(run(pruned, x), oracle, rtol=1e-4, atol=1e-5)
     assert np.abs(reference - oracle).max() > 1e-2  # the oracle is not vacuous
+
+
+@pytest.mark.parametrize("module", [SelfAttention, Encoder], ids=["multihead_attention", "transformer_encoder"])
+def test_a_dynamic_batch_export_loses_the_same_heads(module):
+    torch.manual_seed(0)
+    proto = export_module(module().eval(), {"x": torch.randn(2, 10, 16)}, exporter="dynamo", dynamic_batch=True)
+    original = optimize(proto, "cleanup").model.to_proto()
+    assert original.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    model, removed, _ = prune(original, "prune{ratio=0.5}")
+    pruned = model.to_proto()
+    assert _in_projection_widths(pruned) == [48]
+    for batch in (1, 3):  # neither the export's batch nor the analysis's stand-in
+        x = {"x": np.random.default_rng(batch).standard_normal((batch, 10, 16)).astype(np.float32)}
+        np.testing.assert_allclose(run(pruned, x), run(masked(original, removed), x), rtol=1e-4, atol=1e-5)

@@ -101,11 +101,15 @@ class Reshape(Handler):
 
     def propagate(self, node, b):
         source = _shape_source(node.inputs[1], b)
-        if not self._follow(node, b, source) and source is not None and b.space(source) is not None:
+        twins: list[gs.Tensor] = []
+        if not self._follow(node, b, source, twins) and source is not None and b.space(source) is not None:
             b.lock(source, f"Reshape {node.name!r} reshapes to the shape of {source.name!r} but cannot carry its "
                            "channels")
+        for t in _channel_counts_read(node, b):  # the Shape handler left these to this one
+            if not any(t is twin for twin in twins):
+                b.lock(t, f"Reshape {node.name!r} reads the channel count of {t.name!r} into its target")
 
-    def _follow(self, node, b, source: gs.Tensor | None) -> bool:
+    def _follow(self, node, b, source: gs.Tensor | None, twins: list[gs.Tensor]) -> bool:
         """Tie the output's channels to the input's; False where the output carries none (input locked, or none)."""
         x, y = node.inputs[0], node.outputs[0]
         space = b.space(x)
@@ -124,16 +128,22 @@ class Reshape(Handler):
             return False
         accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)), b.shape)] or carriers
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
+        twin = None
         if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite,
-            # or x's own channel count read off Shape(x) (x.flatten(2)), which follows the pruning by itself
+            # or a channel count read off Shape(t), which follows the pruning by itself: x's own (x.flatten(2)), or
+            # that of a tensor t with channels on that dim, which y's then tie to (torch.export's kᵀ in attention
+            # reshapes back to Shape(k)[:2] = [B, H])
             piece = next(((k, y_offset + j - start) for k, (start, t) in enumerate(pieces)
                           if start <= y_offset + j < start + _length(t, b)), None)
-            own = piece is not None and _own_dim(pieces[piece[0]][1], piece[1], x, space.rank) == space.axis \
-                and b.shape(y)[y_offset + j] == space.size
-            if not own and (piece is None or _constant(pieces[piece[0]][1]) is None):
+            read = None if piece is None else _shape_read(pieces[piece[0]][1], piece[1], b)
+            size = b.shape(y)[y_offset + j]
+            own = read is not None and read[0] is x and read[1] == space.axis and size == space.size
+            if not own and read is not None and _carries(b, read, size):
+                twin = read[0]
+            if not own and twin is None and (piece is None or _constant(pieces[piece[0]][1]) is None):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
                 return False
-            if not own:
+            if not own and twin is None:
                 b.notes[node.name] = piece
         if source is not None and (b.space(source) is None or b.space(source).axis != y_offset + j
                                    or b.space(source).size != b.shape(y)[y_offset + j]):
@@ -146,6 +156,9 @@ class Reshape(Handler):
             b.uf.union(sx.base + c, sy.base + v)
         if source is not None:  # y has source's shape, read at run time: both keep the same channels
             b.tie(source, y)
+        if twin is not None:
+            b.tie(twin, y)
+            twins.append(twin)
         return True
 
     def apply(self, node, view):
@@ -207,20 +220,44 @@ def _shape_pieces(shape: gs.Tensor, b) -> list[tuple[int, gs.Tensor]] | None:
     return pieces
 
 
-def _own_dim(piece: gs.Tensor, offset: int, x: gs.Tensor, rank: int) -> int | None:
-    """The dim of x (of `rank` dims) that entry `offset` of a target piece copies, when the piece is
-    Slice(Shape(x)) (unit step, constant bounds) or Gather(Shape(x), constant); None otherwise."""
+def _shape_read(piece: gs.Tensor, offset: int, b) -> tuple[gs.Tensor, int] | None:
+    """(t, dim of t) that entry `offset` of a target piece copies, when the piece is Slice(Shape(t)) (unit
+    step, constant bounds) or Gather(Shape(t), constant); None otherwise."""
     producer = piece.inputs[0] if piece.inputs else None
     if producer is None or not producer.inputs:
         return None
     shape = producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None
-    if shape is None or shape.op != "Shape" or shape.inputs[0] is not x or int(shape.attrs.get("start", 0)) != 0:
+    if shape is None or shape.op != "Shape" or int(shape.attrs.get("start", 0)) != 0:
         return None
+    source = shape.inputs[0]
+    dims = b.shape(source)
+    if dims is None:
+        return None
+    rank = len(dims)
     if producer.op == "Gather" and _constant(producer.inputs[1]) is not None:
         picked = np.asarray(producer.inputs[1].values).reshape(-1)
-        return int(picked[offset]) % rank if offset < picked.size else None
+        return (source, int(picked[offset]) % rank) if offset < picked.size else None
     bounds = _vector_slice(producer, rank) if producer.op == "Slice" else None
-    return bounds[0] + offset if bounds is not None else None
+    return (source, bounds[0] + offset) if bounds is not None else None
+
+
+def _channel_counts_read(node: gs.Node, b) -> list[gs.Tensor]:
+    """Tensors other than the reshaped one whose channel count a run-time target of `node` copies."""
+    pieces = _shape_pieces(node.inputs[1], b) if node.op == "Reshape" and len(node.inputs) > 1 else None
+    found = []
+    for _, piece in pieces or []:
+        for offset in range(_length(piece, b) or 0):
+            read = _shape_read(piece, offset, b)
+            if read is not None and read[0] is not node.inputs[0] and _carries(b, read, b.space(read[0]).size
+                                                                                 if b.space(read[0]) else None):
+                found.append(read[0])
+    return found
+
+
+def _carries(b, read: tuple[gs.Tensor, int], size) -> bool:
+    """Whether tensor read[0] has its channels on dim read[1], `size` of them."""
+    space = b.space(read[0])
+    return space is not None and space.axis == read[1] and space.size == size
 
 
 def _vector_slice(node: gs.Node, length: int) -> tuple[int, int] | None:
@@ -469,7 +506,9 @@ class Gather(Handler):
 class Shape(Handler):
     """Shape reads dims, not values. When what reads it picks other dims than the channel axis (a batch size to
     build a recurrent layer's initial state, a sequence length), removing channels changes nothing it computes:
-    its output carries no channels. Passing the channel count on (into a reshape target) is locked."""
+    its output carries no channels. The channel count may go on into reshape targets only (through a Slice or
+    Gather and a Concat): the Reshape handler ties it to the channels it sizes, or locks them; anything else
+    that reads it is locked."""
 
     def propagate(self, node, b):
         x, y = node.inputs[0], node.outputs[0]
@@ -480,22 +519,23 @@ class Shape(Handler):
         end = int(node.attrs.get("end", space.rank))
         end = end % space.rank if end < 0 else min(end, space.rank)
         if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start)
-                                                  or _reshapes_its_source(c, x) or _restores(c, y, b)
+                                                  or _into_reshape_targets(c) or _restores(c, y, b)
                                                   for c in y.outputs):
             b.lock(x, f"Shape {node.name!r} passes the channel count on")
             return
         b.statistic(y)
 
 
-def _reshapes_its_source(consumer: gs.Node, x: gs.Tensor) -> bool:
-    """Does the shape vector go, through a Slice or Gather and a Concat, only into targets of reshapes of x itself
-    (x.flatten(2) with a dynamic batch)? The Reshape handler then checks that the entry is x's channel count."""
+def _into_reshape_targets(consumer: gs.Node) -> bool:
+    """Does the shape vector go, through a Slice or Gather and a Concat, only into targets of reshapes (x.flatten(2)
+    with a dynamic batch; torch.export's kᵀ back to Shape(k)[:2] = [B, H])? The Reshape handler then checks that
+    the entry is the channel count of what it reshapes, ties the two, or locks the vector's source."""
     if consumer.op not in ("Slice", "Gather"):
         return False
     concats = [c for t in consumer.outputs for c in t.outputs]
     return bool(concats) and all(
         c.op == "Concat" and c.outputs[0].outputs
-        and all(r.op == "Reshape" and r.inputs[0] is x and r.inputs[1] is c.outputs[0] for r in c.outputs[0].outputs)
+        and all(r.op == "Reshape" and r.inputs[1] is c.outputs[0] for r in c.outputs[0].outputs)
         for c in concats)
 
 
