@@ -216,11 +216,12 @@ def restore_float_convtransposes(model: Model, quantized: set[str]) -> list[str]
     names = set(deconv.rewritten(model)) - quantized
     if not names:
         return []
-    restore_uncorrected_biases(model, quantized)
+    # their own biases only, and forgotten after: apply_plan restores the other float layers', once
+    restore_uncorrected_biases(model, {n.name for n in model.graph.nodes} - names)
     restored = deconv.restore(model, names)
     if BIAS_CORRECTION_KEY in model.metadata:
         record = json.loads(model.metadata[BIAS_CORRECTION_KEY])
-        for name in restored:
+        for name in names:
             record.pop(name, None)
         model.metadata[BIAS_CORRECTION_KEY] = json.dumps(record, sort_keys=True)
     return restored
