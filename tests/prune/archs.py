@@ -4,12 +4,15 @@ Widths, depths and image sizes are shrunk so that export and ONNX Runtime runs s
 model keeps the coupling structure of the original: residual adds with downsample convs (ResNet-18/50),
 inverted residuals with depthwise convs and ReLU6 (MobileNetV2), MBConv with squeeze-excitation and SiLU
 (EfficientNet-B0), chunk + concat + channel shuffle (ShuffleNetV2), depthwise 7x7 + NHWC LayerNorm + MLP
-+ layer scale (ConvNeXt-Tiny), patch embedding + cls token + multi-head attention + MLP (ViT-B/16), and a
++ layer scale (ConvNeXt-Tiny), patch embedding + cls token + multi-head attention + MLP (ViT-B/16; also with
+torchvision's nn.MultiheadAttention, exported with the heads folded into the batch), and a
 YOLO-style detector with C2f blocks, SPPF and an FPN/PAN neck with three detection heads, and a keyword
 spotter with a Conv1d front end and two LSTM layers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -278,16 +281,29 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class TorchvisionBlock(EncoderBlock):
+    """torchvision's ViT encoder block: nn.MultiheadAttention, whose export folds the heads into the batch."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__(dim, heads, mlp)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
 class ViT(nn.Module):
     """ViT-B/16's topology at toy size: 8x8 patches of a 32x32 image (16 tokens + cls)."""
 
     def __init__(self, image: int = 32, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
-                 mlp: int = 256, classes: int = 10):
+                 mlp: int = 256, classes: int = 10, block: type[EncoderBlock] = EncoderBlock):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2 + 1, dim))
-        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[block(dim, heads, mlp) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
@@ -424,6 +440,7 @@ ARCHS = {
     "shufflenet_v2": (ShuffleNetV2, (2, 3, 32, 32)),
     "convnext_tiny": (ConvNeXtTiny, (2, 3, 32, 32)),
     "vit_b16": (ViT, (2, 3, 32, 32)),
+    "vit_torchvision": (functools.partial(ViT, block=TorchvisionBlock), (2, 3, 32, 32)),
     "yolo": (Yolo, (2, 3, 64, 64)),
     "speech_lstm": (SpeechLSTM, (2, 10, 32)),
     "edsr": (EDSR, (2, 3, 16, 16)),
@@ -444,6 +461,9 @@ def init_weights(module: nn.Module, seed: int = 0) -> nn.Module:
         elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.normal_(m.bias, std=0.1)
+        elif isinstance(m, nn.MultiheadAttention):  # zero biases, one initializer for every block once exported
+            nn.init.normal_(m.in_proj_bias, std=0.1)
+            nn.init.normal_(m.out_proj.bias, std=0.1)
     for name, p in module.named_parameters(recurse=True):
         if name.split(".")[-1] in ("gamma", "cls", "pos"):
             nn.init.normal_(p, mean=0.5 if name.endswith("gamma") else 0.0, std=0.2)

@@ -50,6 +50,7 @@ EXPECT = {
     "shufflenet_v2": Expect(420, (OUTPUT,), 0.6, 0.5),
     "convnext_tiny": Expect(1024, (OUTPUT, "LayerNormalization", "reduces over the channel axis"), 0.3, 0.3),
     "vit_b16": Expect(2 * (4 + 256), (OUTPUT, "LayerNormalization"), 0.35, 0.35),
+    "vit_torchvision": Expect(2 * (4 + 256), (OUTPUT, "LayerNormalization"), 0.35, 0.35),  # heads as in vit_b16
     "yolo": Expect(1824, (OUTPUT,), 0.6, 0.6),
     "speech_lstm": Expect(64 + 96 + 96, (OUTPUT,), 0.6, 0.6),
     "edsr": Expect(4 * 48, (OUTPUT,), 0.6, 0.6),  # residual stream, two blocks' inner convs, shuffled channels
