@@ -58,6 +58,9 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
      only float ops read, for no time saved: a YOLOv8 export's box decode (anchor Add, stride Mul on [1, 2, 8400])
      ran as QLinearAdd / QLinearMul, rounding box centres to a step its largest anchor sets (80 cells at 640:
      0.31 cells, 10 px at stride 32), and a transformer's residual branch was rounded just before its float Add.
+     An op counts as reading integers only when every activation it reads is quantized: GELU spelled
+     Mul(x, 0.5·(1 + erf(x/√2))), as torch.export writes it, reads x and a float value, so x's Q/DQ goes and the
+     first MLP layer returns float to the (fused) GELU, as with torch's legacy spelling.
   10. A quantized Conv whose output (or its fused Relu/Clip's) leaves the model gets a Q/DQ on that output, the DQ
      writing the graph output under its name; where a Relu reads a Conv output that leaves the model, the Q goes
      on the Conv output. ONNX Runtime has no integer Conv with a float output: left float, such a head (a
@@ -320,7 +323,10 @@ def _drop_unread_requantization(plan: QuantPlan, integer_op) -> None:
         if node.name in quantized:
             return True
         if integer_op(node) or node.op in FLOAT_ACTIVATIONS:  # the latter: decomposed into Mul/Add/Clip
-            return _fused_output(node.outputs[0]).name in plan.tensors
+            # and only with every activation input quantized: GELU's Mul(x, 0.5·(1 + erf)) in torch.export's
+            # spelling reads x and a float value; it runs in float, so x's Q was only an extra rounding
+            return _fused_output(node.outputs[0]).name in plan.tensors and all(
+                t.name in plan.tensors for t in node.inputs if t.name and not isinstance(t, gs.Constant))
         return node.op in SHARED_SCALE_OPS and any(t.name in plan.tensors for t in node.outputs)
 
     quantized = set(plan.quantized_nodes)

@@ -137,19 +137,21 @@ def test_the_fused_gemm_rounds_once_and_is_at_least_as_accurate_as_matmul_then_a
     assert fused_sqnr >= apart_sqnr
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"reread": True},                     # the MatMul's output has another reader (here: a graph output)
-    {"bias": "input"},                    # the addend is an activation (a residual), not a constant
-    {"bias_shape": (5, N)},               # a bias that varies along the tokens is not a Gemm's C
-    {"after": "Relu", "sum_out": True},   # the sum is a graph output: it must stay, before the Relu
+@pytest.mark.parametrize(("kwargs", "integer_out"), [
+    ({"reread": True}, True),                     # the MatMul's output has another reader (here: a graph output)
+    ({"bias": "input"}, False),                   # the addend is an activation (a residual), not a constant
+    ({"bias_shape": (5, N)}, True),               # a bias that varies along the tokens is not a Gemm's C
+    ({"after": "Relu", "sum_out": True}, True),   # the sum is a graph output: it must stay, before the Relu
 ], ids=["reread", "activation", "per-token", "relu-after-an-output"])
-def test_what_is_not_a_linear_layer_stays_matmul_then_add(kwargs):
+def test_what_is_not_a_linear_layer_stays_matmul_then_add(kwargs, integer_out):
+    """integer_out: the MatMul's output is quantized (QLinearMatMul). Not where the Add's other input is a float
+    activation: that Add runs in float, so the MatMul returns float (MatMulIntegerToFloat), one rounding less."""
     dims = ["N", 5, K]
     proto = linear_block(dims, **kwargs)
     quantized = _quantized(proto, dims)
     ops = [n.op_type for n in quantized.graph.node]
     assert "Gemm" not in ops and ops.count("MatMul") == 2 and "Add" in ops
-    assert "mm" in {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}  # QLinearMatMul
+    assert ("mm" in {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}) == integer_out
 
 
 def test_calibrate_observes_the_sum_not_the_matmul_output():
