@@ -461,7 +461,8 @@ def init_weights(module: nn.Module, seed: int = 0) -> nn.Module:
         elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.normal_(m.bias, std=0.1)
-        elif isinstance(m, nn.MultiheadAttention):  # zero biases, one initializer for every block once exported
+        elif isinstance(m, nn.MultiheadAttention):  # its reset is private (_reset_parameters), left unseeded above;
+            nn.init.xavier_uniform_(m.in_proj_weight)  # zero biases: one initializer for every block once exported
             nn.init.normal_(m.in_proj_bias, std=0.1)
             nn.init.normal_(m.out_proj.bias, std=0.1)
     for name, p in module.named_parameters(recurse=True):
