@@ -22,6 +22,7 @@ over the same set of tensors form a *group* (one layer's channels); pruning rank
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
 from irtool.ir.topo import outer_uses, topo_order
 from irtool.passmanager import Analysis, PassContext
+
+log = logging.getLogger(__name__)
 
 
 class UnionFind:
@@ -384,7 +387,29 @@ def _shapes(model: Model, ctx: PassContext) -> ShapeInfo:
         return ctx.analysis(Shapes, model)
     pinned = {t.name: [BATCH_STANDIN if d in batch else d for d in t.shape] for t in model.graph.inputs
               if t.name not in given and t.shape and any(d in batch for d in t.shape)}
-    return ShapeInfo(infer_types(model.shape_inference_proto(), {**given, **pinned}))
+    symbolic = ctx.analysis(Shapes, model)
+    try:
+        info = ShapeInfo(infer_types(model.shape_inference_proto(), {**given, **pinned}))
+    except Exception as e:  # onnx's inference refuses the stand-in: keep the symbolic shapes
+        log.debug("channel-groups: shapes at batch %d failed (%s); symbolic shapes", BATCH_STANDIN, e)
+        return symbolic
+    if _baked_batch(symbolic, info):
+        return symbolic
+    return info
+
+
+def _baked_batch(symbolic: ShapeInfo, pinned: ShapeInfo) -> bool:
+    """Does a dim the symbolic inference found static change at the stand-in batch? Then the model holds its
+    export's batch somewhere (a reshape constant: it declares a batch it cannot take), and the stand-in would
+    prove things that hold at no batch it runs at."""
+    for name, (_, dims) in symbolic.types.items():
+        if dims is not None and all(isinstance(d, int) for d in dims):
+            other = pinned.shape(name)
+            if other is not None and list(other) != list(dims):
+                log.debug("channel-groups: %s is %s at any batch but %s at batch %d", name, dims, other,
+                          BATCH_STANDIN)
+                return True
+    return False
 
 
 def _finish(builder: Builder, tied: set[str]) -> ChannelGraph:

@@ -12,6 +12,8 @@ import onnx
 import pytest
 import torch
 
+from irtool.analysis.channels import BATCH_STANDIN, _baked_batch
+from irtool.analysis.shapes import ShapeInfo
 from irtool.api import optimize
 from irtool.frontends.torch import export_module
 from tests.prune.test_prune_masking import masked, prune
@@ -77,3 +79,12 @@ def test_a_dynamic_batch_export_loses_the_same_heads(module):
     for batch in (1, 3):  # neither the export's batch nor the analysis's stand-in
         x = {"x": np.random.default_rng(batch).standard_normal((batch, 10, 16)).astype(np.float32)}
         np.testing.assert_allclose(run(pruned, x), run(masked(original, removed), x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_bakes_its_batch_keeps_the_symbolic_shapes():
+    """The analysis infers shapes at a stand-in batch only if every dim the symbolic inference found static stays
+    so; a changed one means the model holds its export's batch somewhere, where the stand-in proves nothing."""
+    symbolic = ShapeInfo({"x": (1, ["n", 8]), "w": (1, [8, 4]), "t": (1, [2, 4])})
+    same = ShapeInfo({"x": (1, [BATCH_STANDIN, 8]), "w": (1, [8, 4]), "t": (1, [2, 4])})
+    baked = ShapeInfo({"x": (1, [BATCH_STANDIN, 8]), "w": (1, [8, 4]), "t": (1, [BATCH_STANDIN, 4])})
+    assert not _baked_batch(symbolic, same) and _baked_batch(symbolic, baked)

@@ -101,15 +101,15 @@ class Reshape(Handler):
 
     def propagate(self, node, b):
         source = _shape_source(node.inputs[1], b)
-        twins: list[gs.Tensor] = []
-        if not self._follow(node, b, source, twins) and source is not None and b.space(source) is not None:
+        sized: list[gs.Tensor] = []  # tensors whose channel count the target reads at its carrier entry
+        if not self._follow(node, b, source, sized) and source is not None and b.space(source) is not None:
             b.lock(source, f"Reshape {node.name!r} reshapes to the shape of {source.name!r} but cannot carry its "
                            "channels")
         for t in _channel_counts_read(node, b):  # the Shape handler left these to this one
-            if not any(t is twin for twin in twins):
+            if not any(t is s for s in sized):
                 b.lock(t, f"Reshape {node.name!r} reads the channel count of {t.name!r} into its target")
 
-    def _follow(self, node, b, source: gs.Tensor | None, twins: list[gs.Tensor]) -> bool:
+    def _follow(self, node, b, source: gs.Tensor | None, sized: list[gs.Tensor]) -> bool:
         """Tie the output's channels to the input's; False where the output carries none (input locked, or none)."""
         x, y = node.inputs[0], node.outputs[0]
         space = b.space(x)
@@ -143,7 +143,9 @@ class Reshape(Handler):
             if not own and twin is None and (piece is None or _constant(pieces[piece[0]][1]) is None):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
                 return False
-            if not own and twin is None:
+            if own:
+                sized.append(x)
+            elif twin is None:
                 b.notes[node.name] = piece
         if source is not None and (b.space(source) is None or b.space(source).axis != y_offset + j
                                    or b.space(source).size != b.shape(y)[y_offset + j]):
@@ -158,7 +160,7 @@ class Reshape(Handler):
             b.tie(source, y)
         if twin is not None:
             b.tie(twin, y)
-            twins.append(twin)
+            sized.append(twin)
         return True
 
     def apply(self, node, view):
@@ -242,14 +244,14 @@ def _shape_read(piece: gs.Tensor, offset: int, b) -> tuple[gs.Tensor, int] | Non
 
 
 def _channel_counts_read(node: gs.Node, b) -> list[gs.Tensor]:
-    """Tensors other than the reshaped one whose channel count a run-time target of `node` copies."""
+    """Tensors whose channel count a run-time target of `node` copies (the reshaped one's own too)."""
     pieces = _shape_pieces(node.inputs[1], b) if node.op == "Reshape" and len(node.inputs) > 1 else None
     found = []
     for _, piece in pieces or []:
         for offset in range(_length(piece, b) or 0):
             read = _shape_read(piece, offset, b)
-            if read is not None and read[0] is not node.inputs[0] and _carries(b, read, b.space(read[0]).size
-                                                                                 if b.space(read[0]) else None):
+            space = None if read is None else b.space(read[0])
+            if space is not None and _carries(b, read, space.size):
                 found.append(read[0])
     return found
 
