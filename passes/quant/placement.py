@@ -60,7 +60,9 @@ QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearSigmo
      0.31 cells, 10 px at stride 32), and a transformer's residual branch was rounded just before its float Add.
      An op counts as reading integers only when every activation it reads is quantized: GELU spelled
      Mul(x, 0.5·(1 + erf(x/√2))), as torch.export writes it, reads x and a float value, so x's Q/DQ goes and the
-     first MLP layer returns float to the (fused) GELU, as with torch's legacy spelling.
+     first MLP layer returns float to the (fused) GELU, as with torch's legacy spelling. Of the activations ONNX
+     Runtime runs only in float, only HardSwish and HardSigmoid read integers (insert-qdq spells them with integer
+     ops); a Tanh, Elu, Softplus or Gelu op reads the layer before in float.
   10. A quantized Conv whose output (or its fused Relu/Clip's) leaves the model gets a Q/DQ on that output, the DQ
      writing the graph output under its name; where a Relu reads a Conv output that leaves the model, the Q goes
      on the Conv output. ONNX Runtime has no integer Conv with a float output: left float, such a head (a
@@ -109,6 +111,10 @@ ORT_UNARY_OPS = ("Sigmoid", "LeakyRelu", "Softmax")
 # (MobileNetV3's HardSwish -> squeeze-excitation pool and Mul, its HardSigmoid gate, Mish's Tanh -> Mul): the op
 # stays a float island, but what follows runs on integers, as in quantize_static's model.
 FLOAT_ACTIVATIONS = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Selu", "Softplus", "Gelu")
+# Of those, the ones insert-qdq spells with integer ops where their input is quantized (hard_activations.py): they
+# read integers. The others run in float, so a Q/DQ on their input (a QGemm's u8 output dequantized again before a
+# Tanh or a fused Gelu) only rounds it: the layer before returns float instead (rule 9).
+DECOMPOSED_ACTIVATIONS = ("HardSwish", "HardSigmoid")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 CONSTANT_OPERAND_OPS = ("Add", "Mul", "Concat")
 # Resize: nearest and linear stay within their input's range (cubic overshoots a little, and saturates).
@@ -322,7 +328,7 @@ def _drop_unread_requantization(plan: QuantPlan, integer_op) -> None:
     def reads_integers(node: gs.Node) -> bool:
         if node.name in quantized:
             return True
-        if integer_op(node) or node.op in FLOAT_ACTIVATIONS:  # the latter: decomposed into Mul/Add/Clip
+        if integer_op(node) or node.op in DECOMPOSED_ACTIVATIONS:
             # and only with every activation input quantized: GELU's Mul(x, 0.5·(1 + erf)) in torch.export's
             # spelling reads x and a float value; it runs in float, so x's Q was only an extra rounding
             return _fused_output(node.outputs[0]).name in plan.tensors and all(
