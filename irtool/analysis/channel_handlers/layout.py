@@ -140,11 +140,16 @@ class Reshape(Handler):
             own = read is not None and read[0] is x and read[1] == space.axis and size == space.size
             if not own and read is not None and _carries(b, read, size):
                 twin = read[0]
-            if not own and twin is None and (piece is None or _constant(pieces[piece[0]][1]) is None):
+            batch = None
+            if not own and twin is None and piece is not None and _constant(pieces[piece[0]][1]) is None:
+                batch = _batch_times(node, piece[0], b, size, _digit_ties(x_dims, r, y_dims, j)[0])
+            if not own and twin is None and batch is None and (piece is None or _constant(pieces[piece[0]][1]) is None):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
                 return False
             if own:
                 sized.append(x)
+            elif batch is not None:
+                b.notes[node.name] = (BATCH_TIMES, piece[0], batch)
             elif twin is None:
                 b.notes[node.name] = piece
         if source is not None and (b.space(source) is None or b.space(source).axis != y_offset + j
@@ -168,8 +173,12 @@ class Reshape(Handler):
         keep, space = view.keep(y), view.space(y)
         if keep is None:
             return
-        if node.name in view.graph.notes:
-            self._rewrite_piece(node, view, *view.graph.notes[node.name], len(keep))
+        note = view.graph.notes.get(node.name)
+        if note is not None and note[0] == BATCH_TIMES:
+            self._rewrite_scale(node, view, note[1], note[2], len(keep))
+            return
+        if note is not None:
+            self._rewrite_piece(node, view, *note, len(keep))
             return
         if _constant(node.inputs[1]) is None:  # the channel entry is read off the input's own shape
             return
@@ -177,6 +186,14 @@ class Reshape(Handler):
         if values[space.axis] > 0:
             values[space.axis] = len(keep)
             node.inputs[1] = gs.Constant(f"{node.name}_shape", values)
+
+    @staticmethod
+    def _rewrite_scale(node, view, index: int, batch: int, kept: int) -> None:
+        """The carrier entry is batch · k at run time (torch's legacy nn.MultiheadAttention: B · num_heads): k
+        becomes the kept count per batch item. The q, k and v reshapes share that Mul and rewrite it alike."""
+        mul, slot = _scaled_piece(node, index)
+        dtype = np.asarray(mul.inputs[slot].values).dtype
+        mul.inputs[slot] = gs.Constant(view.unique(f"{mul.name}_factor"), np.array(kept // batch, dtype))
 
     @staticmethod
     def _rewrite_piece(node, view, index: int, offset: int, kept: int) -> None:
@@ -194,6 +211,9 @@ class Reshape(Handler):
             view.new_nodes.append(concat)
             node.inputs[1] = target
         concat.inputs[index] = gs.Constant(view.unique(f"{node.name}_shape_piece"), values)
+
+
+BATCH_TIMES = "batch-times"  # a note: the carrier entry is batch · k at run time (Reshape._rewrite_scale)
 
 
 def _shape_source(shape: gs.Tensor, b) -> gs.Tensor | None:
@@ -241,6 +261,54 @@ def _shape_read(piece: gs.Tensor, offset: int, b) -> tuple[gs.Tensor, int] | Non
         return (source, int(picked[offset]) % rank) if offset < picked.size else None
     bounds = _vector_slice(producer, rank) if producer.op == "Slice" else None
     return (source, bounds[0] + offset) if bounds is not None else None
+
+
+def _scaled_piece(node: gs.Node, index: int) -> tuple[gs.Node, int] | None:
+    """(Mul, index of its scalar constant) when piece `index` of the Concat target of `node` is Unsqueeze(Mul(s, k))
+    with k a scalar integer constant."""
+    concat = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if concat is None or concat.op != "Concat" or index >= len(concat.inputs):
+        return None
+    unsqueeze = concat.inputs[index].inputs[0] if concat.inputs[index].inputs else None
+    if unsqueeze is None or unsqueeze.op != "Unsqueeze" or not unsqueeze.inputs[0].inputs:
+        return None
+    mul = unsqueeze.inputs[0].inputs[0]
+    if mul.op != "Mul" or len(mul.inputs) != 2:
+        return None
+    slots = [i for i, t in enumerate(mul.inputs) if _constant(t) is not None and np.asarray(t.values).size == 1
+             and np.asarray(t.values).dtype.kind == "i"]
+    return (mul, slots[0]) if len(slots) == 1 else None
+
+
+def _batch_times(node: gs.Node, index: int, b, size, pairs: list[tuple[int, int]]) -> int | None:
+    """B when target piece `index` of `node` is Unsqueeze(Mul(Gather(Shape(t), i), k)) with t's dim i a static B at
+    the analysis's shapes (the stand-in batch) that is no channel count, size == B · k, and the carrier's channels
+    (`pairs`) repeat with period k along it (heads folded into the batch: element b·k + h is head h): k then becomes
+    the kept count per batch item. None otherwise."""
+    scaled = _scaled_piece(node, index)
+    if scaled is None:
+        return None
+    mul, slot = scaled
+    factor = int(np.asarray(mul.inputs[slot].values).reshape(-1)[0])
+    gather = mul.inputs[1 - slot].inputs[0] if mul.inputs[1 - slot].inputs else None
+    if gather is None or gather.op != "Gather" or _constant(gather.inputs[1]) is None \
+            or not gather.inputs[0].inputs or gather.inputs[0].inputs[0].op != "Shape":
+        return None
+    source = gather.inputs[0].inputs[0].inputs[0]
+    dims, space = b.shape(source), b.space(source)
+    if not dims:
+        return None
+    axis = int(np.asarray(gather.inputs[1].values).reshape(-1)[0]) % len(dims)
+    if not isinstance(dims[axis], int) or (space is not None and space.axis == axis):
+        return None
+    batch = dims[axis]
+    return batch if factor >= 1 and batch * factor == size and _periodic(pairs, factor, batch) else None
+
+
+def _periodic(pairs: list[tuple[int, int]], period: int, repeats: int) -> bool:
+    """Do the (channel, carrier index) pairs repeat with `period` along the carrier, `repeats` times?"""
+    base = {(c, v % period) for c, v in pairs}
+    return set(pairs) == {(c, h + m * period) for c, h in base for m in range(repeats)}
 
 
 def _channel_counts_read(node: gs.Node, b) -> list[gs.Tensor]:
