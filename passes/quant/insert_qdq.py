@@ -22,9 +22,10 @@ precision (min-sqnr / keep-fp) keeps the layers to which the output is most sens
 (passes/quant/sensitivity.py). A ConvTranspose that convtranspose-to-conv rewrote and that stays float
 (excluded by name, by exclude-ops=ConvTranspose, first/last, or by mixed precision) is turned back into the
 ConvTranspose: the rewrite only pays as an integer Conv (in float: 1.5x the latency on the bench's pose net).
-GELU (ort-cpu, fuse-gelu=true): the GELU of transformer MLPs stays float between one DQ and one Q; ONNX
-Runtime cannot fuse it there (it gives each reader of x its own DQ copy first), so the profile emits the
-fused op itself (irtool.ir.gelu; com.microsoft.Gelu / FastGelu below opset 20, for the erf and tanh forms).
+GELU (ort-cpu, fuse-gelu=true): ONNX Runtime cannot fuse a GELU between Q/DQ nodes (it gives each reader of x
+its own DQ copy first), so the profile emits the fused op itself (irtool.ir.gelu; com.microsoft.Gelu / FastGelu
+below opset 20, for the erf and tanh forms), before it plans: the GELU is then one float activation that reads the
+layer before in float and is quantized for the next (none of its inner ops, such as gelu_new's x·x, is planned).
 The trt profile leaves the ops: TensorRT fuses pointwise chains itself and has no com.microsoft ops.
 """
 
@@ -374,9 +375,11 @@ class InsertQDQ(Pass):
                              f"calibrate with profile={self.options.profile.value} or without a profile")
         placement = Placement(self.options.profile, self.options.activations, self.options.per_channel,
                               self.options.reduce_range)
+        ort_cpu = self.options.profile is Profile.ORT_CPU
+        # GELU fused first: placed as one float activation, none of its inner ops (x·x in gelu_new) is planned
+        fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
         selection = self._selection(model, ranges, placement, ctx)
         plan = build_plan(model, placement, selection)
-        ort_cpu = self.options.profile is Profile.ORT_CPU
         hard = decompose_hard_activations(model, ranges, set(plan.tensors)) if ort_cpu else 0
         if hard:
             plan = build_plan(model, placement, selection)
@@ -385,7 +388,6 @@ class InsertQDQ(Pass):
             plan = build_plan(model, placement, selection)
         means = global_means(model) if ort_cpu else set()  # before the Q/DQ: their outputs carry no shapes
         pairs = apply_plan(model, plan, ranges, placement)
-        fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
         pools = global_means_to_pools(model, means)
         if pairs == 0 and has_float16_source(model):
             ctx.logger.warning("insert-qdq: nothing quantized: the model computes in float16, and INT8 placement "

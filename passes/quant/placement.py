@@ -110,7 +110,7 @@ ORT_UNARY_OPS = ("Sigmoid", "LeakyRelu", "Softmax")
 # Activations ONNX Runtime runs only in float. Their output is quantized where an op with an integer kernel reads it
 # (MobileNetV3's HardSwish -> squeeze-excitation pool and Mul, its HardSigmoid gate, Mish's Tanh -> Mul): the op
 # stays a float island, but what follows runs on integers, as in quantize_static's model.
-FLOAT_ACTIVATIONS = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Selu", "Softplus", "Gelu")
+FLOAT_ACTIVATIONS = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Selu", "Softplus", "Gelu", "FastGelu")
 # Of those, the ones insert-qdq spells with integer ops where their input is quantized (hard_activations.py): they
 # read integers. The others run in float, so a Q/DQ on their input (a QGemm's u8 output dequantized again before a
 # Tanh or a fused Gelu) only rounds it: the layer before returns float instead (rule 9).

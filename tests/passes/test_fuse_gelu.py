@@ -187,12 +187,13 @@ def test_int8_ort_cpu_runs_one_gelu_where_onnxruntime_would_run_five_ops(tmp_pat
     np.testing.assert_array_equal(outputs(fused, feeds)[0], outputs(unfused, feeds)[0])
 
 
-@pytest.mark.parametrize("spelling", ["torch", "half-first", "keras", "tf", "tanh-pow"])
+@pytest.mark.parametrize("spelling", ["torch", "half-first", "keras", "tf", "tanh-pow", "tanh-mul"])
 def test_int8_ort_cpu_reads_the_gelu_input_in_float_in_every_spelling(spelling):
     """The first layer's QGemm returns float to the fused GELU, whatever the exporter's spelling (torch.export's is
     keras's order). Before, a spelling whose last Mul reads x kept a Q/DQ on x (placement rule 9 took that float
     Mul for an integer one): an extra rounding of every GELU input (the dynamo-exported test ViT: 33.92 dB, 34.99
-    as its legacy export), and half-first's GELU was not fused at all. tanh-mul (x·x inside) is still not fused."""
+    as its legacy export), and half-first's GELU was not fused at all. Nor was tanh-mul's, whose x·x was planned
+    as a QLinearMul before the fusion: insert-qdq now fuses GELU before it plans."""
     result = optimize(gelu_mlp(spelling), "calibrate,insert-qdq", calibration_data=calibration())
     nodes = result.model.graph.nodes
     gelu = next(n for n in nodes if n.op in ("Gelu", "FastGelu"))
