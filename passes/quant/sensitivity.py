@@ -217,6 +217,7 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
                     calib_cache=None, progress: bool = False) -> SensitivityReport:
     """The CLI's entry: calibrate a private copy of the model, then rank its layers."""
     from irtool.calibration.data import as_calibration_data
+    from irtool.ir.gelu import fuse_gelu
     from irtool.passes.fp16 import Float32
     from irtool.passes.quant.calibrate import Calibrate, Method, stored_ranges
     from irtool.passes.quant.insert_qdq import ActivationType, Placement, Profile
@@ -228,6 +229,8 @@ def report_for_path(path: str, *, profile: str, method: str, seed: int, input_sh
                       progress=progress)
     Float32()(model, ctx)  # as the quant pipelines: INT8 placement takes float32 (every layer read inf dB before)
     Calibrate(method=Method(method), profile=Profile(profile))(model, ctx)
+    if Profile(profile) is Profile.ORT_CPU:
+        fuse_gelu(model)  # as insert-qdq does before it plans, so that the trials quantize what it would
     placement = Placement(Profile(profile), ActivationType.S8 if profile == "trt" else ActivationType.U8, True,
                           reduce_range=True)
     return sensitivity_report(model, stored_ranges(model), placement, ctx)

@@ -138,3 +138,20 @@ def test_min_sqnr_holds_for_every_output():
     result = optimize(proto, "calibrate,insert-qdq{min-sqnr=30}", calibration_data=data)
     assert result.records[-1].stats["layers_kept_float"] == ["scores", "trunk"]
     assert min(per_output(outputs(result.model.to_proto())).values()) >= 30
+
+
+def test_the_full_model_sqnr_does_not_depend_on_how_the_gelu_is_spelled(tmp_path):
+    """insert-qdq fuses GELU before it plans; the analysis does too, so its trials quantize what insert-qdq would.
+    Before, gelu_new written with x·x (tanh-mul) had its inner x·x quantized in the trials only."""
+    from golden._quant_blocks import gelu_mlp
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 4, 8)).astype(np.float32))  # 8 samples
+    full = {}
+    for spelling in ("tanh-pow", "tanh-mul"):
+        path = tmp_path / f"{spelling}.onnx"
+        onnx.save(gelu_mlp(spelling), str(path))
+        result = run_cli("sensitivity", path, "--calib-data", calib, "--calib-batch-size", "1", "--json")
+        assert result.returncode == 0, result.stderr
+        full[spelling] = json.loads(result.stdout)["full_model_sqnr_db"]
+    assert abs(full["tanh-mul"] - full["tanh-pow"]) < 0.05, full
