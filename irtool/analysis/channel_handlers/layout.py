@@ -129,29 +129,18 @@ class Reshape(Handler):
         accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)), b.shape)] or carriers
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
         twin = None
-        if pieces is not None:  # the target is built at run time: its carrier entry must be a constant to rewrite,
-            # or a channel count read off Shape(t), which follows the pruning by itself: x's own (x.flatten(2)), or
-            # that of a tensor t with channels on that dim, which y's then tie to (torch.export's kᵀ in attention
-            # reshapes back to Shape(k)[:2] = [B, H])
-            piece = next(((k, y_offset + j - start) for k, (start, t) in enumerate(pieces)
-                          if start <= y_offset + j < start + _length(t, b)), None)
-            read = None if piece is None else _shape_read(pieces[piece[0]][1], piece[1], b)
-            size = b.shape(y)[y_offset + j]
-            own = read is not None and read[0] is x and read[1] == space.axis and size == space.size
-            if not own and read is not None and _carries(b, read, size):
-                twin = read[0]
-            batch = None
-            if not own and twin is None and piece is not None and _constant(pieces[piece[0]][1]) is None:
-                batch = _batch_times(node, piece[0], b, size, _digit_ties(x_dims, r, y_dims, j)[0])
-            if not own and twin is None and batch is None and (piece is None or _constant(pieces[piece[0]][1]) is None):
+        if pieces is not None:
+            entry = _runtime_entry(node, pieces, y_offset + j, space, pairs, b)
+            if entry is None:
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
                 return False
-            if own:
+            kind, value = entry
+            if kind == "own":
                 sized.append(x)
-            elif batch is not None:
-                b.notes[node.name] = (BATCH_TIMES, piece[0], batch)
-            elif twin is None:
-                b.notes[node.name] = piece
+            elif kind == "twin":
+                twin = value
+            else:  # a constant piece (index, offset) or (BATCH_TIMES, piece, B) for apply to rewrite
+                b.notes[node.name] = value
         if source is not None and (b.space(source) is None or b.space(source).axis != y_offset + j
                                    or b.space(source).size != b.shape(y)[y_offset + j]):
             b.lock(x, f"Reshape {node.name!r} takes its shape from {source.name!r}, whose channels are elsewhere")
@@ -261,6 +250,28 @@ def _shape_read(piece: gs.Tensor, offset: int, b) -> tuple[gs.Tensor, int] | Non
         return (source, int(picked[offset]) % rank) if offset < picked.size else None
     bounds = _vector_slice(producer, rank) if producer.op == "Slice" else None
     return (source, bounds[0] + offset) if bounds is not None else None
+
+
+def _runtime_entry(node: gs.Node, pieces, axis: int, space, pairs, b) -> tuple[str, object] | None:
+    """How the carrier entry (output axis `axis`) of a target built at run time follows the pruning, or None (lock):
+    ("own", None), x's own channel count read off Shape(x) (x.flatten(2)); ("twin", t), that of a tensor t with its
+    channels on that dim, which y's then tie to (torch.export's kᵀ in attention reshapes back to Shape(k)[:2] =
+    [B, H]); ("note", ...), a constant piece or a run-time B · k (Reshape.apply rewrites either)."""
+    x, y = node.inputs[0], node.outputs[0]
+    piece = next(((k, axis - start) for k, (start, t) in enumerate(pieces)
+                  if start <= axis < start + _length(t, b)), None)
+    if piece is None:
+        return None
+    size = b.shape(y)[axis]
+    read = _shape_read(pieces[piece[0]][1], piece[1], b)
+    if read is not None and read[0] is x and read[1] == space.axis and size == space.size:
+        return "own", None
+    if read is not None and _carries(b, read, size):
+        return "twin", read[0]
+    if _constant(pieces[piece[0]][1]) is not None:
+        return "note", piece
+    batch = _batch_times(node, piece[0], b, size, pairs)
+    return None if batch is None else ("note", (BATCH_TIMES, piece[0], batch))
 
 
 def _scaled_piece(node: gs.Node, index: int) -> tuple[gs.Node, int] | None:
