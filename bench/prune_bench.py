@@ -76,7 +76,7 @@ TITLE = "Structured pruning vs Torch-Pruning"
 RATIO = 0.5
 # A second irtool row where the model has LayerNormalization over its channels: Torch-Pruning prunes through those
 # norms by default, irtool keeps them (the exact masking contract) unless asked with through-norms=true.
-THROUGH_NORMS = {"vit_b16", "vit_torchvision", "convnext_tiny"}
+THROUGH_NORMS = {"vit_b16", "vit_torchvision", "swin_tiny", "convnext_tiny"}
 THROUGH_NORMS_SIDE = "irtool through-norms=true"
 MATCH_TOLERANCE = 0.02  # Torch-Pruning's MACs within 2% of irtool's
 NOT_INSTALLED = "Torch-Pruning not installed (pip install -e .[bench])"
@@ -188,6 +188,8 @@ def tp_prune(module: nn.Module, x: torch.Tensor, ratio: float, round_to: int | N
             heads.update({m.q: m.heads, m.k: m.heads, m.v: m.heads})
         elif isinstance(m, nn.MultiheadAttention):  # Torch-Pruning's own MHA pruner takes it whole
             heads[m] = m.num_heads
+        elif isinstance(m, archs.WindowAttention):  # timm's fused qkv, as in Torch-Pruning's timm Swin example
+            heads[m.qkv] = m.heads
     clock = Clock()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -480,8 +482,9 @@ def render(results: dict, meta: dict) -> str:
              "vit_b16 Torch-Pruning gets `num_heads` for q/k/v and the attention's `head_dim` is updated after "
              "the step (its documented usage); for vit_torchvision (the same ViT with torchvision's "
              "nn.MultiheadAttention) it gets `num_heads` for each nn.MultiheadAttention, which its own MHA pruner "
-             "handles. Torch-Pruning also prunes the channels a LayerNorm normalizes "
-             "over (the ViT and ConvNeXt residual streams), which irtool keeps unless asked (row "
+             "handles; for swin_tiny (timm's Swin attention: one fused qkv Linear) it gets `num_heads` for each qkv "
+             "Linear, as in its timm examples. Torch-Pruning also prunes the channels a LayerNorm normalizes "
+             "over (the ViT, Swin and ConvNeXt residual streams), which irtool keeps unless asked (row "
              f"`{THROUGH_NORMS_SIDE}`: the norms then normalize over the kept channels). Latency: ONNX Runtime "
              "CPU, median ms of "
              f"{meta['runs']} runs, best of {meta['rounds']} interleaved rounds; speedup = unpruned / pruned.", "",

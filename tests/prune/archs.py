@@ -314,6 +314,99 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
+# ------------------------------------------------------------------------------------------------ Swin
+class WindowAttention(nn.Module):
+    """timm's Swin window attention: one fused qkv Linear split into heads by reshape [B, N, 3, H, D] and
+    permute, a relative position bias per head, and the shifted windows' mask added per window."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("index", (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten())
+
+    def forward(self, x, mask=None):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        attn = attn + self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(-1, windows, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.heads, n, n)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, resolution: int, window: int, shift: int):
+        super().__init__()
+        self.resolution, self.window, self.shift = resolution, window, shift
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.register_buffer("mask", self._mask() if shift else None)
+
+    def _mask(self) -> torch.Tensor:
+        r, w, s = self.resolution, self.window, self.shift
+        regions = torch.zeros(1, r, r, 1)
+        for i, (hs, ws) in enumerate((hs, ws) for hs in (slice(0, -w), slice(-w, -s), slice(-s, None))
+                                     for ws in (slice(0, -w), slice(-w, -s), slice(-s, None))):
+            regions[:, hs, ws, :] = i
+        ids = self._partition(regions).squeeze(-1)
+        return (ids.unsqueeze(1) - ids.unsqueeze(2)).ne(0).float() * -100.0
+
+    def _partition(self, x):
+        b, h, w, c = x.shape
+        k = self.window
+        return x.view(b, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, k * k, c)
+
+    def forward(self, x):  # [B, H, W, C]
+        b, h, w, c = x.shape
+        y = self.norm1(x)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        k = self.window
+        y = self.attn(self._partition(y), self.mask)
+        y = y.view(b, h // k, w // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated on the channels (strided slices of H and W), normed, then reduced 4C -> 2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm, self.reduction = nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class Swin(nn.Module):
+    """Swin-T's topology at toy size: 4x4 patches of a 32x32 image, windows of 4x4 tokens, a shifted-window block
+    pair per stage, patch merging between the two stages."""
+
+    def __init__(self, dim: int = 32, heads: tuple[int, int] = (2, 4), classes: int = 10):
+        super().__init__()
+        self.patch, self.patch_norm = nn.Conv2d(3, dim, 4, 4), nn.LayerNorm(dim)
+        self.stage1 = nn.Sequential(SwinBlock(dim, heads[0], 8, 4, 0), SwinBlock(dim, heads[0], 8, 4, 2))
+        self.merge = PatchMerging(dim)
+        self.stage2 = nn.Sequential(SwinBlock(2 * dim, heads[1], 4, 4, 0), SwinBlock(2 * dim, heads[1], 4, 4, 0))
+        self.norm, self.head = nn.LayerNorm(2 * dim), nn.Linear(2 * dim, classes)
+
+    def forward(self, x):
+        x = self.patch_norm(self.patch(x).permute(0, 2, 3, 1))
+        x = self.stage2(self.merge(self.stage1(x)))
+        return self.head(self.norm(x).mean((1, 2)))
+
+
 # ------------------------------------------------------------------------------------------ YOLO-style
 def cbs(c_in: int, c_out: int, k: int = 1, s: int = 1):
     return conv_bn(c_in, c_out, k, s, act=nn.SiLU)
@@ -441,6 +534,7 @@ ARCHS = {
     "convnext_tiny": (ConvNeXtTiny, (2, 3, 32, 32)),
     "vit_b16": (ViT, (2, 3, 32, 32)),
     "vit_torchvision": (functools.partial(ViT, block=TorchvisionBlock), (2, 3, 32, 32)),
+    "swin_tiny": (Swin, (2, 3, 32, 32)),
     "yolo": (Yolo, (2, 3, 64, 64)),
     "speech_lstm": (SpeechLSTM, (2, 10, 32)),
     "edsr": (EDSR, (2, 3, 16, 16)),
@@ -466,7 +560,7 @@ def init_weights(module: nn.Module, seed: int = 0) -> nn.Module:
             nn.init.normal_(m.in_proj_bias, std=0.1)
             nn.init.normal_(m.out_proj.bias, std=0.1)
     for name, p in module.named_parameters(recurse=True):
-        if name.split(".")[-1] in ("gamma", "cls", "pos"):
+        if name.split(".")[-1] in ("gamma", "cls", "pos", "table"):
             nn.init.normal_(p, mean=0.5 if name.endswith("gamma") else 0.0, std=0.2)
     return module.eval()
 

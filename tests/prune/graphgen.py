@@ -1,7 +1,8 @@
 """Random CNN-style ONNX graphs for pruning property tests: stacks of blocks that exercise every
 channel handler (residual adds, concats, splits, slices, depthwise and grouped convs, BN, transposes
 to NHWC with MatMul, squeeze/unsqueeze, SE-style gating, channel shuffle, multi-head self-attention
-over the 4x4 positions (also in nn.MultiheadAttention's sequence-first, heads-in-batch layout),
+over the 4x4 positions (also in nn.MultiheadAttention's sequence-first, heads-in-batch layout, and with timm's
+fused qkv projection),
 GroupNormalization and its Reshape-InstanceNormalization-Reshape form (back to a
 constant shape or to the conv output's Shape), pixel shuffles (DepthToSpace CRD/DCR, SpaceToDepth),
 flatten -> Gemm)."""
@@ -94,6 +95,8 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
         return _attention(b, x, c), c
     if kind == "attention_seq_first":
         return _seq_first_attention(b, x, c), c
+    if kind == "attention_fused":
+        return _fused_attention(b, x, c), c
     if kind == "groupnorm" and c % 2 == 0:
         g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
         y = b.op("GroupNormalization", [b.conv(x, c, c), b.weight(c), b.weight(c)], num_groups=g)[0]
@@ -149,6 +152,31 @@ def _attention(b: GraphBuilder, x: str, c: int) -> str:
     return b.op("Add", [x, out])[0]
 
 
+def _fused_attention(b: GraphBuilder, x: str, c: int) -> str:
+    """timm's ViT and Swin attention: one packed projection to 3·H·D, split by a Reshape [2, 16, 3, H, D] and
+    Transpose [3, 2, H, 16, D], then q, k, v picked on the leading axis (Gather, or Split and Squeeze: unbind);
+    sometimes a per-head bias [1, H, 16, 16] (Swin's relative positions) is added to the scores."""
+    heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
+    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+    packed = b.op("Add", [b.op("MatMul", [tokens, b.weight(c, 3 * heads * dim)])[0], b.weight(3 * heads * dim)])[0]
+    split = b.const([2, 16, 3, heads, dim] if b.rng.random() < 0.5 else [2, 16, 3, heads, -1])
+    qkv = b.op("Transpose", [b.op("Reshape", [packed, split])[0]], perm=[2, 0, 3, 1, 4])[0]
+    if b.rng.random() < 0.5:
+        q, k, v = (b.op("Gather", [qkv, b.const(i)], axis=0)[0] for i in range(3))
+    else:
+        parts = b.op("Split", [qkv, b.const([1, 1, 1])], outputs=3, axis=0)
+        q, k, v = (b.op("Squeeze", [p, b.const([0])])[0] for p in parts)
+    scores = b.op("MatMul", [b.op("Mul", [q, b.const(dim ** -0.5, np.float32)])[0],
+                             b.op("Transpose", [k], perm=[0, 1, 3, 2])[0]])[0]
+    if b.rng.random() < 0.5:
+        scores = b.op("Add", [scores, b.weight(1, heads, 16, 16)])[0]
+    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
+    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[0, 2, 1, 3])[0], b.const([2, 16, -1])])[0]
+    out = b.op("MatMul", [merged, b.weight(heads * dim, c)])[0]
+    out = b.op("Transpose", [b.op("Reshape", [out, b.const([2, 4, 4, c])])[0]], perm=[0, 3, 1, 2])[0]
+    return b.op("Add", [x, out])[0]
+
+
 def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
     """nn.MultiheadAttention as torch exports it: tokens [16, 2, c] (sequence first), one packed projection to
     3·H·D split by a Reshape [16, 2, 3, H·D] and Gathers, heads folded into the batch ([16, 2·H, D]), moved first
@@ -177,8 +205,8 @@ def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
 
 
 KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze", "grouped",
-         "shuffle", "attention", "attention_seq_first", "groupnorm", "groupnorm_decomposed", "groupnorm_shape",
-         "pixel_shuffle"]
+         "shuffle", "attention", "attention_seq_first", "attention_fused", "groupnorm", "groupnorm_decomposed",
+         "groupnorm_shape", "pixel_shuffle"]
 
 
 def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProto:

@@ -38,7 +38,8 @@ class Expect:
 
 # Observed at ratio 0.5 (both exporters): resnet18 -74.8% params / -69.4% MACs, resnet50 -74.4/-67.0,
 # mobilenet_v2 -69.1/-65.6, efficientnet_b0 -68.5/-64.3, shufflenet_v2 -71.0/-58.8,
-# convnext_tiny -35.8/-35.1 (only the MLP hidden dims are free), vit_b16 -43.4/-44.4, yolo -74.7/-73.7,
+# convnext_tiny -35.8/-35.1 (only the MLP hidden dims are free), vit_b16 -43.4/-44.4, swin_tiny -45.3/-45.8
+# (MLP hidden dims and heads), yolo -74.7/-73.7,
 # speech_lstm -74.1/-74.6 (Torch-Pruning 1.6 asserts num_layers == 1 on its two LSTM layers), edsr -74.6/-74.1
 # (its upsampler's conv loses whole pixel-shuffle blocks: 4 of its channels per shuffled channel).
 OUTPUT = "is a graph output"
@@ -51,6 +52,7 @@ EXPECT = {
     "convnext_tiny": Expect(1024, (OUTPUT, "LayerNormalization", "reduces over the channel axis"), 0.3, 0.3),
     "vit_b16": Expect(2 * (4 + 256), (OUTPUT, "LayerNormalization"), 0.35, 0.35),
     "vit_torchvision": Expect(2 * (4 + 256), (OUTPUT, "LayerNormalization"), 0.35, 0.35),  # heads as in vit_b16
+    "swin_tiny": Expect(2 * (128 + 256) + 2 * (2 + 4), (OUTPUT, "LayerNormalization"), 0.4, 0.4),  # MLPs, heads
     "yolo": Expect(1824, (OUTPUT,), 0.6, 0.6),
     "speech_lstm": Expect(64 + 96 + 96, (OUTPUT,), 0.6, 0.6),
     "edsr": Expect(4 * 48, (OUTPUT,), 0.6, 0.6),  # residual stream, two blocks' inner convs, shuffled channels
@@ -165,6 +167,22 @@ def test_vit_prunes_whole_heads(exporter):
     assert weights == sorted([(64, 32)] * 6 + [(32, 64)] * 2 + [(64, 128)] * 2 + [(128, 64)] * 2)
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_swin_prunes_whole_heads_of_its_fused_qkv(exporter):
+    """timm's qkv Linear [C, 3·H·D] is split by reshape [B, N, 3, H, D] and unbind(0): a head goes from q, k and
+    v at once, and from the relative position bias [1, H, N, N] added to its scores."""
+    model, _, _ = pruned("swin_tiny", exporter)
+    splits = [n for n in model.graph.nodes if n.op == "Reshape" and np.asarray(n.inputs[1].values).size == 5
+              and n.outputs[0].outputs[0].op == "Transpose"]
+    bias_adds = [n.inputs[0].inputs[0] for n in splits]  # Reshape(Add(MatMul(x, W), b)), operands in either order
+    qkv = [next(t.inputs[0] for t in add.inputs if t.inputs and t.inputs[0].op == "MatMul") for add in bias_adds]
+    assert [np.asarray(n.inputs[1].values)[2:].tolist() for n in splits] == [[3, 1, -1]] * 2 + [[3, 2, -1]] * 2
+    assert [np.asarray(n.inputs[1].values).shape for n in qkv] == [(32, 48)] * 2 + [(64, 96)] * 2  # 3 · heads · 16
+    biases = sorted(np.asarray(n.inputs[1].values).shape for n in model.graph.nodes
+                    if n.op == "Add" and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].values.ndim == 4)
+    assert biases == [(1, 1, 16, 16)] * 2 + [(1, 2, 16, 16)] * 2
+
+
 def _prune_generated(kinds: list[str], seed: int = 5):
     original = random_cnn(seed, kinds)
     model, removed, records = prune(original, "prune{ratio=0.5}")
@@ -191,6 +209,23 @@ def test_group_norm_removes_whole_groups():
     groups, channels = before.attrs["num_groups"], np.asarray(before.inputs[1].values).size
     kept = after.attrs["num_groups"]
     assert 0 < kept < groups and np.asarray(after.inputs[1].values).size == channels // groups * kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])  # Gather or Split+Squeeze picks, 2 or 3 heads, with or without bias
+def test_fused_qkv_attention_prunes_whole_heads(seed):
+    """One packed projection [c, 3·H·D] reshaped to [2, 16, 3, H, D]: H is the carrier, not the 3 that q, k and v
+    are picked from (with 3 heads both axes give 3 atoms, and picking along the carrier would lock it)."""
+    original, model = _prune_generated(["conv", "attention_fused"], seed=seed)
+    graph = analysis(original)
+    assert not any("MatMul" in g.locked or "Squeeze" in g.locked or "Gather" in g.locked
+                   for g in graph.groups if g.locked)
+
+    def qkv_split(m: Model) -> np.ndarray:
+        return next(np.asarray(n.inputs[1].values) for n in m.graph.nodes
+                    if n.op == "Reshape" and np.asarray(n.inputs[1].values).size == 5)
+
+    old, new = qkv_split(Model.from_proto(original)), qkv_split(model)
+    assert new[2] == old[2] == 3 and new[3] < old[3] and new[4] == old[4]  # fewer heads, q, k, v and head dim kept
 
 
 def test_attention_prunes_heads_through_a_shared_reshape_constant():

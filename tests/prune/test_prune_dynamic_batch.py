@@ -19,7 +19,9 @@ from tests.prune.test_prune_recurrent import run
 CASES = [("shufflenet_v2", "torchscript", 210), ("speech_lstm", "torchscript", 128), ("speech_lstm", "dynamo", 128),
          ("shufflenet_v2", "dynamo", 210),
          # nn.MultiheadAttention folds its heads into the batch: half of 4 heads and 256 MLP channels per block
-         ("vit_torchvision", "torchscript", 2 * (2 + 128)), ("vit_torchvision", "dynamo", 2 * (2 + 128))]
+         ("vit_torchvision", "torchscript", 2 * (2 + 128)), ("vit_torchvision", "dynamo", 2 * (2 + 128)),
+         # windows of a run-time batch (view(-1, windows, H, N, N) for the shifted windows' mask): heads and MLPs
+         ("swin_tiny", "torchscript", 390), ("swin_tiny", "dynamo", 390)]
 
 
 @pytest.mark.parametrize(("arch", "exporter", "removed_channels"), CASES, ids=[f"{a}-{e}" for a, e, _ in CASES])

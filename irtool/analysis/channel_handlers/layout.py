@@ -410,20 +410,15 @@ def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int,
     return pairs, len({uf.find(i) for i in range(x_dims[r] + y_dims[j])})
 
 
-def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 6) -> bool:
-    """Would the consumers of `tensor` (seen through transposes, scalings and reshapes) keep channels on `axis`?
-    A reshape passes the axis on to the output axes of its run (any of them may carry it): nn.MultiheadAttention
-    folds heads into the batch ([T, B, H·D] -> [T, B·H, D]) and unfolds them ([B·H, T, D] -> [B, H, T, D])
-    before the score MatMul, where only the head axis keeps channels, not D."""
+def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 8) -> bool:
+    """Would the consumers of `tensor` (seen through transposes, scalings, reshapes and picks along other axes) keep
+    channels on `axis`? A reshape passes the axis on to the output axes of its run (any of them may carry it):
+    nn.MultiheadAttention folds heads into the batch ([T, B, H·D] -> [T, B·H, D]) and unfolds them ([B·H, T, D] ->
+    [B, H, T, D]) before the score MatMul, where only the head axis keeps channels, not D. A fused qkv projection
+    ([B, T, 3·H·D] -> [3, B, H, T, D], timm's ViT and Swin) reaches it through a Gather, or Split/Slice and Squeeze
+    (unbind), on the leading axis."""
     for node in tensor.outputs:
-        if node.op == "Transpose" and depth:
-            perm = list(node.attrs.get("perm") or range(rank)[::-1])
-            if not _accepts(node.outputs[0], perm.index(axis), rank, shape, depth - 1):
-                return False
-        elif node.op in ("Mul", "Div") and depth and any(_constant(t) is not None for t in node.inputs):
-            if not _accepts(node.outputs[0], axis, rank, shape, depth - 1):
-                return False
-        elif node.op == "Reshape" and node.inputs[0] is tensor and depth:
+        if node.op == "Reshape" and node.inputs[0] is tensor and depth:
             if not _reshape_accepts(node, axis, shape, depth - 1):
                 return False
         elif node.op == "MatMul" and not any(_constant(t) is not None for t in node.inputs):
@@ -431,7 +426,46 @@ def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 6) -> 
                 return False
         elif node.op == "InstanceNormalization" and axis != 1:
             return False
+        elif depth and (node.inputs[0] is tensor or node.op in ("Mul", "Div")):  # a scaling reads it anywhere
+            moved = _moved_axis(node, axis, rank, shape)
+            if moved is _LOCKS or (moved is not None and not all(_accepts(y, *moved, shape, depth - 1)
+                                                                  for y in node.outputs)):
+                return False
     return True
+
+
+_LOCKS = "locks"
+
+
+def _moved_axis(node: gs.Node, axis: int, rank: int, shape) -> tuple[int, int] | str | None:
+    """(axis, rank) of the outputs of a layout op that keeps channels on `axis` of its first input; _LOCKS where
+    the op picks along `axis` or squeezes it out (unbind of a fused [3, B, H, T, D] qkv: the 3 is no carrier); None
+    for other ops."""
+    if node.op == "Transpose":
+        return list(node.attrs.get("perm") or range(rank)[::-1]).index(axis), rank
+    if node.op in ("Mul", "Div") and any(_constant(t) is not None for t in node.inputs):
+        return axis, rank
+    if node.op in ("Split", "Slice"):  # along `axis` too: the pieces keep channels there
+        return axis, rank
+    if node.op == "Gather" and shape(node.inputs[1]) is not None:
+        picked, index_rank = int(node.attrs.get("axis", 0)) % rank, len(shape(node.inputs[1]))
+        if picked == axis:
+            return _LOCKS
+        return (axis if axis < picked else axis + index_rank - 1), rank + index_rank - 1
+    if node.op in ("Squeeze", "Unsqueeze"):
+        return _squeezed_axis(node, axis, rank, shape)
+    return None
+
+
+def _squeezed_axis(node: gs.Node, axis: int, rank: int, shape) -> tuple[int, int] | None:
+    axes, out = _ints(node, "axes", 1), shape(node.outputs[0])
+    if axes is None or out is None:
+        return None
+    if node.op == "Squeeze":
+        removed = [a % rank for a in axes] or [i for i, d in enumerate(shape(node.inputs[0]) or []) if d == 1]
+        return _LOCKS if axis in removed else (axis - sum(1 for a in removed if a < axis), len(out))
+    inserted = sorted(a % len(out) for a in axes)
+    return [i for i in range(len(out)) if i not in inserted][axis], len(out)
 
 
 def _reshape_accepts(node: gs.Node, axis: int, shape, depth: int) -> bool:
