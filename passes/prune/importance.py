@@ -67,11 +67,20 @@ def _norms(atoms: list[int], graph: ChannelGraph, p: int) -> dict[int, float]:
     totals: dict[int, float] = defaultdict(float)
     for blocks in (graph.filter_blocks, graph.slice_blocks):
         for _, tensor, rows in blocks:
-            powered = np.abs(rows) if p == 1 else np.square(rows) if p == 2 else np.abs(rows) ** p
-            sums = np.sum(powered, axis=1).tolist()
+            sums = _row_sums(rows, p).tolist()
             for atom, value in zip(graph.atoms_of(tensor)[:len(sums)].tolist(), sums, strict=True):
                 totals[atom] += value
     return {a: totals[a] if p == 1 else math.sqrt(totals[a]) for a in atoms}
+
+
+def _row_sums(rows: np.ndarray, p: int) -> np.ndarray:
+    """Σ|w|^p over each rows[i], of any rank. A conv's input-channel rows are a strided view of its weight:
+    einsum reads it in place, where square + sum over the other axes took 3x longer (ResNet-50/224)."""
+    if p == 2:
+        axes = "abcdefgh"[:rows.ndim - 1]
+        return np.einsum(f"i{axes},i{axes}->i", rows, rows)
+    powered = np.abs(rows) if p == 1 else np.abs(rows) ** p
+    return np.sum(powered, axis=tuple(range(1, powered.ndim)))
 
 
 def _fpgm_rows(graph: ChannelGraph) -> dict[tuple[str, int], float]:

@@ -43,7 +43,7 @@ class Conv(Handler):
             if space_in is not None:
                 _tie_positions(b, space_in, group)
         elif space_in is not None:
-            b.add_slices(node, x, np.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1))
+            b.add_slices(node, x, np.moveaxis(weights, 1, 0))  # a view: copying every conv weight cost time
         b.add_filters(node, y, weights.reshape(weights.shape[0], -1))
 
     def apply(self, node, view):
