@@ -2,7 +2,7 @@
 channel handler (residual adds, concats, splits, slices, depthwise and grouped convs, BN, transposes
 to NHWC with MatMul, squeeze/unsqueeze, SE-style gating, channel shuffle, multi-head self-attention
 over the 4x4 positions (also in nn.MultiheadAttention's sequence-first, heads-in-batch layout, and with timm's
-fused qkv projection),
+fused qkv projection, and with learned queries as a constant operand of the scores),
 GroupNormalization and its Reshape-InstanceNormalization-Reshape form (back to a
 constant shape or to the conv output's Shape), pixel shuffles (DepthToSpace CRD/DCR, SpaceToDepth),
 flatten -> Gemm)."""
@@ -97,6 +97,8 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
         return _seq_first_attention(b, x, c), c
     if kind == "attention_fused":
         return _fused_attention(b, x, c), c
+    if kind == "attention_queries":
+        return _query_attention(b, x, c), c
     if kind == "groupnorm" and c % 2 == 0:
         g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
         y = b.op("GroupNormalization", [b.conv(x, c, c), b.weight(c), b.weight(c)], num_groups=g)[0]
@@ -177,6 +179,26 @@ def _fused_attention(b: GraphBuilder, x: str, c: int) -> str:
     return b.op("Add", [x, out])[0]
 
 
+def _query_attention(b: GraphBuilder, x: str, c: int) -> str:
+    """Four learned queries attend to the 16 positions (DETR's decoder, whose query side folds to constants at a
+    static batch): q is a constant [1, H, 4, D] read by the score MatMul; the answers, projected back to c and
+    averaged over the queries, are added to x per channel."""
+    heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
+    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+
+    def project(perm: list[int]) -> str:
+        y = b.op("MatMul", [tokens, b.weight(c, heads * dim)])[0]
+        return b.op("Transpose", [b.op("Reshape", [y, b.const([2, 16, heads, dim])])[0]], perm=perm)[0]
+
+    k, v = project([0, 2, 3, 1]), project([0, 2, 1, 3])
+    scores = b.op("MatMul", [b.weight(1, heads, 4, dim), k])[0]
+    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
+    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[0, 2, 1, 3])[0], b.const([2, 4, heads * dim])])[0]
+    answers = b.op("MatMul", [merged, b.weight(heads * dim, c)])[0]
+    pooled = b.op("ReduceMean", [answers, b.const([1])], keepdims=0)[0]
+    return b.op("Add", [x, b.op("Reshape", [pooled, b.const([2, c, 1, 1])])[0]])[0]
+
+
 def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
     """nn.MultiheadAttention as torch exports it: tokens [16, 2, c] (sequence first), one packed projection to
     3·H·D split by a Reshape [16, 2, 3, H·D] and Gathers, heads folded into the batch ([16, 2·H, D]), moved first
@@ -205,8 +227,8 @@ def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
 
 
 KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze", "grouped",
-         "shuffle", "attention", "attention_seq_first", "attention_fused", "groupnorm", "groupnorm_decomposed",
-         "groupnorm_shape", "pixel_shuffle"]
+         "shuffle", "attention", "attention_seq_first", "attention_fused", "attention_queries", "groupnorm",
+         "groupnorm_decomposed", "groupnorm_shape", "pixel_shuffle"]
 
 
 def random_cnn(seed: int, kinds: list[str], head: str = "gap") -> onnx.ModelProto:

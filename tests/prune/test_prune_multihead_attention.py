@@ -16,6 +16,8 @@ from irtool.analysis.channels import BATCH_STANDIN, _baked_batch
 from irtool.analysis.shapes import ShapeInfo
 from irtool.api import optimize
 from irtool.frontends.torch import export_module
+from tests.prune.archs import init_weights
+from tests.prune.test_prune_archs import analysis
 from tests.prune.test_prune_masking import masked, prune
 from tests.prune.test_prune_recurrent import run
 
@@ -69,6 +71,47 @@ def test_whole_heads_are_removed_and_the_model_equals_the_masked_original(module
         reference, oracle = run(original, x), run(masked(original, removed), x)
         np.testing.assert_allclose(run(pruned, x), oracle, rtol=1e-4, atol=1e-5)
         assert np.abs(reference - oracle).max() > 1e-2  # the oracle is not vacuous
+
+
+class LearnedQueries(torch.nn.Module):
+    """DETR's decoder at toy size: 6 learned queries (a parameter expanded to the batch) attend to the encoded
+    tokens, then a decoder layer on top; the queries are also the first residual. At a static batch the queries'
+    side folds to constants (their projection, their heads [B, H, 6, D]); with a dynamic batch the Expand stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 32)
+        self.query = torch.nn.Parameter(torch.randn(1, 6, 32))
+        self.cross = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.decoder = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        memory = torch.relu(self.embed(x))
+        q = self.query.expand(x.shape[0], -1, -1)
+        q = q + self.cross(q, memory, memory, need_weights=False)[0]
+        return self.head(self.decoder(q, memory))
+
+
+# The TorchScript exporter builds the dynamic batch's Expand shape with Where(Equal(shape, -1), 1, shape), which
+# shape inference cannot follow: the queries' side has no static shape there and its reshapes stay locked.
+@pytest.mark.parametrize(("exporter", "dynamic"), [("torchscript", False), ("dynamo", False), ("dynamo", True)])
+def test_learned_queries_lose_whole_heads_of_their_cross_attention(exporter, dynamic):
+    # init_weights: torch zeroes the attention's biases, and dedup-initializers would merge them into one shared
+    # constant whose readers' channels are then tied (as a bias of a layer applied twice): not this test's subject
+    proto = export_module(init_weights(LearnedQueries()), {"x": torch.randn(2, 10, 16)}, exporter=exporter,
+                          dynamic_batch=dynamic)
+    original = optimize(proto, "cleanup").model.to_proto()
+    locks = {g.locked for g in analysis(original).groups if g.locked}
+    assert not [r for r in locks if "MatMul" in r or "Add" in r], locks
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    heads = [g for g in records[0].stats["groups"] if g["before"] == 4]
+    assert len(heads) == 3 and all(g["after"] == 2 for g in heads)  # the cross, self and decoder cross attention
+    for batch in (2, 3) if dynamic else (2,):
+        x = {"x": np.random.default_rng(batch).standard_normal((batch, 10, 16)).astype(np.float32)}
+        reference, oracle = run(original, x), run(masked(original, removed), x)
+        np.testing.assert_allclose(run(model.to_proto(), x), oracle, rtol=1e-4, atol=1e-5)
+        assert np.abs(reference - oracle).max() > 1e-2
 
 
 def test_a_model_that_bakes_its_batch_keeps_the_symbolic_shapes():

@@ -65,17 +65,35 @@ def _only_use(constant: gs.Constant) -> bool:
     return len(constant.outputs) <= 1
 
 
-def _expanded_constant(tensor: gs.Tensor, b: Builder) -> gs.Node | None:
-    """The Expand node when `tensor` is Expand(constant, shape), read by one node, the constant by the Expand
-    alone, and the shape a vector of the output's rank: a class token broadcast to a batch known only at run
-    time (cls.expand(B, -1, -1) with a dynamic batch). `_slice_expanded` slices it like a constant."""
+def _expanded_constant(tensor: gs.Tensor, b: Builder, shared: bool = False) -> gs.Node | None:
+    """The Expand node when `tensor` is Expand(constant, shape), read by one node (any number if `shared`: see
+    `_own_expand`), the constant by the Expand alone, and the shape a vector of the output's rank: a class token
+    broadcast to a batch known only at run time (cls.expand(B, -1, -1) with a dynamic batch), DETR's learned
+    queries. `_slice_expanded` slices it like a constant."""
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if producer is None or producer.op != "Expand" or len(tensor.outputs) != 1:
+    if producer is None or producer.op != "Expand" or (len(tensor.outputs) != 1 and not shared):
         return None
     constant, out, shape = _constant(producer.inputs[0]), b.shape(tensor), b.shape(producer.inputs[1])
     if constant is None or not _only_use(constant) or out is None or shape != [len(out)]:
         return None
     return producer
+
+
+def _own_expand(node: gs.Node, index: int, view: PruneView) -> gs.Node:
+    """The Expand behind node.inputs[index], first copied (with its constant) for this node alone when other nodes
+    read its output: DETR's queries are the decoder's first input and its residual, and only the residual Add
+    keeps the pruned channels."""
+    tensor = node.inputs[index]
+    expand = tensor.inputs[0]
+    if len(tensor.outputs) == 1:
+        return expand
+    constant = expand.inputs[0]
+    out = gs.Variable(view.unique(tensor.name), dtype=tensor.dtype, shape=tensor.shape)
+    copy = gs.Node("Expand", view.unique(expand.name), outputs=[out],
+                   inputs=[gs.Constant(view.unique(constant.name), np.array(constant.values)), expand.inputs[1]])
+    view.new_nodes.append(copy)
+    node.inputs[index] = out
+    return copy
 
 
 def _slice_expanded(expand: gs.Node, view: PruneView, indices: np.ndarray, axis: int, rank: int) -> None:

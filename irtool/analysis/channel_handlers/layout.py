@@ -421,8 +421,8 @@ def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 8) -> 
         if node.op == "Reshape" and node.inputs[0] is tensor and depth:
             if not _reshape_accepts(node, axis, shape, depth - 1):
                 return False
-        elif node.op == "MatMul" and not any(_constant(t) is not None for t in node.inputs):
-            if axis >= rank - 2:
+        elif node.op == "MatMul" and not _weighted(node):
+            if axis >= rank - 2:  # two activations, or a constant operand of attention (learned queries, folded)
                 return False
         elif node.op == "InstanceNormalization" and axis != 1:
             return False
@@ -466,6 +466,12 @@ def _squeezed_axis(node: gs.Node, axis: int, rank: int, shape) -> tuple[int, int
         return _LOCKS if axis in removed else (axis - sum(1 for a in removed if a < axis), len(out))
     inserted = sorted(a % len(out) for a in axes)
     return [i for i in range(len(out)) if i not in inserted][axis], len(out)
+
+
+def _weighted(matmul: gs.Node) -> bool:
+    """X·W with a constant 2-D W: channels of X live on its last axis."""
+    w = _constant(matmul.inputs[1])
+    return w is not None and np.ndim(w.values) == 2
 
 
 def _reshape_accepts(node: gs.Node, axis: int, shape, depth: int) -> bool:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from irtool.analysis.channel_handlers.base import Handler, _constant, _follow, _ints, _only_use, _take, handles
+from irtool.analysis.channel_handlers.base import (
+    Handler,
+    _constant,
+    _expanded_constant,
+    _follow,
+    _ints,
+    _only_use,
+    _own_expand,
+    _slice_expanded,
+    _take,
+    handles,
+)
 
 
 @handles("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu",
@@ -97,11 +108,11 @@ class Elementwise(Handler):
         axis = axes.pop()
         if b.new_space(y, axis) is None:
             return
-        for t in node.inputs:
-            self._couple(node, t, axis, rank, b)
+        for index in range(len(node.inputs)):
+            self._couple(node, index, axis, rank, b)
 
-    def _couple(self, node, t, axis, rank, b):
-        y = node.outputs[0]
+    def _couple(self, node, index, axis, rank, b):
+        y, t = node.outputs[0], node.inputs[index]
         shape = b.shape(t)
         local = axis - (rank - len(shape)) if shape is not None else -1
         full = shape is not None and 0 <= local < len(shape) and shape[local] == b.space(y).size
@@ -109,6 +120,8 @@ class Elementwise(Handler):
             b.tie(t, y)
         elif full and _constant(t) is not None and not _only_use(t) and all(r.op == node.op for r in t.outputs):
             b.share(t, (y,))  # a bias every application of a shared layer adds: its readers keep the same channels
+        elif full and _constant(t) is None and _expanded_constant(t, b, shared=True) is not None:
+            b.notes.setdefault(node.name, []).append(index)  # apply slices it: learned queries plus attention
         elif full and (_constant(t) is None or not _only_use(t)):
             b.lock(y, f"{node.op} {node.name!r} has an operand {t.name!r} with channels from nowhere")
 
@@ -117,6 +130,8 @@ class Elementwise(Handler):
         indices, space = view.keep(y), view.space(y)
         if indices is None:
             return
+        for index in view.graph.notes.get(node.name, []):
+            _slice_expanded(_own_expand(node, index, view), view, indices, space.axis, space.rank)
         for index, t in enumerate(node.inputs):
             if _constant(t) is None:
                 continue

@@ -140,12 +140,14 @@ class MatMul(Handler):
     Two activations (attention's Q·Kᵀ and P·V): channels may only live on a broadcast batch axis
     (attention heads), where output [.., h, .., ..] depends on operand slice h alone; such a channel is
     shared by both operands and the output. Channels on one of the two matrix axes are locked: they are
-    contracted or mixed, and no consumer weight could mask them.
+    contracted or mixed, and no consumer weight could mask them. An operand that is a constant there (DETR's
+    learned queries, whose projection and heads fold to constants [B, H, T, D] at a static batch) is sliced
+    along the head axis.
     """
 
     def propagate(self, node, b):
         a, w, y = node.inputs[0], _constant(node.inputs[1]), node.outputs[0]
-        if w is None and _constant(a) is None:
+        if (w is None or np.ndim(w.values) != 2) and not (w is not None and _constant(a) is not None):
             self._batched(node, b)
             return
         space_in = b.space(a)
@@ -180,7 +182,8 @@ class MatMul(Handler):
         for t in node.inputs:
             shape = b.shape(t)
             local = axis - (rank - len(shape)) if shape is not None else -1
-            if b.space(t) is None and (shape is None or (0 <= local < len(shape) and shape[local] != 1)):
+            if b.space(t) is None and _constant(t) is None \
+                    and (shape is None or (0 <= local < len(shape) and shape[local] != 1)):
                 for s in spaced:
                     b.lock(s, f"MatMul {node.name!r} meets an operand {t.name!r} with channels from nowhere")
                 return
@@ -189,6 +192,14 @@ class MatMul(Handler):
                 b.tie(t, y)
 
     def apply(self, node, view):
+        space = view.space(node.outputs[0])
+        if space is not None and space.axis < space.rank - 2:  # channels on a batch axis: slice constant operands
+            keep = view.keep(node.outputs[0])
+            for index, t in enumerate(node.inputs):
+                local = space.axis - (space.rank - np.ndim(t.values)) if _constant(t) is not None else -1
+                if keep is not None and local >= 0 and np.shape(t.values)[local] > 1:
+                    _take(view.own(node, index), keep, local)
+            return
         if _constant(node.inputs[1]) is not None and _constant(node.inputs[0]) is None:
             w = view.once(node, 1)
             if w is not None:  # None: a tied weight another reader sliced
