@@ -131,12 +131,26 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
     return x, c
 
 
+def _tokens(b: GraphBuilder, x: str, c: int) -> str:
+    """[2, c, 4, 4] -> [2, 16, c]."""
+    return b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+
+
+def _attend(b: GraphBuilder, x: str, scores: str, v: str, width: int, c: int) -> str:
+    """softmax(scores)·V, heads merged to [2, 16, width], projected to c, back to [2, c, 4, 4] and added to x."""
+    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
+    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[0, 2, 1, 3])[0], b.const([2, 16, -1])])[0]
+    out = b.op("MatMul", [merged, b.weight(width, c)])[0]
+    out = b.op("Transpose", [b.op("Reshape", [out, b.const([2, 4, 4, c])])[0]], perm=[0, 3, 1, 2])[0]
+    return b.op("Add", [x, out])[0]
+
+
 def _attention(b: GraphBuilder, x: str, c: int) -> str:
     """Pre-projection multi-head self-attention over the 16 positions, residual back onto x:
     Q/K/V = t·W (t = x as [2, 16, c]); heads [2, 16, H, D] -> [2, H, 16, D]; softmax(Q·Kᵀ·s)·V;
     heads merged back to [2, 16, H·D] and projected to c. The three head reshapes share one constant."""
     heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
-    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+    tokens = _tokens(b, x, c)
     split = b.const([2, 16, heads, dim] if b.rng.random() < 0.5 else [2, 16, heads, -1])
 
     def project(perm: list[int]) -> str:
@@ -147,11 +161,7 @@ def _attention(b: GraphBuilder, x: str, c: int) -> str:
 
     q, k, v = project([0, 2, 1, 3]), project([0, 2, 3, 1]), project([0, 2, 1, 3])
     scores = b.op("Mul", [b.op("MatMul", [q, k])[0], b.const(dim ** -0.5, np.float32)])[0]
-    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
-    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[0, 2, 1, 3])[0], b.const([2, 16, -1])])[0]
-    out = b.op("MatMul", [merged, b.weight(heads * dim, c)])[0]
-    out = b.op("Transpose", [b.op("Reshape", [out, b.const([2, 4, 4, c])])[0]], perm=[0, 3, 1, 2])[0]
-    return b.op("Add", [x, out])[0]
+    return _attend(b, x, scores, v, heads * dim, c)
 
 
 def _fused_attention(b: GraphBuilder, x: str, c: int) -> str:
@@ -159,7 +169,7 @@ def _fused_attention(b: GraphBuilder, x: str, c: int) -> str:
     Transpose [3, 2, H, 16, D], then q, k, v picked on the leading axis (Gather, or Split and Squeeze: unbind);
     sometimes a per-head bias [1, H, 16, 16] (Swin's relative positions) is added to the scores."""
     heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
-    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+    tokens = _tokens(b, x, c)
     packed = b.op("Add", [b.op("MatMul", [tokens, b.weight(c, 3 * heads * dim)])[0], b.weight(3 * heads * dim)])[0]
     split = b.const([2, 16, 3, heads, dim] if b.rng.random() < 0.5 else [2, 16, 3, heads, -1])
     qkv = b.op("Transpose", [b.op("Reshape", [packed, split])[0]], perm=[2, 0, 3, 1, 4])[0]
@@ -172,11 +182,7 @@ def _fused_attention(b: GraphBuilder, x: str, c: int) -> str:
                              b.op("Transpose", [k], perm=[0, 1, 3, 2])[0]])[0]
     if b.rng.random() < 0.5:
         scores = b.op("Add", [scores, b.weight(1, heads, 16, 16)])[0]
-    mixed = b.op("MatMul", [b.op("Softmax", [scores], axis=-1)[0], v])[0]
-    merged = b.op("Reshape", [b.op("Transpose", [mixed], perm=[0, 2, 1, 3])[0], b.const([2, 16, -1])])[0]
-    out = b.op("MatMul", [merged, b.weight(heads * dim, c)])[0]
-    out = b.op("Transpose", [b.op("Reshape", [out, b.const([2, 4, 4, c])])[0]], perm=[0, 3, 1, 2])[0]
-    return b.op("Add", [x, out])[0]
+    return _attend(b, x, scores, v, heads * dim, c)
 
 
 def _query_attention(b: GraphBuilder, x: str, c: int) -> str:
@@ -184,7 +190,7 @@ def _query_attention(b: GraphBuilder, x: str, c: int) -> str:
     static batch): q is a constant [1, H, 4, D] read by the score MatMul; the answers, projected back to c and
     averaged over the queries, are added to x per channel."""
     heads, dim = int(b.rng.integers(2, 4)), int(b.rng.integers(2, 4))
-    tokens = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1])[0], b.const([2, 16, c])])[0]
+    tokens = _tokens(b, x, c)
 
     def project(perm: list[int]) -> str:
         y = b.op("MatMul", [tokens, b.weight(c, heads * dim)])[0]
