@@ -11,7 +11,9 @@ optimization, never a requirement).
 input shapes) folds to its int64 dims, honouring start/end. So does a Gather or Slice (constant indices) that
 picks only known dims out of a Shape of a value whose other dims are dynamic: torch's legacy exporter with
 dynamic axes writes an attention's `q.shape[-1] ** 0.5` and a head split's `d // heads` that way, and left
-unfolded the attention scale stayed a computed Div that `fold-scale` cannot take. When a Shape folds only
+unfolded the attention scale stayed a computed Div that `fold-scale` cannot take. An Equal of such dims with
+negative constants folds too (a dim is never negative), and a Where over them with a constant mask becomes a
+Concat: torch's `expand(B, -1, -1)` (irtool.passes.shape_select). When a Shape folds only
 thanks to the context's input shapes, the model is specialized to them, so its inputs then declare them
 (stat `inputs_pinned`).
 
@@ -36,6 +38,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from irtool.ir.model import Model, subgraphs_of
 from irtool.ir.rewrite import GraphEdit, ValueTypes, is_default_domain, pin_input_shapes, static_shape, value_types
 from irtool.ir.topo import toposort_graph
+from irtool.passes.shape_select import dims_equal, select_pieces
 from irtool.passmanager import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,9 @@ class FoldConstants(Pass):
             toposort_graph(graph)
             with GraphEdit(graph) as edit:
                 for node in list(graph.nodes):
+                    if self._select(node, types, model):
+                        folded += 1
+                        continue
                     values = self._fold(node, types, opsets)
                     if values is None:
                         continue
@@ -97,8 +103,25 @@ class FoldConstants(Pass):
                     folded += 1
         return folded, specialized
 
+    def _select(self, node: gs.Node, types: ValueTypes, model: Model) -> bool:
+        """Turn Where(constant mask, constant, Concat(pieces)) into the Concat of the picked pieces
+        (irtool.passes.shape_select); True if it did."""
+        if not (self.options.fold_shapes and node.op == "Where" and is_default_domain(node)):
+            return False
+        pieces = select_pieces(node, types, model.unique_name)
+        if pieces is None:
+            return False
+        node.op, node.attrs = "Concat", {"axis": 0}
+        node.inputs.clear()
+        node.inputs.extend(pieces)
+        return True
+
     def _fold(self, node: gs.Node, types: ValueTypes, opsets: dict[str, int]) -> list[np.ndarray] | None:
         """The output values of node if it may and can be folded, else None."""
+        if self.options.fold_shapes and node.op == "Equal" and is_default_domain(node):
+            decided = dims_equal(node, types)
+            if decided is not None:
+                return [decided]
         if self.options.fold_shapes and node.op == "Shape" and is_default_domain(node):
             shape = static_shape(types, node.inputs[0].name)
             if shape is not None:

@@ -170,6 +170,51 @@ def test_a_dynamic_dim_picked_out_of_a_shape_stays():
     assert run(model, "fold-constants")[0].modified is False
 
 
+EXPAND_TARGET = """
+g (float[N,6,4] x) => (int64[3] y, bool[3] e) <int64 zero = {0}, int64[1] axes = {0}, int64[1] k = {PIECE},
+    int64[3] c = {COMPARED}, int64[3] ones = {1, 1, 1}> {
+  s = Shape(x)
+  b = Gather <axis = 0> (s, zero)
+  bu = Unsqueeze(b, axes)
+  t = Concat <axis = 0> (bu, k, k)
+  e = Equal(t, c)
+  y = Where(e, ones, t)
+}"""
+
+
+@pytest.mark.parametrize(("piece", "compared", "folds"), [
+    ("-1", "-1, -1, -1", True),   # torch's expand(N, -1, -1): N from Shape is never -1
+    ("-1", "-1, -1, 5", True),    # a constant piece is compared as it is
+    ("-1", "0, -1, -1", False),   # N may be 0
+    ("7", "-1, 7, 7", True),
+])
+def test_equal_of_shape_dims_with_negatives_folds_and_the_where_becomes_a_concat(piece, compared, folds):
+    model = model_of(EXPAND_TARGET.replace("PIECE", piece).replace("COMPARED", compared))
+    original = model.copy()
+    run(model, "fold-constants")
+    assert ("Equal" not in ops(model)) == folds
+    assert ("Where" not in ops(model)) == folds
+    if folds:
+        concat = node(model, "Where_0")  # the Where node, now a Concat of N and the picked constants
+        picked = [np.asarray(t.values).tolist() for t in concat.inputs[1:]]
+        mask = np.asarray(model.graph.outputs[1].values).tolist()
+        assert concat.op == "Concat" and concat.inputs[0].name == "bu"
+        assert picked == [[1] if m else [int(piece)] for m in mask[1:]]
+    assert_same_outputs(original, model)
+
+
+def test_a_where_whose_mask_splits_a_piece_stays():
+    model = model_of("""
+    g (float[N,6,4] x) => (int64[3] y) <int64[2] zero = {0, 1}, int64[1] minus = {-1}, bool[3] m = {1, 0, 1},
+                                      int64[3] ones = {1, 1, 1}> {
+      s = Shape(x)
+      b = Gather <axis = 0> (s, zero)
+      t = Concat <axis = 0> (b, minus)
+      y = Where(m, ones, t)
+    }""")
+    assert "Where" in ops(model) and run(model, "fold-constants")[0].modified is False
+
+
 def test_shape_folding_can_be_switched_off():
     model = model_of("g (float[2,3] x) => (int64[2] y) { y = Shape(x) }")
     assert run(model, "fold-constants{fold-shapes=false}")[0].modified is False
