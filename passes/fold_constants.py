@@ -38,7 +38,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from irtool.ir.model import Model, subgraphs_of
 from irtool.ir.rewrite import GraphEdit, ValueTypes, is_default_domain, pin_input_shapes, static_shape, value_types
 from irtool.ir.topo import toposort_graph
-from irtool.passes.shape_select import dims_equal, select_pieces
+from irtool.passes.shape_select import dims_equal, select_pieces, shape_slice, slice_vector
 from irtool.passmanager import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class FoldConstants(Pass):
         if self.options.fold_shapes and node.op == "Shape" and is_default_domain(node):
             shape = static_shape(types, node.inputs[0].name)
             if shape is not None:
-                return [_shape_slice(node, shape)]
+                return [shape_slice(node, shape)]
         if self.options.fold_shapes and node.op in PICKS and is_default_domain(node):
             picked = _picked_dims(node, types)
             if picked is not None:
@@ -191,34 +191,15 @@ def _picked_dims(node: gs.Node, types: ValueTypes) -> np.ndarray | None:
     if entry is None or entry[1] is None:
         return None
     dims = np.array([d if isinstance(d, int) and d >= 0 else -1 for d in entry[1]], np.int64)
-    dims = _shape_slice(shape_node, dims)  # what the Shape outputs, -1 for the dims not known
+    dims = shape_slice(shape_node, dims)  # what the Shape outputs, -1 for the dims not known
     try:
         if node.op == "Gather":
             picked = np.take(dims, np.asarray(node.inputs[1].values), axis=int(node.attrs.get("axis", 0)))
         else:
-            picked = _slice(dims, [np.asarray(t.values) if t.name else None for t in node.inputs[1:]])
+            picked = slice_vector(dims, [np.asarray(t.values) if t.name else None for t in node.inputs[1:]])
     except (IndexError, ValueError):  # an index out of range: ONNX Runtime's error to raise, not ours
         return None
     return np.asarray(picked, np.int64) if np.all(picked >= 0) else None
-
-
-def _slice(dims: np.ndarray, args: list[np.ndarray | None]) -> np.ndarray:
-    """Slice (opset >= 10: starts, ends, axes, steps inputs) of a 1-D array."""
-    starts, ends = args[0], args[1]
-    axes = args[2] if len(args) > 2 and args[2] is not None else None
-    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones_like(starts)
-    if axes is not None and any(int(a) not in (0, -1) for a in axes):
-        raise ValueError("a 1-D Shape has axis 0 only")
-    if len(starts) != 1:
-        raise ValueError("one axis")
-    return dims[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
-
-
-def _shape_slice(node: gs.Node, shape: list[int]) -> np.ndarray:
-    rank = len(shape)
-    start = node.attrs.get("start", 0)
-    end = node.attrs.get("end", rank)
-    return np.array(shape[slice(start, end)], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -100,8 +100,7 @@ def _elements(t: gs.Tensor, types: ValueTypes, depth: int = MAX_DEPTH) -> np.nda
         entry = types.get(node.inputs[0].name)
         if entry is None or entry[1] is None:
             return None
-        rank = len(entry[1])
-        return np.full(len(range(rank)[slice(node.attrs.get("start", 0), node.attrs.get("end", rank))]), DIM)
+        return shape_slice(node, [DIM] * len(entry[1]))
     inputs = [_elements(i, types, depth - 1) if i.name else None for i in node.inputs]
     return None if not inputs or inputs[0] is None else _moved(node, inputs)
 
@@ -119,10 +118,29 @@ def _moved(node: gs.Node, inputs: list[np.ndarray | None]) -> np.ndarray | None:
             return data.reshape(())
         if node.op == "Reshape" and len(inputs) > 1 and inputs[1] is not None and inputs[1].size == 1:
             return data.reshape(-1)  # torch's legacy exporter flattens the target it builds: Reshape(shape, [-1])
-        if node.op == "Slice" and data.ndim == 1 and all(v is not None and DIM not in v for v in inputs[1:3]):
-            starts, ends = int(inputs[1][0]), int(inputs[2][0])
-            steps = int(inputs[4][0]) if len(inputs) > 4 and inputs[4] is not None else 1
-            return data[starts:ends:steps]
+        if node.op == "Slice" and data.ndim == 1 and len(inputs) > 2 and inputs[1] is not None \
+                and inputs[2] is not None and not any(v is not None and DIM in v for v in inputs[1:]):
+            return slice_vector(data, inputs[1:])
     except (IndexError, ValueError):
         return None
     return None
+
+
+def slice_vector(dims: np.ndarray, args: list[np.ndarray | None]) -> np.ndarray:
+    """Slice (opset >= 10: starts, ends, axes, steps inputs) of a 1-D array."""
+    starts, ends = args[0], args[1]
+    axes = args[2] if len(args) > 2 and args[2] is not None else None
+    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones_like(starts)
+    if axes is not None and any(int(a) not in (0, -1) for a in axes):
+        raise ValueError("a 1-D Shape has axis 0 only")
+    if len(starts) != 1:
+        raise ValueError("one axis")
+    return dims[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+
+
+def shape_slice(node: gs.Node, shape: list[int]) -> np.ndarray:
+    """What a Shape node outputs for `shape`, honouring its start and end."""
+    rank = len(shape)
+    start = node.attrs.get("start", 0)
+    end = node.attrs.get("end", rank)
+    return np.array(shape[slice(start, end)], dtype=np.int64)
