@@ -312,25 +312,49 @@ class Builder:
         self.shared_readers[constant.name] = len(constant.outputs)
 
     def tie_shared(self) -> set[str]:
-        """Tie each side of a shared constant's readers; where one reader cannot follow (no channels there, another
+        """Tie each side of a shared weight's readers; where one reader cannot follow (no channels there, another
         axis or size, another kind of reader), lock that side for all of them. Either way every reader keeps the
-        same channels of the constant, which is then sliced once (ChannelGraph.tied_weights)."""
+        same channels of the weight, which is then sliced once (ChannelGraph.tied_weights).
+
+        An elementwise operand (a bias) is tied only when its readers already keep the same channels (the
+        applications of one tied layer); otherwise each reader slices a copy of it (PruneView.own).
+        dedup-initializers merges equal constants, and tying the layers that read one zero bias would halve
+        the free channels of a freshly initialised transformer."""
+        tied = set()
         for name, readers in self.shared.items():
-            sides = {len(r) for r in readers}
-            # every reader registered (a reader whose handler never got that far, or has none, keeps all channels)
-            complete = len(sides) == 1 and len(readers) == self.shared_readers[name]
-            for side in range(max(sides)):
-                tensors = [r[side] for r in readers if side < len(r)]
-                spaces = [self.space(t) for t in tensors]
-                if complete and all(spaces) and len({(s.axis, s.size) for s in spaces}) == 1:
-                    for t in tensors[1:]:
-                        self.tie(tensors[0], t)
-                    continue
-                for t, space in zip(tensors, spaces, strict=True):
-                    if space is not None:
-                        self.lock(t, f"{name!r} is shared by {self.shared_readers[name]} nodes and one of them cannot "
-                                     "follow its channels")
-        return set(self.shared)
+            if all(len(r) == 1 for r in readers):
+                if self._agree(name, [r[0] for r in readers]):
+                    tied.add(name)
+                continue
+            tied.add(name)
+            self._tie_readers(name, readers)
+        return tied
+
+    def _agree(self, name: str, tensors: list[gs.Tensor]) -> bool:
+        """Every reader of the constant registered, and their channels are already tied one to one."""
+        spaces = [self.space(t) for t in tensors]
+        if len(tensors) != self.shared_readers[name] or not all(spaces) \
+                or len({(s.axis, s.size) for s in spaces}) != 1:
+            return False
+        find = self.uf.find
+        first = [find(spaces[0].base + i) for i in range(spaces[0].size)]
+        return all([find(s.base + i) for i in range(s.size)] == first for s in spaces[1:])
+
+    def _tie_readers(self, name: str, readers: list[tuple[gs.Tensor, ...]]) -> None:
+        sides = {len(r) for r in readers}
+        # every reader registered (a reader whose handler never got that far, or has none, keeps all channels)
+        complete = len(sides) == 1 and len(readers) == self.shared_readers[name]
+        for side in range(max(sides)):
+            tensors = [r[side] for r in readers if side < len(r)]
+            spaces = [self.space(t) for t in tensors]
+            if complete and all(spaces) and len({(s.axis, s.size) for s in spaces}) == 1:
+                for t in tensors[1:]:
+                    self.tie(tensors[0], t)
+                continue
+            for t, space in zip(tensors, spaces, strict=True):
+                if space is not None:
+                    self.lock(t, f"{name!r} is shared by {self.shared_readers[name]} nodes and one of them cannot "
+                                 "follow its channels")
 
     def soft_lock(self, tensor: gs.Tensor, reason: str) -> None:
         """A lock prune lifts when asked to (Group.soft): removing these channels changes a statistic over them."""

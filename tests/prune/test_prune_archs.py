@@ -6,6 +6,7 @@ parameters and MACs. Exports are cached for the session (the dynamo exporter tak
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,3 +242,32 @@ def test_attention_prunes_heads_through_a_shared_reshape_constant():
     for node in after:  # each reads its own rewritten constant: fewer heads, same head dim
         new = np.asarray(node.inputs[1].values)
         assert new[2] < old[2] and new[3] == old[3] and node.inputs[1].name != before[0].inputs[1].name
+
+
+def _zero_biases(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The export with every bias zero, as a freshly initialised transformer has them, then cleaned up: one
+    initializer (dedup-initializers) for all equal biases, read by the layers of every block."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for init in out.graph.initializer:
+        if init.name.endswith("bias") and len(init.dims) == 1:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), init.name))
+    model = Model.from_proto(out)
+    PassManager(parse_pipeline("cleanup").build()).run(model, PassContext())
+    return model.to_proto()
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("arch", ["vit_b16", "vit_torchvision", "swin_tiny"])
+def test_merged_zero_biases_do_not_tie_their_layers(arch, exporter):
+    """A constant several unrelated layers add is copied for each of them when their channels differ; tying
+    them (the rule for one layer applied twice) halved the free channels of these models."""
+    original = _zero_biases(export_arch(arch, EXPORTERS[exporter]))
+    biases = {i.name for i in original.graph.initializer if not np.any(onnx.numpy_helper.to_array(i))}
+    assert max(Counter(i for n in original.graph.node for i in n.input if i in biases).values()) >= 4
+    assert sum(g.size for g in analysis(original).groups if g.locked is None) == EXPECT[arch].free_atoms
+    model, removed, _ = prune(original, "prune{ratio=0.5}")
+    x = np.random.default_rng(1).standard_normal(ARCHS[arch][1]).astype(np.float32)
+    oracle = run_all(masked(original, removed), x)
+    for out, ref in zip(run_all(model.to_proto(), x), oracle, strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))

@@ -118,11 +118,11 @@ class Elementwise(Handler):
         full = shape is not None and 0 <= local < len(shape) and shape[local] == b.space(y).size
         if b.space(t) is not None:
             b.tie(t, y)
-        elif full and _constant(t) is not None and not _only_use(t) and all(r.op == node.op for r in t.outputs):
-            b.share(t, (y,))  # a bias every application of a shared layer adds: its readers keep the same channels
+        elif full and _constant(t) is not None and not _only_use(t):
+            b.share(t, (y,))  # several nodes read it: sliced once if they keep the same channels, else copied
         elif full and _constant(t) is None and _expanded_constant(t, b, shared=True) is not None:
             b.notes.setdefault(node.name, []).append(index)  # apply slices it: learned queries plus attention
-        elif full and (_constant(t) is None or not _only_use(t)):
+        elif full and _constant(t) is None:
             b.lock(y, f"{node.op} {node.name!r} has an operand {t.name!r} with channels from nowhere")
 
     def apply(self, node, view):
