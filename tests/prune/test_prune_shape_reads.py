@@ -66,3 +66,24 @@ def test_a_channel_count_read_into_another_reshape_is_tied_or_locked(target, wid
     assert _conv_widths(pruned) == widths
     x = {"x": np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)}
     np.testing.assert_allclose(run(pruned, x), run(masked(original, removed), x), rtol=1e-5, atol=1e-5)
+
+
+def _reshaped_conv(out_channels: int, target: list[int] | None) -> onnx.ModelProto:
+    """x [1, 3, 4, 4] -> Conv (3 -> out_channels) -> Reshape to `target`, or to the graph input `t` when None."""
+    w = numpy_helper.from_array(np.ones((out_channels, 3, 1, 1), np.float32), "w")
+    inits = [w] + ([numpy_helper.from_array(np.array(target, np.int64), "t")] if target else [])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])]
+    inputs += [] if target else [helper.make_tensor_value_info("t", TensorProto.INT64, [3])]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Reshape", ["c", "t"], ["r"], name="r"),
+             helper.make_node("Relu", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+@pytest.mark.parametrize(("channels", "target", "reason"), [
+    (1, [1, 4, 4], "Reshape 'r' drops the channel axis, which holds a single channel"),  # YOLOv8's DFL output
+    (4, None, "Reshape 'r' has dims shape inference left unknown (a target computed at run time)")])
+def test_reshape_lock_reasons_say_what_stopped_the_channels(channels, target, reason):
+    from tests.prune.test_prune_archs import analysis
+
+    assert [g.locked for g in analysis(_reshaped_conv(channels, target)).groups] == [reason]

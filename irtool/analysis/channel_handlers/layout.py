@@ -118,7 +118,7 @@ class Reshape(Handler):
         run = _reshape_run(b.shape(x), b.shape(y), space.axis)
         pieces = None if _constant(node.inputs[1]) is not None or source else _shape_pieces(node.inputs[1], b)
         if run is None or (_constant(node.inputs[1]) is None and pieces is None and source is None):
-            b.lock(x, f"Reshape {node.name!r} has a dynamic shape or moves the channel axis across others")
+            b.lock(x, f"Reshape {node.name!r} {_unfollowed(b.shape(x), b.shape(y), space, run)}")
             return False
         x_dims, r, y_dims, y_offset = run
         roots = [b.uf.find(space.base + c) for c in range(space.size)]
@@ -350,6 +350,19 @@ def _vector_slice(node: gs.Node, length: int) -> tuple[int, int] | None:
 def _length(piece: gs.Tensor, b) -> int | None:
     dims = b.shape(piece)
     return dims[0] if dims is not None and len(dims) == 1 and isinstance(dims[0], int) else None
+
+
+def _unfollowed(sx, sy, space: Space, run) -> str:
+    """Why a Reshape's channels cannot be followed, for the lock reason."""
+    if sx is None or sy is None:
+        return "has an input or output shape that shape inference could not give"
+    if run is None and space.size == 1:
+        return "drops the channel axis, which holds a single channel"
+    if run is None and not all(isinstance(d, int) for d in list(sx[1:]) + list(sy[1:])):  # past a dynamic batch
+        return "has dims shape inference left unknown (a target computed at run time)"
+    if run is None:
+        return "moves the channel axis across others"
+    return "computes its target shape at run time in a form the analysis cannot follow"
 
 
 def _reshape_run(sx, sy, axis: int):
