@@ -15,6 +15,7 @@ from typing import Any
 
 from irtool.errors import InputError, PipelineError
 from irtool.ir.model import Model
+from irtool.ir.skeleton import symbol_sizes
 from irtool.passmanager import PassContext, PassManager, PassRecord
 from irtool.pipeline import Pipeline, format_pipeline, parse_pipeline
 
@@ -130,3 +131,4 @@ def check_input_shapes(model: Model, shapes: Mapping[str, list[int]]) -> None:
         declared = inputs[name].shape
         if declared is not None and len(declared) != len(dims):
             raise InputError(f"--input-shape {name!r}: {len(dims)} dims given, the input has {len(declared)}")
+    symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], shapes)  # one size per dim name, or an error

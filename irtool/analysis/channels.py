@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from irtool.analysis.shapes import ShapeInfo, Shapes
 from irtool.ir.convert import paused_gc
 from irtool.ir.model import Model
-from irtool.ir.skeleton import infer_types
+from irtool.ir.skeleton import infer_types, symbol_sizes
 from irtool.ir.topo import outer_uses, topo_order
 from irtool.passmanager import Analysis, PassContext
 
@@ -409,7 +409,9 @@ def _shapes(model: Model, ctx: PassContext) -> ShapeInfo:
     folds the heads into the batch ([T, B, H·D] -> [T, B·H, D]), and every head was locked. Not 1: a batch of one
     would hide such a fold; not 2 or 3, common channel and head counts. Other symbolic dims stay symbolic."""
     given = dict(ctx.input_shapes or {})
-    batch = {t.shape[0] for t in model.graph.inputs if t.name not in given and t.shape and isinstance(t.shape[0], str)}
+    bound = symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], given)  # named in a given shape
+    batch = {t.shape[0] for t in model.graph.inputs if t.name not in given and t.shape and isinstance(t.shape[0], str)
+             and t.shape[0] not in bound}
     if not batch:
         return ctx.analysis(Shapes, model)
     pinned = {t.name: [BATCH_STANDIN if d in batch else d for d in t.shape] for t in model.graph.inputs

@@ -11,7 +11,7 @@ import onnx
 
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.ir.skeleton import infer_types
+from irtool.ir.skeleton import infer_types, symbol_sizes
 from irtool.passmanager import Analysis, PassContext
 
 
@@ -46,12 +46,14 @@ class Shapes(Analysis):
 
 
 def concrete_input_shapes(model: Model, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
-    """Input shapes with every symbolic dim not fixed by `given` set to 1 (a cost-per-sample view)."""
+    """Input shapes with every symbolic dim not fixed by `given` set to 1 (a cost-per-sample view). A named dim
+    that one given shape fixes is fixed in every input (symbol_sizes)."""
     shapes = dict(given or {})
+    sizes = symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], shapes)
     for tensor in model.graph.inputs:
         if tensor.name in shapes or tensor.shape is None:
             continue
-        shapes[tensor.name] = [d if isinstance(d, int) and d >= 0 else 1 for d in tensor.shape]
+        shapes[tensor.name] = [d if isinstance(d, int) and d >= 0 else sizes.get(d, 1) for d in tensor.shape]
     return shapes
 
 

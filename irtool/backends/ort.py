@@ -46,6 +46,7 @@ from onnx import helper
 from irtool.errors import InputError, IrtoolError
 from irtool.ir import io
 from irtool.ir.model import Model
+from irtool.ir.skeleton import symbol_sizes
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +275,16 @@ def make_inputs(model: ModelLike, seed: int = 0, input_shapes: dict[str, list[in
         raise InputError(f"input shapes name {unknown}, which are not model inputs "
                          f"({', '.join(name for name, _, _ in specs)})")
     rng = np.random.default_rng(seed)
+    sizes = symbol_sizes([(name, dims) for name, _, dims in specs], shapes)
     feeds: Feeds = {}
     for name, dtype, dims in specs:
-        resolved = _resolve_dims(name, dims, shapes.get(name), batch, strict)
+        resolved = _resolve_dims(name, dims, shapes.get(name), batch, strict, sizes)
         feeds[name] = _random_array(rng, name, dtype, resolved)
     return feeds
 
 
-def _resolve_dims(name: str, dims, given: list[int] | None, batch: int | None, strict: bool) -> list[int]:
+def _resolve_dims(name: str, dims, given: list[int] | None, batch: int | None, strict: bool,
+                  sizes: dict[str, int]) -> list[int]:
     if given is not None:
         if dims is not None and len(dims) != len(given):
             raise InputError(f"input {name!r}: shape {given} has rank {len(given)}, the model's has {len(dims)}")
@@ -295,6 +298,8 @@ def _resolve_dims(name: str, dims, given: list[int] | None, batch: int | None, s
     for i, dim in enumerate(dims):
         if isinstance(dim, int) and dim > 0:
             resolved.append(dim)
+        elif dim in sizes:  # a name another input's given shape fixes
+            resolved.append(sizes[dim])
         elif i == 0 and batch is not None:
             resolved.append(batch)
         elif strict:

@@ -10,6 +10,7 @@ are checked separately: their byte count must match dims x element size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 
 import onnx
 from onnx import helper
@@ -144,6 +145,7 @@ def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> N
     from irtool.errors import InputError
 
     inputs = {i.name: i for i in proto.graph.input}
+    sizes = symbol_sizes([(i.name, _value_type(i)[1]) for i in proto.graph.input], shapes)
     for name, dims in shapes.items():
         if name not in inputs:
             raise InputError(f"--input-shape names {name!r}, which is not a model input "
@@ -160,3 +162,26 @@ def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> N
                 shape.dim.add().dim_param = d
             else:
                 shape.dim.add().dim_value = d
+    for info in proto.graph.input:
+        for dim in info.type.tensor_type.shape.dim if info.name not in shapes else ():
+            if not dim.HasField("dim_value") and dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+
+
+def symbol_sizes(declared: Iterable[tuple[str, list | None]], given: Mapping[str, list]) -> dict[str, int]:
+    """Sizes the `given` input shapes fix for named symbolic dims of the `declared` (name, dims) inputs. A name
+    is one size in every input that has it (the batch N of an image and its mask, the sequence length of token
+    ids and their attention mask), so it binds the inputs not given too."""
+    from irtool.errors import InputError
+
+    sizes: dict[str, int] = {}
+    source: dict[str, str] = {}
+    for name, dims in declared:
+        for i, (old, new) in enumerate(zip(dims or [], given.get(name) or [], strict=False)):
+            if not isinstance(old, str) or old in ("", "?") or not isinstance(new, int):
+                continue
+            if sizes.setdefault(old, new) != new:
+                raise InputError(f"--input-shape {name}: dim {i} ({old!r}) is {new}, but --input-shape "
+                                 f"{source[old]} makes {old!r} {sizes[old]}")
+            source.setdefault(old, name)
+    return sizes

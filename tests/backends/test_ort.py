@@ -158,7 +158,8 @@ def test_make_inputs_is_deterministic_and_typed():
 def test_make_inputs_resolves_symbolic_dims():
     feeds = make_inputs(mixed_inputs_model(), batch=4, input_shapes={"f": [2, 3, 9]})
     assert feeds["f"].shape == (2, 3, 9)     # explicit shape wins over batch
-    assert feeds["i"].shape == (4, 5)
+    assert feeds["i"].shape == (2, 5)        # and its named batch binds i's too (tests/test_shared_dim_names.py)
+    assert make_inputs(mixed_inputs_model(), batch=4)["i"].shape == (4, 5)
     floats = make_inputs(linear(), seed=0, input_shapes={"x": [256, 6]})["x"]
     assert abs(float(floats.mean())) < 0.1 and 0.9 < float(floats.std()) < 1.1
 

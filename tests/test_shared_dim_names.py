@@ -1,0 +1,70 @@
+"""--input-shape for one input fixes its named dims in every input that has them: an image and its mask share the
+batch N and the size H x W, token ids and their attention mask the sequence length. Before, the other input's
+dims counted as 1: opt and inspect reported its conv at 1x1 pixels, bench timed a broadcast 1x1 input, and two
+given shapes that disagreed on N were both taken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from irtool.analysis.shapes import Shapes
+from irtool.api import optimize
+from irtool.backends.ort import make_inputs
+from irtool.errors import InputError
+from irtool.ir.model import Model
+from irtool.passmanager import PassContext
+from tests.cli.conftest import assert_one_line_error, run_cli
+
+
+def two_inputs() -> onnx.ModelProto:
+    """a, b [N, 3, H, W] -> a 3x3 conv each (3 -> 8), added, Relu, 1x1 conv (8 -> 4)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 3, 3, 3)), ("w3", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["a", "w1"], ["ca"], pads=[1] * 4),
+             helper.make_node("Conv", ["b", "w2"], ["cb"], pads=[1] * 4),
+             helper.make_node("Add", ["ca", "cb"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Conv", ["r", "w3"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, "H", "W"]) for n in "ab"]
+    graph = helper.make_graph(nodes, "two", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MACS_8X8 = 2 * 8 * 3 * 9 * 64 + 4 * 8 * 64  # two 3x3 convs and the 1x1 conv over 8x8 pixels, batch 1
+
+
+def test_the_other_input_takes_the_named_dims_a_given_shape_fixes():
+    result = optimize(two_inputs(), "dce", input_shapes={"a": [1, 3, 8, 8]})
+    assert result.cost_input_shapes == {"a": [1, 3, 8, 8], "b": [1, 3, 8, 8]}
+    assert result.before.total_macs == MACS_8X8 + 2 * 8 * 64  # and one op per element for the Add and the Relu
+    shapes = PassContext(input_shapes={"a": [2, 3, 8, 8]}).analysis(Shapes, Model.from_proto(two_inputs()))
+    assert shapes.shape("b") == [2, 3, 8, 8] and shapes.shape("y") == [2, 4, 8, 8]
+    feeds = make_inputs(two_inputs(), input_shapes={"a": [2, 3, 6, 5]})
+    assert {k: v.shape for k, v in feeds.items()} == {"a": (2, 3, 6, 5), "b": (2, 3, 6, 5)}
+
+
+@pytest.mark.parametrize("call", ["optimize", "make_inputs"])
+def test_given_shapes_that_disagree_on_a_name_are_refused(call):
+    shapes = {"a": [1, 3, 8, 8], "b": [2, 3, 8, 8]}
+    with pytest.raises(InputError, match=r"--input-shape b: dim 0 \('N'\) is 2, but --input-shape a makes 'N' 1"):
+        if call == "optimize":
+            optimize(two_inputs(), "dce", input_shapes=shapes)
+        else:
+            make_inputs(two_inputs(), input_shapes=shapes)
+
+
+@pytest.mark.parametrize("command", ["opt", "inspect", "bench"])
+def test_the_cli_refuses_disagreeing_shapes_in_one_line(tmp_path: Path, command: str):
+    model = tmp_path / "two.onnx"
+    onnx.save(two_inputs(), model)
+    out = tmp_path / "out.onnx"
+    args = ["-o", out, "--passes", "dce"] if command == "opt" else []
+    result = run_cli(command, model, *args, "--input-shape", "a:1x3x8x8", "--input-shape", "b:1x3x8x4")
+    assert_one_line_error(result, 2, "dim 3 ('W') is 4, but --input-shape a makes 'W' 8")
+    assert not out.exists()
