@@ -7,7 +7,8 @@ inverted residuals with depthwise convs and ReLU6 (MobileNetV2), MBConv with squ
 + layer scale (ConvNeXt-Tiny), patch embedding + cls token + multi-head attention + MLP (ViT-B/16; also with
 torchvision's nn.MultiheadAttention, exported with the heads folded into the batch), and a
 YOLO-style detector with C2f blocks, SPPF and an FPN/PAN neck with three detection heads, and a keyword
-spotter with a Conv1d front end and two LSTM layers.
+spotter with a Conv1d front end and two LSTM layers, and a Llama-style decoder (RMSNorm, RoPE, grouped-query
+attention, SwiGLU).
 """
 
 from __future__ import annotations
@@ -525,6 +526,76 @@ class EDSR(nn.Module):
         return self.tail(self.upsample(self.body(h) + h))
 
 
+# --------------------------------------------------------------------------------- Llama-style decoder
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class GQAttention(nn.Module):
+    """Llama's attention: rotary position embedding (rotate-half) on q and k, and grouped-query heads: each of the
+    `kv` k/v heads is expanded to heads // kv query heads ([B, KV, 1, T, D] -> [B, KV, G, T, D] -> [B, H, T, D])."""
+
+    def __init__(self, dim: int, heads: int, kv: int, seq: int):
+        super().__init__()
+        self.heads, self.kv, self.d = heads, kv, dim // heads
+        self.q, self.o = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.k, self.v = nn.Linear(dim, kv * self.d, bias=False), nn.Linear(dim, kv * self.d, bias=False)
+        freqs = torch.outer(torch.arange(seq).float(), 1.0 / 10000 ** (torch.arange(0, self.d, 2).float() / self.d))
+        self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos())
+        self.register_buffer("sin", torch.cat((freqs, freqs), -1).sin())
+
+    def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, count, self.d).transpose(1, 2)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        cos, sin = self.cos[:t], self.sin[:t]
+        q, k, v = self._heads(self.q(x), self.heads), self._heads(self.k(x), self.kv), self._heads(self.v(x), self.kv)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        group = self.heads // self.kv
+        k, v = (z[:, :, None].expand(b, self.kv, group, t, self.d).reshape(b, self.heads, t, self.d) for z in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, c))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kv: int, hidden: int, seq: int):
+        super().__init__()
+        self.n1, self.attn, self.n2 = RMSNorm(dim), GQAttention(dim, heads, kv, seq), RMSNorm(dim)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(x))
+        h = self.n2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Llama(nn.Module):
+    """A Llama-style decoder on token embeddings [B, T, C] (the lookup stays outside): RMSNorm written out, RoPE,
+    grouped-query causal attention (4 query heads on 2 k/v heads), SwiGLU MLPs, a final norm and the LM head."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, kv: int = 2, hidden: int = 128,
+                 seq: int = 16, vocab: int = 100):
+        super().__init__()
+        self.blocks = nn.Sequential(*[LlamaBlock(dim, heads, kv, hidden, seq) for _ in range(depth)])
+        self.norm, self.head = RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(x)))
+
+
 ARCHS = {
     "resnet18": (resnet18, (2, 3, 32, 32)),
     "resnet50": (resnet50, (2, 3, 32, 32)),
@@ -538,6 +609,7 @@ ARCHS = {
     "yolo": (Yolo, (2, 3, 64, 64)),
     "speech_lstm": (SpeechLSTM, (2, 10, 32)),
     "edsr": (EDSR, (2, 3, 16, 16)),
+    "llama": (Llama, (2, 16, 64)),
 }
 
 
@@ -552,6 +624,8 @@ def init_weights(module: nn.Module, seed: int = 0) -> nn.Module:
             nn.init.normal_(m.bias, std=0.1)
             m.running_mean.normal_(std=0.1)
             m.running_var.uniform_(0.5, 1.5)
+        elif isinstance(m, RMSNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
         elif isinstance(m, (nn.LayerNorm, LayerNorm2d)):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.normal_(m.bias, std=0.1)

@@ -99,6 +99,8 @@ def _block(b: GraphBuilder, x: str, c: int, kind: str) -> tuple[str, int]:
         return _fused_attention(b, x, c), c
     if kind == "attention_queries":
         return _query_attention(b, x, c), c
+    if kind == "attention_gqa":
+        return _grouped_query_attention(b, x, c), c
     if kind == "groupnorm" and c % 2 == 0:
         g = 3 if c % 3 == 0 and rng.random() < 0.5 else 2
         y = b.op("GroupNormalization", [b.conv(x, c, c), b.weight(c), b.weight(c)], num_groups=g)[0]
@@ -205,6 +207,35 @@ def _query_attention(b: GraphBuilder, x: str, c: int) -> str:
     return b.op("Add", [x, b.op("Reshape", [pooled, b.const([2, c, 1, 1])])[0]])[0]
 
 
+def _grouped_query_attention(b: GraphBuilder, x: str, c: int) -> str:
+    """Llama's attention: KV k/v heads, each serving G query heads (H = KV·G); rotate-half RoPE on q and k
+    (q·cos + cat(-q₂, q₁)·sin along D); k and v repeated by Unsqueeze, Expand [2, KV, G, 16, D] (KV in the target
+    as a number, or as 1) and Reshape [2, H, 16, D]."""
+    kv, dim = int(b.rng.integers(1, 4)), 2 * int(b.rng.integers(1, 3))
+    group = 2 if kv == 1 else int(b.rng.integers(1, 3))  # at least two query heads, or nothing is free
+    heads, tokens = kv * group, _tokens(b, x, c)
+    cos, sin = b.weight(16, dim), b.weight(16, dim)
+
+    def project(count: int, rope: bool) -> str:
+        y = b.op("MatMul", [tokens, b.weight(c, count * dim)])[0]
+        y = b.op("Transpose", [b.op("Reshape", [y, b.const([2, 16, count, dim])])[0]], perm=[0, 2, 1, 3])[0]
+        if not rope:
+            return y
+        first, second = (b.op("Slice", [y, b.const([lo]), b.const([hi]), b.const([3])])[0]
+                         for lo, hi in ((0, dim // 2), (dim // 2, dim)))
+        rotated = b.op("Concat", [b.op("Neg", [second])[0], first], axis=-1)[0]
+        return b.op("Add", [b.op("Mul", [y, cos])[0], b.op("Mul", [rotated, sin])[0]])[0]
+
+    def repeat(y: str) -> str:
+        target = b.const([2, kv if b.rng.random() < 0.5 else 1, group, 16, dim])
+        wide = b.op("Expand", [b.op("Unsqueeze", [y, b.const([2])])[0], target])[0]
+        return b.op("Reshape", [wide, b.const([2, heads, 16, dim])])[0]
+
+    q, k, v = project(heads, True), repeat(project(kv, True)), repeat(project(kv, False))
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])[0]])[0]
+    return _attend(b, x, scores, v, heads * dim, c)
+
+
 def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
     """nn.MultiheadAttention as torch exports it: tokens [16, 2, c] (sequence first), one packed projection to
     3·H·D split by a Reshape [16, 2, 3, H·D] and Gathers, heads folded into the batch ([16, 2·H, D]), moved first
@@ -233,7 +264,8 @@ def _seq_first_attention(b: GraphBuilder, x: str, c: int) -> str:
 
 
 KINDS = ["conv", "bn", "depthwise", "residual", "concat", "split", "slice", "nhwc", "se", "squeeze", "grouped",
-         "shuffle", "attention", "attention_seq_first", "attention_fused", "attention_queries", "groupnorm",
+         "shuffle", "attention", "attention_seq_first", "attention_fused", "attention_queries", "attention_gqa",
+         "groupnorm",
          "groupnorm_decomposed", "groupnorm_shape", "pixel_shuffle"]
 
 

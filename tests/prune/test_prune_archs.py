@@ -41,6 +41,7 @@ class Expect:
 # mobilenet_v2 -69.1/-65.6, efficientnet_b0 -68.5/-64.3, shufflenet_v2 -71.0/-58.8,
 # convnext_tiny -35.8/-35.1 (only the MLP hidden dims are free), vit_b16 -43.4/-44.4, swin_tiny -45.3/-45.8
 # (MLP hidden dims and heads), yolo -74.7/-73.7,
+# llama -45.3/-45.5 (its LM head stays whole),
 # speech_lstm -74.1/-74.6 (Torch-Pruning 1.6 asserts num_layers == 1 on its two LSTM layers), edsr -74.6/-74.1
 # (its upsampler's conv loses whole pixel-shuffle blocks: 4 of its channels per shuffled channel).
 OUTPUT = "is a graph output"
@@ -57,6 +58,8 @@ EXPECT = {
     "yolo": Expect(1824, (OUTPUT,), 0.6, 0.6),
     "speech_lstm": Expect(64 + 96 + 96, (OUTPUT,), 0.6, 0.6),
     "edsr": Expect(4 * 48, (OUTPUT,), 0.6, 0.6),  # residual stream, two blocks' inner convs, shuffled channels
+    # per block: 2 k/v heads (each with its 2 query heads) and 128 SwiGLU channels; the residual stream is the input
+    "llama": Expect(2 * (2 + 128), (OUTPUT, "'x' with channels from nowhere"), 0.4, 0.4),
 }
 CASES = [pytest.param(a, e, id=f"{a}-{e}") for a in ARCHS for e in EXPORTERS]
 
@@ -184,6 +187,19 @@ def test_swin_prunes_whole_heads_of_its_fused_qkv(exporter):
     assert biases == [(1, 1, 16, 16)] * 2 + [(1, 2, 16, 16)] * 2
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_llama_removes_kv_heads_with_their_query_heads(exporter):
+    """Grouped-query attention: a k/v head goes with the two query heads it serves, through RoPE's rotate-half
+    and the Expand that repeats it; the Expand's kv entry becomes 1 (keep the input's count)."""
+    model, _, _ = pruned("llama", exporter)
+    weights = sorted(np.asarray(n.inputs[1].values).shape for n in model.graph.nodes
+                     if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant))
+    # per block: q [64, 2·16], k and v [64, 1·16], o [2·16, 64], SwiGLU gate, up [64, 64] and down [64, 64]
+    assert weights == sorted([(64, 32), (64, 16), (64, 16), (32, 64)] * 2 + [(64, 64)] * 6 + [(64, 100)])
+    expands = [np.asarray(n.inputs[1].values).tolist() for n in model.graph.nodes if n.op == "Expand"]
+    assert expands == [[2, 1, 2, 16, 16]] * 4  # [B, KV, group, T, D]: two query heads per kv head
+
+
 def _prune_generated(kinds: list[str], seed: int = 5):
     original = random_cnn(seed, kinds)
     model, removed, records = prune(original, "prune{ratio=0.5}")
@@ -227,6 +243,24 @@ def test_fused_qkv_attention_prunes_whole_heads(seed):
 
     old, new = qkv_split(Model.from_proto(original)), qkv_split(model)
     assert new[2] == old[2] == 3 and new[3] < old[3] and new[4] == old[4]  # fewer heads, q, k, v and head dim kept
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])  # 2 or 3 kv heads, 1 or 2 query heads each, kv or 1 in the target
+def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(seed):
+    """Seeds 0 and 5 draw one kv head (multi-query attention): its heads stay, as the atoms would be positions
+    within every group, which channel groups cannot express; the property test still checks those exact."""
+    original, model = _prune_generated(["conv", "attention_gqa"], seed=seed)
+    assert not any(k in g.locked for g in analysis(original).groups if g.locked for k in ("MatMul", "Expand"))
+
+    def widths(m: Model) -> list[int]:  # of the q, k and v projections: heads · D, kv heads · D, kv heads · D
+        return [np.asarray(n.inputs[1].values).shape[1] for n in m.graph.nodes
+                if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)][:3]
+
+    (q, k, v), (kept_q, kept_k, kept_v) = widths(Model.from_proto(original)), widths(model)
+    assert k == v and kept_k == kept_v and kept_q * k == q * kept_k  # whole groups: a kv head and its query heads
+    assert kept_q < q
+    merges = [np.asarray(n.outputs[0].outputs[0].inputs[1].values) for n in model.graph.nodes if n.op == "Expand"]
+    assert [m[1] * m[3] for m in merges] == [kept_q] * 2  # k and v repeated to the kept query heads
 
 
 def test_attention_prunes_heads_through_a_shared_reshape_constant():

@@ -21,7 +21,9 @@ CASES = [("shufflenet_v2", "torchscript", 210), ("speech_lstm", "torchscript", 1
          # nn.MultiheadAttention folds its heads into the batch: half of 4 heads and 256 MLP channels per block
          ("vit_torchvision", "torchscript", 2 * (2 + 128)), ("vit_torchvision", "dynamo", 2 * (2 + 128)),
          # windows of a run-time batch (view(-1, windows, H, N, N) for the shifted windows' mask): heads and MLPs
-         ("swin_tiny", "torchscript", 390), ("swin_tiny", "dynamo", 390)]
+         ("swin_tiny", "torchscript", 390), ("swin_tiny", "dynamo", 390),
+         # grouped-query attention: Expand(k, Concat(B, KV, G, T, D)) keeps its kv entry; a kv head and SwiGLU
+         ("llama", "torchscript", 2 * (1 + 64)), ("llama", "dynamo", 2 * (1 + 64))]
 
 
 @pytest.mark.parametrize(("arch", "exporter", "removed_channels"), CASES, ids=[f"{a}-{e}" for a, e, _ in CASES])

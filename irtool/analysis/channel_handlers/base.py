@@ -104,15 +104,25 @@ def _slice_expanded(expand: gs.Node, view: PruneView, indices: np.ndarray, axis:
     local = axis - (rank - np.ndim(constant.values))
     if 0 <= local and np.shape(constant.values)[local] > 1:
         _take(constant, indices, local)
+    _set_target_entry(expand, view, axis, rank, len(indices))
+
+
+def _set_target_entry(expand: gs.Node, view: PruneView, axis: int, rank: int, value: int) -> None:
+    """Entry `axis` of an Expand's target (`rank` entries) becomes `value`: in a fresh constant, or, for a target
+    computed at run time, as target * (1 - onehot) + value * onehot."""
     name, shape = expand.name, expand.inputs[1]
     onehot = np.eye(rank, dtype=np.int64)[axis]
+    if _constant(shape) is not None:
+        expand.inputs[1] = gs.Constant(view.unique(f"{name}_shape"), np.asarray(shape.values) * (1 - onehot)
+                                       + value * onehot)
+        return
     others = gs.Variable(view.unique(f"{name}_other_dims"), dtype=np.int64)
     target = gs.Variable(view.unique(f"{name}_shape"), dtype=np.int64)
     view.new_nodes += [
         gs.Node("Mul", view.unique(f"{name}_other_dims"),
                 inputs=[shape, gs.Constant(view.unique(f"{name}_mask"), 1 - onehot)], outputs=[others]),
         gs.Node("Add", view.unique(f"{name}_kept_dim"),
-                inputs=[others, gs.Constant(view.unique(f"{name}_count"), onehot * len(indices))], outputs=[target])]
+                inputs=[others, gs.Constant(view.unique(f"{name}_count"), onehot * value)], outputs=[target])]
     expand.inputs[1] = target
 
 

@@ -12,6 +12,7 @@ from irtool.analysis.channel_handlers.base import (
     _follow,
     _ints,
     _only_use,
+    _set_target_entry,
     _slice_expanded,
     _take,
     handles,
@@ -423,31 +424,45 @@ def _digit_ties(x_dims: list[int], r: int, y_dims: list[int], j: int,
     return pairs, len({uf.find(i) for i in range(x_dims[r] + y_dims[j])})
 
 
-def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 8) -> bool:
-    """Would the consumers of `tensor` (seen through transposes, scalings, reshapes and picks along other axes) keep
-    channels on `axis`? A reshape passes the axis on to the output axes of its run (any of them may carry it):
-    nn.MultiheadAttention folds heads into the batch ([T, B, H·D] -> [T, B·H, D]) and unfolds them ([B·H, T, D] ->
-    [B, H, T, D]) before the score MatMul, where only the head axis keeps channels, not D. A fused qkv projection
-    ([B, T, 3·H·D] -> [3, B, H, T, D], timm's ViT and Swin) reaches it through a Gather, or Split/Slice and Squeeze
-    (unbind), on the leading axis."""
+def _accepts(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int = 16, memo: dict | None = None) -> bool:
+    """Would the consumers of `tensor` (seen through transposes, elementwise ops, reshapes and picks along other
+    axes) keep channels on `axis`? A reshape passes the axis on to the output axes of its run (any of them may
+    carry it): nn.MultiheadAttention folds heads into the batch ([T, B, H·D] -> [T, B·H, D]) and unfolds them
+    ([B·H, T, D] -> [B, H, T, D]) before the score MatMul, where only the head axis keeps channels, not D. A fused
+    qkv projection ([B, T, 3·H·D] -> [3, B, H, T, D], timm's ViT and Swin) reaches it through a Gather, or
+    Split/Slice and Squeeze (unbind), on the leading axis; Llama's k reaches it through RoPE's rotate-half,
+    grouped-query attention's Expand, and with the dynamo exporter a fold into the batch and back. `memo` holds
+    the answers per (tensor, axis): those paths meet again."""
+    memo = {} if memo is None else memo
+    key = (tensor.name, axis, rank)
+    if key not in memo:
+        memo[key] = True  # a path back to this tensor decides nothing
+        memo[key] = _consumers_accept(tensor, axis, rank, shape, depth, memo)
+    return memo[key]
+
+
+def _consumers_accept(tensor: gs.Tensor, axis: int, rank: int, shape, depth: int, memo: dict) -> bool:
     for node in tensor.outputs:
         if node.op == "Reshape" and node.inputs[0] is tensor and depth:
-            if not _reshape_accepts(node, axis, shape, depth - 1):
+            if not _reshape_accepts(node, axis, shape, depth - 1, memo):
                 return False
         elif node.op == "MatMul" and not _weighted(node):
             if axis >= rank - 2:  # two activations, or a constant operand of attention (learned queries, folded)
                 return False
         elif node.op == "InstanceNormalization" and axis != 1:
             return False
-        elif depth and (node.inputs[0] is tensor or node.op in ("Mul", "Div")):  # a scaling reads it anywhere
+        elif depth and (node.inputs[0] is tensor or node.op in _BROADCASTS):  # these read it as any operand
             moved = _moved_axis(node, axis, rank, shape)
-            if moved is _LOCKS or (moved is not None and not all(_accepts(y, *moved, shape, depth - 1)
+            if moved is _LOCKS or (moved is not None and not all(_accepts(y, *moved, shape, depth - 1, memo)
                                                                   for y in node.outputs)):
                 return False
     return True
 
 
 _LOCKS = "locks"
+# Ops whose output keeps an operand's axes, right-aligned under broadcasting (Concat: along any axis).
+_BROADCASTS = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Neg", "Abs", "Sqrt", "Exp", "Relu",
+                         "Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "Cast", "Identity", "Expand", "Concat"))
 
 
 def _moved_axis(node: gs.Node, axis: int, rank: int, shape) -> tuple[int, int] | str | None:
@@ -456,8 +471,9 @@ def _moved_axis(node: gs.Node, axis: int, rank: int, shape) -> tuple[int, int] |
     for other ops."""
     if node.op == "Transpose":
         return list(node.attrs.get("perm") or range(rank)[::-1]).index(axis), rank
-    if node.op in ("Mul", "Div") and any(_constant(t) is not None for t in node.inputs):
-        return axis, rank
+    if node.op in _BROADCASTS:  # RoPE's rotate-half, grouped-query attention's Expand of k and v
+        out = shape(node.outputs[0])
+        return None if out is None else (axis + len(out) - rank, len(out))
     if node.op in ("Split", "Slice"):  # along `axis` too: the pieces keep channels there
         return axis, rank
     if node.op == "Gather" and shape(node.inputs[1]) is not None:
@@ -487,14 +503,14 @@ def _weighted(matmul: gs.Node) -> bool:
     return w is not None and np.ndim(w.values) == 2
 
 
-def _reshape_accepts(node: gs.Node, axis: int, shape, depth: int) -> bool:
+def _reshape_accepts(node: gs.Node, axis: int, shape, depth: int, memo: dict) -> bool:
     y = node.outputs[0]
     run = _reshape_run(shape(node.inputs[0]), shape(y), axis)
     if run is None:
         return True  # the reshape's own handler decides
     _, _, y_dims, y_offset = run
     rank = len(shape(y))
-    return any(_accepts(y, y_offset + j, rank, shape, depth) for j, d in enumerate(y_dims) if d > 1)
+    return any(_accepts(y, y_offset + j, rank, shape, depth, memo) for j, d in enumerate(y_dims) if d > 1)
 
 
 @handles("DepthToSpace", "SpaceToDepth")
@@ -634,6 +650,30 @@ class Gather(Handler):
             b.lock(x, f"Gather {node.name!r} has indices of unknown rank")
             return
         _follow(node, b, space.axis if space.axis < axis else space.axis + len(index_shape) - 1)
+
+
+@handles("Expand")
+class Expand(Handler):
+    """Broadcasting other axes keeps channels: grouped-query attention expands k and v [B, KV, 1, T, D] to
+    [B, KV, G, T, D] and merges them into the query heads (Reshape [B, KV·G, T, D]), so removing kv head c
+    removes query heads c·G .. c·G+G-1. The target's channel entry is 1 or the channel count; apply makes it 1,
+    the output then keeps the input's count. Broadcasting the channel axis itself is locked."""
+
+    def propagate(self, node, b):
+        x, y = node.inputs[0], node.outputs[0]
+        space, out = b.space(x), b.shape(y)
+        if space is None:
+            return
+        axis = space.axis + len(out) - space.rank if out is not None else -1
+        if axis < 0 or out[axis] != space.size:
+            b.lock(x, f"Expand {node.name!r} broadcasts the channel axis or has an unknown output shape")
+            return
+        _follow(node, b, axis)
+
+    def apply(self, node, view):
+        space = view.space(node.outputs[0])
+        if view.keep(node.outputs[0]) is not None:
+            _set_target_entry(node, view, space.axis, space.rank, 1)
 
 
 @handles("Shape")
