@@ -37,6 +37,7 @@ from irtool.passes.fold_constants import FoldConstants, may_fold
 from irtool.passes.prune.importance import Importance, atom_scores
 from irtool.passes.prune.recover import Recover, recover
 from irtool.passes.prune.select import Auto, Limits, MacModel, rounding, select_for_macs, select_global, select_uniform
+from irtool.passes.quant.placement import refuse_quantized
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 
@@ -98,6 +99,9 @@ class PruneChannels(Pass):
 
     def plan(self, model: Model, ctx: PassContext) -> PrunePlan:
         """What to remove; first folds the model's constant shape arithmetic (see _fold_shape_arithmetic)."""
+        # its weights are DequantizeLinear outputs, not constants: every group would lock, and the pass said only
+        # "0 of 0 channel groups are locked"
+        refuse_quantized(model, "prune", "prune the float model, then quantize it (--passes prune,quant)")
         folded = _fold_shape_arithmetic(model, ctx)
         graph = ctx.analysis(ChannelGroups, model)
         groups = [g for g in graph.groups if self._free(g) and not self._excluded(g)]

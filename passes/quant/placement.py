@@ -134,15 +134,14 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
                            "MatMulInteger", "QGemm", "QAttention"})
 
 
-def refuse_quantized(model: Model, what: str) -> None:
+def refuse_quantized(model: Model, what: str, advice: str = "quantize the float model instead") -> None:
     """An InputError when the model already holds quantization nodes: static quantization plans from float
     layers, and on a Q/DQ model it found nothing to observe (ONNX Runtime then returned every output for none
-    asked, and calibrate stopped on a zip of mismatched lengths)."""
+    asked, and calibrate stopped on a zip of mismatched lengths). prune finds no constant weights there."""
     ops = [n.op for n in model.graph.nodes if n.op in QUANTIZED_OPS or n.op.startswith("QLinear")]
     if ops:
         kinds = ", ".join(sorted(set(ops)))
-        raise InputError(f"{what}: the model is already quantized ({len(ops)} {kinds} node(s)); "
-                         "quantize the float model instead")
+        raise InputError(f"{what}: the model is already quantized ({len(ops)} {kinds} node(s)); {advice}")
 
 
 def moved_from(tensor: gs.Tensor, ops) -> gs.Variable | None:

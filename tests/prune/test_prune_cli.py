@@ -6,7 +6,7 @@ import json
 
 import onnx
 
-from tests.cli.conftest import run_cli
+from tests.cli.conftest import assert_one_line_error, run_cli
 from tests.prune.test_prune_masking import net_proto
 
 
@@ -35,3 +35,15 @@ def test_opt_prune_halves_macs_and_keeps_the_interface(tmp_path):
     pruned = onnx.load(str(out))
     assert [o.name for o in pruned.graph.output] == ["y"]
     assert [d.dim_value for d in pruned.graph.output[0].type.tensor_type.shape.dim] == [2, 10]
+
+
+def test_prune_refuses_a_quantized_model_in_one_line(tmp_path):
+    """Its weights are DequantizeLinear outputs: the pass used to write the model unchanged, warning only that
+    '0 of 0 channel groups are locked'."""
+    path, quantized, out = tmp_path / "net.onnx", tmp_path / "net.int8.onnx", tmp_path / "out.onnx"
+    onnx.save(net_proto(), str(path))
+    assert run_cli("opt", path, "-o", quantized, "--passes", "quant", "--calib-data", "random").returncode == 0
+    result = run_cli("opt", quantized, "-o", out, "--passes", "prune")
+    assert_one_line_error(result, 2, "prune: the model is already quantized (")
+    assert "prune the float model, then quantize it (--passes prune,quant)" in result.stderr
+    assert not out.exists()
