@@ -178,6 +178,7 @@ ELEMENTWISE = (
     "Reciprocal", "Exp", "Log", "Erf", "Sin", "Cos", "Tan", "Floor", "Ceil", "Round", "Sign",
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
     "Gelu", "Softplus", "Softsign", "Mish", "Clip", "ThresholdedRelu",
+    "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd",  # com.microsoft (fuse-gelu, ORT-optimized transformers)
     "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
     "QuantizeLinear", "DequantizeLinear", "Resize", "Upsample",
 )

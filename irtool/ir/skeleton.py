@@ -9,6 +9,7 @@ are checked separately: their byte count must match dims x element size.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 
@@ -17,6 +18,8 @@ from onnx import helper
 from onnx.onnx_cpp2py_export import shape_inference as c_shape_inference
 
 SMALL_TENSOR_ELEMENTS = 1024
+log = logging.getLogger(__name__)
+
 MANY_INITIALIZERS = 4096
 FULL_SERIALIZE_BYTES = 64 << 20
 
@@ -113,13 +116,34 @@ def infer_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     skel = skeleton(proto)
     if input_shapes:
         _set_input_shapes(skel, input_shapes)
-    graph = check_types(skel, strict=strict).graph
+    inferred = check_types(skel, strict=strict)
+    graph = inferred.graph
     types: dict[str, tuple[int, list[int | str] | None]] = {}
     for info in list(graph.input) + list(graph.value_info) + list(graph.output):
         types[info.name] = _value_type(info)
+    for info in _contrib_types(inferred):
+        if types.get(info.name, (0, None))[1] is None:
+            types[info.name] = _value_type(info)
     for tensor in proto.graph.initializer:
         types[tensor.name] = (tensor.data_type, list(tensor.dims))
     return types
+
+
+def _contrib_types(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Types from ONNX Runtime's symbolic shape inference, when the model has com.microsoft ops: onnx's inference
+    does not know them (FastGelu from fuse-gelu, an ORT-optimized transformer's fused ops) and leaves every value
+    after them untyped, so costs went unknown and prune locked the channels there. Empty when it fails."""
+    if not any(node.domain == "com.microsoft" for node in inferred.graph.node):
+        return []
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        out = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
+    except Exception as e:  # its own limits (an op it does not know): keep what onnx inferred
+        log.debug("symbolic shape inference failed (%s: %s); com.microsoft outputs stay untyped",
+                  type(e).__name__, e)
+        return []
+    return [] if out is None else list(out.graph.value_info) + list(out.graph.output)
 
 
 def check_types(skel: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:

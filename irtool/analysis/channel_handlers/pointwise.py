@@ -90,9 +90,11 @@ class GroupNorm(Handler):
         node.attrs["num_groups"] = len(kept_groups)
 
 
-@handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow", "Where")
+@handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow", "Where", "FastGelu", "BiasGelu", "QuickGelu",
+         "BiasAdd")
 class Elementwise(Handler):
-    """Broadcasting elementwise: every operand with the full channel dim shares the output's channels."""
+    """Broadcasting elementwise: every operand with the full channel dim shares the output's channels. ONNX
+    Runtime's FastGelu and BiasGelu (gelu(x + bias)), QuickGelu and BiasAdd (x + bias + skip) are such ops."""
 
     def propagate(self, node, b):
         y = node.outputs[0]
