@@ -210,7 +210,7 @@ def _query_attention(b: GraphBuilder, x: str, c: int) -> str:
 def _grouped_query_attention(b: GraphBuilder, x: str, c: int) -> str:
     """Llama's attention: KV k/v heads, each serving G query heads (H = KV·G); rotate-half RoPE on q and k
     (q·cos + cat(-q₂, q₁)·sin along D); k and v repeated by Unsqueeze, Expand [2, KV, G, 16, D] (KV in the target
-    as a number, or as 1) and Reshape [2, H, 16, D]."""
+    as a number, or as 1) and Reshape [2, H, 16, D]. One kv head is multi-query attention."""
     kv, dim = int(b.rng.integers(1, 4)), 2 * int(b.rng.integers(1, 3))
     group = 2 if kv == 1 else int(b.rng.integers(1, 3))  # at least two query heads, or nothing is free
     heads, tokens = kv * group, _tokens(b, x, c)

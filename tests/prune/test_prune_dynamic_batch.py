@@ -7,12 +7,13 @@ instead of 128."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 import torch
 
 from irtool.api import optimize
 from irtool.frontends.torch import export_module
-from tests.prune.archs import ARCHS, init_weights
+from tests.prune.archs import ARCHS, Llama, init_weights
 from tests.prune.test_prune_masking import masked, prune
 from tests.prune.test_prune_recurrent import run
 
@@ -61,4 +62,20 @@ def test_a_flatten_whose_target_reads_its_own_shape_is_pruned(exporter):
     model, removed, records = prune(original, "prune{ratio=0.5}")
     assert records[0].stats["channels_removed"] == 24
     x = {"x": np.random.default_rng(3).standard_normal((3, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_multi_query_attention_prunes_query_heads_alone(exporter):
+    """One k/v head repeated for 4 query heads (Expand [B, 1, 4, T, D]): query heads go, two per block, with the
+    repeat's count; the k/v projections keep their one head. Before, every head locked."""
+    proto = export_module(init_weights(Llama(kv=1)), {"x": torch.randn(2, 16, 64)}, exporter=exporter,
+                          dynamic_batch=True)
+    original = optimize(proto, "cleanup").model.to_proto()
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert [(g["before"], g["after"]) for g in records[0].stats["groups"]] == [(4, 2), (128, 64)] * 2
+    widths = sorted(np.asarray(n.inputs[1].values).shape for n in model.graph.nodes
+                    if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant))
+    assert widths.count((64, 16)) == 4 and widths.count((64, 32)) == 2  # k and v whole, q two heads of 16
+    x = {"x": np.random.default_rng(2).standard_normal((3, 16, 64)).astype(np.float32)}
     np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)

@@ -127,7 +127,10 @@ class Reshape(Handler):
         if not carriers:
             b.lock(x, f"Reshape {node.name!r} leaves the channel axis nowhere")
             return False
-        accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)), b.shape)] or carriers
+        accepted = [c for c in carriers if _accepts(y, y_offset + c[0], len(b.shape(y)), b.shape)]
+        if not accepted:
+            b.lock(x, f"Reshape {node.name!r} leaves the channels on axes its consumers contract or mix")
+            return False
         j, (pairs, _) = max(accepted, key=lambda c: (c[1][1], -c[0]))
         twin = None
         if pieces is not None:
@@ -656,13 +659,14 @@ class Gather(Handler):
 class Expand(Handler):
     """Broadcasting other axes keeps channels: grouped-query attention expands k and v [B, KV, 1, T, D] to
     [B, KV, G, T, D] and merges them into the query heads (Reshape [B, KV·G, T, D]), so removing kv head c
-    removes query heads c·G .. c·G+G-1. The target's channel entry is 1 or the channel count; apply makes it 1,
-    the output then keeps the input's count. Broadcasting the channel axis itself is locked."""
+    removes query heads c·G .. c·G+G-1. The target's channel entry is 1 or the channel count; apply makes it the
+    kept count. Broadcasting the channel axis itself is locked."""
 
     def propagate(self, node, b):
         x, y = node.inputs[0], node.outputs[0]
         space, out = b.space(x), b.shape(y)
         if space is None:
+            self._copies(node, b)
             return
         axis = space.axis + len(out) - space.rank if out is not None else -1
         if axis < 0 or out[axis] != space.size:
@@ -670,10 +674,25 @@ class Expand(Handler):
             return
         _follow(node, b, axis)
 
+    @staticmethod
+    def _copies(node, b):
+        """An activation without channels broadcast along one inner axis: its copies there are channels of their
+        own, tied to nothing before (multi-query attention repeats its one k/v head for every query head, and a
+        query head then goes alone)."""
+        x, y = node.inputs[0], node.outputs[0]
+        shape_x, out = b.shape(x), b.shape(y)
+        if _constant(x) is not None or shape_x is None or out is None:
+            return
+        offset = len(out) - len(shape_x)
+        axes = [i for i, d in enumerate(shape_x) if d == 1 and isinstance(out[i + offset], int)
+                and out[i + offset] > 1 and i + offset > 0]
+        if len(axes) == 1:
+            b.new_space(y, axes[0] + offset)
+
     def apply(self, node, view):
-        space = view.space(node.outputs[0])
-        if view.keep(node.outputs[0]) is not None:
-            _set_target_entry(node, view, space.axis, space.rank, 1)
+        space, keep = view.space(node.outputs[0]), view.keep(node.outputs[0])
+        if keep is not None:  # the input's count, or the copies kept
+            _set_target_entry(node, view, space.axis, space.rank, len(keep))
 
 
 @handles("Shape")
