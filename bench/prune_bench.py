@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,8 +191,10 @@ def tp_prune(module: nn.Module, x: torch.Tensor, ratio: float, round_to: int | N
             heads[m] = m.num_heads
         elif isinstance(m, archs.WindowAttention):  # timm's fused qkv, as in Torch-Pruning's timm Swin example
             heads[m.qkv] = m.heads
+        elif isinstance(m, archs.GQAttention):  # as in Torch-Pruning's Llama example
+            heads.update({m.q: m.heads, m.k: m.kv, m.v: m.kv})
     clock = Clock()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), time_limit(PEER_SECONDS, "Torch-Pruning"):
         warnings.simplefilter("ignore")
         with clock("dependency graph"):
             pruner = tp.pruner.BasePruner(module, x, importance=tp.importance.MagnitudeImportance(p=2),
@@ -203,6 +206,24 @@ def tp_prune(module: nn.Module, x: torch.Tensor, ratio: float, round_to: int | N
         if isinstance(m, archs.Attention):
             m.head_dim = m.q.out_features // m.heads
     return module, clock
+
+
+PEER_SECONDS = 120  # Torch-Pruning 1.6.1 was still in get_all_groups on the llama arch after 7 minutes (stopped)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str):
+    """Stop the block with TimeoutError after `seconds` (SIGALRM: the peer's Python loops are interruptible)."""
+    def stop(signum, frame):
+        raise TimeoutError(f"{what} did not finish in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def works(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, shape: list[int]) -> str | None:
@@ -483,7 +504,9 @@ def render(results: dict, meta: dict) -> str:
              "the step (its documented usage); for vit_torchvision (the same ViT with torchvision's "
              "nn.MultiheadAttention) it gets `num_heads` for each nn.MultiheadAttention, which its own MHA pruner "
              "handles; for swin_tiny (timm's Swin attention: one fused qkv Linear) it gets `num_heads` for each qkv "
-             "Linear, as in its timm examples. Torch-Pruning also prunes the channels a LayerNorm normalizes "
+             "Linear, as in its timm examples; for llama (grouped-query attention) it gets the query heads for q "
+             f"and the k/v heads for k and v, as in its Llama example. A tool still running after {PEER_SECONDS} s "
+             "is stopped and reported as failed. Torch-Pruning also prunes the channels a LayerNorm normalizes "
              "over (the ViT, Swin and ConvNeXt residual streams), which irtool keeps unless asked (row "
              f"`{THROUGH_NORMS_SIDE}`: the norms then normalize over the kept channels). Latency: ONNX Runtime "
              "CPU, median ms of "
