@@ -236,3 +236,22 @@ def test_a_rewrite_changed_since_stays_a_conv():
     conv.inputs[1].values = np.asarray(conv.inputs[1].values) * 2.0
     assert deconv.restore(model, deconv.rewritten(model)) == []
     assert [n.op for n in model.graph.nodes] == ["Conv", "Relu", "DepthToSpace"]
+
+
+def test_sensitivity_names_a_rewritten_up_convolution_as_the_conv_transpose_it_was(tmp_path):
+    """A model written after convtranspose-to-conv records its rewrites; `irtool sensitivity` ranks each under the
+    ConvTranspose's name and op, as insert-qdq plans it, not as the phase Conv plus DepthToSpace."""
+    import json
+
+    from tests.cli.conftest import run_cli
+
+    proto, calib = _pose_net()
+    path, data = tmp_path / "rewritten.onnx", tmp_path / "calib.npz"
+    onnx.save(optimize(proto, "fp32,cleanup,fold-bn,convtranspose-to-conv").model.to_proto(), str(path))
+    np.savez(data, x=np.concatenate([c["x"] for c in calib]))
+    result = run_cli("sensitivity", path, "--calib-data", data, "--json")
+    assert result.returncode == 0, result.stderr
+    layers = json.loads(result.stdout)["layers"]
+    transposes = [n.name for n in proto.graph.node if n.op_type == "ConvTranspose"]
+    assert sorted(layer["layer"] for layer in layers if layer["op"] == "ConvTranspose") == sorted(transposes)
+    assert len(transposes) == 2 and all(layer["op"] in ("Conv", "ConvTranspose") for layer in layers)
