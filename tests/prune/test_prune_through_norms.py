@@ -10,6 +10,8 @@ import logging
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper, numpy_helper
@@ -130,3 +132,36 @@ def test_a_class_token_expanded_to_a_dynamic_batch_is_sliced_like_a_constant(exp
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)  # not the export's batch
     oracle = over_kept(masked(original, removed), removed, analysis(original).spaces)
     np.testing.assert_allclose(run_all(model.to_proto(), x)[0], run_all(oracle, x)[0], rtol=1e-4, atol=1e-4)
+
+
+class LlamaLM(torch.nn.Module):
+    """The zoo's Llama behind a token embedding: its residual stream starts at a Gather from the table."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 64)
+        self.body = ARCHS["llama"][0]()
+
+    def forward(self, ids):
+        return self.body(self.embed(ids))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_decoders_hidden_size_goes_through_its_embedding_and_rms_norms(exporter):
+    """An embedding lookup's columns are channels: the residual stream (soft locked by the RMSNorms written out,
+    as LayerNorm's) loses half of its 64 with through-norms=true, the table with it. Before, the lookup's output
+    had no channels and the first residual Add locked the stream."""
+    proto = export_module(init_weights(LlamaLM()), {"ids": torch.randint(0, 100, (2, 16))}, exporter=exporter)
+    original = optimize(proto, "cleanup").model.to_proto()
+    stream = [g for g in analysis(original).groups if g.size == 64]
+    assert len(stream) == 1 and stream[0].soft and "reduces over the channel axis" in stream[0].locked
+    model, removed, records = prune(original, "prune{ratio=0.5,through-norms=true}")
+    assert (64, 32) in [(g["before"], g["after"]) for g in records[0].stats["groups"]]
+    table = next(n for n in model.graph.nodes if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant))
+    assert np.asarray(table.inputs[0].values).shape == (100, 32)
+    ids = {"ids": np.random.default_rng(6).integers(0, 100, (2, 16)).astype(np.int64)}
+    oracle = over_kept(masked(original, removed), removed, analysis(original).spaces)
+    got, want, plain = (ort.InferenceSession(p.SerializeToString()).run(None, ids)[0]
+                        for p in (model.to_proto(), oracle, masked(original, removed)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(plain - want).max() > 1e-3  # the norms over kept channels are another function

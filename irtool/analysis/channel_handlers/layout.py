@@ -637,12 +637,14 @@ class Slice(Handler):
 class Gather(Handler):
     """Picking along another axis keeps the channels: a ViT's class token (x[:, 0] on [N, T, C]) or a sequence's
     last step (y[:, :, -1] on [N, C, T]). The indices' rank replaces the picked axis (a scalar removes it).
-    Picking channels, or indices that carry channels themselves, is locked."""
+    Picking channels, or indices that carry channels themselves, is locked. Rows of a constant table are an
+    embedding lookup, whose columns are channels (_lookup)."""
 
     def propagate(self, node, b):
         x, indices = node.inputs[0], node.inputs[1]
         space = b.space(x)
         if space is None:
+            self._lookup(node, b)
             return
         axis = int(node.attrs.get("axis", 0)) % space.rank
         index_shape = b.shape(indices)
@@ -653,6 +655,22 @@ class Gather(Handler):
             b.lock(x, f"Gather {node.name!r} has indices of unknown rank")
             return
         _follow(node, b, space.axis if space.axis < axis else space.axis + len(index_shape) - 1)
+
+    @staticmethod
+    def _lookup(node, b):
+        """An embedding table E [V, C] read by this node alone, rows picked by token ids: the output's last axis
+        holds C channels, each a column of E (its filter), so a transformer's residual stream starts here."""
+        table, y = _constant(node.inputs[0]), node.outputs[0]
+        if table is None or np.ndim(table.values) != 2 or int(node.attrs.get("axis", 0)) % 2 != 0 \
+                or not _only_use(table) or b.space(node.inputs[1]) is not None:
+            return
+        if b.new_space(y, -1) is not None:
+            b.add_filters(node, y, np.asarray(table.values).T)
+
+    def apply(self, node, view):
+        keep = view.keep(node.outputs[0])
+        if keep is not None and view.space(node.inputs[0]) is None:  # an embedding lookup: its table's columns
+            _take(view.own(node, 0), keep, 1)
 
 
 @handles("Expand")
