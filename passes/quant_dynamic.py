@@ -1,4 +1,4 @@
-"""Weight-only INT8: store MatMul/Gemm weights as int8 and dequantize them in the graph.
+"""Weight-only INT8: store MatMul/Gemm weights and embedding tables as int8 and dequantize them in the graph.
 
 For a float32 weight W and output channel c (a column of the weight as the op reads it), symmetric
 quantization with zero point 0:
@@ -18,11 +18,20 @@ channel), ONNX Runtime dequantizes the weight at run time, and the error is the 
 Per-channel scales follow each column's range, so one column with an outlier no longer coarsens the
 grid of all the others (the outlier only costs its own column).
 
-Quantized: MatMul (second input) and Gemm (input B) in the standard domain whose weight is a float32 or
-float16 constant of rank >= 2 (exactly 2 for Gemm) with at least `min-size` elements and only finite values,
-unless the node's name matches an `exclude` regex. A weight read by several quantized nodes with the same axis is
-quantized once; a reader that is not quantized keeps the float32 original. DequantizeLinear's `axis`
-needs opset 13, which irtool's loader already requires. Runs on the main graph only.
+Embedding lookups, Gather(E, ids) on axis 0 of a 2-D table, read int8 rows with one scale per row (token):
+
+    Y = Gather(E, ids)   ->   Y = Cast(Gather(E_q, ids)) · Unsqueeze(Gather(s, ids), -1)
+
+(DequantizeLinear's axis cannot follow the picked rows; per-tensor: DequantizeLinear(Gather(E_q, ids), s)).
+ONNX Runtime's quantize_dynamic gives the table one scale, and a rare token's small row rounds to zeros; the
+table is a large share of a small language model's weights. A tied LM head (Gemm transB=1 reading E) shares
+the same int8 table and row scales.
+
+Quantized: MatMul (second input), Gemm (input B) and Gather (input 0) in the standard domain whose weight is a
+float32 or float16 constant of rank >= 2 (exactly 2 for Gemm and Gather) with at least `min-size` elements and
+only finite values, unless the node's name matches an `exclude` regex. A weight read by several quantized nodes
+with the same axis is quantized once; a reader that is not quantized keeps the float32 original.
+DequantizeLinear's `axis` needs opset 13, which irtool's loader already requires. Runs on the main graph only.
 
 A float16 weight (a model `fp16` converted, or exported in half precision) is quantized the same way and
 its float32 DequantizeLinear output is Cast to float16, since DequantizeLinear writes float32 only before
@@ -47,11 +56,11 @@ from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.pipeline import Regex
 
 QMAX = 127
-SUPPORTED_OPS = ("MatMul", "Gemm")
+SUPPORTED_OPS = ("MatMul", "Gemm", "Gather")
 
 
 class QuantDynamic(Pass):
-    """Store MatMul/Gemm weights as per-channel symmetric int8 behind a DequantizeLinear (weight-only)."""
+    """Store MatMul/Gemm weights and embedding tables as per-channel symmetric int8, dequantized in the graph."""
 
     name = "quant-dynamic"
 
@@ -75,7 +84,10 @@ class QuantDynamic(Pass):
             return PassResult(modified=False, stats={"weights_quantized": 0, **skipped})
         quantizer = _Quantizer(model, self.options.per_channel)
         for node, axis in targets:
-            node.inputs[1] = quantizer.dequantized(node.inputs[1], axis)
+            if node.op == "Gather":
+                quantizer.lookup(node)
+            else:
+                node.inputs[1] = quantizer.dequantized(node.inputs[1], axis)
         toposort_graph(model.graph)
         stats = {**quantizer.stats(), **skipped}
         return PassResult(modified=stats["weights_quantized"] > 0, preserved=(), stats=stats)
@@ -89,21 +101,28 @@ class QuantDynamic(Pass):
                 continue
             if any(re.search(pattern, node.name) for pattern in self.options.exclude):
                 skipped["skipped_excluded"] += 1
-            elif math.prod(node.inputs[1].shape) < self.options.min_size:
+            elif math.prod(_weight(node).shape) < self.options.min_size:
                 skipped["skipped_small"] += 1
             else:
                 targets.append((node, axis))
         return targets, skipped
 
 
+def _weight(node: gs.Node) -> gs.Tensor:
+    return node.inputs[0] if node.op == "Gather" else node.inputs[1]
+
+
 def _channel_axis(node: gs.Node) -> int | None:
-    """The output-channel axis of the node's float32 or float16 constant weight, or None if it has none."""
-    if not is_default_domain(node) or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+    """The output-channel axis of the node's float32 or float16 constant weight, or None if it has none; for an
+    embedding lookup (Gather of rows of a 2-D table) the row axis, 0."""
+    if not is_default_domain(node) or len(node.inputs) < 2 or not isinstance(_weight(node), gs.Constant):
         return None
-    weight = node.inputs[1]  # dtype and shape only: lazy values stay unloaded
+    weight = _weight(node)  # dtype and shape only: lazy values stay unloaded
     rank = len(weight.shape)
     if weight.dtype not in (np.float32, np.float16) or rank < 2:
         return None
+    if node.op == "Gather":
+        return 0 if rank == 2 and int(node.attrs.get("axis", 0)) == 0 else None
     if node.op == "Gemm":
         if rank != 2:
             return None
@@ -129,6 +148,8 @@ class _Quantizer:
     def __init__(self, model: Model, per_channel: bool):
         self.model, self.per_channel = model, per_channel
         self.done: dict[tuple[int, int], gs.Variable] = {}
+        self.constants: dict[tuple[int, int], tuple[gs.Constant, gs.Constant]] = {}
+        self.looked_up: set[tuple[int, int]] = set()  # tables read by lookups
         self.nonfinite: set[tuple[int, int]] = set()
         self.bytes_before = self.bytes_after = 0
 
@@ -143,21 +164,66 @@ class _Quantizer:
         return self.done[key]
 
     def _quantize(self, weight: gs.Constant, axis: int) -> gs.Variable:
-        values = np.asarray(weight.values)
-        q, scale = quantize_symmetric(values, axis if self.per_channel else None)
+        q_const, s_const = self._constants(weight, axis)
         unique = self.model.unique_name
-        q_const = gs.Constant(unique(f"{weight.name}_quantized"), q)
-        s_const = gs.Constant(unique(f"{weight.name}_scale"), scale)
-        out = gs.Variable(unique(f"{weight.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
+        out = gs.Variable(unique(f"{weight.name}_dequantized"), dtype=np.float32, shape=list(weight.shape))
         attrs = {"axis": axis} if self.per_channel else {}
         node = gs.Node("DequantizeLinear", name=unique(f"{weight.name}_DequantizeLinear"), attrs=attrs,
                        inputs=[q_const, s_const], outputs=[out])
         self.model.graph.nodes.append(node)
-        self.bytes_before += values.nbytes
-        self.bytes_after += q.nbytes + scale.nbytes
-        if values.dtype == np.float16:
+        if weight.dtype == np.float16:
             return self._to_half(out, unique)
         return out
+
+    def _constants(self, weight: gs.Constant, axis: int) -> tuple[gs.Constant, gs.Constant]:
+        """The int8 weight and its scales, made once per weight and axis (a MatMul and a lookup may share them)."""
+        key = (id(weight), axis if self.per_channel else -1)
+        if key not in self.constants:
+            values = np.asarray(weight.values)
+            q, scale = quantize_symmetric(values, axis if self.per_channel else None)
+            unique = self.model.unique_name
+            self.constants[key] = (gs.Constant(unique(f"{weight.name}_quantized"), q),
+                                   gs.Constant(unique(f"{weight.name}_scale"), scale))
+            self.bytes_before += values.nbytes
+            self.bytes_after += q.nbytes + scale.nbytes
+        return self.constants[key]
+
+    def lookup(self, node: gs.Node) -> None:
+        """An embedding lookup Gather(E, ids) reads int8 rows instead: Gather(E_q, ids) dequantized by the scales
+        of the rows it picked, Gather(s, ids) (one scale per token row: a rare token's small row keeps its own
+        grid; DequantizeLinear's axis cannot follow picked rows), or by DequantizeLinear with one scale."""
+        table, ids, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        key = (id(table), 0 if self.per_channel else -1)
+        if key in self.nonfinite or (key not in self.constants and not np.isfinite(np.asarray(table.values)).all()):
+            self.nonfinite.add(key)
+            return
+        q_const, s_const = self._constants(table, 0)
+        self.looked_up.add(key)
+        name, unique = node.name, self.model.unique_name
+        self.model.graph.nodes.remove(node)
+        node.inputs.clear()
+        node.outputs.clear()
+        half = table.dtype == np.float16
+        out = gs.Variable(unique(f"{y.name}_dequantized"), dtype=np.float32) if half else y
+        rows = gs.Variable(unique(f"{y.name}_quantized"), dtype=np.int8)
+        new = [gs.Node("Gather", name, attrs={"axis": 0}, inputs=[q_const, ids], outputs=[rows])]
+        if self.per_channel:
+            picked, wide, floats = (gs.Variable(unique(f"{y.name}_{part}")) for part in ("scales", "scale", "float"))
+            new += [gs.Node("Gather", unique(f"{name}_scales"), attrs={"axis": 0}, inputs=[s_const, ids],
+                            outputs=[picked]),
+                    gs.Node("Unsqueeze", unique(f"{name}_scale"),
+                            inputs=[picked, gs.Constant(unique(f"{y.name}_last_axis"), np.array([-1], np.int64))],
+                            outputs=[wide]),
+                    gs.Node("Cast", unique(f"{name}_float"), attrs={"to": onnx.TensorProto.FLOAT},
+                            inputs=[rows], outputs=[floats]),
+                    gs.Node("Mul", unique(f"{name}_dequantized"), inputs=[floats, wide], outputs=[out])]
+        else:
+            new.append(gs.Node("DequantizeLinear", unique(f"{name}_dequantized"), inputs=[rows, s_const],
+                               outputs=[out]))
+        if half:
+            new.append(gs.Node("Cast", unique(f"{name}_fp16"), attrs={"to": onnx.TensorProto.FLOAT16},
+                               inputs=[out], outputs=[y]))
+        self.model.graph.nodes.extend(new)
 
     def _to_half(self, value: gs.Variable, unique) -> gs.Variable:
         out = gs.Variable(unique(f"{value.name}_fp16"), dtype=np.float16, shape=value.shape)
@@ -167,6 +233,6 @@ class _Quantizer:
 
     def stats(self) -> dict[str, float | int]:
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else 0.0
-        return {"weights_quantized": len(self.done), "weight_bytes_before": self.bytes_before,
+        return {"weights_quantized": len(self.done.keys() | self.looked_up), "weight_bytes_before": self.bytes_before,
                 "weight_bytes_after": self.bytes_after, "compression": round(ratio, 3),
                 "skipped_nonfinite": len(self.nonfinite)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -305,3 +306,67 @@ def test_weights_with_inf_or_nan_stay_float():
     record = run(model, "quant-dynamic")[0]
     assert record.modified is False and record.stats["skipped_nonfinite"] == 1
     assert [n.op for n in model.graph.nodes] == ["MatMul"]
+
+
+# --------------------------------------------------------------------------- embedding lookups
+def _lookup(table: np.ndarray, tied: bool = False) -> onnx.ModelProto:
+    """ids [n] -> Gather(E, ids) -> y; tied: also a Gemm (transB=1) reading E as the output layer, as a tied LM
+    head does."""
+    dtype = TensorProto.FLOAT16 if table.dtype == np.float16 else TensorProto.FLOAT
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["y"], name="lookup", axis=0)]
+    outputs = [helper.make_tensor_value_info("y", dtype, ["n", table.shape[1]])]
+    if tied:
+        nodes.append(helper.make_node("Gemm", ["y", "E"], ["logits"], name="head", transB=1))
+        outputs.append(helper.make_tensor_value_info("logits", dtype, ["n", table.shape[0]]))
+    graph = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              outputs, [numpy_helper.from_array(table, "E")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _table(dtype=np.float32) -> np.ndarray:
+    table = np.random.default_rng(8).normal(0, 1, (64, 32))
+    table[3] *= 1e-3  # a rare token's small row
+    return table.astype(dtype)
+
+
+def test_an_embedding_table_is_int8_per_row_within_half_a_step():
+    """ORT's quantize_dynamic gives the whole table one scale; each row gets its own here, so the small row 3
+    keeps 3 significant digits instead of rounding to zero."""
+    table = _table()
+    model = model_of(_lookup(table))
+    stats = run(model, "quant-dynamic")[0].stats
+    assert stats["weights_quantized"] == 1 and 3.5 < stats["compression"] < 4.0
+    ints = [n.inputs[0].values for n in model.graph.nodes if n.op == "Gather" and n.inputs[0].values.dtype == np.int8]
+    assert len(ints) == 1 and ints[0].shape == (64, 32)
+    got = run_ort(model, {"ids": np.arange(64)})["y"]
+    step = np.abs(table).max(axis=1, keepdims=True) / 127
+    assert (np.abs(got - table) <= step / 2 + 1e-7).all()
+    assert _sqnr_db(table[3], got[3]) > 35.0  # one scale for the table: its row would be all zeros
+    assert run_ort(model, {"ids": np.array([3, 3, 0])})["y"].shape == (3, 32)
+
+
+def test_per_tensor_lookup_dequantizes_with_one_scale():
+    model = model_of(_lookup(_table()))
+    run(model, "quant-dynamic{per-channel=false}")
+    dq = [n for n in model.graph.nodes if n.op == "DequantizeLinear"]
+    assert len(dq) == 1 and dq[0].inputs[1].values.shape == () and dq[0].outputs[0].name == "y"
+
+
+def test_a_tied_table_is_quantized_once_for_the_lookup_and_the_head():
+    table = _table()
+    model = model_of(_lookup(table, tied=True))
+    stats = run(model, "quant-dynamic")[0].stats
+    assert stats["weights_quantized"] == 1 and stats["weight_bytes_before"] == table.nbytes
+    constants = {t.name for n in model.graph.nodes for t in n.inputs if isinstance(t, gs.Constant)}
+    assert "E" not in constants  # no float copy left behind
+    ids = {"ids": np.array([0, 3, 7])}
+    ref, got = run_ort(_lookup(table, tied=True), ids), run_ort(model, ids)
+    assert _sqnr_db(ref["logits"], got["logits"]) > 35.0
+
+
+def test_a_float16_table_comes_out_float16():
+    table = _table(np.float16)
+    model = model_of(_lookup(table))
+    assert run(model, "quant-dynamic")[0].stats["weights_quantized"] == 1
+    got = run_ort(model, {"ids": np.arange(64)})["y"]
+    assert got.dtype == np.float16 and _sqnr_db(table.astype(np.float32), got.astype(np.float32)) > 35.0
