@@ -370,3 +370,28 @@ def test_a_float16_table_comes_out_float16():
     assert run(model, "quant-dynamic")[0].stats["weights_quantized"] == 1
     got = run_ort(model, {"ids": np.arange(64)})["y"]
     assert got.dtype == np.float16 and _sqnr_db(table.astype(np.float32), got.astype(np.float32)) > 35.0
+
+
+def test_after_static_quant_the_tables_can_go_int8_too():
+    """`quant` leaves lookups float (they are no integer kernel's input); quant-dynamic{op-types=[Gather]} after
+    it stores the tables as int8 and leaves the statically quantized layers as they are."""
+    from collections import Counter
+
+    from irtool.api import optimize
+
+    proto = _lookup(_table())
+    proto.graph.node.append(helper.make_node("MatMul", ["y", "W"], ["z"], name="linear"))
+    proto.graph.initializer.append(numpy_helper.from_array(
+        np.random.default_rng(9).normal(0, 0.2, (32, 48)).astype(np.float32), "W"))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 48]))
+    calib = [{"ids": np.random.default_rng(i).integers(0, 64, 8)} for i in range(4)]
+    static = optimize(proto, "quant", calibration_data=calib).model
+    both = optimize(proto, "quant,quant-dynamic{op-types=[Gather]}", calibration_data=calib).model
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    assert Counter(n.op for n in both.graph.nodes if n.op in qdq) == Counter(
+        n.op for n in static.graph.nodes if n.op in qdq) and "DequantizeLinear" in {n.op for n in static.graph.nodes}
+    tables = [n.inputs[0].values.dtype for n in both.graph.nodes
+              if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and n.inputs[0].values.ndim == 2]
+    assert tables == [np.int8]
+    ids = {"ids": np.array([0, 3, 7, 9])}
+    assert _sqnr_db(run_ort(proto, ids)["z"], run_ort(both, ids)["z"]) > 25.0
