@@ -208,15 +208,7 @@ class _Quantizer:
         rows = gs.Variable(unique(f"{y.name}_quantized"), dtype=np.int8)
         new = [gs.Node("Gather", name, attrs={"axis": 0}, inputs=[q_const, ids], outputs=[rows])]
         if self.per_channel:
-            picked, wide, floats = (gs.Variable(unique(f"{y.name}_{part}")) for part in ("scales", "scale", "float"))
-            new += [gs.Node("Gather", unique(f"{name}_scales"), attrs={"axis": 0}, inputs=[s_const, ids],
-                            outputs=[picked]),
-                    gs.Node("Unsqueeze", unique(f"{name}_scale"),
-                            inputs=[picked, gs.Constant(unique(f"{y.name}_last_axis"), np.array([-1], np.int64))],
-                            outputs=[wide]),
-                    gs.Node("Cast", unique(f"{name}_float"), attrs={"to": onnx.TensorProto.FLOAT},
-                            inputs=[rows], outputs=[floats]),
-                    gs.Node("Mul", unique(f"{name}_dequantized"), inputs=[floats, wide], outputs=[out])]
+            new += self._row_scaled(name, rows, s_const, ids, out)
         else:
             new.append(gs.Node("DequantizeLinear", unique(f"{name}_dequantized"), inputs=[rows, s_const],
                                outputs=[out]))
@@ -224,6 +216,19 @@ class _Quantizer:
             new.append(gs.Node("Cast", unique(f"{name}_fp16"), attrs={"to": onnx.TensorProto.FLOAT16},
                                inputs=[out], outputs=[y]))
         self.model.graph.nodes.extend(new)
+
+    def _row_scaled(self, name: str, rows: gs.Variable, scales: gs.Constant, ids: gs.Tensor,
+                    out: gs.Variable) -> list[gs.Node]:
+        """out = Cast(rows) · Unsqueeze(Gather(scales, ids), -1): each picked row times its own scale."""
+        unique = self.model.unique_name
+        picked, wide, floats = (gs.Variable(unique(f"{out.name}_{part}")) for part in ("scales", "scale", "float"))
+        last = gs.Constant(unique(f"{out.name}_last_axis"), np.array([-1], np.int64))
+        return [gs.Node("Gather", unique(f"{name}_scales"), attrs={"axis": 0}, inputs=[scales, ids],
+                        outputs=[picked]),
+                gs.Node("Unsqueeze", unique(f"{name}_scale"), inputs=[picked, last], outputs=[wide]),
+                gs.Node("Cast", unique(f"{name}_float"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[rows],
+                        outputs=[floats]),
+                gs.Node("Mul", unique(f"{name}_dequantized"), inputs=[floats, wide], outputs=[out])]
 
     def _to_half(self, value: gs.Variable, unique) -> gs.Variable:
         out = gs.Variable(unique(f"{value.name}_fp16"), dtype=np.float16, shape=value.shape)

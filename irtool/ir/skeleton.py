@@ -17,9 +17,9 @@ import onnx
 from onnx import helper
 from onnx.onnx_cpp2py_export import shape_inference as c_shape_inference
 
-SMALL_TENSOR_ELEMENTS = 1024
 log = logging.getLogger(__name__)
 
+SMALL_TENSOR_ELEMENTS = 1024
 MANY_INITIALIZERS = 4096
 FULL_SERIALIZE_BYTES = 64 << 20
 

@@ -122,3 +122,38 @@ def test_a_model_that_bakes_its_batch_keeps_the_symbolic_shapes():
     same = ShapeInfo({"x": (1, [BATCH_STANDIN, 8]), "w": (1, [8, 4]), "t": (1, [2, 4])})
     baked = ShapeInfo({"x": (1, [BATCH_STANDIN, 8]), "w": (1, [8, 4]), "t": (1, [BATCH_STANDIN, 4])})
     assert not _baked_batch(symbolic, same) and _baked_batch(symbolic, baked)
+
+
+class MaskedEncoder(torch.nn.Module):
+    """Self-attention with a Hugging Face style padding mask: mask[:, None, None, :].expand(B, 1, T, T), turned
+    into -1e4 where padded and added to the scores of every head."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.dim = heads, width // heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.fc = torch.nn.Linear(width, 5)
+
+    def forward(self, x, mask):
+        b, t, c = x.shape
+        bias = (1.0 - mask[:, None, None, :].expand(b, 1, t, t).to(x.dtype)) * -10000.0
+        q, k, v = (p(x).view(b, t, self.heads, self.dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / self.dim ** 0.5 + bias
+        return self.fc(self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_expanded_padding_mask_leaves_the_heads_free(exporter):
+    """The mask's expanded rows meet the scores elementwise: they are no channels of their own (as multi-query
+    attention's repeated k/v head is, merged by a Reshape), or the Add would tie them to the heads and lock both."""
+    torch.manual_seed(0)
+    feeds = {"x": torch.randn(2, 6, 32), "mask": torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2])}
+    proto = export_module(MaskedEncoder().eval(), feeds, exporter=exporter)
+    original = optimize(proto, "cleanup").model.to_proto()
+    graph = analysis(original)
+    assert sum(g.size for g in graph.groups if g.locked is None) == 4 + 32  # heads, and the output projection's
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert (4, 2) in [(g["before"], g["after"]) for g in records[0].stats["groups"]]
+    inputs = {k: v.numpy() for k, v in feeds.items()}
+    np.testing.assert_allclose(run(model.to_proto(), inputs), run(masked(original, removed), inputs),
+                               rtol=1e-4, atol=1e-4)

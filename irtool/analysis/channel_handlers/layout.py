@@ -694,12 +694,14 @@ class Expand(Handler):
 
     @staticmethod
     def _copies(node, b):
-        """An activation without channels broadcast along one inner axis: its copies there are channels of their
-        own, tied to nothing before (multi-query attention repeats its one k/v head for every query head, and a
-        query head then goes alone)."""
+        """An activation without channels broadcast along one inner axis and merged into another by a Reshape:
+        its copies there are channels of their own, tied to nothing before (multi-query attention repeats its
+        one k/v head for every query head, and a query head then goes alone). Not where the copies meet others
+        elementwise: an attention mask expanded to [B, 1, T, T] would tie its rows to the heads."""
         x, y = node.inputs[0], node.outputs[0]
         shape_x, out = b.shape(x), b.shape(y)
-        if _constant(x) is not None or shape_x is None or out is None:
+        if _constant(x) is not None or shape_x is None or out is None \
+                or not all(r.op == "Reshape" and r.inputs[0] is y for r in y.outputs):
             return
         offset = len(out) - len(shape_x)
         axes = [i for i, d in enumerate(shape_x) if d == 1 and isinstance(out[i + offset], int)
