@@ -25,7 +25,8 @@ Embedding lookups, Gather(E, ids) on axis 0 of a 2-D table, read int8 rows with 
 (DequantizeLinear's axis cannot follow the picked rows; per-tensor: DequantizeLinear(Gather(E_q, ids), s)).
 ONNX Runtime's quantize_dynamic gives the table one scale, and a rare token's small row rounds to zeros; the
 table is a large share of a small language model's weights. A tied LM head (Gemm transB=1 reading E) shares
-the same int8 table and row scales.
+the same int8 table and row scales, and so does one that reads it through a Transpose (MatMul(x, Transpose(E)),
+as torch.export writes it): Transpose(DequantizeLinear(E_q, s, axis=0)).
 
 Quantized: MatMul (second input), Gemm (input B) and Gather (input 0) in the standard domain whose weight is a
 float32 or float16 constant of rank >= 2 (exactly 2 for Gemm and Gather) with at least `min-size` elements and
@@ -86,6 +87,8 @@ class QuantDynamic(Pass):
         for node, axis in targets:
             if node.op == "Gather":
                 quantizer.lookup(node)
+            elif (transpose := _transposed(node)) is not None:  # the int8 table stays one, shared with lookups
+                transpose.inputs[0] = quantizer.dequantized(transpose.inputs[0], axis)
             else:
                 node.inputs[1] = quantizer.dequantized(node.inputs[1], axis)
         toposort_graph(model.graph)
@@ -109,7 +112,24 @@ class QuantDynamic(Pass):
 
 
 def _weight(node: gs.Node) -> gs.Tensor:
-    return node.inputs[0] if node.op == "Gather" else node.inputs[1]
+    if node.op == "Gather":
+        return node.inputs[0]
+    transpose = _transposed(node)
+    return node.inputs[1] if transpose is None else transpose.inputs[0]
+
+
+def _transposed(node: gs.Node) -> gs.Node | None:
+    """The Transpose that makes a MatMul's weight out of a 2-D constant [N, K]: torch.export writes a tied LM head
+    so, reading the embedding table the lookup reads. That constant is the weight, its rows the channels (axis 0)."""
+    weight = node.inputs[1] if node.op == "MatMul" and len(node.inputs) > 1 else None
+    if weight is None or len(weight.inputs) != 1 or weight.inputs[0].op != "Transpose":
+        return None
+    transpose = weight.inputs[0]
+    source = transpose.inputs[0]
+    if not isinstance(source, gs.Constant) or len(source.shape) != 2 \
+            or list(transpose.attrs.get("perm", [1, 0])) != [1, 0]:
+        return None
+    return transpose
 
 
 def _channel_axis(node: gs.Node) -> int | None:
@@ -123,6 +143,8 @@ def _channel_axis(node: gs.Node) -> int | None:
         return None
     if node.op == "Gather":
         return 0 if rank == 2 and int(node.attrs.get("axis", 0)) == 0 else None
+    if _transposed(node) is not None:
+        return 0
     if node.op == "Gemm":
         if rank != 2:
             return None
