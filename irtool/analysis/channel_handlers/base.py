@@ -107,14 +107,14 @@ def _slice_expanded(expand: gs.Node, view: PruneView, indices: np.ndarray, axis:
     _set_target_entry(expand, view, axis, rank, len(indices))
 
 
-def _set_target_entry(expand: gs.Node, view: PruneView, axis: int, rank: int, value: int) -> None:
-    """Entry `axis` of an Expand's target (`rank` entries) becomes `value`: in a fresh constant, or, for a target
-    computed at run time, as target * (1 - onehot) + value * onehot."""
-    name, shape = expand.name, expand.inputs[1]
+def _set_target_entry(expand: gs.Node, view: PruneView, axis: int, rank: int, value: int, index: int = 1) -> None:
+    """Entry `axis` of a shape operand (an Expand's target, input `index`, of `rank` entries) becomes `value`: in a
+    fresh constant, or, for a shape computed at run time, as shape * (1 - onehot) + value * onehot."""
+    name, shape = expand.name, expand.inputs[index]
     onehot = np.eye(rank, dtype=np.int64)[axis]
     if _constant(shape) is not None:
-        expand.inputs[1] = gs.Constant(view.unique(f"{name}_shape"), np.asarray(shape.values) * (1 - onehot)
-                                       + value * onehot)
+        expand.inputs[index] = gs.Constant(view.unique(f"{name}_shape"), np.asarray(shape.values) * (1 - onehot)
+                                           + value * onehot)
         return
     others = gs.Variable(view.unique(f"{name}_other_dims"), dtype=np.int64)
     target = gs.Variable(view.unique(f"{name}_shape"), dtype=np.int64)
@@ -123,7 +123,7 @@ def _set_target_entry(expand: gs.Node, view: PruneView, axis: int, rank: int, va
                 inputs=[shape, gs.Constant(view.unique(f"{name}_mask"), 1 - onehot)], outputs=[others]),
         gs.Node("Add", view.unique(f"{name}_kept_dim"),
                 inputs=[others, gs.Constant(view.unique(f"{name}_count"), onehot * value)], outputs=[target])]
-    expand.inputs[1] = target
+    expand.inputs[index] = target
 
 
 def _ints(node: gs.Node, attr: str, input_index: int) -> list[int] | None:

@@ -241,6 +241,10 @@ def _shape_read(piece: gs.Tensor, offset: int, b) -> tuple[gs.Tensor, int] | Non
     producer = piece.inputs[0] if piece.inputs else None
     if producer is None or not producer.inputs:
         return None
+    if producer.op == "Shape":  # Shape(t, start, end) as a piece itself (torch.export)
+        dims = b.shape(producer.inputs[0])
+        start = int(producer.attrs.get("start", 0)) % max(len(dims), 1) if dims is not None else None
+        return None if start is None else (producer.inputs[0], start + offset)
     shape = producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None
     if shape is None or shape.op != "Shape" or int(shape.attrs.get("start", 0)) != 0:
         return None
@@ -715,6 +719,65 @@ class Expand(Handler):
             _set_target_entry(node, view, space.axis, space.rank, len(keep))
 
 
+@handles("Resize", "Upsample")
+class Resize(Handler):
+    """Resizing other axes keeps channels. Resize's `sizes` (input 3) name the channel count: as a constant where
+    torch.export writes F.interpolate with a static shape ([N, C, H, W], one constant every such resize shares),
+    which apply rewrites to the kept count; or read off the input's own Shape at run time (torch's legacy exporter
+    with a dynamic batch), which follows by itself. A scale other than 1 or a size other than the count on the
+    channel axis resizes the channels themselves, and sizes computed any other way are not followed (locked)."""
+
+    def propagate(self, node, b):
+        x = node.inputs[0]
+        space = b.space(x)
+        if space is None:
+            return
+        entry, sizes = self._entry(node, space), self._operand(node, 3)
+        if entry is not None:
+            for values, fixed in ((self._scales(node), 1.0), (_constant(sizes), space.size)):
+                if values is not None and np.asarray(getattr(values, "values", values)).ravel()[entry] != fixed:
+                    b.lock(x, f"{node.op} {node.name!r} resizes the channel axis")
+                    return
+            if sizes is not None and _constant(sizes) is None and not self._own_count(sizes, entry, x, space, b):
+                b.lock(x, f"Resize {node.name!r} has sizes computed at run time from other than its input's shape")
+                return
+        _follow(node, b, space.axis)
+
+    def apply(self, node, view):
+        space, keep = view.space(node.outputs[0]), view.keep(node.outputs[0])
+        sizes = self._operand(node, 3)
+        entry = self._entry(node, space) if space is not None else None
+        if keep is not None and entry is not None and _constant(sizes) is not None:
+            _set_target_entry(node, view, entry, np.asarray(sizes.values).size, len(keep), index=3)
+
+    @classmethod
+    def _scales(cls, node):
+        """The scales when constant: Upsample-7's attribute; an input of Upsample-9 and opset 10's Resize (X, scales),
+        and from opset 11 on the third input of Resize (X, roi, scales, sizes)."""
+        if "scales" in node.attrs:
+            return node.attrs["scales"]
+        return _constant(cls._operand(node, 1 if node.op == "Upsample" or len(node.inputs) == 2 else 2))
+
+    @staticmethod
+    def _operand(node, index) -> gs.Tensor | None:
+        return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
+
+    @staticmethod
+    def _entry(node, space) -> int | None:
+        """Where the channel axis sits in `scales` and `sizes` (opset 18's `axes` may leave it out)."""
+        axes = [a % space.rank for a in node.attrs.get("axes", range(space.rank))]
+        return axes.index(space.axis) if space.axis in axes else None
+
+    @staticmethod
+    def _own_count(sizes, entry, x, space, b) -> bool:
+        """Is entry `entry` of sizes built at run time x's own channel count, read off Shape(x)?"""
+        for start, piece in _shape_pieces(sizes, b) or []:
+            length = _length(piece, b)
+            if start <= entry < start + length:
+                return _shape_read(piece, entry - start, b) == (x, space.axis)
+        return False
+
+
 @handles("Shape")
 class Shape(Handler):
     """Shape reads dims, not values. When what reads it picks other dims than the channel axis (a batch size to
@@ -733,7 +796,7 @@ class Shape(Handler):
         end = end % space.rank if end < 0 else min(end, space.rank)
         if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start)
                                                   or _into_reshape_targets(c) or _restores(c, y, b)
-                                                  for c in y.outputs):
+                                                  or _into_own_resize(c, x) for c in y.outputs):
             b.lock(x, f"Shape {node.name!r} passes the channel count on")
             return
         b.statistic(y)
@@ -743,12 +806,25 @@ def _into_reshape_targets(consumer: gs.Node) -> bool:
     """Does the shape vector go, through a Slice or Gather and a Concat, only into targets of reshapes (x.flatten(2)
     with a dynamic batch; torch.export's kᵀ back to Shape(k)[:2] = [B, H])? The Reshape handler then checks that
     the entry is the channel count of what it reshapes, ties the two, or locks the vector's source."""
-    if consumer.op not in ("Slice", "Gather"):
+    return _into_shape_operands(consumer, lambda r, vector: r.op == "Reshape" and r.inputs[1] is vector)
+
+
+def _into_own_resize(consumer: gs.Node, x: gs.Tensor) -> bool:
+    """Does the shape vector of x go, through a Slice or Gather and a Concat, only into the sizes of resizes of x
+    itself (F.interpolate(x, size=...) with a dynamic batch)? The Resize handler checks that the channel entry is
+    x's own count, or locks x."""
+    return _into_shape_operands(consumer, lambda r, vector: r.op == "Resize" and len(r.inputs) > 3
+                                and r.inputs[3] is vector and r.inputs[0] is x)
+
+
+def _into_shape_operands(consumer: gs.Node, reads) -> bool:
+    """Does `consumer` (a Slice or Gather of a shape vector, or a Concat of it) go through Concats only into nodes
+    `reads(node, vector)` accepts?"""
+    if consumer.op not in ("Slice", "Gather", "Concat"):
         return False
-    concats = [c for t in consumer.outputs for c in t.outputs]
+    concats = [consumer] if consumer.op == "Concat" else [c for t in consumer.outputs for c in t.outputs]
     return bool(concats) and all(
-        c.op == "Concat" and c.outputs[0].outputs
-        and all(r.op == "Reshape" and r.inputs[1] is c.outputs[0] for r in c.outputs[0].outputs)
+        c.op == "Concat" and c.outputs[0].outputs and all(reads(r, c.outputs[0]) for r in c.outputs[0].outputs)
         for c in concats)
 
 

@@ -20,7 +20,7 @@ from irtool.analysis.channel_handlers.base import (
 
 @handles("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu",
          "Softplus", "Softsign", "Clip", "Identity", "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp",
-         "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample")
+         "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool")
 class PassThrough(Handler):
     """Output channel i is input channel i."""
 
