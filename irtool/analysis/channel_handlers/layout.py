@@ -66,19 +66,20 @@ class Concat(Handler):
 
 @handles("Flatten")
 class Flatten(Handler):
-    """[N, C, H, W] -> [N, C*H*W] (axis=1): feature c*HW+j belongs to channel c."""
+    """[N, C, H, W] -> [N, C*H*W] (axis=1): feature c*HW+j belongs to channel c. Flattening from the channel axis
+    on is the same at any axis: LeViT's BatchNorm1d over tokens flattens [B, N, C] to [B*N, C] (axis=2)."""
 
     def propagate(self, node, b):
         x, y = node.inputs[0], node.outputs[0]
         space, shape = b.space(x), b.shape(x)
         if space is None:
             return
-        if int(node.attrs.get("axis", 1)) != 1 or space.axis != 1 or shape is None \
-                or not all(isinstance(d, int) for d in shape[1:]):
+        if int(node.attrs.get("axis", 1)) % space.rank != space.axis or shape is None \
+                or not all(isinstance(d, int) for d in shape[space.axis:]):
             b.lock(x, f"Flatten {node.name!r} does not start at the channel axis or has dynamic spatial dims")
             return
         if b.new_space(y, 1) is not None:
-            b.tie_block(x, y, int(np.prod(shape[2:], dtype=np.int64)))
+            b.tie_block(x, y, int(np.prod(shape[space.axis + 1:], dtype=np.int64)))
 
 
 @handles("Reshape")
@@ -687,6 +688,9 @@ class Expand(Handler):
     def propagate(self, node, b):
         x, y = node.inputs[0], node.outputs[0]
         space, out = b.space(x), b.shape(y)
+        if space is None and _filled(node) is not None:
+            _tie_fill(node, b)  # a value broadcast to Shape(src): src's channels
+            return
         if space is None:
             self._copies(node, b)
             return
@@ -715,7 +719,8 @@ class Expand(Handler):
 
     def apply(self, node, view):
         space, keep = view.space(node.outputs[0]), view.keep(node.outputs[0])
-        if keep is not None:  # the input's count, or the copies kept
+        fill = _filled(node) is not None and _shape_source(node.inputs[1], None) is not None  # follows Shape(src)
+        if keep is not None and not fill:  # the input's count, or the copies kept
             _set_target_entry(node, view, space.axis, space.rank, len(keep))
 
 
@@ -778,6 +783,24 @@ class Resize(Handler):
         return False
 
 
+@handles("ConstantOfShape")
+class ConstantOfShape(Handler):
+    """A tensor filled to the whole shape of x (torch's zeros_like(x), full_like(x): Where(IsNaN(p), 0, p)) has x's
+    channels: every channel holds the same value, so removing it with x's is exact, and Shape(x) shrinks with it."""
+
+    def propagate(self, node, b):
+        _tie_fill(node, b)
+
+
+def _tie_fill(node: gs.Node, b) -> None:
+    """Tie a filled tensor to src where the shape it is filled to (ConstantOfShape's only input, Expand's target)
+    is the whole Shape(src)."""
+    source = _shape_source(node.inputs[-1], b)
+    space = b.space(source) if source is not None else None
+    if space is not None and b.new_space(node.outputs[0], space.axis) is not None:
+        b.tie(source, node.outputs[0])
+
+
 @handles("Shape")
 class Shape(Handler):
     """Shape reads dims, not values. When what reads it picks other dims than the channel axis (a batch size to
@@ -796,7 +819,7 @@ class Shape(Handler):
         end = end % space.rank if end < 0 else min(end, space.rank)
         if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start)
                                                   or _into_reshape_targets(c) or _restores(c, y, b)
-                                                  or _into_own_resize(c, x) for c in y.outputs):
+                                                  or _into_own_resize(c, x) or _fills(c, y, b) for c in y.outputs):
             b.lock(x, f"Shape {node.name!r} passes the channel count on")
             return
         b.statistic(y)
@@ -826,6 +849,19 @@ def _into_shape_operands(consumer: gs.Node, reads) -> bool:
     return bool(concats) and all(
         c.op == "Concat" and c.outputs[0].outputs and all(reads(r, c.outputs[0]) for r in c.outputs[0].outputs)
         for c in concats)
+
+
+def _fills(consumer: gs.Node, shape: gs.Tensor, b) -> bool:
+    """Is `consumer` a ConstantOfShape of this whole shape vector, or an Expand of a constant to it (torch's
+    zeros_like, by either exporter)? Their handlers tie the filled tensor to the vector's source."""
+    return _shape_source(shape, b) is not None and (consumer.op == "ConstantOfShape" or (
+        consumer.op == "Expand" and consumer.inputs[1] is shape and _filled(consumer) is not None))
+
+
+def _filled(expand: gs.Node) -> gs.Constant | None:
+    """The constant an Expand broadcasts when it holds one value (a scalar fill), else None."""
+    value = _constant(expand.inputs[0])
+    return value if value is not None and np.asarray(value.values).size == 1 else None
 
 
 def _restores(consumer: gs.Node, shape: gs.Tensor, b) -> bool:

@@ -20,6 +20,8 @@ from irtool.analysis.channel_handlers.base import (
 
 @handles("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu",
          "Softplus", "Softsign", "Clip", "Identity", "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp",
+         "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "Celu", "ThresholdedRelu",
+         "Shrink", "IsNaN", "IsInf", "Not",
          "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool")
 class PassThrough(Handler):
     """Output channel i is input channel i."""
@@ -91,7 +93,7 @@ class GroupNorm(Handler):
 
 
 @handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow", "Where", "FastGelu", "BiasGelu", "QuickGelu",
-         "BiasAdd")
+         "BiasAdd", "Mod", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor")
 class Elementwise(Handler):
     """Broadcasting elementwise: every operand with the full channel dim shares the output's channels. ONNX
     Runtime's FastGelu and BiasGelu (gelu(x + bias)), QuickGelu and BiasAdd (x + bias + skip) are such ops."""
