@@ -1,8 +1,9 @@
 """Run every benchmark in bench/ and let each rewrite its section of BENCHMARKS.md.
 
-A benchmark is any `bench/*.py` script other than this one, `models.py` and modules starting with `_`
-(shared helpers). Each runs as its own process with the arguments given here, so
-`python3 dev.py bench --quick` passes `--quick` to all of them.
+A benchmark is any `bench/*.py` script other than this one, `models.py`, `zoo_probe.py` (a probe that needs
+model zoos irtool does not depend on, and writes nothing) and modules starting with `_` (shared helpers). Each runs
+as its own process with the arguments given here, so `python3 dev.py bench --quick` passes `--quick` to all of
+them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"run_all.py", "models.py"}
+NOT_BENCHMARKS = {"run_all.py", "models.py", "zoo_probe.py"}
 
 log = logging.getLogger("bench")
 
