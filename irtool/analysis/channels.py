@@ -398,29 +398,37 @@ class ChannelGroups(Analysis):
 
 # The batch size the analysis infers shapes with when the model's batch is symbolic (see _shapes).
 BATCH_STANDIN = 5
+# Sizes for the other symbolic input dims (a sequence length, an image side), one per name in sorted order: primes
+# no channel or head count is likely to equal, large enough that downsampling keeps them above 1.
+OTHER_STANDINS = (97, 101, 103, 107, 109, 113, 127, 131)
 
 
 def _shapes(model: Model, ctx: PassContext) -> ShapeInfo:
-    """Shapes with a symbolic batch (dim 0 of an input, and that dim wherever it appears) set to BATCH_STANDIN.
+    """Shapes with the symbolic input dims set to stand-in sizes: the batch (dim 0 of an input, and that dim wherever
+    it appears) to BATCH_STANDIN, other named dims to OTHER_STANDINS.
 
     A model that runs at any batch size holds no batch-dependent constant in its reshape targets (they read -1,
     0 or Shape), so what the analysis proves at one batch size and the constants it rewrites hold at all. With
     the batch symbolic, a reshape that folds it with channels had no static shape to follow: nn.MultiheadAttention
     folds the heads into the batch ([T, B, H·D] -> [T, B·H, D]), and every head was locked. Not 1: a batch of one
-    would hide such a fold; not 2 or 3, common channel and head counts. Other symbolic dims stay symbolic."""
+    would hide such a fold; not 2 or 3, common channel and head counts. The same holds for a sequence length:
+    Hugging Face's GPT-2 exported with dynamic batch and sequence flattens [B, T, C] to [B·T, C] around each Linear
+    and back to Shape-read [B, T] plus C, and with T symbolic every channel was locked."""
     given = dict(ctx.input_shapes or {})
     bound = symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], given)  # named in a given shape
-    batch = {t.shape[0] for t in model.graph.inputs if t.name not in given and t.shape and isinstance(t.shape[0], str)
-             and t.shape[0] not in bound}
-    if not batch:
+    free = [t for t in model.graph.inputs if t.name not in given and t.shape]
+    batch = {t.shape[0] for t in free if isinstance(t.shape[0], str) and t.shape[0] not in bound}
+    others = sorted({d for t in free for d in t.shape if isinstance(d, str) and d not in bound and d not in batch})
+    sizes = {**{d: BATCH_STANDIN for d in batch}, **dict(zip(others, OTHER_STANDINS, strict=False))}
+    if not sizes:
         return ctx.analysis(Shapes, model)
-    pinned = {t.name: [BATCH_STANDIN if d in batch else d for d in t.shape] for t in model.graph.inputs
-              if t.name not in given and t.shape and any(d in batch for d in t.shape)}
+    pinned = {t.name: [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape] for t in free
+              if any(d in sizes for d in t.shape if isinstance(d, str))}
     symbolic = ctx.analysis(Shapes, model)
     try:
         info = ShapeInfo(infer_types(model.shape_inference_proto(), {**given, **pinned}))
-    except Exception as e:  # onnx's inference refuses the stand-in: keep the symbolic shapes
-        log.debug("channel-groups: shapes at batch %d failed (%s); symbolic shapes", BATCH_STANDIN, e)
+    except Exception as e:  # onnx's inference refuses the stand-ins: keep the symbolic shapes
+        log.debug("channel-groups: shapes at stand-in sizes %s failed (%s); symbolic shapes", sizes, e)
         return symbolic
     if _baked_batch(symbolic, info):
         return symbolic
@@ -435,8 +443,7 @@ def _baked_batch(symbolic: ShapeInfo, pinned: ShapeInfo) -> bool:
         if dims is not None and all(isinstance(d, int) for d in dims):
             other = pinned.shape(name)
             if other is not None and list(other) != list(dims):
-                log.debug("channel-groups: %s is %s at any batch but %s at batch %d", name, dims, other,
-                          BATCH_STANDIN)
+                log.debug("channel-groups: %s is %s at any size but %s at the stand-in sizes", name, dims, other)
                 return True
     return False
 

@@ -79,3 +79,50 @@ def test_multi_query_attention_prunes_query_heads_alone(exporter):
     assert widths.count((64, 16)) == 4 and widths.count((64, 32)) == 2  # k and v whole, q two heads of 16
     x = {"x": np.random.default_rng(2).standard_normal((3, 16, 64)).astype(np.float32)}
     np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D (transformers.pytorch_utils): x.view(-1, x.size(-1)), addmm, view back to x.size()[:-1] + nf.
+    torch's legacy exporter reads x.size(-1) as Unsqueeze(Squeeze(Slice(Shape(x), -1))) into the view's target."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = torch.nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.weight.size(-1),)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPT2Block(torch.nn.Module):
+    """GPT-2's attention and MLP around Conv1D layers, heads split with view(B, T, H, D)."""
+
+    def __init__(self, c: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.ln1, self.ln2 = heads, torch.nn.LayerNorm(c), torch.nn.LayerNorm(c)
+        self.c_attn, self.c_proj = Conv1D(c, 3 * c), Conv1D(c, c)
+        self.c_fc, self.c_out = Conv1D(c, 4 * c), Conv1D(4 * c, c)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(self.ln1(x)).split(x.size(-1), dim=2)
+        split = [t.view(*t.size()[:-1], self.heads, -1).transpose(1, 2) for t in (q, k, v)]
+        h = torch.nn.functional.scaled_dot_product_attention(*split, is_causal=True)
+        x = x + self.c_proj(h.transpose(1, 2).contiguous().view(*x.size()))
+        return x + self.c_out(torch.nn.functional.gelu(self.c_fc(self.ln2(x))))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_dynamic_sequence_length_prunes_like_a_static_one(exporter):
+    """Exported with batch and sequence dynamic (as Hugging Face models are), the Conv1D views' targets read B and T
+    off Shape at run time. The analysis sizes the batch with a stand-in; the sequence stayed symbolic, so the views
+    had no static shape to follow and every channel of a GPT-2 locked. Other named dims now get stand-ins too."""
+    torch.manual_seed(0)
+    proto = export_module(init_weights(GPT2Block()), {"x": torch.randn(2, 6, 32)}, exporter=exporter,
+                          dynamic_axes={"x": {0: "batch", 1: "sequence"}})
+    original = optimize(proto, "cleanup").model.to_proto()
+    assert [d.dim_param for d in original.graph.input[0].type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == 2 + 64  # half the heads, half the MLP
+    x = {"x": np.random.default_rng(2).standard_normal((3, 9, 32)).astype(np.float32)}  # not the export's 2 x 6
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)

@@ -240,6 +240,8 @@ def _shape_read(piece: gs.Tensor, offset: int, b) -> tuple[gs.Tensor, int] | Non
     """(t, dim of t) that entry `offset` of a target piece copies, when the piece is Slice(Shape(t)) (unit
     step, constant bounds) or Gather(Shape(t), constant); None otherwise."""
     producer = piece.inputs[0] if piece.inputs else None
+    while producer is not None and producer.op in ("Squeeze", "Unsqueeze") and producer.inputs[0].inputs:
+        producer = producer.inputs[0].inputs[0]  # a picked dim made a scalar and back (_past_rank_moves)
     if producer is None or not producer.inputs:
         return None
     if producer.op == "Shape":  # Shape(t, start, end) as a piece itself (torch.export)
@@ -845,7 +847,7 @@ def _into_shape_operands(consumer: gs.Node, reads) -> bool:
     `reads(node, vector)` accepts?"""
     if consumer.op not in ("Slice", "Gather", "Concat"):
         return False
-    concats = [consumer] if consumer.op == "Concat" else [c for t in consumer.outputs for c in t.outputs]
+    concats = [consumer] if consumer.op == "Concat" else _past_rank_moves(consumer.outputs)
     return bool(concats) and all(
         c.op == "Concat" and c.outputs[0].outputs and all(reads(r, c.outputs[0]) for r in c.outputs[0].outputs)
         for c in concats)
@@ -862,6 +864,16 @@ def _filled(expand: gs.Node) -> gs.Constant | None:
     """The constant an Expand broadcasts when it holds one value (a scalar fill), else None."""
     value = _constant(expand.inputs[0])
     return value if value is not None and np.asarray(value.values).size == 1 else None
+
+
+def _past_rank_moves(tensors: list[gs.Tensor]) -> list[gs.Node]:
+    """The readers of `tensors`, looking through Squeeze and Unsqueeze (torch's legacy exporter turns a picked dim
+    into a scalar and back: Unsqueeze(Squeeze(Slice(Shape(x), -1)))."""
+    readers = []
+    for t in tensors:
+        for node in t.outputs:
+            readers += _past_rank_moves(node.outputs) if node.op in ("Squeeze", "Unsqueeze") else [node]
+    return readers
 
 
 def _restores(consumer: gs.Node, shape: gs.Tensor, b) -> bool:
