@@ -13,7 +13,7 @@ import torch
 
 from irtool.api import optimize
 from irtool.frontends.torch import export_module
-from tests.prune.archs import ARCHS, Llama, init_weights
+from tests.prune.archs import ARCHS, GQAttention, Llama, init_weights, rotate_half
 from tests.prune.test_prune_masking import masked, prune
 from tests.prune.test_prune_recurrent import run
 
@@ -125,4 +125,47 @@ def test_a_dynamic_sequence_length_prunes_like_a_static_one(exporter):
     model, removed, records = prune(original, "prune{ratio=0.5}")
     assert records[0].stats["channels_removed"] == 2 + 64  # half the heads, half the MLP
     x = {"x": np.random.default_rng(2).standard_normal((3, 9, 32)).astype(np.float32)}  # not the export's 2 x 6
+    np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+
+
+def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' repeat_kv: the k/v head count is read off the tensor's shape."""
+    batch, num_key_value_heads, slen, head_dim = hidden.shape
+    hidden = hidden[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+class HFAttention(GQAttention):
+    """GQAttention as transformers writes it: heads split with view(B, T, -1, D), then repeat_kv."""
+
+    def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        return x.view(*x.shape[:-1], -1, self.d).transpose(1, 2)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        cos, sin = self.cos[:t], self.sin[:t]
+        q, k, v = self._heads(self.q(x), self.heads), self._heads(self.k(x), self.kv), self._heads(self.v(x), self.kv)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = repeat_kv(k, self.heads // self.kv), repeat_kv(v, self.heads // self.kv)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_repeat_kv_reading_its_head_count_at_run_time_keeps_kv_heads_free(exporter):
+    """With batch and sequence dynamic, the legacy exporter writes repeat_kv's target as
+    [B, Mul(Gather(Shape(k), 1), n_rep), T, D] and its Expand's target from Shape(k) too: the Shape read locked a k/v
+    head per block (128 channels removed instead of 130). Both entries follow the pruning by themselves."""
+    torch.manual_seed(0)
+    llama = Llama()
+    for block in llama.blocks:
+        state = block.attn.state_dict()
+        block.attn = HFAttention(64, 4, 2, 16)
+        block.attn.load_state_dict(state)
+    proto = export_module(init_weights(llama), {"x": torch.randn(2, 16, 64)}, exporter=exporter,
+                          dynamic_axes={"x": {0: "batch", 1: "sequence"}})
+    original = optimize(proto, "cleanup").model.to_proto()
+    model, removed, records = prune(original, "prune{ratio=0.5}")
+    assert records[0].stats["channels_removed"] == 2 * (1 + 64)  # a k/v head (with its query heads) and SwiGLU
+    x = {"x": np.random.default_rng(2).standard_normal((3, 9, 64)).astype(np.float32)}
     np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)

@@ -277,6 +277,8 @@ def _runtime_entry(node: gs.Node, pieces, axis: int, space, pairs, b) -> tuple[s
     read = _shape_read(pieces[piece[0]][1], piece[1], b)
     if read is not None and read[0] is x and read[1] == space.axis and size == space.size:
         return "own", None
+    if _own_scaled(node, piece[0], space, size, b):
+        return "own", None
     if read is not None and _carries(b, read, size):
         return "twin", read[0]
     if _constant(pieces[piece[0]][1]) is not None:
@@ -300,6 +302,21 @@ def _scaled_piece(node: gs.Node, index: int) -> tuple[gs.Node, int] | None:
     slots = [i for i, t in enumerate(mul.inputs) if _constant(t) is not None and np.asarray(t.values).size == 1
              and np.asarray(t.values).dtype.kind == "i"]
     return (mul, slots[0]) if len(slots) == 1 else None
+
+
+def _own_scaled(node: gs.Node, index: int, space, size, b) -> bool:
+    """Is target piece `index` of `node` the reshaped tensor's own channel count times k, read as
+    Unsqueeze(Mul(Gather(Shape(t), axis), k)) off a t whose channels are the same atoms? Llama's repeat_kv merges each
+    k/v head with its k copies, reshape(B, n_kv * k, T, D) with n_kv = t.shape[1] at run time (torch's legacy exporter
+    with dynamic axes): the entry then follows the pruning by itself."""
+    scaled = _scaled_piece(node, index)
+    read = None if scaled is None else _shape_read(scaled[0].inputs[1 - scaled[1]], 0, b)
+    if read is None:
+        return False
+    factor = int(np.asarray(scaled[0].inputs[scaled[1]].values).reshape(-1)[0])
+    other = b.space(read[0])
+    return other is not None and other.axis == read[1] and other.size == space.size and other.size * factor == size \
+        and all(b.uf.find(other.base + i) == b.uf.find(space.base + i) for i in range(space.size))
 
 
 def _batch_times(node: gs.Node, index: int, b, size, pairs: list[tuple[int, int]]) -> int | None:
@@ -820,18 +837,27 @@ class Shape(Handler):
         end = int(node.attrs.get("end", space.rank))
         end = end % space.rank if end < 0 else min(end, space.rank)
         if start <= space.axis < end and not all(_picks_other(c, space.axis - start, end - start)
-                                                  or _into_reshape_targets(c) or _restores(c, y, b)
+                                                  or _into_reshape_targets(c, x) or _restores(c, y, b)
                                                   or _into_own_resize(c, x) or _fills(c, y, b) for c in y.outputs):
             b.lock(x, f"Shape {node.name!r} passes the channel count on")
             return
         b.statistic(y)
 
 
-def _into_reshape_targets(consumer: gs.Node) -> bool:
-    """Does the shape vector go, through a Slice or Gather and a Concat, only into targets of reshapes (x.flatten(2)
-    with a dynamic batch; torch.export's kᵀ back to Shape(k)[:2] = [B, H])? The Reshape handler then checks that
-    the entry is the channel count of what it reshapes, ties the two, or locks the vector's source."""
-    return _into_shape_operands(consumer, lambda r, vector: r.op == "Reshape" and r.inputs[1] is vector)
+def _into_reshape_targets(consumer: gs.Node, x: gs.Tensor) -> bool:
+    """Does the shape vector of x go, through a Slice or Gather and a Concat, only into targets of reshapes
+    (x.flatten(2) with a dynamic batch; torch.export's kᵀ back to Shape(k)[:2] = [B, H])? The Reshape handler then
+    checks that the entry is the channel count of what it reshapes, ties the two, or locks the vector's source. Also
+    into the target of an Expand of x itself (or of x unsqueezed: repeat_kv), whose handler writes the kept count."""
+    return _into_shape_operands(consumer, lambda r, vector: r.inputs[1] is vector and (
+        r.op == "Reshape" or (r.op == "Expand" and _unsqueezed(r.inputs[0]) is x)))
+
+
+def _unsqueezed(t: gs.Tensor) -> gs.Tensor:
+    """The tensor `t` is made from by Unsqueeze alone (`t` itself if none)."""
+    while t.inputs and t.inputs[0].op == "Unsqueeze":
+        t = t.inputs[0].inputs[0]
+    return t
 
 
 def _into_own_resize(consumer: gs.Node, x: gs.Tensor) -> bool:
@@ -868,11 +894,15 @@ def _filled(expand: gs.Node) -> gs.Constant | None:
 
 def _past_rank_moves(tensors: list[gs.Tensor]) -> list[gs.Node]:
     """The readers of `tensors`, looking through Squeeze and Unsqueeze (torch's legacy exporter turns a picked dim
-    into a scalar and back: Unsqueeze(Squeeze(Slice(Shape(x), -1)))."""
+    into a scalar and back: Unsqueeze(Squeeze(Slice(Shape(x), -1)))) and a Mul by an integer constant (repeat_kv's
+    n_kv * n_rep); the handler of the node it reaches checks what the entry is."""
     readers = []
     for t in tensors:
         for node in t.outputs:
-            readers += _past_rank_moves(node.outputs) if node.op in ("Squeeze", "Unsqueeze") else [node]
+            scaled = node.op == "Mul" and any(_constant(i) is not None and np.asarray(i.values).dtype.kind == "i"
+                                              for i in node.inputs)
+            moves = node.op in ("Squeeze", "Unsqueeze") or scaled
+            readers += _past_rank_moves(node.outputs) if moves else [node]
     return readers
 
 
