@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from irtool.analysis.shapes import Shapes
 from irtool.api import optimize
 from irtool.backends.ort import make_inputs
+from irtool.calibration.validate import model_inputs
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.passmanager import PassContext
@@ -68,3 +69,28 @@ def test_the_cli_refuses_disagreeing_shapes_in_one_line(tmp_path: Path, command:
     result = run_cli(command, model, *args, "--input-shape", "a:1x3x8x8", "--input-shape", "b:1x3x8x4")
     assert_one_line_error(result, 2, "dim 3 ('W') is 4, but --input-shape a makes 'W' 8")
     assert not out.exists()
+
+
+def test_random_calibration_fills_the_other_input_from_the_named_dims():
+    """--calib-data random with --input-shape for one input: the other's H and W were unknown and calibration
+    stopped ("random calibration data needs a static shape ... give --input-shape b:DxD..")."""
+    inputs = model_inputs(Model.from_proto(two_inputs()), {"a": [1, 3, 6, 5]})
+    assert [(i.name, i.shape) for i in inputs] == [("a", (None, 3, 6, 5)), ("b", (None, 3, 6, 5))]
+    result = optimize(two_inputs(), "calibrate", input_shapes={"a": [1, 3, 6, 5]}, calibration_data="random",
+                      calib_samples=4)
+    assert result.records[0].stats["observed"] == 6  # a, b, both convs, the Add and the Relu
+
+
+def shape_folded() -> onnx.ModelProto:
+    """ids, mask [B, T]: Reshape(ids + mask, Shape(mask)) so fold-constants folds a Shape only at a given T."""
+    nodes = [helper.make_node("Add", ["ids", "mask"], ["s"]), helper.make_node("Shape", ["mask"], ["shape"]),
+             helper.make_node("Reshape", ["s", "shape"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "T"]) for n in ("ids", "mask")]
+    graph = helper.make_graph(nodes, "pair", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_model_specialized_to_a_given_shape_declares_it_in_every_input_sharing_its_dims():
+    result = optimize(shape_folded(), "fold-constants", input_shapes={"ids": [2, 7]})
+    assert result.records[0].stats["inputs_pinned"] == ["ids", "mask"]
+    assert {t.name: t.shape for t in result.model.graph.inputs} == {"ids": [2, 7], "mask": [2, 7]}

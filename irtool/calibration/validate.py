@@ -36,13 +36,21 @@ class ModelInput(NamedTuple):
 
 
 def model_inputs(model: Any, input_shapes: Mapping[str, list[int]] | None = None) -> list[ModelInput]:
-    """The real inputs of an irtool Model; `input_shapes` fills symbolic dims except the batch axis."""
+    """The real inputs of an irtool Model; `input_shapes` fills symbolic dims except the batch axis, in the inputs
+    it names and, through a dim name, in the others (token ids and their attention mask share the sequence)."""
+    from irtool.ir.skeleton import symbol_sizes
+
+    shapes = dict(input_shapes or {})
+    named = symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], shapes)
     specs = []
     for tensor in model.graph.inputs:
         dims = None if tensor.shape is None else [_static(d) for d in tensor.shape]
-        given = (input_shapes or {}).get(tensor.name)
+        given = shapes.get(tensor.name)
         if dims is not None and given is not None and len(given) == len(dims):
             dims = [d if d is not None or i == 0 else int(g) for i, (d, g) in enumerate(zip(dims, given, strict=True))]
+        elif dims is not None:
+            dims = [named.get(n) if d is None and i > 0 and isinstance(n, str) else d
+                    for i, (d, n) in enumerate(zip(dims, tensor.shape, strict=True))]
         specs.append(ModelInput(tensor.name, _np_dtype(tensor.dtype), None if dims is None else tuple(dims)))
     return specs
 

@@ -167,11 +167,21 @@ def pin_input_shapes(model: Model, shapes: dict[str, list[int]], by: str) -> lis
     model in a way that holds for them only (a Shape folded to constants, a Reshape dropped as a no-op). With its
     inputs still symbolic, a BERT export folded for 8 x 24 and run at 16 x 24 failed inside ONNX Runtime
     ("Attempting to broadcast an axis by a dimension other than 1") instead of naming the input. Returns the
-    pinned input names."""
+    pinned input names. A dim name one of them fixes (the sequence of token ids) is fixed in the inputs that share it
+    (their attention mask) too: the model was rewritten for that size everywhere."""
+    from irtool.ir.skeleton import symbol_sizes
+
     log.warning("%s rewrote the model for --input-shape %s: its inputs now declare those shapes (give no "
                 "--input-shape to keep them dynamic)", by,
                 ", ".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in sorted(shapes.items())))
+    sizes = symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], shapes)
+    pinned = []
     for tensor in model.graph.inputs:
         if tensor.name in shapes:
             tensor.shape = list(shapes[tensor.name])
-    return sorted(shapes)
+        elif tensor.shape and any(isinstance(d, str) and d in sizes for d in tensor.shape):
+            tensor.shape = [sizes.get(d, d) if isinstance(d, str) else d for d in tensor.shape]
+        else:
+            continue
+        pinned.append(tensor.name)
+    return sorted(pinned)
