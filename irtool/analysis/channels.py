@@ -413,26 +413,50 @@ def _shapes(model: Model, ctx: PassContext) -> ShapeInfo:
     folds the heads into the batch ([T, B, H·D] -> [T, B·H, D]), and every head was locked. Not 1: a batch of one
     would hide such a fold; not 2 or 3, common channel and head counts. The same holds for a sequence length:
     Hugging Face's GPT-2 exported with dynamic batch and sequence flattens [B, T, C] to [B·T, C] around each Linear
-    and back to Shape-read [B, T] plus C, and with T symbolic every channel was locked."""
+    and back to Shape-read [B, T] plus C, and with T symbolic every channel was locked.
+
+    A named dim an --input-shape gives as 1 gets its stand-in too (prune analyses the model before anything is
+    specialized to that shape): at 1, shape inference broadcasts an Expand's 1 to its input's unknown dim, and a
+    GPT-2 given input_ids:1x12 had every channel locked. The dims found static without any input shape are then
+    the reference of the baked-batch check."""
     given = dict(ctx.input_shapes or {})
+    ones = _given_ones(model, given)
+    if ones:
+        given = {name: [ones.get(d, g) if isinstance(d, str) else g for d, g in zip(_declared(model, name), dims,
+                                                                                    strict=False)]
+                 for name, dims in given.items()}
     bound = symbol_sizes([(t.name, t.shape) for t in model.graph.inputs], given)  # named in a given shape
     free = [t for t in model.graph.inputs if t.name not in given and t.shape]
     batch = {t.shape[0] for t in free if isinstance(t.shape[0], str) and t.shape[0] not in bound}
     others = sorted({d for t in free for d in t.shape if isinstance(d, str) and d not in bound and d not in batch})
     sizes = {**{d: BATCH_STANDIN for d in batch}, **dict(zip(others, OTHER_STANDINS, strict=False))}
-    if not sizes:
+    if not sizes and not ones:
         return ctx.analysis(Shapes, model)
     pinned = {t.name: [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape] for t in free
               if any(d in sizes for d in t.shape if isinstance(d, str))}
-    symbolic = ctx.analysis(Shapes, model)
+    symbolic = ShapeInfo(infer_types(model.shape_inference_proto(), {})) if ones else ctx.analysis(Shapes, model)
     try:
         info = ShapeInfo(infer_types(model.shape_inference_proto(), {**given, **pinned}))
     except Exception as e:  # onnx's inference refuses the stand-ins: keep the symbolic shapes
         log.debug("channel-groups: shapes at stand-in sizes %s failed (%s); symbolic shapes", sizes, e)
-        return symbolic
+        return ctx.analysis(Shapes, model)
     if _baked_batch(symbolic, info):
-        return symbolic
+        return ctx.analysis(Shapes, model)
     return info
+
+
+def _declared(model: Model, name: str) -> list:
+    return next((list(t.shape or []) for t in model.graph.inputs if t.name == name), [])
+
+
+def _given_ones(model: Model, given: dict[str, list[int]]) -> dict[str, int]:
+    """Stand-ins for the named dims a given input shape sets to 1: BATCH_STANDIN for a batch (an input's dim 0),
+    OTHER_STANDINS' last entries for others (the first ones go to dims no shape names)."""
+    names = {d: i for name, dims in given.items() for i, (d, g) in enumerate(zip(_declared(model, name), dims,
+                                                                                 strict=False))
+             if isinstance(d, str) and d not in ("", "?") and g == 1}
+    others = iter(reversed(OTHER_STANDINS))
+    return {d: BATCH_STANDIN if i == 0 else next(others) for d, i in sorted(names.items())}
 
 
 def _baked_batch(symbolic: ShapeInfo, pinned: ShapeInfo) -> bool:

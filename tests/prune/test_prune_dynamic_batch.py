@@ -7,12 +7,17 @@ instead of 128."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
+from irtool.analysis.channels import ChannelGroups
 from irtool.api import optimize
 from irtool.frontends.torch import export_module
+from irtool.ir.model import Model
+from irtool.passmanager import PassContext
 from tests.prune.archs import ARCHS, GQAttention, Llama, init_weights, rotate_half
 from tests.prune.test_prune_masking import masked, prune
 from tests.prune.test_prune_recurrent import run
@@ -169,3 +174,35 @@ def test_repeat_kv_reading_its_head_count_at_run_time_keeps_kv_heads_free(export
     assert records[0].stats["channels_removed"] == 2 * (1 + 64)  # a k/v head (with its query heads) and SwiGLU
     x = {"x": np.random.default_rng(2).standard_normal((3, 9, 64)).astype(np.float32)}
     np.testing.assert_allclose(run(model.to_proto(), x), run(masked(original, removed), x), rtol=1e-4, atol=1e-4)
+
+
+
+def unknown_batch_operand() -> onnx.ModelProto:
+    """x [B, T, 16] plus an operand whose first dim has no name (as a mask built at run time has), flattened to
+    [B*T, 16] for a Gemm (16 -> 32) and viewed back to Shape(x)[:2] + [32], Relu, MatMul (32 -> 4)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (16, 32)), ("w2", (32, 4)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("flat", [-1, 16]), ("starts", [0]), ("ends", [2]), ("width", [32]))]
+    nodes = [helper.make_node("Add", ["x", "bias"], ["h"]), helper.make_node("Reshape", ["h", "flat"], ["f"]),
+             helper.make_node("Gemm", ["f", "w1"], ["g"]), helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s", "starts", "ends"], ["bt"]),
+             helper.make_node("Concat", ["bt", "width"], ["target"], axis=0),
+             helper.make_node("Reshape", ["g", "target"], ["r"]), helper.make_node("Relu", ["r"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 16]),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, [None, 1, 16])]
+    graph = helper.make_graph(nodes, "unknown", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_given_batch_of_one_prunes_like_a_symbolic_batch():
+    """--input-shape x:1x6x16: at 1, shape inference broadcasts the 1 to the other operand's unknown dim, and the
+    reshapes after it lost their static shapes (a GPT-2 given input_ids:1x12, its [B, 1, T, T] mask built at run
+    time: every channel locked). The analysis uses its stand-ins for a named dim given as 1."""
+    free = {shapes and shapes["x"][0]: sum(g.size for g in PassContext(input_shapes=shapes).analysis(
+        ChannelGroups, Model.from_proto(unknown_batch_operand())).groups if g.locked is None)
+        for shapes in (None, {"x": [1, 6, 16]}, {"x": [2, 6, 16]})}
+    assert free == {None: 32, 1: 32, 2: 32}
