@@ -456,7 +456,7 @@ def _given_ones(model: Model, given: dict[str, list[int]]) -> dict[str, int]:
                                                                                  strict=False))
              if isinstance(d, str) and d not in ("", "?") and g == 1}
     others = iter(reversed(OTHER_STANDINS))
-    return {d: BATCH_STANDIN if i == 0 else next(others) for d, i in sorted(names.items())}
+    return {d: BATCH_STANDIN if i == 0 else next(others, OTHER_STANDINS[0]) for d, i in sorted(names.items())}
 
 
 def _baked_batch(symbolic: ShapeInfo, pinned: ShapeInfo) -> bool:

@@ -140,8 +140,8 @@ class Reshape(Handler):
                 b.lock(x, f"Reshape {node.name!r} computes the channel entry of its shape at run time")
                 return False
             kind, value = entry
-            if kind == "own":
-                sized.append(x)
+            if kind in ("own", "scaled"):  # follows by itself at run time
+                sized.append(x if value is None else value)
             elif kind == "twin":
                 twin = value
             else:  # a constant piece (index, offset) or (BATCH_TIMES, piece, B) for apply to rewrite
@@ -277,8 +277,9 @@ def _runtime_entry(node: gs.Node, pieces, axis: int, space, pairs, b) -> tuple[s
     read = _shape_read(pieces[piece[0]][1], piece[1], b)
     if read is not None and read[0] is x and read[1] == space.axis and size == space.size:
         return "own", None
-    if _own_scaled(node, piece[0], space, size, b):
-        return "own", None
+    scaled = _own_scaled(node, piece[0], space, size, b)
+    if scaled is not None:
+        return "scaled", scaled
     if read is not None and _carries(b, read, size):
         return "twin", read[0]
     if _constant(pieces[piece[0]][1]) is not None:
@@ -304,19 +305,30 @@ def _scaled_piece(node: gs.Node, index: int) -> tuple[gs.Node, int] | None:
     return (mul, slots[0]) if len(slots) == 1 else None
 
 
-def _own_scaled(node: gs.Node, index: int, space, size, b) -> bool:
-    """Is target piece `index` of `node` the reshaped tensor's own channel count times k, read as
-    Unsqueeze(Mul(Gather(Shape(t), axis), k)) off a t whose channels are the same atoms? Llama's repeat_kv merges each
+def _own_scaled(node: gs.Node, index: int, space, size, b) -> gs.Tensor | None:
+    """t when target piece `index` of `node` is the reshaped tensor's own channel count times k, read as
+    Unsqueeze(Mul(Gather(Shape(t), axis), k)) off a t whose channels are the same atoms. Llama's repeat_kv merges each
     k/v head with its k copies, reshape(B, n_kv * k, T, D) with n_kv = t.shape[1] at run time (torch's legacy exporter
     with dynamic axes): the entry then follows the pruning by itself."""
+    read = _scaled_read(node, index, b)
+    if read is None:
+        return None
+    t, factor = read
+    other = b.space(t)
+    same = other.size == space.size and other.size * factor == size \
+        and all(b.uf.find(other.base + i) == b.uf.find(space.base + i) for i in range(space.size))
+    return t if same else None
+
+
+def _scaled_read(node: gs.Node, index: int, b) -> tuple[gs.Tensor, int] | None:
+    """(t, k) when target piece `index` of `node` is Unsqueeze(Mul(Gather(Shape(t), axis), k)) and axis is t's channel
+    axis."""
     scaled = _scaled_piece(node, index)
     read = None if scaled is None else _shape_read(scaled[0].inputs[1 - scaled[1]], 0, b)
-    if read is None:
-        return False
-    factor = int(np.asarray(scaled[0].inputs[scaled[1]].values).reshape(-1)[0])
-    other = b.space(read[0])
-    return other is not None and other.axis == read[1] and other.size == space.size and other.size * factor == size \
-        and all(b.uf.find(other.base + i) == b.uf.find(space.base + i) for i in range(space.size))
+    space = None if read is None else b.space(read[0])
+    if space is None or space.axis != read[1]:
+        return None
+    return read[0], int(np.asarray(scaled[0].inputs[scaled[1]].values).reshape(-1)[0])
 
 
 def _batch_times(node: gs.Node, index: int, b, size, pairs: list[tuple[int, int]]) -> int | None:
@@ -354,12 +366,15 @@ def _channel_counts_read(node: gs.Node, b) -> list[gs.Tensor]:
     """Tensors whose channel count a run-time target of `node` copies (the reshaped one's own too)."""
     pieces = _shape_pieces(node.inputs[1], b) if node.op == "Reshape" and len(node.inputs) > 1 else None
     found = []
-    for _, piece in pieces or []:
+    for index, (_, piece) in enumerate(pieces or []):
         for offset in range(_length(piece, b) or 0):
             read = _shape_read(piece, offset, b)
             space = None if read is None else b.space(read[0])
             if space is not None and _carries(b, read, space.size):
                 found.append(read[0])
+        scaled = _scaled_read(node, index, b)  # a count times k (repeat_kv)
+        if scaled is not None:
+            found.append(scaled[0])
     return found
 
 
