@@ -20,6 +20,7 @@ from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.passmanager import PassContext
 from tests.cli.conftest import assert_one_line_error, run_cli
+from tests.passes.helpers import serialized
 
 
 def two_inputs() -> onnx.ModelProto:
@@ -94,3 +95,18 @@ def test_a_model_specialized_to_a_given_shape_declares_it_in_every_input_sharing
     result = optimize(shape_folded(), "fold-constants", input_shapes={"ids": [2, 7]})
     assert result.records[0].stats["inputs_pinned"] == ["ids", "mask"]
     assert {t.name: t.shape for t in result.model.graph.inputs} == {"ids": [2, 7], "mask": [2, 7]}
+
+
+def test_calibration_batches_split_to_the_batch_a_pinned_input_declares():
+    """fold-constants pins --input-shape ids:1x7 on the model mid-pipeline, after the calibration data were batched
+    by 8: calibrate stopped ("input 'ids' has shape [4, 7], the model declares [1, 7]"). Its batches are split to
+    the declared batch now, and the statistics are the same as with --calib-batch-size 1."""
+    proto = shape_folded()
+    proto.graph.node.append(helper.make_node("MatMul", ["y", "w"], ["z"]))
+    proto.graph.initializer.append(numpy_helper.from_array(np.ones((7, 3), np.float32), "w"))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    runs = [optimize(proto, "fold-constants,calibrate,insert-qdq", input_shapes={"ids": [1, 7]},
+                     calibration_data="random", calib_samples=4, calib_batch_size=size) for size in (None, 1)]
+    assert runs[0].records[1].stats["observed"] > 0
+    assert serialized(runs[0].model) == serialized(runs[1].model)
+    assert any(n.op == "QuantizeLinear" for n in runs[0].model.graph.nodes)

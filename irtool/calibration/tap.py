@@ -77,6 +77,23 @@ def _add_output(graph: onnx.GraphProto, name: str, types: Mapping) -> None:
     graph.output.append(helper.make_tensor_value_info(name, elem, None))
 
 
+def _fitted(inputs: list, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Mapping[str, np.ndarray]]:
+    """The batches, split to the batch size the model's inputs (its NodeArgs) fix when they hold a multiple of it.
+    fold-constants pins an --input-shape on the model when it folds a Shape for it, which happens in the pipeline
+    after the calibration data were batched (by 8: input_ids [8, 12] against a declared [1, 12]); statistics are
+    per sample, so the batching does not change them. Anything else goes on to `_feeds`, which names the mismatch."""
+    fixed = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int)}
+    size = fixed.pop() if len(fixed) == 1 else None
+    for batch in batches:
+        rows = batch_rows(batch)
+        if not size or rows == size or rows % size:
+            yield batch
+            continue
+        for start in range(0, rows, size):
+            yield {name: value[start:start + size] if np.ndim(value) and len(value) == rows else value
+                   for name, value in batch.items()}
+
+
 def _feeds(inputs: list, batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
     """The session's inputs (its NodeArgs) from one calibration batch; a missing input, or a batch whose shape
     the model's declared dims refuse, is the caller's error, named in one line."""
@@ -365,7 +382,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         timings.session += waited
     inputs = session.get_inputs()
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(_fitted(inputs, batches)):
         feeds = _feeds(inputs, batch, index)
         # ONNX Runtime returns every output when asked for none (a model with nothing to observe).
         values = dict(zip(fetch, session.run(fetch, feeds) if fetch else [], strict=True))
@@ -430,7 +447,7 @@ def channel_means(model: Model, axes: Mapping[str, int],
     unbatched = batch_free(model, names)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(_fitted(inputs, batches)):
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
         rows = batch_rows(batch)
         for name in names:
@@ -483,7 +500,7 @@ def channel_abs_max(model: Model, names: Iterable[str],
     session = calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=False, weights=weights)
     inputs, found = session.get_inputs(), {}
     fetch = [outputs[name] for name in names]
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(_fitted(inputs, batches)):
         for name, value in zip(names, session.run(fetch, _feeds(inputs, batch, index)), strict=True):
             found[name] = np.maximum(found[name], value) if name in found else value.astype(np.float64)
     if not found:

@@ -132,8 +132,9 @@ def test_sentence_encoder_calibrates_on_batches_padded_to_their_own_length():
 def test_input_shapes_that_fold_shapes_become_the_written_models_inputs():
     """fold-constants folds the export's position ids and token types for the given 8 x 24 (Shape ops of the
     inputs): the model written takes only that shape, and says so. Its inputs stayed symbolic before, and a batch
-    of 16 failed inside ONNX Runtime ("Attempting to broadcast an axis by a dimension other than 1"); now
-    calibration batches of another size are refused in one line naming the input."""
+    of 16 failed inside ONNX Runtime ("Attempting to broadcast an axis by a dimension other than 1"). Calibration
+    batches of a multiple of that batch are split to it (the statistics are per sample); others are refused in one
+    line naming the input."""
     proto = sentence_encoder_proto()
     shapes = {"input_ids": [8, TOKENS], "attention_mask": [8, TOKENS]}
     result = optimize(proto, "cleanup", input_shapes=shapes)
@@ -143,9 +144,11 @@ def test_input_shapes_that_fold_shapes_become_the_written_models_inputs():
     assert fold.stats["nodes_folded"] > 0 and fold.stats["inputs_pinned"] == ["attention_mask", "input_ids"]
     batches = sentences(3, 2)
     np.testing.assert_allclose(embeddings(written, batches), embeddings(proto, batches), rtol=1e-5, atol=1e-5)
-    with pytest.raises(InputError, match=r"input 'input_ids' has shape \[16, 24\], the model declares \[8, 24\] "
+    split = optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=16))
+    assert split.records[-1].stats["observed"] > 0
+    with pytest.raises(InputError, match=r"input 'input_ids' has shape \[12, 24\], the model declares \[8, 24\] "
                                          r"\(--calib-batch-size"):
-        optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=16))
+        optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=12))
 
 
 def padding_mask_attention_proto() -> onnx.ModelProto:
