@@ -269,8 +269,7 @@ def _runtime_entry(node: gs.Node, pieces, axis: int, space, pairs, b) -> tuple[s
     channels on that dim, which y's then tie to (torch.export's kᵀ in attention reshapes back to Shape(k)[:2] =
     [B, H]); ("note", ...), a constant piece or a run-time B · k (Reshape.apply rewrites either)."""
     x, y = node.inputs[0], node.outputs[0]
-    piece = next(((k, axis - start) for k, (start, t) in enumerate(pieces)
-                  if start <= axis < start + _length(t, b)), None)
+    piece = _piece_at(pieces, axis, b)
     if piece is None:
         return None
     size = b.shape(y)[axis]
@@ -286,6 +285,12 @@ def _runtime_entry(node: gs.Node, pieces, axis: int, space, pairs, b) -> tuple[s
         return "note", piece
     batch = _batch_times(node, piece[0], b, size, pairs)
     return None if batch is None else ("note", (BATCH_TIMES, piece[0], batch))
+
+
+def _piece_at(pieces, entry: int, b) -> tuple[int, int] | None:
+    """(index of the piece holding entry `entry` of a target built at run time, offset of the entry in it)."""
+    return next(((k, entry - start) for k, (start, t) in enumerate(pieces) if start <= entry < start + _length(t, b)),
+                None)
 
 
 def _scaled_piece(node: gs.Node, index: int) -> tuple[gs.Node, int] | None:
@@ -810,11 +815,9 @@ class Resize(Handler):
     @staticmethod
     def _own_count(sizes, entry, x, space, b) -> bool:
         """Is entry `entry` of sizes built at run time x's own channel count, read off Shape(x)?"""
-        for start, piece in _shape_pieces(sizes, b) or []:
-            length = _length(piece, b)
-            if start <= entry < start + length:
-                return _shape_read(piece, entry - start, b) == (x, space.axis)
-        return False
+        pieces = _shape_pieces(sizes, b)
+        found = None if pieces is None else _piece_at(pieces, entry, b)
+        return found is not None and _shape_read(pieces[found[0]][1], found[1], b) == (x, space.axis)
 
 
 @handles("ConstantOfShape")
