@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from irtool.api import optimize
 from irtool.errors import InputError
+from tests.passes.helpers import serialized
 from tests.quant.torch_models import TOKENS, VOCAB, encoder_proto, sentence_encoder_proto
 
 
@@ -144,8 +145,12 @@ def test_input_shapes_that_fold_shapes_become_the_written_models_inputs():
     assert fold.stats["nodes_folded"] > 0 and fold.stats["inputs_pinned"] == ["attention_mask", "input_ids"]
     batches = sentences(3, 2)
     np.testing.assert_allclose(embeddings(written, batches), embeddings(proto, batches), rtol=1e-5, atol=1e-5)
-    split = optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=16))
-    assert split.records[-1].stats["observed"] > 0
+    sixteen = sentences(4, 1, batch=16)
+    eights = [{k: v[:8] for k, v in sixteen[0].items()}, {k: v[8:] for k, v in sixteen[0].items()}]
+    split, halves = (optimize(proto, "cleanup,calibrate,insert-qdq", input_shapes=shapes, calibration_data=data)
+                     for data in (sixteen, eights))
+    assert next(r for r in split.records if r.name == "calibrate").stats["observed"] > 0
+    assert serialized(split.model) == serialized(halves.model)  # the same scales as batches of 8
     with pytest.raises(InputError, match=r"input 'input_ids' has shape \[12, 24\], the model declares \[8, 24\] "
                                          r"\(--calib-batch-size"):
         optimize(proto, "cleanup,calibrate", input_shapes=shapes, calibration_data=sentences(4, 1, batch=12))
