@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -21,6 +22,9 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from irtool.ir import io
 from irtool.ir.convert import DimsOnly, export_model, import_model, paused_gc
 from irtool.ir.topo import toposort_graph
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ class Model:
         self.domain = domain
         self.doc_string = doc_string
         self.source = source
+        # Float weights a rounding pass (gptq) replaced, by node name: (constant name, values). In memory only, so
+        # insert-qdq can give layers it leaves float their weights back within one pipeline run.
+        self.float_weights: dict[str, tuple[str, np.ndarray]] = {}
         self._taken: set[str] | None = None
         if graph.ir_version is None:
             graph.ir_version = onnx.helper.find_min_ir_version_for(  # custom domains have no IR version
@@ -73,6 +80,7 @@ class Model:
     def copy(self) -> Model:
         clone = Model.from_proto(self.to_proto(), source=self.source, checked=True)
         clone.source_opset = self.source_opset
+        clone.float_weights = dict(self.float_weights)
         return clone
 
     # ----------------------------------------------------------------- export

@@ -66,6 +66,8 @@ from irtool.pipeline import Regex
 
 # bias-correct's record of the biases it changed (record_bias_corrections), read and dropped here.
 BIAS_CORRECTION_KEY = "irtool.bias_correction"
+# gptq's list of the layers whose weights it rounded (their float weights: Model.float_weights), dropped here too.
+WEIGHT_ROUNDING_KEY = "irtool.weight_rounding"
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,7 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
             if placement.profile is Profile.ORT_CPU:
                 _quantize_bias(model, slot.node, scale, slot.axis)
     restore_uncorrected_biases(model, quantized)
+    restore_unrounded_weights(model, quantized)
     toposort_graph(model.graph)  # new Q/DQ nodes were appended at the end
     return pairs
 
@@ -210,21 +213,45 @@ def restore_uncorrected_biases(model: Model, quantized: set[str]) -> None:
             holder.inputs[index] = gs.Constant(model.unique_name(original["name"]), values)
 
 
+def restore_unrounded_weights(model: Model, quantized: set[str]) -> None:
+    """Give every layer that `gptq` rounded but whose weight stays float its float weight back (from
+    Model.float_weights: in memory, so within one pipeline run; see lost_float_weights)."""
+    rounded = set(json.loads(model.metadata.get(WEIGHT_ROUNDING_KEY, "[]")))
+    for node in model.graph.nodes:
+        if node.name in rounded and node.name not in quantized and node.name in model.float_weights \
+                and np.shape(model.float_weights[node.name][1]) == np.shape(node.inputs[1].values):
+            name, values = model.float_weights[node.name]
+            node.inputs[1] = gs.Constant(model.unique_name(name), values)
+
+
+def lost_float_weights(model: Model) -> list[str]:
+    """The layers gptq rounded in an earlier run: their float weights are not in memory, so kept float they keep
+    the rounded weights, and SQNR is measured against the rounded model."""
+    rounded = json.loads(model.metadata.get(WEIGHT_ROUNDING_KEY, "[]"))
+    return [name for name in rounded if name not in model.float_weights]
+
+
 def restore_float_convtransposes(model: Model, quantized: set[str]) -> list[str]:
     """Turn the ConvTransposes that convtranspose-to-conv rewrote and that stay float back into ConvTransposes:
     the rewrite exists for the integer Conv, and in float its phase Conv can cost more (zero taps). Their
-    bias-correct corrections are undone first (a correction per phase is no ConvTranspose bias) and forgotten."""
+    bias-correct corrections and gptq roundings are undone first (a correction per phase is no ConvTranspose bias)
+    and forgotten."""
     names = set(deconv.rewritten(model)) - quantized
     if not names:
         return []
-    # their own biases only, and forgotten after: apply_plan restores the other float layers', once
-    restore_uncorrected_biases(model, {n.name for n in model.graph.nodes} - names)
+    # their own biases and weights only, and forgotten after: apply_plan restores the other float layers', once
+    others = {n.name for n in model.graph.nodes} - names
+    restore_uncorrected_biases(model, others)
+    restore_unrounded_weights(model, others)
     restored = deconv.restore(model, names)
     if BIAS_CORRECTION_KEY in model.metadata:
         record = json.loads(model.metadata[BIAS_CORRECTION_KEY])
         for name in names:
             record.pop(name, None)
         model.metadata[BIAS_CORRECTION_KEY] = json.dumps(record, sort_keys=True)
+    if WEIGHT_ROUNDING_KEY in model.metadata:
+        model.metadata[WEIGHT_ROUNDING_KEY] = json.dumps(
+            sorted(set(json.loads(model.metadata[WEIGHT_ROUNDING_KEY])) - names))
     return restored
 
 
@@ -375,6 +402,10 @@ class InsertQDQ(Pass):
                              f"calibrate with profile={self.options.profile.value} or without a profile")
         placement = Placement(self.options.profile, self.options.activations, self.options.per_channel,
                               self.options.reduce_range)
+        if lost := lost_float_weights(model):
+            ctx.logger.warning("insert-qdq: gptq rounded %d layer(s) in an earlier run; any left float keep the "
+                               "rounded weights, and SQNR targets are measured against them: run gptq and insert-qdq "
+                               "in one pipeline for their float weights", len(lost))
         ort_cpu = self.options.profile is Profile.ORT_CPU
         # GELU fused first: placed as one float activation, none of its inner ops (x·x in gelu_new) is planned
         fused = fuse_gelu(model) if self.options.fuse_gelu and ort_cpu else 0
@@ -394,6 +425,8 @@ class InsertQDQ(Pass):
                                "takes float32; run `fp32` first (the quant pipelines do)")
         del model.metadata[METADATA_KEY]
         model.metadata.pop(BIAS_CORRECTION_KEY, None)
+        model.metadata.pop(WEIGHT_ROUNDING_KEY, None)
+        model.float_weights.clear()
         model.metadata.pop(deconv.METADATA_KEY, None)
         return PassResult(modified=True, stats={
             "qdq_pairs": pairs, "weights_quantized": len(plan.weights), "layers_quantized": len(plan.quantized_nodes),

@@ -56,13 +56,20 @@ def with_eval_batches(ctx: PassContext, samples: int = EVAL_SAMPLES) -> PassCont
 
 def float_outputs(model: Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
     """The float model's outputs, the reference of every SQNR here. After `bias-correct` the model carries
-    corrected biases, which only quantized weights should see: they are restored on a copy first."""
-    from irtool.passes.quant.insert_qdq import BIAS_CORRECTION_KEY, restore_uncorrected_biases
+    corrected biases, and after `gptq` rounded weights, which only quantized layers should have: the float ones
+    are restored on a copy first."""
+    from irtool.passes.quant.insert_qdq import (
+        BIAS_CORRECTION_KEY,
+        WEIGHT_ROUNDING_KEY,
+        restore_uncorrected_biases,
+        restore_unrounded_weights,
+    )
 
-    if BIAS_CORRECTION_KEY not in model.metadata:
+    if BIAS_CORRECTION_KEY not in model.metadata and WEIGHT_ROUNDING_KEY not in model.metadata:
         return _outputs(model, ctx)
     original = model.copy()
     restore_uncorrected_biases(original, set())
+    restore_unrounded_weights(original, set())
     return _outputs(original, ctx)
 
 
