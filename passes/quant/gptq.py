@@ -10,19 +10,18 @@ with `reduce-range`, else ±127) and stays fixed: each channel's largest weight 
 insert-qdq finds the same scale and reproduces the rounded weights exactly. The pass writes those rounded
 weights back as float: insert-qdq then only converts them.
 
-Measured on the test suite's digits nets (mean of 3 trained nets each, u8 x s8 ±64 per-channel, output SQNR
-against float): MobileNet-like 28.79 dB plain INT8, 31.46 with bias-correct, 34.48 with gptq; plain CNN 43.16,
-43.71, 45.02; residual 37.59, 38.20, 39.80; MobileNetV3-like 29.14, 29.86, 30.31. Where activation rounding
-dominates it gains nothing over bias-correct (the EfficientNet-like net 28.83 and 28.76, the imbalanced
-MobileNet 31.09 and 30.58). The rounding's mean shift is part of what it minimizes, so bias-correct after it
-finds nothing left to correct.
+A row whose greedy rounding has a larger output error on the calibration inputs than round-to-nearest keeps
+nearest (the column order is not optimal: on a few 9-weight depthwise filters it came out worse). The rounding's
+mean shift is part of what it minimizes, so bias-correct after it finds nothing left to correct. Measured:
+BENCHMARKS.md (the digits nets and every bench model, against bias-correct).
 
-Runs before `calibrate` (the ranges are then those of the rounded model) and needs calibration data. It
-rounds every layer insert-qdq quantizes by default (Conv of any rank and grouping, Gemm, MatMul with a 2-D
-constant weight; not ConvTranspose): a layer that insert-qdq then leaves float (exclusions, mixed precision)
-keeps its rounded weights. The inputs are those of the float model, all layers in one streaming pass over the
-data; memory is one batch's layer inputs plus each layer's H (its inputs per group, squared: 170 MB in float64
-for a 3x3 conv over 512 channels).
+Runs before `calibrate` (the ranges are then those of the rounded model) and needs calibration data. It rounds
+every layer insert-qdq quantizes by default (Conv of any rank and grouping, Gemm, MatMul with a 2-D constant
+weight; not ConvTranspose; not layers over MAX_COLUMNS wide). The float weights stay in memory
+(Model.float_weights): insert-qdq gives them back to the layers it leaves float (exclusions, mixed precision),
+and mixed precision measures against them, within the same run. Every H comes from the float model, summed in
+streaming passes over the data: one pass for all layers whose H fit HESSIAN_BYTES together (a 3x3 conv over 512
+channels: 170 MB in float64), more passes for more.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ class _Layer:
     node: gs.Node
     groups: int  # a Conv's groups; 1 for Gemm/MatMul
     hessian: np.ndarray | None = None  # [groups, columns, columns], summed over the calibration inputs
-    rows: int = 0  # input rows (im2col positions or tokens) summed into it
 
     @property
     def columns(self) -> int:
@@ -162,7 +160,6 @@ def _accumulate(layer: _Layer, x: np.ndarray) -> None:
         gram = (block[0].T @ block[0])[None] if len(block) == 1 else np.matmul(block.transpose(0, 2, 1), block)
         gram = gram.astype(np.float64)
         layer.hessian = gram if layer.hessian is None else layer.hessian + gram
-        layer.rows += block.shape[1]
 
 
 def hessians(model: Model, layers: list[_Layer], ctx: PassContext) -> None:

@@ -315,3 +315,27 @@ def test_data_passes_in_chunks_round_as_one_and_wide_layers_are_left_to_nearest(
     assert result.records[0].stats["layers"] == 2 and result.records[0].stats["layers_too_wide"] == 1
     head = next(n for n in result.model.graph.nodes if n.name == "head")
     assert head.inputs[1].name == "w3"
+
+
+def test_quant_gptq_from_the_command_line_is_deterministic(tmp_path):
+    """`irtool opt --passes quant-gptq`: the report names gptq before calibrate and no bias-correct; two runs write
+    the same bytes."""
+    import json
+
+    from tests.cli.conftest import run_cli
+
+    proto, data = trained("residual")
+    model, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(proto, str(model))
+    np.savez(calib, x=data["calib"][0][:96])
+    outputs = []
+    for run in range(2):
+        out, report = tmp_path / f"out{run}.onnx", tmp_path / f"report{run}.json"
+        result = run_cli("opt", model, "-o", out, "--passes", "quant-gptq", "--calib-data", calib, "--report", report)
+        assert result.returncode == 0, result.stderr
+        outputs.append(out.read_bytes())
+    names = [p["name"] for p in json.loads(report.read_text())["passes"]]
+    assert names.index("gptq") < names.index("calibrate") and "bias-correct" not in names
+    gptq_stats = next(r for r in json.loads(report.read_text())["records"] if r["name"] == "gptq")["stats"]
+    assert gptq_stats["layers"] >= 5 and gptq_stats["weights_off_nearest"] > 0
+    assert outputs[0] == outputs[1]
