@@ -35,6 +35,10 @@ Side by side in one run, on the same ONNX models and the same calibration sample
               u8 x s8 kernels do not saturate: both tools once more with full-range s8 weights (irtool
               `insert-qdq{profile=ort-cpu,reduce-range=false}`, ORT reduce_range=False, its default), minmax,
               smallest N: SQNR and INT8 latency of the settings a user of such a CPU would pick.
+* gptq        every model once more at the smallest N, minmax: irtool's weight rounding `gptq` (the `quant-gptq`
+              pipeline's recipe) against bias-correct (`quant`'s), same prefix; SQNR, agreement, the pass's time.
+              These two runs may use every core for BLAS (gptq's work is numpy linear algebra). The digits nets
+              get the gptq recipe too.
 * floor       plain float ONNX Runtime inference over the same N samples, same batches and provider (data
               generation included in both; its share, timed inside the floor's loop, is also reported).
 * accuracy    with mobilenetv2 in --models: the digits nets of the test suite (plain, residual, MobileNet-like,
@@ -121,6 +125,13 @@ RECOVERY_PIPELINES = {
                    "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct{per-channel=false},"
                    "insert-qdq{profile=ort-cpu,per-channel=false}"),
 }
+# Weight rounding against bias-correct on every model at the smallest N (minmax), and on the digits nets: the recipes
+# of `quant` and `quant-gptq` after the bench's prefix.
+WEIGHT_ROUNDING_PIPELINES = {
+    "bias-correct": f"{PREFIX},calibrate{{method=minmax}},bias-correct,insert-qdq{{profile=ort-cpu}}",
+    "gptq": f"{PREFIX},gptq,calibrate{{method=minmax}},insert-qdq{{profile=ort-cpu}}",
+}
+DIGITS_GPTQ = "cleanup,fold-bn,gptq,calibrate{method=minmax},insert-qdq{profile=ort-cpu}"
 # The same target on MobileNet-like nets with trained weights (tests/quant/digits_models.py, trained here on
 # scikit-learn's digits in seconds): the random-weight mobilenetv2 amplifies any perturbation of its first layers
 # (quantizing its first conv alone costs as much output SQNR as quantizing every layer), which no weight
@@ -512,6 +523,8 @@ def _digits_net(arch: str, seed: int) -> dict:
         for label, text in zip(("plain", "fixed"), texts, strict=False):  # plain only where not recovering
             quantized = optimize(proto, text, calibration_data=calibration(x_calib)).model.to_proto()
             out[mode][label] = scores(logits(quantized, x))
+    rounded = optimize(proto, DIGITS_GPTQ, calibration_data=calibration(x_calib)).model.to_proto()
+    out["per-channel"]["gptq"] = scores(logits(rounded, x))
     return out
 
 
@@ -634,11 +647,12 @@ def mem_available_mb() -> float:
     return math.inf
 
 
-def measure(kind: str, spec: dict, timeout: float = 1800) -> dict:
+def measure(kind: str, spec: dict, timeout: float = 1800, blas_threads: bool = False) -> dict:
     """Run one worker in a fresh process; kill it if its RSS passes the memory budget."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
     # Single-threaded BLAS for the data generator: its small matmuls otherwise fight ORT's spinning threads.
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    single = {} if blas_threads else {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = dict(os.environ, **single)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     killed = threading.Event()
 
@@ -685,6 +699,18 @@ def int8_dot_product() -> str | None:
             if flag in flags:
                 return label
     return None
+
+
+def weight_rounding(name: str, path: Path, n: int, eval_ref: str) -> dict:
+    """gptq against bias-correct (WEIGHT_ROUNDING_PIPELINES), minmax, N = n, BLAS on every core."""
+    base = {"model": name, "model_path": str(path), "n": n, "method": "minmax", "eval_ref": eval_ref}
+    out: dict = {"n": n}
+    for label, text in WEIGHT_ROUNDING_PIPELINES.items():
+        log.info("%s: %s, minmax, N=%d ...", name, label, n)
+        out[label] = measure("irtool", {**base, "pipeline": text, "out": str(OUT / "tmp" / f"{name}-{label}.onnx")},
+                             blas_threads=True)
+        Path(OUT / "tmp" / f"{name}-{label}.onnx").unlink(missing_ok=True)
+    return out
 
 
 def full_range(name: str, path: Path, n: int, eval_ref: str, latency_runs: int, rounds: int) -> dict:
@@ -761,6 +787,7 @@ def run_model(name: str, samples: list[int], methods: list[str], latency_runs: i
                     Path(p).unlink(missing_ok=True)
     if name in RECOVERY_MODELS:
         res["recovery"] = recovery(name, path, samples[0], eval_ref)
+    res["weight_rounding"] = weight_rounding(name, path, samples[0], eval_ref)
     if int8_dot_product():
         res["full_range"] = full_range(name, path, samples[0], eval_ref, latency_runs, rounds)
     return res
@@ -882,7 +909,8 @@ def render(results: dict, samples: list[int], methods: list[str], command: str, 
                           for k, v in res["runs"].items() if "error" in v and k.startswith("irtool")})
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
-    lines += recovery_lines(results) + full_range_lines(results) + digits_lines(digits)
+    lines += recovery_lines(results) + weight_rounding_lines(results) + full_range_lines(results)
+    lines += digits_lines(digits)
     lines += ["", "### Targets", ""] + targets(results, samples, methods)
     lines += [line for arch, rec in digits.items() if "error" not in rec for line in digits_accuracy_targets(arch, rec)]
     lines += [line for arch, rec in digits.items() if "error" not in rec and arch in DIGITS_ARCHS
@@ -930,7 +958,8 @@ def digits_lines(digits: dict) -> list[str]:
     if not digits:
         return []
     first = next(iter(digits.values()))
-    lines = ["", "### Nets trained on digits: ONNX Runtime vs irtool INT8, and equalize + bias-correct (minmax)", "",
+    lines = ["", "### Nets trained on digits: ONNX Runtime vs irtool INT8, equalize + bias-correct, and gptq (minmax)",
+             "",
              "tests/quant/digits_models.py, trained in the run (1000 images) from seeds "
              f"{', '.join(map(str, DIGITS_SEEDS))}; calibration on {first.get('calib_images')} further images, "
              f"evaluation on the {first.get('test_images')} others against the float model and the true labels. "
@@ -944,6 +973,8 @@ def digits_lines(digits: dict) -> list[str]:
         rows = [("per-channel", ORT_DIGITS, rec["ort"])]
         rows += [(mode, text, rec[mode][label]) for mode, texts in RECOVERY_PIPELINES.items() if mode in rec
                  for label, text in zip(("plain", "fixed"), texts, strict=True) if label in rec[mode]]
+        if "gptq" in rec["per-channel"]:
+            rows.append(("per-channel", DIGITS_GPTQ, rec["per-channel"]["gptq"]))
         for mode, text, r in rows:
             shown = text if text == ORT_DIGITS else f"`{text}`"
             lines.append(f"| {arch} | {mode} | {shown} | {_f(r['sqnr_db'])} | {_f(r['top1'], 3)} "
@@ -977,6 +1008,27 @@ def recovery_lines(results: dict) -> list[str]:
             for text, r in ((plain, rec[mode]["plain"]), (fixed, rec[mode]["fixed"])):
                 lines.append(f"| {mode} | `{text}` | {_cell(r, 'sqnr_db')} | {_cell(r, 'top1', 3)} "
                              f"| {_cell(r, 'calib_s')} | {_cell(r, 'total_s')} |")
+    return lines
+
+
+def weight_rounding_lines(results: dict) -> list[str]:
+    rows = [(name, res["weight_rounding"]) for name, res in results.items() if res.get("weight_rounding")]
+    if not rows:
+        return []
+    lines = ["", f"### Weight rounding: gptq vs bias-correct (minmax, N={rows[0][1]['n']})", "",
+             "irtool only, the recipes of `quant` and `quant-gptq` after the prefix above: "
+             + ", ".join(f"{k} `{v}`" for k, v in WEIGHT_ROUNDING_PIPELINES.items())
+             + ". BLAS on every core in these runs; pass s is bias-correct's or gptq's own time.", "",
+             "| model | SQNR dB bias-correct / gptq | top-1 agree or cosine bias-correct / gptq "
+             "| pass s bias-correct / gptq | calibrate s | total s bias-correct / gptq |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, wr in rows:
+        a, b = wr["bias-correct"], wr["gptq"]
+        acc = "top1" if name in CNNS else "cosine"
+        passes = [_f((r.get("passes_s") or {}).get(k)) for r, k in ((a, "bias-correct"), (b, "gptq"))]
+        lines.append(f"| {name} | {_cell(a, 'sqnr_db')} / {_cell(b, 'sqnr_db')} | {_cell(a, acc, 3)} / "
+                     f"{_cell(b, acc, 3)} | {passes[0]} / {passes[1]} | {_cell(b, 'calib_s')} "
+                     f"| {_cell(a, 'total_s')} / {_cell(b, 'total_s')} |")
     return lines
 
 
