@@ -339,3 +339,21 @@ def test_quant_gptq_from_the_command_line_is_deterministic(tmp_path):
     gptq_stats = next(r for r in json.loads(report.read_text())["records"] if r["name"] == "gptq")["stats"]
     assert gptq_stats["layers"] >= 5 and gptq_stats["weights_off_nearest"] > 0
     assert outputs[0] == outputs[1]
+
+
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U with UᵀU = (H + λ·mean(diag H)·I)⁻¹, upper, positive diagonal (GPTQ's H⁻¹ factor), through the triangular
+    inverse by halves (widths over 128 recurse); a dead input (zero row and column) gets 1 on H's diagonal."""
+    from irtool.passes.quant.gptq import _inverse_factor
+
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((2, 300, 400))
+    h = a @ a.transpose(0, 2, 1)
+    h[1, 7, :] = h[1, :, 7] = 0.0
+    u = _inverse_factor(h, 0.01)
+    want = h.copy()
+    want[1, 7, 7] = 1.0
+    index = np.arange(300)
+    want[:, index, index] += 0.01 * want[:, index, index].mean(axis=1)[:, None]
+    np.testing.assert_allclose(u.transpose(0, 2, 1) @ u, np.linalg.inv(want), rtol=1e-7, atol=1e-12)
+    assert np.array_equal(u, np.triu(u)) and (np.einsum("gii->gi", u) > 0).all()
