@@ -50,6 +50,8 @@ HESSIAN_BYTES = 2 << 30
 # Wider layers are left to insert-qdq's round-to-nearest: from there H alone takes 512 MiB (float64), and inverting
 # it grows with the cube (VGG's 25088-input classifier: a 5 GB H, ~3e13 flops to invert).
 MAX_COLUMNS = 8192
+# Fewer calibration rows per column of H than this raise its damping in proportion (_damping).
+ROWS_PER_COLUMN = 16
 
 
 @dataclass
@@ -57,6 +59,7 @@ class _Layer:
     node: gs.Node
     groups: int  # a Conv's groups; 1 for Gemm/MatMul
     hessian: np.ndarray | None = None  # [groups, columns, columns], summed over the calibration inputs
+    rows: int = 0  # input rows (im2col positions or tokens, per sample) summed into it
 
     @property
     def columns(self) -> int:
@@ -160,6 +163,7 @@ def _accumulate(layer: _Layer, x: np.ndarray) -> None:
         gram = (block[0].T @ block[0])[None] if len(block) == 1 else np.matmul(block.transpose(0, 2, 1), block)
         gram = gram.astype(np.float64)
         layer.hessian = gram if layer.hessian is None else layer.hessian + gram
+        layer.rows += block.shape[1]
 
 
 def hessians(model: Model, layers: list[_Layer], ctx: PassContext) -> None:
@@ -315,9 +319,20 @@ class Gptq(Pass):
         w = np.asarray(node.inputs[1].values)
         m = _matrix(node, w, layer.groups)
         scale, ends = grid(m, self.options.per_channel and weight_axis(node, True) is not None, limit)
-        rounded = round_layer(m, layer.hessian, scale, ends, limit, self.options.damp)
+        rounded = round_layer(m, layer.hessian, scale, ends, limit, _damping(self.options.damp, layer))
         nearest = np.clip(np.round(m / scale[:, :, None]), -limit, limit) * scale[:, :, None]
         return _unmatrix(node, rounded, w.shape).astype(np.float32), float(np.mean(~np.isclose(rounded, nearest)))
+
+
+def _damping(damp: float, layer: _Layer) -> float:
+    """`damp`, raised in proportion where H rests on fewer than ROWS_PER_COLUMN input rows per column: summed over
+    fewer rows than columns it is singular, and GPTQ then fits the calibration samples' subspace and moves the
+    rounding errors into the directions they do not span, where other inputs have them. Measured on the test
+    suite's toy nets (16 samples of 32x32, so 16-64 rows in the last stages against up to 4608 columns): with
+    plain damping quant-gptq lost to quant on 4 of 13 (MobileNetV2 by 1.07 dB, ConvNeXt by 0.80), with this it
+    beat quant on all 13; on the bench models at 64 samples it moved SQNR by -0.32 to +0.21 dB, and the digits
+    nets (300 samples) do not reach it."""
+    return damp * max(1.0, ROWS_PER_COLUMN * layer.columns / max(layer.rows, 1))
 
 
 def _chunks(layers: list[_Layer]) -> list[list[_Layer]]:
