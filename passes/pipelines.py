@@ -43,7 +43,7 @@ QUANT_TRT = ("fp32,cleanup,einsum-to-matmul,fold-scale,fold-bn,smooth{min-spread
 # The same with gptq instead of bias-correct: each layer's weights rounded to minimize its output error on the
 # calibration data (passes/quant/gptq.py). More accurate where weight rounding is much of the INT8 error, as with
 # ort-cpu's 7-bit weights (the digits MobileNet-like nets: 31.46 -> 34.01 dB, residual 38.20 -> 39.65), and
-# slower: on the bench's ResNet-50 at 64 samples the pass took 29.3 s against bias-correct's 1.8 s, for +1.08 dB
+# slower: on the bench's ResNet-50 at 64 samples the pass took 29.7 s against bias-correct's 1.7 s, for +1.03 dB
 # (BENCHMARKS.md). Not for TensorRT: with its full-range weights quant-trt with gptq instead of bias-correct measured
 # 0.04-0.74 dB below quant-trt on the four digits nets tried. gptq runs before calibrate, so the ranges are those of
 # the rounded model.
