@@ -59,7 +59,7 @@ class _Layer:
     node: gs.Node
     groups: int  # a Conv's groups; 1 for Gemm/MatMul
     hessian: np.ndarray | None = None  # [groups, columns, columns], summed over the calibration inputs
-    rows: int = 0  # input rows (im2col positions or tokens, per sample) summed into it
+    rows: int = 0  # input rows summed into it: im2col positions or tokens, over all samples
 
     @property
     def columns(self) -> int:
@@ -298,19 +298,20 @@ class Gptq(Pass):
         if not layers:
             return PassResult(modified=False, stats={"layers": 0, "layers_too_wide": len(wide)})
         limit = REDUCED_RANGE if self.options.reduce_range else FULL_RANGE
-        rounded, moved = {}, []
+        rounded, moved, few_rows = {}, [], 0
         for chunk in _chunks(layers):  # every chunk's H from the float model: the weights change after all
             hessians(model, chunk, ctx)
             for layer in bar(chunk, ctx.progress, "gptq: layers", "layer"):
                 rounded[layer.node.name], share = self._rounded(layer, limit)
                 moved.append(share)
+                few_rows += _damping(1.0, layer) > 1.0
                 layer.hessian = None
         for layer in layers:
             _replace_weight(model, layer.node, rounded[layer.node.name])
         names = set(json.loads(model.metadata.get(WEIGHT_ROUNDING_KEY, "[]"))) | set(rounded)
         model.metadata[WEIGHT_ROUNDING_KEY] = json.dumps(sorted(names))
         return PassResult(modified=True, preserved=("shapes",), stats={
-            "layers": len(layers), "layers_too_wide": len(wide),
+            "layers": len(layers), "layers_too_wide": len(wide), "layers_few_rows": int(few_rows),
             "weights_off_nearest": round(float(np.mean(moved)), 4)})
 
     def _rounded(self, layer: _Layer, limit: int) -> tuple[np.ndarray, float]:
