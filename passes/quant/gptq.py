@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from irtool.calibration.tap import tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
-from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, WEIGHT_ROUNDING_KEY
+from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, WEIGHT_ROUNDING_KEY, quantize_weight
 from irtool.passes.quant.placement import Selection, weight_axis
 from irtool.passmanager import Pass, PassContext, PassResult
 from irtool.progress import bar
@@ -208,7 +208,7 @@ def _no_worse_than_nearest(w: np.ndarray, q: np.ndarray, hessian: np.ndarray, sc
     """Each row's rounding, or its round-to-nearest where that has the smaller output error Δ·H·Δᵀ on the
     calibration inputs: the greedy column order is not optimal, and on a few depthwise filters (9 columns) it
     came out worse than nearest."""
-    nearest = np.clip(np.round(w / scale[:, :, None]), -limit, limit) * scale[:, :, None]
+    nearest = _nearest(w, scale, limit)
 
     def cost(rounded: np.ndarray) -> np.ndarray:
         delta = rounded - w
@@ -255,20 +255,26 @@ def _lower_inverse(lower: np.ndarray) -> np.ndarray:
     return out
 
 
-def grid(w: np.ndarray, per_channel: bool, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """insert-qdq's symmetric grid for w [g, rows, columns]: scale [g, rows] (float32 arithmetic, as
-    quantize_weight) and where each grid's largest |w| is. Per-channel grids are rows: a Conv's output
-    channels, a Gemm/MatMul's output columns."""
-    magnitude = np.abs(w.astype(np.float32))
-    ends = np.zeros(w.shape, bool)
-    if per_channel:
-        bound = magnitude.max(axis=2)
-        np.put_along_axis(ends, magnitude.argmax(axis=2)[:, :, None], True, axis=2)
+def grid(node: gs.Node, w: np.ndarray, groups: int, per_channel: bool, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """insert-qdq's grid for the layer's weight w, from its own quantize_weight: the scale per row of
+    _matrix(node, w, groups) ([g, rows]: a Conv's output channels, a Gemm/MatMul's output columns; one value
+    repeated for a per-tensor grid), and where each grid's largest |w| is in that matrix."""
+    _, scale = quantize_weight(w, weight_axis(node, per_channel), limit)
+    m = np.abs(_matrix(node, w.astype(np.float32), groups))
+    ends = np.zeros(m.shape, bool)
+    if np.ndim(scale):  # one grid per row
+        np.put_along_axis(ends, m.argmax(axis=2)[:, :, None], True, axis=2)
+        ends &= (m.max(axis=2) > 0)[:, :, None]
+        scale = scale.reshape(m.shape[:2])
     else:
-        bound = np.full(w.shape[:2], magnitude.max(), np.float32)
-        ends.flat[int(np.argmax(magnitude))] = True
-    scale = np.where(bound > 0, bound / np.float32(limit), np.float32(1.0)).astype(np.float32)
-    return scale.astype(np.float64), ends & (bound[:, :, None] > 0)
+        ends.flat[int(np.argmax(m))] = m.max() > 0
+        scale = np.full(m.shape[:2], scale)
+    return scale.astype(np.float64), ends
+
+
+def _nearest(w: np.ndarray, scale: np.ndarray, limit: int) -> np.ndarray:
+    """Round-to-nearest on the grid (what insert-qdq does with a weight gptq did not round)."""
+    return np.clip(np.round(w / scale[:, :, None]), -limit, limit) * scale[:, :, None]
 
 
 class Gptq(Pass):
@@ -319,10 +325,10 @@ class Gptq(Pass):
         node = layer.node
         w = np.asarray(node.inputs[1].values)
         m = _matrix(node, w, layer.groups)
-        scale, ends = grid(m, self.options.per_channel and weight_axis(node, True) is not None, limit)
+        scale, ends = grid(node, w, layer.groups, self.options.per_channel, limit)
         rounded = round_layer(m, layer.hessian, scale, ends, limit, _damping(self.options.damp, layer))
-        nearest = np.clip(np.round(m / scale[:, :, None]), -limit, limit) * scale[:, :, None]
-        return _unmatrix(node, rounded, w.shape).astype(np.float32), float(np.mean(~np.isclose(rounded, nearest)))
+        moved = float(np.mean(~np.isclose(rounded, _nearest(m, scale, limit))))
+        return _unmatrix(node, rounded, w.shape).astype(np.float32), moved
 
 
 def _damping(damp: float, layer: _Layer) -> float:
