@@ -9,6 +9,13 @@ equality is the right notion for exactness: 0.0 and -0.0 stay apart, identical N
 A constant that is itself a graph output keeps its place there (output names never change); only
 its readers move to the survivor. Sharing a constant across an If/Loop body boundary is legal: the
 exporter emits it in each graph that reads it, and inner scopes may read outer values.
+
+A 2-D constant of SHARED_COPY_BYTES or more whose bytes are exactly the transpose of a lookup table's (a constant
+a Gather reads as its data) is read through a Transpose of the table instead: torch's legacy exporter stores a
+tied LM head's weight E^T beside the embedding table E (a tied GPT-2-style test model: 5.2 MB, 2.6 MB after).
+ONNX Runtime folds the Transpose when it loads the model, so its outputs stay bit-identical; fold-constants
+leaves such a Transpose alone (its `keep-shared`), so cleanup stays a fixed point. Only where every reader of
+the copy is in the main graph.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import onnx_graphsurgeon as gs
 from irtool.ir.model import Model
 from irtool.ir.rewrite import replace_uses
 from irtool.ir.topo import toposort_graph
+from irtool.passes.fold_constants import SHARED_COPY_BYTES, lookups
 from irtool.passmanager import Pass, PassContext, PassResult
 
 
@@ -43,8 +51,14 @@ class DedupInitializers(Pass):
                 replace_uses(duplicate, survivor)
                 merged += 1
                 merged_bytes += _values(duplicate).nbytes
-        stats = {"initializers_merged": merged, "bytes_merged": merged_bytes}
-        return PassResult(modified=merged > 0, preserved=(), stats=stats)
+        tied = tied_bytes = 0
+        for survivor, duplicate in transposed_pairs(constants_in_order(model), model.graph):
+            _read_through_transpose(model, duplicate, survivor)
+            tied += 1
+            tied_bytes += _values(duplicate).nbytes
+        stats = {"initializers_merged": merged, "bytes_merged": merged_bytes,
+                 "transposes_tied": tied, "bytes_tied": tied_bytes}
+        return PassResult(modified=merged + tied > 0, preserved=(), stats=stats)
 
 
 def constants_in_order(model: Model) -> list[gs.Constant]:
@@ -84,6 +98,38 @@ def duplicate_groups(constants: list[gs.Constant]) -> list[list[gs.Constant]]:
     position = {id(tensor): index for index, tensor in enumerate(constants)}
     groups.sort(key=lambda group: position[id(group[0])])
     return groups
+
+
+def transposed_pairs(constants: list[gs.Constant], graph: gs.Graph) -> list[tuple[gs.Constant, gs.Constant]]:
+    """(table, duplicate) for each large 2-D constant whose bytes are the transpose of a lookup table's (a constant
+    a Gather reads as its data), duplicates read only in `graph` itself (the main graph, where the Transpose goes)."""
+    tables = defaultdict(list)  # by the dtype and shape of their transposes
+    for tensor in constants:
+        values = _values(tensor)
+        if values.ndim == 2 and values.nbytes >= SHARED_COPY_BYTES and lookups(tensor):
+            tables[(values.dtype.str, values.shape[::-1])].append(tensor)
+    main = {id(node) for node in graph.nodes}
+    pairs = []
+    for tensor in constants:
+        values = _values(tensor)
+        if values.ndim != 2 or not all(id(r) in main for r in tensor.outputs):
+            continue
+        data = None
+        for table in tables.get((values.dtype.str, values.shape), []):
+            data = values.tobytes() if data is None else data
+            if table is not tensor and np.ascontiguousarray(_values(table).T).tobytes() == data:
+                pairs.append((table, tensor))
+                break
+    return pairs
+
+
+def _read_through_transpose(model: Model, duplicate: gs.Constant, survivor: gs.Constant) -> None:
+    out = gs.Variable(model.unique_name(f"{survivor.name}_transposed"), dtype=_values(survivor).dtype,
+                      shape=list(_values(duplicate).shape))
+    node = gs.Node("Transpose", model.unique_name(f"{survivor.name}_transpose"), attrs={"perm": [1, 0]},
+                   inputs=[survivor], outputs=[out])
+    replace_uses(duplicate, out)
+    model.graph.nodes.insert(0, node)
 
 
 def _identical(candidates: list[gs.Constant]) -> list[list[gs.Constant]]:

@@ -22,7 +22,13 @@ Never folded:
   * random ops (RandomNormal, RandomUniform, their -Like forms, Multinomial, Bernoulli);
   * nodes with subgraphs (If, Loop, Scan), non-default domains, and non-tensor results;
   * nodes with an output larger than `max_bytes` (checked on the inferred shape before evaluating,
-    and on the value after).
+    and on the value after);
+  * with `keep-shared` (the default), a node whose result would be a second large copy (SHARED_COPY_BYTES or more)
+    of a lookup table that stays in the model, read by a Gather with run-time indices: a tied LM head,
+    MatMul(x, Transpose(E)) beside the embedding lookup Gather(E, ids), as torch.export writes it. Folding that
+    Transpose stored E twice (a tied GPT-2-style test model: 2.6 -> 5.2 MB); ONNX Runtime folds it when it loads
+    the model anyway. The quant pipelines fold it (`keep-shared=false`): their passes read a layer's weights as a
+    constant, and insert-qdq then stores the head's copy as int8.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
                         "Multinomial", "Bernoulli"})
 NEVER_FOLD = RANDOM_OPS | {"DequantizeLinear"}
 DEFAULT_MAX_BYTES = 64 * 2**20
+# Below this a copy costs little, and folded shape arithmetic and small constants stay what the passes read.
+SHARED_COPY_BYTES = 64 * 2**10
 
 
 MAX_ROUNDS = 16
@@ -61,6 +69,7 @@ class FoldConstants(Pass):
     class Options:
         max_bytes: int = DEFAULT_MAX_BYTES
         fold_shapes: bool = True
+        keep_shared: bool = True  # don't store a second large copy of a constant that stays (module docstring)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # Folding can make more shapes static (Shape -> Gather -> Div -> Slice chains), so sweep with
@@ -135,6 +144,8 @@ class FoldConstants(Pass):
         values = evaluate(node, opsets)
         if values is None or any(v.nbytes > self.options.max_bytes for v in values):
             return None
+        if self.options.keep_shared and any(v.nbytes >= SHARED_COPY_BYTES for v in values) and _reads_kept(node):
+            return None
         return values
 
     def _foldable(self, node: gs.Node, types: ValueTypes) -> bool:
@@ -159,6 +170,19 @@ def may_fold(model: Model) -> bool:
 
 def _named(tensors: list[gs.Tensor]) -> list[gs.Tensor]:
     return [t for t in tensors if t.name]
+
+
+def _reads_kept(node: gs.Node) -> bool:
+    """Whether the node reads a lookup table that stays in the model after folding it: a Gather reads it with
+    indices known only at run time (an embedding table)."""
+    return any(isinstance(t, gs.Constant) and any(r is not node and not isinstance(r.inputs[1], gs.Constant)
+                                                  for r in lookups(t))
+               for t in _named(node.inputs))
+
+
+def lookups(tensor: gs.Tensor) -> list[gs.Node]:
+    """The Gathers that read `tensor` as their data (a table they pick rows of)."""
+    return [reader for reader in tensor.outputs if reader.op == "Gather" and reader.inputs[0] is tensor]
 
 
 def _feeds_dequantize(node: gs.Node) -> bool:

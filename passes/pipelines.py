@@ -30,12 +30,16 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 # convtranspose-to-conv (ort-cpu only): ONNX Runtime has no integer ConvTranspose; as Conv + DepthToSpace a
 # decoder's up-convolution runs as a QLinearConv (0.56-0.85x the INT8 latency on the test decoders). TensorRT
 # has INT8 deconvolutions, so quant-trt keeps them. insert-qdq turns those it leaves float back into ConvTransposes.
+# fold-constants{keep-shared=false} after cleanup: a tied LM head's Transpose of the embedding table, which cleanup
+# keeps to store the table once, is folded, so the head is a layer with a constant weight that the passes below
+# quantize (its copy of the table is then stored as int8).
 # smooth{min-spread=8}: SmoothQuant where a LayerNorm's output has outlier channels (BERT-class transformers);
 # it costs one float pass where LayerNorms feed MatMuls, and changes nothing where there are no outliers.
-QUANT = ("fp32,cleanup,einsum-to-matmul,fold-scale,fold-bn,convtranspose-to-conv,smooth{min-spread=8},"
+QUANT = ("fp32,cleanup,fold-constants{keep-shared=false},einsum-to-matmul,fold-scale,fold-bn,convtranspose-to-conv,"
+         "smooth{min-spread=8},"
          "calibrate{profile=ort-cpu},"
          "bias-correct,insert-qdq{min-sqnr=20}")
-QUANT_TRT = ("fp32,cleanup,einsum-to-matmul,fold-scale,fold-bn,smooth{min-spread=8},"
+QUANT_TRT = ("fp32,cleanup,fold-constants{keep-shared=false},einsum-to-matmul,fold-scale,fold-bn,smooth{min-spread=8},"
              "calibrate{method=entropy,profile=trt},"
              "bias-correct{reduce-range=false},"
              "insert-qdq{profile=trt,min-sqnr=20}")

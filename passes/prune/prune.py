@@ -160,11 +160,14 @@ def _fold_shape_arithmetic(model: Model, ctx: PassContext) -> int:
     computes split sizes, reshape targets and pads from Shape at run time, and a channel a Shape reads or a
     computed operand shapes stays locked: at ratio 0.5 without cleanup first, its YOLO lost 656 channels instead
     of 912 and ShuffleNetV2 168 instead of 210 (`--passes prune,quant`). Folding runs without the context's
-    input shapes, so it never specializes the model to them as `cleanup` with --input-shape does."""
+    input shapes, so it never specializes the model to them as `cleanup` with --input-shape does. A tied LM head's
+    Transpose of the embedding table, which `cleanup` keeps, is folded too (keep_shared=False): the channel analysis
+    reads a layer's weight as a constant, and with the Transpose left the tied test LM lost no channel; `cleanup`
+    after prune ties the two sliced copies again."""
     if not may_fold(model):
         return 0
     unshaped = dataclasses.replace(ctx, input_shapes={}, _analyses={})
-    result = FoldConstants().run(model, unshaped)
+    result = FoldConstants(FoldConstants.Options(keep_shared=False)).run(model, unshaped)
     if not result.modified:
         return 0
     DeadCodeElimination().run(model, unshaped)

@@ -26,7 +26,7 @@ def test_duplicates_merge_into_the_first_used_and_outputs_stay_exact():
     model = model_of(DUPLICATES)
     original = model.copy()
     records = run(model, "dedup-initializers")
-    assert records[0].stats == {"initializers_merged": 2, "bytes_merged": 24}
+    assert records[0].stats == {"initializers_merged": 2, "bytes_merged": 24, "transposes_tied": 0, "bytes_tied": 0}
     # The survivor is the first constant read in topological order (aa), not the first by name (aa/mm/zz).
     assert [node(model, n).inputs[1].name for n in ("Add_0", "Mul_0", "Sub_0", "Add_1")] == \
         ["aa", "aa", "aa", "other"]
