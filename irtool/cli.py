@@ -165,6 +165,9 @@ def _echo_json(data: Any) -> None:
 @click.option("--passes", metavar="LIST", help="Comma-separated passes or named pipelines: cleanup,fold-bn.")
 @click.option("--pipeline", "pipeline_text", metavar="TEXT", help="Pipeline text: 'prune{ratio=0.5}'.")
 @click.option("--report", "report_path", metavar="FILE", help="Write the JSON report here.")
+@click.option("--depfile", "depfile_path", metavar="FILE",
+              help="Write the files this run read (model, external data, calibration data) as a Make/Ninja "
+                   "depfile with OUT as its target.")
 @click.option("--verify-each", is_flag=True, help="Verify the IR before the first and after every pass.")
 @click.option("--print-ir-after", multiple=True, metavar="NAME", help="Print IR after pass NAME (stderr).")
 @click.option("--dump-dir", metavar="DIR", help="Save the model after every pass as DIR/001_<pass>.onnx.")
@@ -173,8 +176,8 @@ def _echo_json(data: Any) -> None:
 @_calibration_options
 @_json_option
 def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, report_path: str | None,
-        verify_each: bool, print_ir_after: tuple[str, ...], dump_dir: str | None, seed: int,
-        input_shapes: tuple[str, ...], as_json: bool, **calib: Any) -> None:
+        depfile_path: str | None, verify_each: bool, print_ir_after: tuple[str, ...], dump_dir: str | None,
+        seed: int, input_shapes: tuple[str, ...], as_json: bool, **calib: Any) -> None:
     """Optimize IN with a pipeline and write OUT (and the report).
 
     Give exactly one of --passes (names only: cleanup,fold-bn) and --pipeline (text with options:
@@ -183,7 +186,8 @@ def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, 
     """
     text = _pipeline_from_options(passes, pipeline_text)
     _hint_module_spec(model_in)
-    _check_output_paths(Path(model_in), Path(out), Path(report_path) if report_path else None)
+    _check_output_paths(Path(model_in), Path(out), Path(report_path) if report_path else None,
+                        Path(depfile_path) if depfile_path else None)
     if dump_dir and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
         raise InputError(f"--dump-dir {dump_dir}: exists and is not a directory")
     from irtool import report as rep
@@ -197,6 +201,11 @@ def opt(model_in: str, out: str, passes: str | None, pipeline_text: str | None, 
     data = rep.build_report(result, model_in, out)
     if report_path:
         rep.write_report(data, report_path)
+    if depfile_path:
+        from irtool import depfile
+
+        depfile.write(depfile_path, out, depfile.model_files(model_in)
+                      + depfile.calibration_files(calib["calibration_data"]))
     click.echo(rep.to_json(data) if as_json else rep.format_text(data), nl=False)
 
 
@@ -217,18 +226,22 @@ def _pipeline_from_options(passes: str | None, pipeline_text: str | None) -> str
     return passes if passes is not None else pipeline_text
 
 
-def _check_output_paths(model_in: Path, out: Path, report: Path | None) -> None:
+def _check_output_paths(model_in: Path, out: Path, report: Path | None, depfile: Path | None = None) -> None:
     """Refuse before any work is done what would fail or destroy something at the end."""
     if out.resolve() == model_in.resolve():
         raise InputError(f"{out}: output is the input model; choose another output path")
-    targets = [("output", out)] + ([("report", report)] if report is not None else [])
+    targets = [("output", out)] + [(what, path) for what, path in (("report", report), ("depfile", depfile))
+                                   if path is not None]
     for what, path in targets:
         if path.is_dir():
             raise InputError(f"{path}: {what} path is a directory")
         if not path.resolve().parent.is_dir():
             raise InputError(f"{path.parent}: {what} folder does not exist")
-    if report is not None and report.resolve() in (out.resolve(), model_in.resolve()):
-        raise InputError(f"{report}: the report would overwrite a model; choose another report path")
+    for what, path in targets[1:]:
+        if path.resolve() in (out.resolve(), model_in.resolve()):
+            raise InputError(f"{path}: the {what} would overwrite a model; choose another {what} path")
+    if report is not None and depfile is not None and report.resolve() == depfile.resolve():
+        raise InputError(f"{depfile}: the depfile would overwrite the report; choose another depfile path")
 
 
 # ----------------------------------------------------------------------------------- export
