@@ -36,6 +36,14 @@ class OptimizeResult:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     cost_input_shapes: dict[str, list[int]] = field(default_factory=dict)  # symbolic dims counted as 1
 
+    def stats(self, pass_name: str) -> dict[str, Any]:
+        """The stats of the last run of the pass `pass_name` (named pipelines expand to passes: `quant` ends with
+        quant-dynamic, so its insert-qdq stats are stats("insert-qdq"), not records[-1])."""
+        for record in reversed(self.records):
+            if record.name == pass_name:
+                return record.stats
+        raise KeyError(f"{pass_name!r} did not run; passes: {', '.join(r.name for r in self.records)}")
+
 
 def optimize(model_or_path: Model | Any | str | os.PathLike, pipeline: str | Pipeline, *, seed: int = 0,
              input_shapes: Mapping[str, list[int]] | None = None, verify_each: bool = False,

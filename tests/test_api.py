@@ -56,3 +56,10 @@ def test_input_shapes_must_name_model_inputs():
 def test_unsupported_model_argument():
     with pytest.raises(InputError, match="got int"):
         optimize(42, "dce")
+
+
+def test_stats_reads_a_pass_by_name_and_names_the_passes_that_ran():
+    result = optimize(tiny_model(), "dce,eliminate-identity")
+    assert result.stats("dce") == result.records[0].stats
+    with pytest.raises(KeyError, match="'insert-qdq' did not run; passes: dce, eliminate-identity"):
+        result.stats("insert-qdq")

@@ -222,7 +222,7 @@ def test_an_up_convolution_mixed_precision_keeps_float_is_a_conv_transpose_again
     the phase Conv of kernel 4, stride 2, pads 1 has 2.25x their MACs), the quantized one as Conv + DepthToSpace."""
     proto, calib = _pose_net()
     result = optimize(proto, QUANT.replace("min-sqnr=20", "keep-fp=2"), calibration_data=calib)
-    stats = result.records[-1].stats
+    stats = result.stats("insert-qdq")
     float_convtransposes = [n for n in stats["layers_kept_float"] if "ConvTranspose" in n]
     ops = [n.op for n in result.model.graph.nodes]
     assert len(float_convtransposes) == 1 and stats["convtransposes_restored"] == 1  # with the heatmap conv

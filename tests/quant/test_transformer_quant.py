@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from irtool.api import optimize
 from irtool.errors import InputError
+from irtool.passes.pipelines import QUANT
 from tests.passes.helpers import serialized
 from tests.quant.torch_models import TOKENS, VOCAB, encoder_proto, sentence_encoder_proto
 
@@ -50,7 +51,7 @@ def test_default_quant_keeps_embedding_cosine(outliers):
     result = optimize(proto, "quant", calibration_data=calib, verify_each=True)
     cosine = mean_cosine(reference, embeddings(result.model.to_proto(), test))
     assert cosine >= 0.98, cosine
-    kept = result.records[-1].stats["layers_kept_float"]
+    kept = result.stats("insert-qdq")["layers_kept_float"]
     assert bool(kept) == outliers  # mixed precision only where plain INT8 falls short
     if outliers:
         plain = optimize(proto, "cleanup,calibrate,insert-qdq", calibration_data=calib).model.to_proto()
@@ -77,6 +78,25 @@ def sentences(seed: int, count: int, batch: int = 8, per_batch: bool = False) ->
     return out
 
 
+QUANT_STATIC_ONLY = QUANT.replace(",quant-dynamic{op-types=[Gather]}", "")
+
+
+def test_quant_stores_embedding_tables_as_int8():
+    """The static recipe leaves a lookup table float; `quant` ends with quant-dynamic{op-types=[Gather]}, so the
+    word and position tables are int8 with a scale per row (the 2-row token-type table is below quant-dynamic's
+    min-size and stays float), and the model's weight bytes fall below 0.65x."""
+    proto = sentence_encoder_proto()
+    calibration = sentences(0, 8)
+    static = optimize(proto, "quant", calibration_data=calibration)
+    before = sum(t.ByteSize() for t in static.model.to_proto().graph.initializer)
+    tables = {n.inputs[0].values.shape[0]: n.inputs[0].values.dtype for n in static.model.graph.nodes
+              if n.op == "Gather" and hasattr(n.inputs[0], "values") and n.inputs[0].values.ndim == 2}
+    assert tables == {VOCAB: np.int8, TOKENS: np.int8, 2: np.float32}
+    assert static.stats("quant-dynamic")["weights_quantized"] == 2
+    without = optimize(proto, QUANT_STATIC_ONLY, calibration_data=calibration).model.to_proto()
+    assert before < 0.65 * sum(t.ByteSize() for t in without.graph.initializer)
+
+
 def activation_scales(proto: onnx.ModelProto) -> list[float]:
     values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     return [float(values[n.input[1]]) for n in proto.graph.node
@@ -97,7 +117,7 @@ def test_sentence_encoder_on_padded_batches(pipeline, target, padding):
     quantized = result.model.to_proto()
     assert mean_cosine(reference, embeddings(quantized, test)) >= target
     if pipeline == "quant":
-        stats = result.records[-1].stats
+        stats = result.stats("insert-qdq")
         assert stats["layers_kept_float"] == [] and stats["layers_quantized"] == 24  # 18 Linear + 6 attention MatMul
         scales = activation_scales(quantized)
         assert len(scales) == stats["qdq_pairs"] and 0.0 < min(scales) and max(scales) < 1.0
@@ -110,7 +130,7 @@ def test_sentence_encoder_random_calibration_stays_finite():
     result = optimize(sentence_encoder_proto(), "cleanup,calibrate,insert-qdq", calibration_data="random",
                       input_shapes=shapes, calib_batch_size=8)
     scales = activation_scales(result.model.to_proto())
-    assert len(scales) == result.records[-1].stats["qdq_pairs"] > 0
+    assert len(scales) == result.stats("insert-qdq")["qdq_pairs"] > 0
     assert all(np.isfinite(scales)) and 0.0 < min(scales)
 
 
