@@ -53,7 +53,7 @@ class DedupInitializers(Pass):
                 merged_bytes += _values(duplicate).nbytes
         tied = tied_bytes = 0
         for survivor, duplicate in transposed_pairs(constants_in_order(model), model.graph):
-            _read_through_transpose(model, duplicate, survivor)
+            read_through_transpose(model, duplicate, survivor)
             tied += 1
             tied_bytes += _values(duplicate).nbytes
         stats = {"initializers_merged": merged, "bytes_merged": merged_bytes,
@@ -100,13 +100,15 @@ def duplicate_groups(constants: list[gs.Constant]) -> list[list[gs.Constant]]:
     return groups
 
 
-def transposed_pairs(constants: list[gs.Constant], graph: gs.Graph) -> list[tuple[gs.Constant, gs.Constant]]:
-    """(table, duplicate) for each large 2-D constant whose bytes are the transpose of a lookup table's (a constant
-    a Gather reads as its data), duplicates read only in `graph` itself (the main graph, where the Transpose goes)."""
+def transposed_pairs(constants: list[gs.Constant], graph: gs.Graph,
+                     min_bytes: int = SHARED_COPY_BYTES) -> list[tuple[gs.Constant, gs.Constant]]:
+    """(table, duplicate) for each 2-D constant of `min_bytes` or more whose bytes are the transpose of a lookup
+    table's (a constant a Gather reads as its data), duplicates read only in `graph` itself (the main graph, where
+    the Transpose goes)."""
     tables = defaultdict(list)  # by the dtype and shape of their transposes
     for tensor in constants:
         values = _values(tensor)
-        if values.ndim == 2 and values.nbytes >= SHARED_COPY_BYTES and lookups(tensor):
+        if values.ndim == 2 and values.nbytes >= min_bytes and lookups(tensor):
             tables[(values.dtype.str, values.shape[::-1])].append(tensor)
     main = {id(node) for node in graph.nodes}
     pairs = []
@@ -123,11 +125,14 @@ def transposed_pairs(constants: list[gs.Constant], graph: gs.Graph) -> list[tupl
     return pairs
 
 
-def _read_through_transpose(model: Model, duplicate: gs.Constant, survivor: gs.Constant) -> None:
-    out = gs.Variable(model.unique_name(f"{survivor.name}_transposed"), dtype=_values(survivor).dtype,
-                      shape=list(_values(duplicate).shape))
-    node = gs.Node("Transpose", model.unique_name(f"{survivor.name}_transpose"), attrs={"perm": [1, 0]},
-                   inputs=[survivor], outputs=[out])
+def read_through_transpose(model: Model, duplicate: gs.Constant, table: gs.Constant) -> None:
+    """Readers of `duplicate` read Transpose(table) instead, under the duplicate's name (their inputs keep their
+    names); the constant, read by nothing now, is dropped at export."""
+    name = duplicate.name
+    duplicate.name = model.unique_name(f"{name}_copy")
+    out = gs.Variable(name, dtype=_values(table).dtype, shape=list(_values(duplicate).shape))
+    node = gs.Node("Transpose", model.unique_name(f"{table.name}_transpose"), attrs={"perm": [1, 0]},
+                   inputs=[table], outputs=[out])
     replace_uses(duplicate, out)
     model.graph.nodes.insert(0, node)
 

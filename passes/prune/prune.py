@@ -33,7 +33,8 @@ from irtool.analysis.shapes import Shapes, concrete_input_shapes
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
 from irtool.passes.dce import DeadCodeElimination
-from irtool.passes.fold_constants import FoldConstants, may_fold
+from irtool.passes.dedup import constants_in_order, read_through_transpose, transposed_pairs
+from irtool.passes.fold_constants import SHARED_COPY_BYTES, FoldConstants, lookups, may_fold
 from irtool.passes.prune.importance import Importance, atom_scores
 from irtool.passes.prune.recover import Recover, recover
 from irtool.passes.prune.select import Auto, Limits, MacModel, rounding, select_for_macs, select_global, select_uniform
@@ -120,6 +121,7 @@ class PruneChannels(Pass):
         return PrunePlan(removed, _group_report(groups, removed), estimate, folded)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        tied = tied_transposes(model)
         plan = self.plan(model, ctx)
         graph = ctx.analysis(ChannelGroups, model)
         macs_before = sum(_macs(model, ctx).values())
@@ -127,6 +129,7 @@ class PruneChannels(Pass):
         if not plan.removed_atoms:
             if self.options.ratio > 0 or self.options.target_macs is not None:
                 _say_why_nothing_went(graph, self.options.through_norms)
+            tie_again(model, tied)
             return PassResult(modified=bool(folded), stats={"channels_removed": 0, "groups_pruned": 0, **folded})
         reference = model.copy() if self.options.recover is not Recover.NONE else None
         view = PruneView(graph, plan.removed_atoms, {t.name for t in model.graph.outputs}, model.unique_name)
@@ -145,6 +148,7 @@ class PruneChannels(Pass):
         if plan.estimated_mac_reduction is not None:
             stats["estimated_mac_reduction"] = round(plan.estimated_mac_reduction, 4)
         stats["groups"] = plan.groups
+        tie_again(model, tied)
         return PassResult(modified=True, stats=stats)
 
     def _free(self, group: Group) -> bool:
@@ -155,6 +159,24 @@ class PruneChannels(Pass):
         return any(re.search(p, n) for p in self.options.exclude for n in names)
 
 
+def tied_transposes(model: Model) -> set[str]:
+    """The outputs of Transposes of large lookup tables (a tied LM head's weight), which cleanup keeps and prune's
+    fold turns into copies of the table."""
+    return {node.outputs[0].name for node in model.graph.nodes
+            if node.op == "Transpose" and isinstance(node.inputs[0], gs.Constant) and lookups(node.inputs[0])
+            and node.inputs[0].values.nbytes >= SHARED_COPY_BYTES}
+
+
+def tie_again(model: Model, tied: set[str]) -> None:
+    """Read the (sliced) copies that prune's fold made of those Transposes through a Transpose of the table again,
+    so a pruned tied LM stores its table once (the tied test LM, torch.export's form, at ratio 0.5: 1.3 MB, two
+    copies before)."""
+    if tied:
+        for table, copy in transposed_pairs(constants_in_order(model), model.graph, min_bytes=0):
+            if copy.name in tied:
+                read_through_transpose(model, copy, table)
+
+
 def _fold_shape_arithmetic(model: Model, ctx: PassContext) -> int:
     """Fold constant subexpressions (fold-constants, then dce); returns the nodes folded. torch's legacy exporter
     computes split sizes, reshape targets and pads from Shape at run time, and a channel a Shape reads or a
@@ -162,8 +184,8 @@ def _fold_shape_arithmetic(model: Model, ctx: PassContext) -> int:
     of 912 and ShuffleNetV2 168 instead of 210 (`--passes prune,quant`). Folding runs without the context's
     input shapes, so it never specializes the model to them as `cleanup` with --input-shape does. A tied LM head's
     Transpose of the embedding table, which `cleanup` keeps, is folded too (keep_shared=False): the channel analysis
-    reads a layer's weight as a constant, and with the Transpose left the tied test LM lost no channel; `cleanup`
-    after prune ties the two sliced copies again."""
+    reads a layer's weight as a constant, and with the Transpose left the tied test LM lost no channel; `run` ties
+    the two sliced copies again at its end (`tie_again`)."""
     if not may_fold(model):
         return 0
     unshaped = dataclasses.replace(ctx, input_shapes={}, _analyses={})
