@@ -141,10 +141,13 @@ class FoldConstants(Pass):
                 return [picked]
         if not self._foldable(node, types):
             return None
+        kept = self.options.keep_shared and _reads_kept(node)
+        if kept and any(_expected_bytes(t, types) >= SHARED_COPY_BYTES for t in _named(node.outputs)):
+            return None  # known large from the inferred shape: not evaluated (a GPT-2 table's transpose is 154 MB)
         values = evaluate(node, opsets)
         if values is None or any(v.nbytes > self.options.max_bytes for v in values):
             return None
-        if self.options.keep_shared and any(v.nbytes >= SHARED_COPY_BYTES for v in values) and _reads_kept(node):
+        if kept and any(v.nbytes >= SHARED_COPY_BYTES for v in values):
             return None
         return values
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from golden._tied_head import VOCAB, exported_by_dynamo, exported_by_legacy
 from irtool.api import optimize
-from tests.passes.helpers import assert_same_outputs, model_of, ops, run, serialized
+from tests.passes.helpers import assert_same_outputs, model_of, node, ops, run, serialized
 
 EXPORTS = {"dynamo": exported_by_dynamo, "legacy": exported_by_legacy}
 
@@ -89,14 +89,24 @@ def test_quant_still_quantizes_the_tied_head(export, pipeline):
 
 @pytest.mark.parametrize("export", sorted(EXPORTS))
 def test_prune_removes_channels_and_stores_the_sliced_table_once(export):
-    """prune folds torch.export's Transpose to read the head's weight, and ties the sliced copy back to the table
-    at its end; the legacy export's separate copy is cleanup's to tie (prune keeps what it was given)."""
-    model = EXPORTS[export](vocab=2 * VOCAB)  # sliced to 600 x 32, above cleanup's SHARED_COPY_BYTES
-    pruned = optimize(model, "prune{ratio=0.5}").model
-    tied = optimize(pruned, "cleanup").model if export == "legacy" else pruned
-    widths = [t.values.shape for t in tied.graph.tensors().values() if hasattr(t, "values") and t.values.ndim == 2]
-    assert widths == [(2 * VOCAB, 32)]  # half of the table's 64 columns, stored once
-    assert_same_outputs(pruned, tied)
-    if export == "dynamo":
-        head = next(n for n in pruned.graph.nodes if n.op == "MatMul")
-        assert head.inputs[1].name == "E_t" and head.inputs[1].inputs[0].op == "Transpose"
+    """prune folds torch.export's Transpose to read the head's weight, and the legacy export holds a copy; either
+    way the sliced copy is read through a Transpose of the sliced table at the end, under its own name."""
+    model = model_of(EXPORTS[export]())
+    original = model.copy()
+    run(model, "prune{ratio=0.5}")
+    widths = [t.values.shape for t in model.graph.tensors().values() if hasattr(t, "values") and t.values.ndim == 2]
+    assert widths == [(VOCAB, 32)]  # half of the table's 64 columns, stored once
+    head = node(model, "head")
+    assert head.inputs[1].name == "E_t" and head.inputs[1].inputs[0].op == "Transpose"
+    # equal to the original with the removed columns of E zeroed (in the lookup and the head: one table)
+    table = node(original, "lookup").inputs[0].values
+    pruned = node(model, "lookup").inputs[0].values
+    kept = [int(np.flatnonzero((table == column[:, None]).all(0))[0]) for column in pruned.T]
+    masked = table.copy()
+    masked[:, np.setdiff1d(np.arange(table.shape[1]), kept)] = 0
+    reference = EXPORTS[export]()
+    for init in reference.graph.initializer:
+        values = {"E": masked, "E_t": np.ascontiguousarray(masked.T)}.get(init.name)
+        if values is not None:
+            init.CopyFrom(numpy_helper.from_array(values, init.name))
+    assert_same_outputs(model_of(reference), model, atol=1e-5)
