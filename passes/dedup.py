@@ -15,7 +15,7 @@ a Gather reads as its data) is read through a Transpose of the table instead: to
 tied LM head's weight E^T beside the embedding table E (a tied GPT-2-style test model: 5.2 MB, 2.6 MB after).
 ONNX Runtime folds the Transpose when it loads the model, so its outputs stay bit-identical; fold-constants
 leaves such a Transpose alone (its `keep-shared`), so cleanup stays a fixed point. Only where every reader of
-the copy is in the main graph.
+the copy is in the main graph and the copy is no graph output.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def transposed_pairs(constants: list[gs.Constant], graph: gs.Graph,
     pairs = []
     for tensor in constants:
         values = _values(tensor)
-        if values.ndim != 2 or not all(id(r) in main for r in tensor.outputs):
+        if values.ndim != 2 or not all(id(r) in main for r in tensor.outputs) \
+                or any(out is tensor for out in graph.outputs):  # a graph output keeps its name and values
             continue
         data = None
         for table in tables.get((values.dtype.str, values.shape), []):

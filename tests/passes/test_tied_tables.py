@@ -110,3 +110,12 @@ def test_prune_removes_channels_and_stores_the_sliced_table_once(export):
         if values is not None:
             init.CopyFrom(numpy_helper.from_array(values, init.name))
     assert_same_outputs(model_of(reference), model, atol=1e-5)
+
+
+def test_a_transposed_copy_that_is_a_graph_output_stays():
+    proto = exported_by_legacy()
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("E_t", TensorProto.FLOAT, [64, VOCAB]))
+    model = model_of(proto)
+    original = model.copy()
+    assert run(model, "dedup-initializers")[0].stats["transposes_tied"] == 0
+    assert_same_outputs(original, model)
