@@ -261,8 +261,12 @@ def _check_output_paths(model_in: Path, out: Path, report: Path | None, depfile:
 @click.option("--dynamic", "dynamic_dims", multiple=True, metavar="NAME:AXIS=DIM",
               help="Another symbolic dim, e.g. input_ids:1=tokens; one DIM name ties dims together (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random example inputs.")
+@click.option("--depfile", "depfile_path", metavar="FILE",
+              help="Write the module's source files (the ones it imported from outside the Python installation) "
+                   "as a Make/Ninja depfile with OUT as its target.")
 def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tuple[str, ...], exporter: str,
-           opset: int | None, static_batch: bool, dynamic_dims: tuple[str, ...], seed: int) -> None:
+           opset: int | None, static_batch: bool, dynamic_dims: tuple[str, ...], seed: int,
+           depfile_path: str | None) -> None:
     """Export a PyTorch module to ONNX for `irtool opt`.
 
     MODULE is path/to/file.py:NAME or package.module:NAME; NAME is an nn.Module, or a class or function that
@@ -282,7 +286,9 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
     unknown = sorted(set(dtypes) - set(shapes))
     if unknown:
         raise InputError(f"--input-dtype {unknown[0]!r}: no --input-shape of that name")
-    _check_output_paths(Path(spec.rpartition(":")[0] or spec), Path(out), None)
+    _check_output_paths(Path(spec.rpartition(":")[0] or spec), Path(out), None,
+                        Path(depfile_path) if depfile_path else None)
+    imported_before = set(sys.modules)
     module = load_module(spec)
     arrays = example_inputs_for(shapes, dtypes, seed)
     # By name where forward declares every name: a wrong order would otherwise swap inputs without an error.
@@ -296,6 +302,12 @@ def export(spec: str, out: str, input_shapes: tuple[str, ...], input_dtypes: tup
                           dynamic_axes=dynamic, exporter=exporter, opset=opset)
     model = Model.from_proto(proto, source=spec, owned=True)
     model.save(out)
+    if depfile_path:
+        from irtool import depfile
+        from irtool.usercode import is_file_spec
+
+        sources = [spec.rpartition(":")[0]] if is_file_spec(spec) else []
+        depfile.write(depfile_path, out, sources + depfile.imported_files(imported_before))
     inputs = ", ".join(f"{t.name}: {list(t.shape or [])}" for t in model.graph.inputs)
     click.echo(f"{out}: {type(module).__name__} exported (opset {model.opset}, "
                f"{len(model.graph.nodes)} nodes; inputs {inputs})")

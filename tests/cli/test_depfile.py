@@ -144,3 +144,15 @@ def test_cmake_rebuilds_on_new_calibration_data(tmp_path, generator):
         subprocess.run(["cmake", "--build", str(build_dir)], check=True, capture_output=True)
 
     _check_rebuilds(build, build_dir / "model.int8.onnx", folder / "calib.npz")
+
+
+def test_export_lists_the_module_and_the_local_modules_it_imports(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "layers.py").write_text("from torch import nn\n\n\ndef block():\n    return nn.Linear(4, 2)\n")
+    (tmp_path / "models.py").write_text("from layers import block\n\n\ndef build():\n    return block()\n")
+    result = run_cli("export", "models.py:build", "-o", "model.onnx", "--input-shape", "x:1x4", "--depfile",
+                     "model.d", "--exporter", "torchscript", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rule = (tmp_path / "model.d").read_text().split("\n\n")[0]
+    target, deps = rule.replace("\\\n", " ").split(":", 1)
+    assert target == "model.onnx" and deps.split() == ["models.py", "layers.py"]  # not torch's own files
