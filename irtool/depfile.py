@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
 
-from irtool.ir.io import atomic_write_bytes
+from irtool.ir.io import atomic_write_bytes, external_locations
 from irtool.usercode import is_file_spec
 
 
@@ -23,10 +22,7 @@ def model_files(path: str | os.PathLike) -> list[str]:
     """The model file and the external data files its tensors name, beside it."""
     proto = onnx.load_model(str(path), load_external_data=False)
     base = os.path.dirname(str(path))
-    locations = {entry.value for tensor in external_data_helper._get_all_tensors(proto)
-                 if external_data_helper.uses_external_data(tensor)
-                 for entry in tensor.external_data if entry.key == "location"}
-    return [str(path)] + [os.path.join(base, location) for location in sorted(locations)]
+    return [str(path)] + [os.path.join(base, location) for location in external_locations(proto)]
 
 
 def calibration_files(spec: str | None) -> list[str]:

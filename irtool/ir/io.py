@@ -181,9 +181,18 @@ def _external_location(tensor: onnx.TensorProto) -> str:
     return ""
 
 
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
+
+
+def external_locations(proto: onnx.ModelProto) -> list[str]:
+    """The external-data files the model's tensors name, relative to the model's folder (`irtool opt --depfile`)."""
+    return sorted({_external_location(t) for t in _external_tensors(proto)} - {""})
+
+
 def load_external_data(proto: onnx.ModelProto, base_dir: Path, origin: str) -> None:
     """Check every external-data location first, then read them; nothing outside base_dir is read."""
-    tensors = [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
+    tensors = _external_tensors(proto)
     if not tensors:
         return
     base = base_dir.resolve()
