@@ -35,9 +35,10 @@ Side by side in one run, on the same ONNX models and the same calibration sample
               u8 x s8 kernels do not saturate: both tools once more with full-range s8 weights (irtool
               `insert-qdq{profile=ort-cpu,reduce-range=false}`, ORT reduce_range=False, its default), minmax,
               smallest N: SQNR and INT8 latency of the settings a user of such a CPU would pick.
-* gptq        every model once more at the smallest N, minmax: irtool's weight rounding `gptq` (the `quant-gptq`
-              pipeline's recipe) against bias-correct (`quant`'s), same prefix; SQNR, agreement, the pass's time.
-              These two runs may use every core for BLAS (gptq's work is numpy linear algebra). The digits nets
+* gptq        every model once more at the smallest N, minmax: irtool's weight rounding `gptq` then the empirical
+              bias correction (the `quant-gptq` pipeline's recipe) against the empirical bias correction alone
+              (`quant`'s) and the analytic one, same prefix; SQNR, agreement, the passes' time.
+              These runs may use every core for BLAS (gptq's work is numpy linear algebra). The digits nets
               get the gptq recipe too.
 * floor       plain float ONNX Runtime inference over the same N samples, same batches and provider (data
               generation included in both; its share, timed inside the floor's loop, is also reported).
@@ -120,18 +121,21 @@ RECOVERY_MODELS = ("mobilenetv2",)
 PREFIX = "cleanup,einsum-to-matmul,fold-scale,fold-bn"
 RECOVERY_PIPELINES = {
     "per-channel": ("cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu}",
-                    "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct,insert-qdq{profile=ort-cpu}"),
+                    "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct{mode=empirical},"
+                    "insert-qdq{profile=ort-cpu}"),
     "per-tensor": ("cleanup,fold-bn,calibrate{method=minmax},insert-qdq{profile=ort-cpu,per-channel=false}",
-                   "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct{per-channel=false},"
+                   "cleanup,fold-bn,equalize,calibrate{method=minmax},bias-correct{per-channel=false,mode=empirical},"
                    "insert-qdq{profile=ort-cpu,per-channel=false}"),
 }
-# Weight rounding against bias-correct on every model at the smallest N (minmax), and on the digits nets: the recipes
-# of `quant` and `quant-gptq` after the bench's prefix.
+# Weight rounding and bias correction on every model at the smallest N (minmax), and on the digits nets: the recipes
+# of `quant` (empirical bias correction) and `quant-gptq` (gptq, then the same) after the bench's prefix, and the
+# analytic bias correction `quant` ran before 2026-12-01.
 WEIGHT_ROUNDING_PIPELINES = {
-    "bias-correct": f"{PREFIX},calibrate{{method=minmax}},bias-correct,insert-qdq{{profile=ort-cpu}}",
-    "gptq": f"{PREFIX},gptq,calibrate{{method=minmax}},insert-qdq{{profile=ort-cpu}}",
+    "analytic": f"{PREFIX},calibrate{{method=minmax}},bias-correct,insert-qdq{{profile=ort-cpu}}",
+    "empirical": f"{PREFIX},calibrate{{method=minmax}},bias-correct{{mode=empirical}},insert-qdq{{profile=ort-cpu}}",
+    "gptq": f"{PREFIX},gptq,calibrate{{method=minmax}},bias-correct{{mode=empirical}},insert-qdq{{profile=ort-cpu}}",
 }
-DIGITS_GPTQ = "cleanup,fold-bn,gptq,calibrate{method=minmax},insert-qdq{profile=ort-cpu}"
+DIGITS_GPTQ = "cleanup,fold-bn,gptq,calibrate{method=minmax},bias-correct{mode=empirical},insert-qdq{profile=ort-cpu}"
 # The same target on MobileNet-like nets with trained weights (tests/quant/digits_models.py, trained here on
 # scikit-learn's digits in seconds): the random-weight mobilenetv2 amplifies any perturbation of its first layers
 # (quantizing its first conv alone costs as much output SQNR as quantizing every layer), which no weight
@@ -702,7 +706,8 @@ def int8_dot_product() -> str | None:
 
 
 def weight_rounding(name: str, path: Path, n: int, eval_ref: str) -> dict:
-    """gptq against bias-correct (WEIGHT_ROUNDING_PIPELINES), minmax, N = n, BLAS on every core."""
+    """gptq against bias-correct, analytic and empirical (WEIGHT_ROUNDING_PIPELINES), minmax, N = n, BLAS on every
+    core."""
     base = {"model": name, "model_path": str(path), "n": n, "method": "minmax", "eval_ref": eval_ref}
     out: dict = {"n": n}
     for label, text in WEIGHT_ROUNDING_PIPELINES.items():
@@ -1015,20 +1020,23 @@ def weight_rounding_lines(results: dict) -> list[str]:
     rows = [(name, res["weight_rounding"]) for name, res in results.items() if res.get("weight_rounding")]
     if not rows:
         return []
-    lines = ["", f"### Weight rounding: gptq vs bias-correct (minmax, N={rows[0][1]['n']})", "",
-             "irtool only, the recipes of `quant` and `quant-gptq` after the prefix above: "
+    labels = list(WEIGHT_ROUNDING_PIPELINES)
+    both = " / ".join(labels)
+    lines = ["", f"### Weight rounding and bias correction: {both} (minmax, N={rows[0][1]['n']})", "",
+             "irtool only, after the prefix above: "
              + ", ".join(f"{k} `{v}`" for k, v in WEIGHT_ROUNDING_PIPELINES.items())
-             + ". BLAS on every core in these runs; pass s is bias-correct's or gptq's own time.", "",
-             "| model | SQNR dB bias-correct / gptq | top-1 agree or cosine bias-correct / gptq "
-             "| pass s bias-correct / gptq | calibrate s | total s bias-correct / gptq |",
+             + ". BLAS on every core in these runs; pass s is bias-correct's and gptq's own time.", "",
+             f"| model | SQNR dB {both} | top-1 agree or cosine {both} | pass s {both} | calibrate s "
+             f"| total s {both} |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, wr in rows:
-        a, b = wr["bias-correct"], wr["gptq"]
+        runs = [wr[label] for label in labels]
         acc = "top1" if name in CNNS else "cosine"
-        passes = [_f((r.get("passes_s") or {}).get(k)) for r, k in ((a, "bias-correct"), (b, "gptq"))]
-        lines.append(f"| {name} | {_cell(a, 'sqnr_db')} / {_cell(b, 'sqnr_db')} | {_cell(a, acc, 3)} / "
-                     f"{_cell(b, acc, 3)} | {passes[0]} / {passes[1]} | {_cell(b, 'calib_s')} "
-                     f"| {_cell(a, 'total_s')} / {_cell(b, 'total_s')} |")
+        passes = [_f(sum((r.get("passes_s") or {}).get(k) or 0.0 for k in ("bias-correct", "gptq")))
+                  if "error" not in r else "n/a" for r in runs]
+        lines.append(f"| {name} | {' / '.join(_cell(r, 'sqnr_db') for r in runs)} "
+                     f"| {' / '.join(_cell(r, acc, 3) for r in runs)} | {' / '.join(passes)} "
+                     f"| {_cell(runs[0], 'calib_s')} | {' / '.join(_cell(r, 'total_s') for r in runs)} |")
     return lines
 
 

@@ -87,15 +87,17 @@ def test_named_pipeline_options_go_to_every_pass_that_has_them():
 
 
 def test_quant_takes_an_exclusion_and_a_target():
-    """`quant{exclude=...,min-sqnr=30}`: insert-qdq gets both, in place of the 20 dB quant gives it, and
-    quant-dynamic the exclusion (an excluded embedding lookup keeps its float table); calibrate, which has
-    neither, is the same as in plain `quant`."""
+    """`quant{exclude=...,min-sqnr=30}`: insert-qdq and bias-correct get both, in place of the 20 dB quant gives
+    them (the quantized copy bias-correct measures leaves the same layers float), and quant-dynamic the exclusion
+    (an excluded embedding lookup keeps its float table); calibrate, which has neither, is the same as in plain
+    `quant`."""
     plain, given = parse_pipeline("quant"), parse_pipeline("quant{exclude='^/detect/dfl',min-sqnr=30}")
     assert [s.name for s in plain.passes] == [s.name for s in given.passes]
     changed = [(a.name, dict(b.options)) for a, b in zip(plain.passes, given.passes, strict=True) if a != b]
-    assert [name for name, _ in changed] == ["insert-qdq", "quant-dynamic"]
+    assert [name for name, _ in changed] == ["bias-correct", "insert-qdq", "quant-dynamic"]
     assert changed[0][1]["exclude"] == ("^/detect/dfl",) and changed[0][1]["min_sqnr"] == 30.0
-    assert changed[1][1]["exclude"] == ("^/detect/dfl",)
+    assert changed[1][1]["exclude"] == ("^/detect/dfl",) and changed[1][1]["min_sqnr"] == 30.0
+    assert changed[2][1]["exclude"] == ("^/detect/dfl",)
 
 
 @pytest.mark.parametrize(

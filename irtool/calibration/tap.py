@@ -77,7 +77,7 @@ def _add_output(graph: onnx.GraphProto, name: str, types: Mapping) -> None:
     graph.output.append(helper.make_tensor_value_info(name, elem, None))
 
 
-def _fitted(inputs: list, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Mapping[str, np.ndarray]]:
+def fit_batches(inputs: list, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Mapping[str, np.ndarray]]:
     """The batches, split to the batch size the model's inputs (its NodeArgs) fix when they hold a multiple of it.
     fold-constants pins an --input-shape on the model when it folds a Shape for it, which happens in the pipeline
     after the calibration data were batched (by 8: input_ids [8, 12] against a declared [1, 12]); statistics are
@@ -382,7 +382,7 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
         timings.session += waited
     inputs = session.get_inputs()
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
-    for index, batch in enumerate(_fitted(inputs, batches)):
+    for index, batch in enumerate(fit_batches(inputs, batches)):
         feeds = _feeds(inputs, batch, index)
         # ONNX Runtime returns every output when asked for none (a model with nothing to observe).
         values = dict(zip(fetch, session.run(fetch, feeds) if fetch else [], strict=True))
@@ -447,7 +447,7 @@ def channel_means(model: Model, axes: Mapping[str, int],
     unbatched = batch_free(model, names)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
-    for index, batch in enumerate(_fitted(inputs, batches)):
+    for index, batch in enumerate(fit_batches(inputs, batches)):
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
         rows = batch_rows(batch)
         for name in names:
@@ -500,7 +500,7 @@ def channel_abs_max(model: Model, names: Iterable[str],
     session = calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=False, weights=weights)
     inputs, found = session.get_inputs(), {}
     fetch = [outputs[name] for name in names]
-    for index, batch in enumerate(_fitted(inputs, batches)):
+    for index, batch in enumerate(fit_batches(inputs, batches)):
         for name, value in zip(names, session.run(fetch, _feeds(inputs, batch, index)), strict=True):
             found[name] = np.maximum(found[name], value) if name in found else value.astype(np.float64)
     if not found:

@@ -9,37 +9,55 @@ after a MatMul with a [K, N] weight (torch's nn.Linear on tokens; E[x] over ever
 with a [K, N] weight and no bias Add (nn.Linear(bias=False): LLaMA-style projections, many qkv layers) gets
 one, which carries its output's name, so its calibrated range and its readers stay; in ort-cpu the pair then
 runs as one QGemm, as a biased Linear does. Measuring
-each layer's shift in a fully quantized model instead would double-count: a layer's shift also contains the
-upstream layers' errors, which their own corrections already remove. Runs between `calibrate` and
-`insert-qdq` (it only needs the data, not the ranges, but shares insert-qdq's weight options). It corrects
+every layer's shift in one run of a fully quantized model instead would double-count: a layer's shift also
+contains the upstream layers' errors, which their own corrections already remove. `mode=empirical`
+(bias_empirical.py, the quant pipelines' choice) measures them one layer after another in the quantized model,
+each with the layers before it corrected, and so also cancels what those layers add besides weight rounding.
+Runs between `calibrate` and `insert-qdq` (the analytic mode only needs the data, not the ranges, but shares
+insert-qdq's weight options; the empirical one needs the ranges and all of insert-qdq's options). It corrects
 every layer insert-qdq may quantize and records their original biases in the model's metadata: insert-qdq
 puts them back on the layers whose weights it leaves float (exclusions, keep-first/last, mixed precision).
 """
 
 from __future__ import annotations
 
+import enum
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from irtool.calibration.data import batch_rows
 from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
+from irtool.passes.quant.bias_empirical import empirical_shifts
 from irtool.passes.quant.bias_gemm import linear_weight
+from irtool.passes.quant.calibrate import stored_profile, stored_ranges
 from irtool.passes.quant.insert_qdq import (
     FULL_RANGE,
     INSERTED_BIAS,
+    KEPT_FLOAT_KEY,
     REDUCED_RANGE,
+    ActivationType,
+    InsertQDQ,
     bias_slot,
     quantize_weight,
     record_bias_corrections,
 )
-from irtool.passes.quant.placement import Selection, weight_axis
+from irtool.passes.quant.placement import Profile, Selection, weight_axis
+from irtool.passes.quant.sensitivity import with_eval_batches
 from irtool.passmanager import Pass, PassContext, PassResult
+from irtool.pipeline import Regex
 
 BIASED = ("Conv", "Gemm")
+
+
+class Mode(enum.Enum):
+    ANALYTIC = "analytic"  # the shift of each layer's own weight rounding, from the float input means
+    EMPIRICAL = "empirical"  # each layer's output mean measured in the quantized model (bias_empirical.py)
 
 
 def _channel_axis(node: gs.Node) -> int:
@@ -112,30 +130,78 @@ class BiasCorrect(Pass):
     class Options:
         per_channel: bool = True
         reduce_range: bool = True  # as insert-qdq's ort-cpu default; set false for trt or full-range weights
+        mode: Mode = Mode.ANALYTIC
+        # mode=empirical: the quantized model it measures, made as insert-qdq would with these options (profile:
+        # the one calibrate measured for, else ort-cpu; a named pipeline's exclusions reach them too), and how
+        # many calibration samples it runs (the first batches holding that many)
+        profile: Profile | None = None
+        activations: ActivationType = ActivationType.U8
+        exclude: tuple[Regex, ...] = ()
+        exclude_ops: tuple[str, ...] = ()
+        keep_first: bool = False
+        keep_last: bool = False
+        min_sqnr: float | None = None
+        keep_fp: int = 0
+        samples: int = 64
+
+        def __post_init__(self):
+            if self.samples < 1:
+                raise ValueError("samples must be >= 1")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if ctx.calibration_data is None:
             raise InputError("bias-correct needs calibration data (--calib-data PATH)")
+        empirical = self.options.mode is Mode.EMPIRICAL
+        if empirical and stored_ranges(model) is None:
+            raise InputError("bias-correct{mode=empirical} measures the quantized model: run `calibrate` before it")
         layers = _layers(model)
         if not layers:  # no data pass for nothing
             return PassResult(modified=False, stats={"layers": 0, "largest_shift": 0.0})
-        axes = {n.inputs[0].name: _channel_axis(n) for n, _ in layers}
-        means = channel_means(model, axes, ctx.calibration_data())
-        largest, originals = 0.0, {}
+        holders, originals = [], {}
         for node, slot in layers:
-            delta = _shift(node, means[node.inputs[0].name], self.options.per_channel,
-                           REDUCED_RANGE if self.options.reduce_range else FULL_RANGE)
             holder, index = slot if slot is not None else _insert_bias_add(model, node)
             originals[node.name] = _original_bias(holder, index) if slot is not None else INSERTED_BIAS
-            _add_to_bias(model, node, holder, index, delta)
-            largest = max(largest, float(np.abs(delta).max()))
-        record_bias_corrections(model, originals)
+            holders.append((node, holder, index))
         inserted = sum(slot is None for _, slot in layers)
         if inserted:
             toposort_graph(model.graph)
-        return PassResult(modified=bool(layers), preserved=("shapes",) if not inserted else (),
-                          stats={"layers": len(layers), "bias_adds_inserted": inserted,
-                                 "largest_shift": round(largest, 6)})
+        stats = {"layers": len(layers), "bias_adds_inserted": inserted}
+        if empirical:
+            data = with_eval_batches(ctx, self.options.samples).calibration_data
+            stats["samples"] = sum(batch_rows(batch) for batch in data())
+            shifts, stats["layers_kept_float"] = self._empirical(model, holders, data, ctx)
+        else:
+            shifts = self._analytic(model, holders, ctx)
+        for (node, holder, index), delta in zip(holders, shifts, strict=True):
+            _add_to_bias(model, node, holder, index, delta)
+        record_bias_corrections(model, originals)
+        stats["largest_shift"] = round(max(float(np.abs(delta).max()) for delta in shifts), 6)
+        return PassResult(modified=True, preserved=("shapes",) if not inserted else (), stats=stats)
+
+    def _analytic(self, model: Model, holders: list, ctx: PassContext) -> list[np.ndarray]:
+        axes = {n.inputs[0].name: _channel_axis(n) for n, _, _ in holders}
+        means = channel_means(model, axes, ctx.calibration_data())
+        limit = REDUCED_RANGE if self.options.reduce_range else FULL_RANGE
+        return [_shift(node, means[node.inputs[0].name], self.options.per_channel, limit) for node, _, _ in holders]
+
+    def _empirical(self, model: Model, holders: list, data, ctx: PassContext) -> tuple[list[np.ndarray], list[str]]:
+        for node, holder, index in holders:  # a zero bias to measure and move in the quantized copy
+            if len(holder.inputs) <= index:
+                _add_to_bias(model, node, holder, index, np.zeros(_out_channels(node), np.float64))
+        profile = self.options.profile or stored_profile(model) or Profile.ORT_CPU
+        o = self.options
+        quantize = InsertQDQ(profile=profile, activations=o.activations, per_channel=o.per_channel,
+                             reduce_range=o.reduce_range, exclude=o.exclude, exclude_ops=o.exclude_ops,
+                             keep_first=o.keep_first, keep_last=o.keep_last, min_sqnr=o.min_sqnr, keep_fp=o.keep_fp)
+        shifts, kept = empirical_shifts(model, holders, quantize, ctx, data)
+        if o.min_sqnr is not None or o.keep_fp:
+            model.metadata[KEPT_FLOAT_KEY] = json.dumps(sorted(kept))
+        return shifts, kept
+
+
+def _out_channels(node: gs.Node) -> int:
+    shape = np.shape(node.inputs[1].values)
+    return shape[1] if node.op == "Gemm" and not node.attrs.get("transB", 0) else shape[0]
 
 
 def _shift(node: gs.Node, input_mean: np.ndarray, per_channel: bool, limit: int) -> np.ndarray:

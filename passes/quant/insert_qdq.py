@@ -66,6 +66,9 @@ from irtool.pipeline import Regex
 
 # bias-correct's record of the biases it changed (record_bias_corrections), read and dropped here.
 BIAS_CORRECTION_KEY = "irtool.bias_correction"
+# The layers bias-correct{mode=empirical} measured with float weights (its own mixed-precision decision, made as
+# insert-qdq's): insert-qdq keeps those float instead of deciding again, so the corrections fit the model it writes.
+KEPT_FLOAT_KEY = "irtool.kept_float"
 # gptq's list of the layers whose weights it rounded (their float weights: Model.float_weights), dropped here too.
 WEIGHT_ROUNDING_KEY = "irtool.weight_rounding"
 
@@ -425,6 +428,7 @@ class InsertQDQ(Pass):
                                "takes float32; run `fp32` first (the quant pipelines do)")
         del model.metadata[METADATA_KEY]
         model.metadata.pop(BIAS_CORRECTION_KEY, None)
+        model.metadata.pop(KEPT_FLOAT_KEY, None)
         model.metadata.pop(WEIGHT_ROUNDING_KEY, None)
         model.float_weights.clear()
         model.metadata.pop(deconv.METADATA_KEY, None)
@@ -438,6 +442,10 @@ class InsertQDQ(Pass):
                          self.options.keep_last, convtransposes=frozenset(deconv.rewritten(model)))
         if self.options.min_sqnr is None and not self.options.keep_fp:
             return base
+        if KEPT_FLOAT_KEY in model.metadata:
+            kept = frozenset(json.loads(model.metadata[KEPT_FLOAT_KEY]))
+            ctx.logger.info("insert-qdq: keeping the %d layer(s) bias-correct measured in float", len(kept))
+            return dataclasses.replace(base, keep_fp=kept)
         from irtool.passes.quant.sensitivity import keep_in_float
 
         keep = keep_in_float(model, ranges, placement, base, ctx, min_sqnr=self.options.min_sqnr,

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 from irtool.api import optimize
 from irtool.errors import InputError
+from irtool.passes.pipelines import QUANT, QUANT_GPTQ
 from irtool.passes.quant.gptq import im2col
 from irtool.passes.quant.insert_qdq import FULL_RANGE, REDUCED_RANGE, quantize_weight
 from tests.prune.digits import calibration
@@ -120,6 +121,7 @@ def test_rounded_weights_sit_on_insert_qdqs_grid(per_channel, reduce_range):
 
 
 # measured 0.29, 0.98 and 0.54: the depthwise filters have 9 weights each, and the largest ones gain nothing
+EMPIRICAL = "bias-correct{mode=empirical,min-sqnr=20}"
 RATIO_BOUNDS = {"w1": 0.5, "w2": 1.0, "w3": 0.75}
 
 
@@ -285,16 +287,17 @@ def test_rounded_in_an_earlier_run_the_float_layers_keep_rounded_weights_and_it_
 
 
 def test_the_gptq_pipeline_beats_quant():
-    """quant-gptq against quant (bias-correct) on the MobileNet-like digits net (seed 0: 30.9 and 34.2 dB); the int8
-    weights are on insert-qdq's own grid (each channel reaches 64)."""
-    proto, data = trained("mobilenet")
+    """quant-gptq against quant on the residual digits net (seed 0: 38.60 and 39.91 dB); the int8 weights are on
+    insert-qdq's own grid (each channel reaches 64). On the MobileNet-like net quant's empirical bias correction
+    alone does as well (34.96 against 34.83 dB)."""
+    proto, data = trained("residual")
     (x, _), x_calib = data["test"], data["calib"][0]
     ref = logits(proto, x)
     sqnr = {}
     for text in ("quant", "quant-gptq"):
         result = optimize(proto, text, calibration_data=calibration(x_calib))
         sqnr[text] = sqnr_db(ref, logits(result.model.to_proto(), x))
-    assert sqnr["quant-gptq"] >= sqnr["quant"] + 2.0, sqnr
+    assert sqnr["quant-gptq"] >= sqnr["quant"] + 1.0, sqnr
     int8 = [v for v in _initializers(result.model.to_proto()).values() if v.dtype == np.int8 and v.ndim == 4]
     assert int8 and all((np.abs(v.reshape(len(v), -1)).max(axis=1) == 64).all() for v in int8)
 
@@ -318,8 +321,8 @@ def test_data_passes_in_chunks_round_as_one_and_wide_layers_are_left_to_nearest(
 
 
 def test_quant_gptq_from_the_command_line_is_deterministic(tmp_path):
-    """`irtool opt --passes quant-gptq`: the report names gptq before calibrate and no bias-correct; two runs write
-    the same bytes."""
+    """`irtool opt --passes quant-gptq`: the report names gptq before calibrate, and bias-correct (empirical, on the
+    rounded weights) after it; two runs write the same bytes."""
     import json
 
     from tests.cli.conftest import run_cli
@@ -335,7 +338,7 @@ def test_quant_gptq_from_the_command_line_is_deterministic(tmp_path):
         assert result.returncode == 0, result.stderr
         outputs.append(out.read_bytes())
     names = [p["name"] for p in json.loads(report.read_text())["passes"]]
-    assert names.index("gptq") < names.index("calibrate") and "bias-correct" not in names
+    assert names.index("gptq") < names.index("calibrate") < names.index("bias-correct")
     gptq_stats = next(r for r in json.loads(report.read_text())["records"] if r["name"] == "gptq")["stats"]
     assert gptq_stats["layers"] >= 5 and gptq_stats["weights_off_nearest"] > 0
     assert outputs[0] == outputs[1]
@@ -362,8 +365,9 @@ def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse()
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "convnext_tiny"])
 def test_few_calibration_rows_raise_the_damping_instead_of_overfitting(arch, monkeypatch):
     """16 samples of 32x32: the last stages' H rest on 16-64 rows for hundreds of columns. With GPTQ's plain damping
-    quant-gptq came out below quant there (MobileNetV2 by 1.07 dB, ConvNeXt by 0.80 on these toy nets); with the
-    damping raised by columns/rows it is above."""
+    gptq's rounding came out below bias-correct's analytic correction there (MobileNetV2 by 1.07 dB, ConvNeXt by 0.80
+    on these toy nets, both in quant's recipe); with the damping raised by columns/rows it is above. Measured without
+    the empirical bias correction the quant pipelines add, which moves both."""
     from irtool.passes.quant import gptq
     from tests.prune.archs import ARCHS, export_arch
 
@@ -381,9 +385,9 @@ def test_few_calibration_rows_raise_the_damping_instead_of_overfitting(arch, mon
     def sqnr(text: str) -> float:
         return sqnr_db(ref, outputs(optimize(proto, text, calibration_data=lambda: iter(calib)).model.to_proto()))
 
-    quant, raised = sqnr("quant"), sqnr("quant-gptq")
+    quant, raised = sqnr(QUANT.replace(EMPIRICAL, "bias-correct")), sqnr(QUANT_GPTQ.replace(EMPIRICAL + ",", ""))
     stats = next(r.stats for r in optimize(proto, "gptq", calibration_data=lambda: iter(calib)).records)
     assert 0 < stats["layers_few_rows"] < stats["layers"]  # the early layers see enough positions
     monkeypatch.setattr(gptq, "ROWS_PER_COLUMN", 0)
-    plain = sqnr("quant-gptq")
+    plain = sqnr(QUANT_GPTQ.replace(EMPIRICAL + ",", ""))
     assert raised > quant > plain, (raised, quant, plain)

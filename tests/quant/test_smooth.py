@@ -124,7 +124,7 @@ def test_channel_abs_max_matches_numpy(opset):
 
 
 def test_quant_smooths_only_the_layernorms_with_outlier_channels():
-    """quant runs smooth{min-spread=8}: the outlier encoder's five LayerNorms are smoothed (17.6 -> 21.3 dB when
+    """quant runs smooth{min-spread=8}: the outlier encoder's five LayerNorms are smoothed (18.8 -> 21.9 dB when
     measured), the plain encoder's are measured and left as they are."""
     calib = [feeds_for(encoder_proto(), i) for i in range(8)]
     for proto, smoothed in ((with_outliers(encoder_proto()), 5), (encoder_proto(), 0)):
