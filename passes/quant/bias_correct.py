@@ -169,7 +169,8 @@ class BiasCorrect(Pass):
         if empirical:
             data = with_eval_batches(ctx, self.options.samples).calibration_data
             stats["samples"] = sum(batch_rows(batch) for batch in data())
-            shifts, stats["layers_kept_float"] = self._empirical(model, holders, data, ctx)
+            shifts, measured = self._empirical(model, holders, data, ctx)
+            stats.update(measured)
         else:
             shifts = self._analytic(model, holders, ctx)
         for (node, holder, index), delta in zip(holders, shifts, strict=True):
@@ -184,7 +185,7 @@ class BiasCorrect(Pass):
         limit = REDUCED_RANGE if self.options.reduce_range else FULL_RANGE
         return [_shift(node, means[node.inputs[0].name], self.options.per_channel, limit) for node, _, _ in holders]
 
-    def _empirical(self, model: Model, holders: list, data, ctx: PassContext) -> tuple[list[np.ndarray], list[str]]:
+    def _empirical(self, model: Model, holders: list, data, ctx: PassContext) -> tuple[list[np.ndarray], dict]:
         for node, holder, index in holders:  # a zero bias to measure and move in the quantized copy
             if len(holder.inputs) <= index:
                 _add_to_bias(model, node, holder, index, np.zeros(_out_channels(node), np.float64))
@@ -193,10 +194,10 @@ class BiasCorrect(Pass):
         quantize = InsertQDQ(profile=profile, activations=o.activations, per_channel=o.per_channel,
                              reduce_range=o.reduce_range, exclude=o.exclude, exclude_ops=o.exclude_ops,
                              keep_first=o.keep_first, keep_last=o.keep_last, min_sqnr=o.min_sqnr, keep_fp=o.keep_fp)
-        shifts, kept = empirical_shifts(model, holders, quantize, ctx, data)
+        shifts, stats = empirical_shifts(model, holders, quantize, ctx, data)
         if o.min_sqnr is not None or o.keep_fp:
-            model.metadata[KEPT_FLOAT_KEY] = json.dumps(sorted(kept))
-        return shifts, kept
+            model.metadata[KEPT_FLOAT_KEY] = json.dumps(sorted(stats["layers_kept_float"]))
+        return shifts, stats
 
 
 def _out_channels(node: gs.Node) -> int:

@@ -42,11 +42,11 @@ def channel_axis(tensor_owner: gs.Node) -> int:
 
 
 def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], quantize: InsertQDQ,
-                     ctx: PassContext, data: Batches) -> tuple[list[np.ndarray], list[str]]:
+                     ctx: PassContext, data: Batches) -> tuple[list[np.ndarray], dict]:
     """The bias change of each (layer, bias holder, input index) that makes its output mean in the model that
-    `quantize` (an insert-qdq) makes equal the float one's, and the layers that insert-qdq left float (by its
-    exclusions or mixed precision, decided on the uncorrected model); every layer has a bias (a constant input at
-    the holder's index) already."""
+    `quantize` (an insert-qdq) makes equal the float one's, and stats: the layers that insert-qdq left float by
+    mixed precision (decided on the uncorrected model), how many it quantized and were measured. Every layer has a
+    bias (a constant input at the holder's index) already."""
     measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in layers}
     reference = channel_means(model, measured, data())
     trial = model.copy()
@@ -55,33 +55,21 @@ def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], q
     nodes = {n.name: n for n in trial.graph.nodes}
     # A layer insert-qdq leaves float (excluded) is not corrected: insert-qdq gives it its original bias back.
     shifts = [np.zeros_like(reference[_output(node, holder).name]) for node, holder, _ in layers]
-    spots = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)
-             if node.name in nodes and _weight_quantized(nodes[node.name])}
+    found = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)}
+    spots = {k: spot for k, spot in found.items() if spot is not None}
     pieces = Pieces(trial, data)
     for k in bar(sorted(spots, key=lambda k: pieces.position(spots[k][0])), ctx.progress, "bias-correct", "layer"):
         out, axis, (holder, index) = spots[k]
         node, float_holder, _ = layers[k]
         shift = -(pieces.mean_until(out, axis) - reference[_output(node, float_holder).name])
-        _shift_trial_bias(trial, holder, index, shift)
-        shifts[k] = _settled(shift, layers[k], holder.inputs[index])
-    return shifts, kept
+        original = np.asarray(float_holder.inputs[layers[k][2]].values, np.float64).reshape(-1)
+        shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
+    return shifts, {"layers_measured": len(spots), "layers_kept_float": kept}
 
 
 def _weight_quantized(node: gs.Node) -> bool:
     weight = node.inputs[1]
     return bool(weight.inputs) and weight.inputs[0].op == "DequantizeLinear"
-
-
-def _settled(shift: np.ndarray, layer: tuple[gs.Node, gs.Node, int], moved: gs.Tensor) -> np.ndarray:
-    """The change that gives the float model's bias the exact value of the copy's int32 bias: insert-qdq then
-    rounds it to those integers, so the model it writes is the one measured (rounding the corrected float bias
-    instead differed by one step here and there, which the next layers' corrections had not seen)."""
-    dq = moved.inputs[0] if isinstance(moved, gs.Variable) and moved.inputs else None
-    if dq is None or dq.op != "DequantizeLinear":
-        return shift
-    _, holder, index = layer
-    exact = np.asarray(dq.inputs[0].values).astype(np.float32) * np.asarray(dq.inputs[1].values, np.float32)
-    return exact.astype(np.float64) - np.asarray(holder.inputs[index].values, np.float64).reshape(-1)
 
 
 class Pieces:
@@ -191,30 +179,40 @@ def _output(node: gs.Node, holder: gs.Node) -> gs.Tensor:
 
 
 def _in_trial(nodes: Mapping[str, gs.Node], node: gs.Node, holder: gs.Node,
-              index: int) -> tuple[gs.Tensor, int, tuple[gs.Node, int]]:
-    """The layer's output in the quantized copy, its channel axis, and where its bias is there. insert-qdq turns an
-    ort-cpu MatMul + bias Add into a Gemm of the MatMul's name over [rows, N] (bias_gemm.py): the mean over rows
-    is the mean over tokens."""
-    quantized = nodes[node.name]
+              index: int) -> tuple[gs.Tensor, int, tuple[gs.Node, int]] | None:
+    """The layer's output in the quantized copy, its channel axis, and where its bias is there (None: the copy has
+    no quantized layer of that name). insert-qdq turns an ort-cpu MatMul + bias Add into a Gemm of the MatMul's name
+    over [rows, N] (bias_gemm.py): the mean over rows is the mean over tokens."""
+    quantized = nodes.get(node.name)
+    if quantized is None or not _weight_quantized(quantized):
+        return None
     if quantized.op in ("Conv", "Gemm"):
         return quantized.outputs[0], channel_axis(quantized), (quantized, 2)
-    return nodes[holder.name].outputs[0], -1, (nodes[holder.name], index)
+    add = nodes.get(holder.name)
+    return None if add is None else (add.outputs[0], -1, (add, index))
 
 
-def _shift_trial_bias(trial: Model, holder: gs.Node, index: int, shift: np.ndarray) -> None:
+def _shift_trial_bias(trial: Model, holder: gs.Node, index: int, shift: np.ndarray,
+                      original: np.ndarray) -> np.ndarray:
     """Add `shift` to the bias at holder.inputs[index] of the quantized copy, as new tensors (another layer may
-    share the old ones): an int32 bias behind a DequantizeLinear (ONNX Runtime's integer kernels take it so) moves
-    by whole steps of its scale; a float one by `shift`."""
+    share the old ones); return the change that gives the float model's bias (`original`) the copy's new value.
+    An int32 bias behind a DequantizeLinear (ONNX Runtime's integer kernels take it so) moves by whole steps of its
+    scale, and the float bias becomes exactly those steps: insert-qdq rounds it back to the same integers, so the
+    model it writes is the one measured (rounding the corrected float bias instead was one step off here and there,
+    which the next layers' corrections had not seen). A float bias moves by `shift`."""
     bias = holder.inputs[index]
     if isinstance(bias, gs.Constant):
         values = np.asarray(bias.values)
-        holder.inputs[index] = gs.Constant(trial.unique_name(f"{bias.name}_shifted"),
-                                           (values + shift.reshape(values.shape)).astype(values.dtype))
-        return
+        if values.size == shift.size:
+            moved = values + shift.reshape(values.shape)
+        else:  # one value for every channel
+            moved = np.broadcast_to(values.reshape(-1), shift.shape) + shift
+        holder.inputs[index] = gs.Constant(trial.unique_name(f"{bias.name}_shifted"), moved.astype(values.dtype))
+        return shift
     dq = bias.inputs[0] if bias.inputs else None
     if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[0], gs.Constant) \
             or np.asarray(dq.inputs[0].values).dtype != np.int32:
-        return  # not a bias insert-qdq writes: measured, but left as it is in the copy
+        return np.zeros_like(shift)  # not a bias insert-qdq writes: left as it is, in the copy and the model
     q = np.asarray(dq.inputs[0].values)
     steps = np.round(shift / np.asarray(dq.inputs[1].values, np.float64)).reshape(q.shape)
     moved = np.clip(q.astype(np.int64) + steps.astype(np.int64), -(2**31), 2**31 - 1).astype(np.int32)
@@ -223,3 +221,5 @@ def _shift_trial_bias(trial: Model, holder: gs.Node, index: int, shift: np.ndarr
     trial.graph.nodes.append(gs.Node("DequantizeLinear", trial.unique_name(f"{dq.name}_shifted"),
                                      attrs=dict(dq.attrs), inputs=[values, *dq.inputs[1:]], outputs=[output]))
     holder.inputs[index] = output
+    exact = moved.astype(np.float32) * np.asarray(dq.inputs[1].values, np.float32)
+    return exact.astype(np.float64).reshape(-1) - original
