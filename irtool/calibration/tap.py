@@ -435,14 +435,14 @@ def channel_means(model: Model, axes: Mapping[str, int],
 
     def build() -> tuple[ort.InferenceSession, dict[str, _Reduced]]:
         weights: dict[str, np.ndarray] = {}
-        proto, reduced = _pooled_proto(model, axes, weights)
+        proto, reduced = pooled_proto(model, axes, weights)
         may_renumber = _nchwc_share(proto) >= MIN_RENUMBERED_SHARE
         return calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=may_renumber,
                                    weights=weights), reduced
 
     (session, reduced), batches, _ = build_while_reading(build, batches)
     names = sorted(axes)
-    fetch = [out for name in names for out in _fetched(name, reduced.get(name))]
+    fetch = [out for name in names for out in reduced_outputs(name, reduced.get(name))]
     inputs = session.get_inputs()
     unbatched = batch_free(model, names)
     sums: dict[str, np.ndarray] = {}
@@ -451,7 +451,7 @@ def channel_means(model: Model, axes: Mapping[str, int],
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
         rows = batch_rows(batch)
         for name in names:
-            total, count = _channel_sums(values, name, axes[name], reduced.get(name))
+            total, count = channel_sums(values, name, axes[name], reduced.get(name))
             weight = rows if name in unbatched else 1  # computed once for the batch's samples, which share it
             sums[name] = sums.get(name, 0.0) + total * weight
             counts[name] += count * weight
@@ -511,13 +511,13 @@ def channel_abs_max(model: Model, names: Iterable[str],
 _POOLABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
 
-def _fetched(name: str, reduced: _Reduced | None) -> list[str]:
+def reduced_outputs(name: str, reduced: _Reduced | None) -> list[str]:
     if reduced is None:
         return [name]
     return [out for out in (reduced.mean, reduced.sums, reduced.shape) if out]
 
 
-def _channel_sums(values: Mapping[str, np.ndarray], name: str, axis: int,
+def channel_sums(values: Mapping[str, np.ndarray], name: str, axis: int,
                   reduced: _Reduced | None) -> tuple[np.ndarray, int]:
     """(per-channel sum, number of values summed per channel) of one batch of `name`."""
     if reduced is not None and reduced.sums:
@@ -538,7 +538,7 @@ class _Reduced:
     shape: str | None = None
 
 
-def _pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[onnx.ModelProto, dict[str, _Reduced]]:
+def pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[onnx.ModelProto, dict[str, _Reduced]]:
     """The model with a GlobalAveragePool after each float value of rank >= 3 whose channel axis is 1, a
     ReduceSum over the middle axes of each one of rank >= 3 whose channel axis is the last (tokens: a
     transformer's linear layers), and those reductions and the other named values as outputs; returns

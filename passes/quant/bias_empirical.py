@@ -17,7 +17,6 @@ ONNX Runtime session per layer, see Pieces), whose live values stay in memory.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -25,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from irtool.calibration.schedule import calibration_session
-from irtool.calibration.tap import channel_means, fit_batches
+from irtool.calibration.tap import channel_means, channel_sums, fit_batches, pooled_proto, reduced_outputs
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -104,17 +103,15 @@ class Pieces:
         before, pulled = self._live(self.cut)
         after, _ = self._live(end)
         kept = {t.name for t in before}
-        fetched = [t for t in after if t.name not in kept] + [out]
-        session = self._session(pulled + self._nodes(self.cut, end), before, fetched)
-        names = [t.name for t in fetched]
+        fetched = [t for t in after if t.name not in kept]
+        session, reduced = self._session(pulled + self._nodes(self.cut, end), before, fetched + [out], out, axis)
+        names = [t.name for t in fetched] + reduced_outputs(out.name, reduced)
         sums, count, cache = 0.0, 0, []
         for values in self.cache:
             got = dict(zip(names, session.run(names, {t.name: values[t.name] for t in before}), strict=True))
             cache.append({t.name: values[t.name] if t.name in kept else got[t.name] for t in after})
-            value = got[out.name]
-            other = tuple(i for i in range(value.ndim) if i != axis % value.ndim)
-            sums = sums + value.sum(axis=other, dtype=np.float64)
-            count += math.prod(value.shape[i] for i in other)
+            total, counted = channel_sums(got, out.name, axis, reduced)
+            sums, count = sums + total, count + counted
         self.cache, self.cut = cache, end
         return sums / max(count, 1)
 
@@ -158,19 +155,24 @@ class Pieces:
                                    for t in outer_uses(node))
         return self.static[key]
 
-    def _session(self, nodes: list[gs.Node], inputs: list[gs.Tensor], outputs: list[gs.Tensor]):
-        for tensor in inputs:  # typed from the values fed; their batch size is the data's
-            tensor.dtype, tensor.shape = self.cache[0][tensor.name].dtype, None
+    def _session(self, nodes: list[gs.Node], inputs: list[gs.Tensor], outputs: list[gs.Tensor], out: gs.Tensor,
+                 axis: int):
+        """A session of the piece, with `out` averaged in the graph where channel_means would (so a conv output
+        leaves ONNX Runtime as [N, C]); returns it and how `out` was reduced."""
+        for tensor in inputs:  # typed from the values fed: their rank, no fixed size (batches vary in length)
+            value = self.cache[0][tensor.name]
+            tensor.dtype, tensor.shape = value.dtype, [f"{tensor.name}_{i}" for i in range(value.ndim)]
         graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=self.model.graph.opset,
                          import_domains=self.model.graph.import_domains, ir_version=self.model.graph.ir_version)
         piece = Model(graph, source=self.model.source, source_opset=self.model.source_opset)
-        proto = piece.to_proto()
+        weights: dict[str, np.ndarray] = {}
+        proto, reduced = pooled_proto(piece, {out.name: axis}, weights)
         types = infer_types(proto)
         for value in proto.graph.output:
             if not value.type.tensor_type.elem_type:
                 value.type.tensor_type.elem_type = types.get(value.name, (onnx.TensorProto.FLOAT,))[0] \
                     or onnx.TensorProto.FLOAT
-        return calibration_session(proto, [], may_renumber=False)
+        return calibration_session(proto, [], may_renumber=False, weights=weights), reduced.get(out.name)
 
 
 def _output(node: gs.Node, holder: gs.Node) -> gs.Tensor:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from irtool.calibration.schedule import calibration_session, session_with_weights
-from irtool.calibration.tap import _pooled_proto, channel_means
+from irtool.calibration.tap import channel_means, pooled_proto
 from irtool.ir.convert import WEIGHTS_IN_MEMORY
 from irtool.ir.model import Model
 
@@ -117,7 +117,7 @@ def test_channel_means_pool_conv_inputs_in_graph_and_weigh_every_sample_alike():
     model = Model.from_proto(_conv_net(batch="N"))
     batches = [{"x": np.concatenate([_feeds(s)["x"] for s in (1, 2)])[:3]}, {"x": _feeds(3)["x"][:1]}]
     axes = {"x": 1, "r": 1, "f": -1}
-    proto, pooled = _pooled_proto(model, axes, {})
+    proto, pooled = pooled_proto(model, axes, {})
     assert sorted(pooled) == ["r", "x"] and "r" not in {o.name for o in proto.graph.output}
     reference = ort.InferenceSession(_with_outputs(model, ["r", "f"]), providers=["CPUExecutionProvider"])
     everything = {"x": [], "r": [], "f": []}
@@ -160,7 +160,7 @@ def test_channel_means_of_token_values_sum_in_graph_and_weigh_every_token_alike(
     batches = [{"x": RNG.standard_normal((3, 2, 8)).astype(np.float32) + 0.5},
                {"x": RNG.standard_normal((1, 9, 8)).astype(np.float32) - 0.5}]
     axes = {"x": -1, "r": -1}
-    proto, reduced = _pooled_proto(model, axes, {})
+    proto, reduced = pooled_proto(model, axes, {})
     outputs = {o.name for o in proto.graph.output}
     assert sorted(reduced) == ["r", "x"] and not {"r", "x"} & outputs
     assert all(reduced[n].sums in outputs and reduced[n].shape in outputs for n in axes)
