@@ -21,6 +21,7 @@ puts them back on the layers whose weights it leaves float (exclusions, keep-fir
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ from irtool.passes.quant.insert_qdq import (
     INSERTED_BIAS,
     KEPT_FLOAT_KEY,
     REDUCED_RANGE,
-    ActivationType,
     InsertQDQ,
     bias_slot,
     quantize_weight,
@@ -50,7 +50,6 @@ from irtool.passes.quant.insert_qdq import (
 from irtool.passes.quant.placement import Profile, Selection, weight_axis
 from irtool.passes.quant.sensitivity import with_eval_batches
 from irtool.passmanager import Pass, PassContext, PassResult
-from irtool.pipeline import Regex
 
 BIASED = ("Conv", "Gemm")
 
@@ -127,24 +126,18 @@ class BiasCorrect(Pass):
     name = "bias-correct"
 
     @dataclass(frozen=True)
-    class Options:
-        per_channel: bool = True
-        reduce_range: bool = True  # as insert-qdq's ort-cpu default; set false for trt or full-range weights
-        mode: Mode = Mode.ANALYTIC
-        # mode=empirical: the quantized model it measures, made as insert-qdq would with these options (profile:
-        # the one calibrate measured for, else ort-cpu; a named pipeline's exclusions reach them too), and how
-        # many calibration samples it runs (the first batches holding that many)
+    class Options(InsertQDQ.Options):
+        """insert-qdq's options, with which mode=empirical makes the quantized copy it measures (and the analytic
+        mode reads per-channel and reduce-range): a named pipeline's options reach both passes alike. profile:
+        unset, the one calibrate measured for, else ort-cpu. samples: how many calibration samples mode=empirical
+        runs (the first batches holding that many)."""
+
         profile: Profile | None = None
-        activations: ActivationType = ActivationType.U8
-        exclude: tuple[Regex, ...] = ()
-        exclude_ops: tuple[str, ...] = ()
-        keep_first: bool = False
-        keep_last: bool = False
-        min_sqnr: float | None = None
-        keep_fp: int = 0
+        mode: Mode = Mode.ANALYTIC
         samples: int = 64
 
         def __post_init__(self):
+            super().__post_init__()
             if self.samples < 1:
                 raise ValueError("samples must be >= 1")
 
@@ -189,11 +182,9 @@ class BiasCorrect(Pass):
         for node, holder, index in holders:  # a zero bias to measure and move in the quantized copy
             if len(holder.inputs) <= index:
                 _add_to_bias(model, node, holder, index, np.zeros(_out_channels(node), np.float64))
-        profile = self.options.profile or stored_profile(model) or Profile.ORT_CPU
         o = self.options
-        quantize = InsertQDQ(profile=profile, activations=o.activations, per_channel=o.per_channel,
-                             reduce_range=o.reduce_range, exclude=o.exclude, exclude_ops=o.exclude_ops,
-                             keep_first=o.keep_first, keep_last=o.keep_last, min_sqnr=o.min_sqnr, keep_fp=o.keep_fp)
+        shared = {f.name: getattr(o, f.name) for f in dataclasses.fields(InsertQDQ.Options)}
+        quantize = InsertQDQ(**{**shared, "profile": o.profile or stored_profile(model) or Profile.ORT_CPU})
         shifts, stats = empirical_shifts(model, holders, quantize, ctx, data)
         if o.min_sqnr is not None or o.keep_fp:
             model.metadata[KEPT_FLOAT_KEY] = json.dumps(sorted(stats["layers_kept_float"]))
