@@ -430,6 +430,21 @@ def channel_means(model: Model, axes: Mapping[str, int],
     with every one copied out whole, bias-correct took 2.8 s on the bench's MobileNetV2 at 64 samples (1.2 s
     now, ~2.5x its float inference). [N, ..., C] float values with the channel last (token sequences) are summed
     over their middle axes in the graph the same way. Other values come out whole."""
+    return {name: mean_of(parts) for name, parts in channel_batch_sums(model, axes, batches).items()}
+
+
+def mean_of(parts: Iterable[tuple[np.ndarray, int]]) -> np.ndarray:
+    """The mean of (per-channel sum, count) parts, summed in their order."""
+    total, count = 0.0, 0
+    for part_sum, part_count in parts:
+        total, count = total + part_sum, count + part_count
+    return total / max(1, count)
+
+
+def channel_batch_sums(model: Model, axes: Mapping[str, int],
+                       batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, list[tuple[np.ndarray, int]]]:
+    """channel_means' sums, per batch: {name: [(per-channel float64 sum, values summed per channel), ...]}, so a
+    caller can take the mean over the first batches alone (bias-correct{mode=empirical} under its memory bound)."""
     if not axes:  # ONNX Runtime would return every output for an empty list of names
         return {}
 
@@ -445,20 +460,18 @@ def channel_means(model: Model, axes: Mapping[str, int],
     fetch = [out for name in names for out in reduced_outputs(name, reduced.get(name))]
     inputs = session.get_inputs()
     unbatched = batch_free(model, names)
-    sums: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(names, 0)
+    parts: dict[str, list[tuple[np.ndarray, int]]] = {name: [] for name in names}
     for index, batch in enumerate(fit_batches(inputs, batches)):
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
         rows = batch_rows(batch)
         for name in names:
             total, count = channel_sums(values, name, axes[name], reduced.get(name))
             weight = rows if name in unbatched else 1  # computed once for the batch's samples, which share it
-            sums[name] = sums.get(name, 0.0) + total * weight
-            counts[name] += count * weight
+            parts[name].append((total * weight, count * weight))
         del values  # freed before the next batch runs
-    if not sums:
+    if not parts[names[0]]:
         raise InputError("calibration data is empty")
-    return {name: sums[name] / max(1, counts[name]) for name in names}
+    return parts
 
 
 def batch_free(model: Model, names: Iterable[str]) -> set[str]:

@@ -48,7 +48,6 @@ from irtool.passes.quant.insert_qdq import (
     record_bias_corrections,
 )
 from irtool.passes.quant.placement import Profile, Selection, weight_axis
-from irtool.passes.quant.sensitivity import with_eval_batches
 from irtool.passmanager import Pass, PassContext, PassResult
 
 BIASED = ("Conv", "Gemm")
@@ -130,16 +129,20 @@ class BiasCorrect(Pass):
         """insert-qdq's options, with which mode=empirical makes the quantized copy it measures (and the analytic
         mode reads per-channel and reduce-range): a named pipeline's options reach both passes alike. profile:
         unset, the one calibrate measured for, else ort-cpu. samples: how many calibration samples mode=empirical
-        runs (the first batches holding that many)."""
+        runs (the first batches holding that many). memory-mb: the most memory the values it keeps between layers
+        take; past it, later layers are measured on fewer samples (bias_empirical.py)."""
 
         profile: Profile | None = None
         mode: Mode = Mode.ANALYTIC
         samples: int = 64
+        memory_mb: int = 1024
 
         def __post_init__(self):
             super().__post_init__()
             if self.samples < 1:
                 raise ValueError("samples must be >= 1")
+            if self.memory_mb < 1:
+                raise ValueError("memory-mb must be >= 1")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if ctx.calibration_data is None:
@@ -160,9 +163,7 @@ class BiasCorrect(Pass):
             toposort_graph(model.graph)
         stats = {"layers": len(layers), "bias_adds_inserted": inserted}
         if empirical:
-            data = with_eval_batches(ctx, self.options.samples).calibration_data
-            stats["samples"] = sum(batch_rows(batch) for batch in data())
-            shifts, measured = self._empirical(model, holders, data, ctx)
+            shifts, measured = self._empirical(model, holders, _first(ctx.calibration_data, self.options.samples), ctx)
             stats.update(measured)
         else:
             shifts = self._analytic(model, holders, ctx)
@@ -185,10 +186,22 @@ class BiasCorrect(Pass):
         o = self.options
         shared = {f.name: getattr(o, f.name) for f in dataclasses.fields(InsertQDQ.Options)}
         quantize = InsertQDQ(**{**shared, "profile": o.profile or stored_profile(model) or Profile.ORT_CPU})
-        shifts, stats = empirical_shifts(model, holders, quantize, ctx, data)
+        shifts, stats = empirical_shifts(model, holders, quantize, ctx, data, o.memory_mb * 2**20)
         if o.min_sqnr is not None or o.keep_fp:
             model.metadata[KEPT_FLOAT_KEY] = json.dumps(sorted(stats["layers_kept_float"]))
         return shifts, stats
+
+
+def _first(data, samples: int):
+    """The first batches of `data` holding `samples` samples (or all), streamed: bias-correct reads them once."""
+    def batches():
+        count = 0
+        for batch in data():
+            yield batch
+            count += batch_rows(batch)
+            if count >= samples:
+                return
+    return batches
 
 
 def _out_channels(node: gs.Node) -> int:

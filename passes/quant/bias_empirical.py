@@ -12,19 +12,32 @@ empirical; plain CNN 43.16, 43.71, 44.87; residual 37.59, 38.20, 38.88; SiLU/squ
 28.83, 29.48.
 
 Cost: about one pass of the quantized model over the first `samples` calibration samples, run in pieces (one
-ONNX Runtime session per layer, see Pieces), whose live values stay in memory.
-"""
+ONNX Runtime session per layer, see Pieces), whose live values stay in memory, up to `memory-mb`: where the values
+live between two layers would hold more, the layers from there on are measured on fewer samples (the first
+batches), and the float means they are matched to are taken over the same samples. A U-Net at 512x512 (32-128
+channels, 64 samples, batch 4) kept up to 1.5 GB of them, the bench models at 224x224 15-129 MB. ONNX
+Runtime's working memory for the batch a piece runs comes on top, as in calibration."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from irtool.calibration.data import batch_rows
 from irtool.calibration.schedule import calibration_session
-from irtool.calibration.tap import channel_means, channel_sums, fit_batches, pooled_proto, reduced_outputs
+from irtool.calibration.tap import (
+    batch_free,
+    channel_batch_sums,
+    channel_sums,
+    fit_batches,
+    mean_of,
+    pooled_proto,
+    reduced_outputs,
+)
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
@@ -35,35 +48,41 @@ from irtool.progress import bar
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
+log = logging.getLogger(__name__)
+
 
 def channel_axis(tensor_owner: gs.Node) -> int:
     return 1 if tensor_owner.op == "Conv" else -1
 
 
 def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], quantize: InsertQDQ,
-                     ctx: PassContext, data: Batches) -> tuple[list[np.ndarray], dict]:
+                     ctx: PassContext, data: Batches, memory_bytes: int) -> tuple[list[np.ndarray], dict]:
     """The bias change of each (layer, bias holder, input index) that makes its output mean in the model that
-    `quantize` (an insert-qdq) makes equal the float one's, and stats: the layers that insert-qdq left float by
+    `quantize` (an insert-qdq) makes equal the float one's, and stats: the samples read and those the last layer
+    was measured on (fewer where the live values outgrew `memory_bytes`), the layers that insert-qdq left float by
     mixed precision (decided on the uncorrected model), how many it quantized and were measured. Every layer has a
     bias (a constant input at the holder's index) already."""
-    measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in layers}
-    reference = channel_means(model, measured, data())
     trial = model.copy()
     # All of insert-qdq: GELU fusion, the integer HardSwish, and which layers stay float change what is measured.
     kept = quantize.run(trial, ctx).stats["layers_kept_float"]
+    pieces = Pieces(trial, data, memory_bytes)
+    read = pieces.samples()
+    measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in layers}
+    reference = channel_batch_sums(model, measured, pieces.batches())
     nodes = {n.name: n for n in trial.graph.nodes}
     # A layer insert-qdq leaves float (excluded) is not corrected: insert-qdq gives it its original bias back.
-    shifts = [np.zeros_like(reference[_output(node, holder).name]) for node, holder, _ in layers]
+    shifts = [np.zeros_like(mean_of(reference[_output(node, holder).name])) for node, holder, _ in layers]
     found = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)}
     spots = {k: spot for k, spot in found.items() if spot is not None}
-    pieces = Pieces(trial, data)
     for k in bar(sorted(spots, key=lambda k: pieces.position(spots[k][0])), ctx.progress, "bias-correct", "layer"):
         out, axis, (holder, index) = spots[k]
         node, float_holder, _ = layers[k]
-        shift = -(pieces.mean_until(out, axis) - reference[_output(node, float_holder).name])
+        mean, batches = pieces.mean_until(out, axis)
+        shift = -(mean - mean_of(reference[_output(node, float_holder).name][:batches]))
         original = np.asarray(float_holder.inputs[layers[k][2]].values, np.float64).reshape(-1)
         shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
-    return shifts, {"layers_measured": len(spots), "layers_kept_float": kept}
+    return shifts, {"samples": read, "samples_last": pieces.samples(), "layers_measured": len(spots),
+                    "layers_kept_float": kept}
 
 
 def _weight_quantized(node: gs.Node) -> bool:
@@ -77,9 +96,11 @@ class Pieces:
     again just before the producer, so the next call runs it again with what changed since (its corrected bias).
     Over all layers this is about one pass of the model, where a prefix per layer was about half a pass each
     (the bench's ResNet-50, 53 layers at 64 samples: 5.6 s in pieces, 20.5 s with prefixes).
-    Nodes computed from constants alone (weight and bias DequantizeLinears) run in every piece that reads them."""
+    Nodes computed from constants alone (weight and bias DequantizeLinears) run in every piece that reads them.
+    The values kept hold at most `memory_bytes` (and one batch at least): the batches past it are dropped, from the
+    cut where they would have outgrown it."""
 
-    def __init__(self, model: Model, data: Batches):
+    def __init__(self, model: Model, data: Batches, memory_bytes: int):
         self.model = model
         self.order = [model.graph.nodes[i] for i in topo_order(model.graph.nodes)]
         self.index = {id(n): i for i, n in enumerate(self.order)}
@@ -88,17 +109,35 @@ class Pieces:
         for i, node in enumerate(self.order):
             for tensor in outer_uses(node):
                 self.last_read[tensor.name] = i
-        self.cut = 0
-        inputs = [t for t in model.graph.inputs if t.name in self.last_read]
-        self.cache = [{t.name: np.asarray(batch[t.name]) for t in inputs} for batch in fit_batches(inputs, data())]
+        self.cut, self.memory_bytes = 0, memory_bytes
+        self.batch_free = batch_free(model, [t.name for n in self.order for t in n.outputs])
+        self.cache: list[dict[str, np.ndarray]] = []
+        size = 0
+        # Every input, read or not: the float reference runs on these batches too. Copied: a source may reuse its
+        # arrays.
+        for batch in fit_batches(model.graph.inputs, data()):
+            entry = {name: np.array(value) for name, value in batch.items()}
+            size += _nbytes(entry)
+            if self.cache and size > memory_bytes:
+                log.info("bias-correct: the first %d samples fill memory-mb=%d: measuring on those",
+                         self.samples(), memory_bytes // 2**20)
+                break
+            self.cache.append(entry)
         if not self.cache:
             raise InputError("calibration data is empty")
+
+    def batches(self) -> Iterable[Mapping[str, np.ndarray]]:
+        return iter(self.cache)
+
+    def samples(self) -> int:
+        return sum(batch_rows(values) for values in self.cache)
 
     def position(self, tensor: gs.Tensor) -> int:
         return self.index[id(tensor.inputs[0])]
 
-    def mean_until(self, out: gs.Tensor, axis: int) -> np.ndarray:
-        """Mean of `out` over everything but `axis`, over the cached samples; then cut before its producer."""
+    def mean_until(self, out: gs.Tensor, axis: int) -> tuple[np.ndarray, int]:
+        """Mean of `out` over everything but `axis`, over the cached samples, and how many batches it took (all
+        that the values live at the new cut fit in memory_bytes for); then cut before its producer."""
         end = self.position(out)
         before, pulled = self._live(self.cut)
         after, _ = self._live(end)
@@ -106,14 +145,23 @@ class Pieces:
         fetched = [t for t in after if t.name not in kept]
         session, reduced = self._session(pulled + self._nodes(self.cut, end), before, fetched + [out], out, axis)
         names = [t.name for t in fetched] + reduced_outputs(out.name, reduced)
-        sums, count, cache = 0.0, 0, []
-        for values in self.cache:
+        sums, count, size = 0.0, 0, 0
+        weight = out.name in self.batch_free  # computed once for the batch's samples, which share it
+        for index, values in enumerate(self.cache):
             got = dict(zip(names, session.run(names, {t.name: values[t.name] for t in before}), strict=True))
-            cache.append({t.name: values[t.name] if t.name in kept else got[t.name] for t in after})
+            entry = {t.name: values[t.name] if t.name in kept else got[t.name] for t in after}
+            size += _nbytes(entry)
+            if index and size > self.memory_bytes:
+                del self.cache[index:]
+                log.info("bias-correct: the values live before %s fill memory-mb=%d at %d samples: measuring it "
+                         "and the layers after it on those", out.name, self.memory_bytes // 2**20, self.samples())
+                break
+            self.cache[index] = entry  # the values no later node reads are freed now, not after the last batch
             total, counted = channel_sums(got, out.name, axis, reduced)
-            sums, count = sums + total, count + counted
-        self.cache, self.cut = cache, end
-        return sums / max(count, 1)
+            rows = batch_rows(values) if weight else 1
+            sums, count = sums + total * rows, count + counted * rows
+        self.cut = end
+        return sums / max(count, 1), len(self.cache)
 
     def _live(self, at: int) -> tuple[list[gs.Tensor], list[gs.Node]]:
         """The computed values made before position `at` (or model inputs) that a node at `at` or later reads, and
@@ -173,6 +221,10 @@ class Pieces:
                 value.type.tensor_type.elem_type = types.get(value.name, (onnx.TensorProto.FLOAT,))[0] \
                     or onnx.TensorProto.FLOAT
         return calibration_session(proto, [], may_renumber=False, weights=weights), reduced.get(out.name)
+
+
+def _nbytes(values: Mapping[str, np.ndarray]) -> int:
+    return sum(value.nbytes for value in values.values())
 
 
 def _output(node: gs.Node, holder: gs.Node) -> gs.Tensor:

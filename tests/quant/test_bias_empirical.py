@@ -167,3 +167,72 @@ def test_an_excluded_layer_keeps_its_bias_and_the_others_are_measured_with_it_fl
         reference = np.mean([_means(proto, {name: 1}, s)[name] for s in x], axis=0)
         measured = np.mean([_means(out, {name: 1}, s)[name] for s in x], axis=0)
         np.testing.assert_allclose(measured, reference, atol=2e-3)
+
+
+def _wide_chain() -> onnx.ModelProto:
+    """Conv 3->32 + Relu, Conv 32->32 + Relu, Conv 32->8 on 32x32 images: 32 KB of u8 live values per sample
+    between the convs, so 64 samples outgrow a 1 MB bound and a few batches fit in it."""
+    from golden._quant_blocks import Builder
+
+    b = Builder(5)
+    h = b.node("Relu", [b.conv("x", "c1", 3, 32)], "r1")
+    h = b.node("Relu", [b.conv(h, "c2", 32, 32)], "r2")
+    return b.model({"x": [None, 3, 32, 32]}, b.conv(h, "c3", 32, 8, k=1), [None, 8, 32, 32])
+
+
+def test_pieces_keep_at_most_the_memory_bound_and_average_the_batches_they_keep():
+    """Pieces on the float chain with a 1 MB bound: after each cut the values kept fit in it, the batches dropped
+    are the last ones, and each mean equals the whole model's over the batches it reports."""
+    from irtool.ir.model import Model
+    from irtool.passes.quant.bias_empirical import Pieces
+
+    proto = _wide_chain()
+    x = np.random.default_rng(6).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    batches = [x[i:i + 4] for i in range(0, 64, 4)]
+    model = Model.from_proto(proto)
+    pieces = Pieces(model, lambda: iter({"x": b} for b in batches), 2**20)
+    assert pieces.samples() == 64  # the 768 KB of input fit
+    outs = {n.outputs[0].name: n.outputs[0] for n in model.graph.nodes if n.op == "Conv"}
+    full = dict(zip(outs, _with_outputs(proto, list(outs)).run(list(outs), {"x": x}), strict=True))
+    kept = []
+    for name, tensor in outs.items():
+        mean, count = pieces.mean_until(tensor, 1)
+        assert sum(v.nbytes for e in pieces.cache for v in e.values()) <= 2**20
+        np.testing.assert_allclose(mean, full[name][:4 * count].mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        kept.append(count)
+    # c1 reads the input, which fit; the cuts before c2 and c3 hold a float Relu output, 128 KB per sample and
+    # 512 KB per batch of 4: two batches are exactly 1 MB.
+    assert kept == [16, 2, 2]
+
+
+def test_a_memory_bound_measures_later_layers_on_fewer_samples_against_the_same_float_samples():
+    """INT8 chain with memory-mb=1: the first layer is measured on all 64 samples, the last on the first batches
+    that fit (the u8 values between the convs); each one's corrected mean in the written model equals the float
+    model's over the samples it was measured on. Two runs give the same bytes."""
+    proto = _wide_chain()
+    x = np.random.default_rng(7).standard_normal((64, 1, 3, 32, 32)).astype(np.float32)
+
+    def run():
+        return optimize(proto, "calibrate{method=minmax},bias-correct{mode=empirical,memory-mb=1},insert-qdq",
+                        calibration_data=lambda: iter({"x": s} for s in x), calib_batch_size=4)
+
+    result = run()
+    stats = result.stats("bias-correct")
+    assert stats["samples"] == 64 and stats["samples_last"] == 32, stats  # 32 KB of u8 per sample between convs
+    assert serialized(result.model) == serialized(run().model)
+    out = result.model.to_proto()
+    for name, samples in (("c1", stats["samples"]), ("c3", stats["samples_last"])):
+        first = x[:samples, 0]
+        measured, reference = _means(out, {name: 1}, first)[name], _means(proto, {name: 1}, first)[name]
+        spread = _with_outputs(proto, [name]).run([name], {"x": first})[0].std()
+        assert np.abs(measured - reference).max() / spread < 1e-3, (name, samples)
+    unbounded = optimize(proto, "calibrate{method=minmax},bias-correct{mode=empirical},insert-qdq",
+                         calibration_data=lambda: iter({"x": s} for s in x), calib_batch_size=4)
+    assert unbounded.stats("bias-correct")["samples_last"] == 64
+
+
+def test_memory_bound_must_be_positive():
+    x = np.random.default_rng(0).standard_normal((4, 1, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(PipelineError, match="memory-mb must be >= 1"):
+        optimize(depthwise_chain(), "calibrate,bias-correct{mode=empirical,memory-mb=0}",
+                 calibration_data=lambda: iter({"x": s} for s in x))
