@@ -106,7 +106,8 @@ def _calibration_options(func):
         click.option("--calib-samples", type=click.IntRange(min=1), metavar="N",
                      help="Use N samples, chosen with --seed (default: all)."),
         click.option("--calib-batch-size", type=click.IntRange(min=1), metavar="N",
-                     help="Samples per calibration batch (default 16; a static batch dim in the model wins)."),
+                     help="Samples per calibration batch (default 16, fewer where a batch would keep over 1 GiB of "
+                          "activations; a static batch dim in the model wins)."),
         click.option("--calib-preprocess", metavar="SPEC",
                      help="Image preprocessing: resize=256,crop=224,mean=0.485;0.456;0.406,"
                           "std=0.229;0.224;0.225,scale=1/255,layout=nchw|nhwc,order=rgb|bgr|gray; detectors: "

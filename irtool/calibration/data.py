@@ -36,6 +36,11 @@ new batch.
 
 Memory: at most one batch is held (MAX_OPEN_BATCHES with scalar inputs), plus what a format forces: .npy files
 are memory-mapped, .npz members are read row by row from the zip stream (a Fortran-ordered member is loaded whole).
+ONNX Runtime's working memory grows with the batch: where optimize() and the CLI choose it (no --calib-batch-size),
+a batch holds DEFAULT_BATCH_SIZE samples, or fewer where that many would keep more than ACTIVATION_BUDGET of live
+activations (irtool.analysis.cost's peak estimate at the first sample's shapes). A U-Net at 512x512 keeps ~190 MB
+per sample: batches of 5, where 16 would need ~3 GB and more at higher resolutions. Statistics do not depend on the
+batch size, so the choice changes how fast and how big, not the ranges.
 
 `fingerprint()` hashes the source kind, preprocessing, selection and the bytes of the files holding
 the selected samples (for iterables the selected samples' bytes): the key of on-disk statistic caches.
@@ -69,6 +74,7 @@ __all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data",
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
+ACTIVATION_BUDGET = 1 << 30  # live activation bytes a batch of the chosen size may keep (see the module docstring)
 DEFAULT_RANDOM_SAMPLES = 16
 MAX_OPEN_BATCHES = 4  # batches filled at once, one per value of the scalar inputs (a diffusion timestep)
 RANDOM = "random"
@@ -161,7 +167,7 @@ class CalibrationData:
                  batch_size: int = DEFAULT_BATCH_SIZE, description: str = ""):
         self._source, self.inputs, self.indices = source, inputs, indices
         self.batch_size = _batch_size(inputs, batch_size, len(indices))
-        self._batch_fixed = any(inp.shape and inp.shape[0] is not None for inp in inputs)
+        self.batch_fixed = any(inp.shape and inp.shape[0] is not None for inp in inputs)
         self._scalars = [inp.name for inp in inputs if inp.scalar]
         self.description = description or source.kind
         self._fingerprint: str | None = None
@@ -183,6 +189,19 @@ class CalibrationData:
     def __repr__(self) -> str:
         return f"CalibrationData({self.description}, samples={self.num_samples}, batch_size={self.batch_size})"
 
+    def with_batch_size(self, batch_size: int) -> CalibrationData:
+        """The same samples from the same source, in batches of `batch_size`."""
+        return CalibrationData(self._source, self.inputs, self.indices, batch_size, self.description)
+
+    def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each input in the first selected sample (read alone, as `data()` would convert it)."""
+        samples = self._source.samples(self.indices[:1])
+        try:
+            where, sample = next(samples)
+        finally:
+            samples.close()
+        return {inp.name: convert_sample(inp, sample[inp.name], where).shape for inp in self.inputs}
+
     def fingerprint(self) -> str:
         """A stable hex digest of the selected samples and the selection, for statistic caches."""
         if self._fingerprint is None:
@@ -203,10 +222,10 @@ class CalibrationData:
         for where, sample in self._source.samples(self.indices):
             converted = {inp.name: convert_sample(inp, sample[inp.name], where) for inp in self.inputs}
             key = tuple(converted[name].item() for name in self._scalars)
-            if self._batch_fixed and open_batches and key not in open_batches:
+            if self.batch_fixed and open_batches and key not in open_batches:
                 self._refuse_mixed_scalars(next(iter(open_batches.values())), converted, where)
             current = open_batches.get(key)
-            if current is not None and not self._batch_fixed and _reshaped(current.arrays, converted):
+            if current is not None and not self.batch_fixed and _reshaped(current.arrays, converted):
                 # A sample shaped unlike its batch-mates (text padded per batch, images of several sizes) closes
                 # the batch early: statistics are per sample, so where a batch ends changes none of them.
                 yield open_batches.pop(key).fed(self._scalars)
@@ -299,10 +318,35 @@ def as_calibration_data(data: Any, model: Any, *, samples: int | None = None, se
             raise InputError("--calib-preprocess applies to image folders, not to Python data providers")
         return CalibrationData.from_iterable(_user_provider(data), inputs, samples, seed, batch)
     if isinstance(data, (str, os.PathLike)):
-        return CalibrationData.from_path(data, inputs, samples, seed, batch, preprocess)
-    if preprocess is not None:
+        built = CalibrationData.from_path(data, inputs, samples, seed, batch, preprocess)
+    elif preprocess is not None:
         raise InputError("--calib-preprocess applies to image folders, not to Python iterables")
-    return CalibrationData.from_iterable(data, inputs, samples, seed, batch)
+    else:
+        built = CalibrationData.from_iterable(data, inputs, samples, seed, batch)
+    return built if batch_size is not None else fit_batch_to_memory(built, model)
+
+
+def fit_batch_to_memory(data: CalibrationData, model: Any) -> CalibrationData:
+    """`data` in batches small enough that the model's live activations stay within ACTIVATION_BUDGET (one sample
+    at least); as it is where they already do, or where the model fixes the batch."""
+    if data.batch_size <= 1 or data.batch_fixed:
+        return data
+    per_sample = activation_bytes(model, data.inputs, data.first_sample_shapes())
+    fits = max(1, ACTIVATION_BUDGET // per_sample) if per_sample else data.batch_size
+    if fits >= data.batch_size:
+        return data
+    log.info("calibration batches hold %d samples, not %d: the model keeps up to %.0f MB of activations per sample "
+             "(--calib-batch-size sets the batch)", fits, data.batch_size, per_sample / 2**20)
+    return data.with_batch_size(fits)
+
+
+def activation_bytes(model: Any, inputs: list[ModelInput], sample_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Peak live activation bytes of one sample (values of unknown size count 0)."""
+    from irtool.analysis.cost import model_cost
+
+    shapes = {inp.name: list(sample_shapes[inp.name]) if inp.scalar else [1, *sample_shapes[inp.name]]
+              for inp in inputs}
+    return model_cost(model, shapes).peak_activation_bytes
 
 
 def _user_provider(spec: str) -> Any:

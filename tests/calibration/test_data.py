@@ -403,3 +403,53 @@ def test_an_npz_member_is_streamed_row_by_row(tmp_path: Path):
         tracemalloc.stop()
     # two batches of 2 x 196 KB plus zip read buffers: a small constant, far below the 12.6 MB array
     assert count == 4 and peak < 4_000_000
+
+
+# ----------------------------------------------------------------------------------- batch size and memory
+def _dynamic_conv_net() -> Model:
+    """conv_net with H and W dynamic: at its peak Relu's input and output are live, 2 x 8 channels x H x W float32
+    per sample (16 KB at 16x16)."""
+    from tests.calibration.models import conv_net
+
+    proto = conv_net()
+    for value, channels in ((proto.graph.input[0], 3), (proto.graph.output[0], 4)):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+        assert dims[1].dim_value == channels
+    return Model.from_proto(proto)
+
+
+def test_the_default_batch_keeps_the_live_activations_at_the_first_samples_shape_within_the_budget(monkeypatch):
+    import irtool.calibration.data as data_module
+
+    monkeypatch.setattr(data_module, "ACTIVATION_BUDGET", 3 * 16384 + 100)
+    model = _dynamic_conv_net()
+    images = [{"x": np.zeros((3, 16, 16), np.float32)} for _ in range(8)]
+    assert as_calibration_data(images, model).batch_size == 3
+    assert [len(b["x"]) for b in as_calibration_data(images, model)()] == [3, 3, 2]
+    small = [{"x": np.zeros((3, 8, 8), np.float32)} for _ in range(8)]  # 4 KB per sample: 12 would fit
+    assert as_calibration_data(small, model).batch_size == 12
+    assert as_calibration_data(images, model, batch_size=16).batch_size == 16  # asked for: kept
+    monkeypatch.setattr(data_module, "ACTIVATION_BUDGET", 100)
+    assert as_calibration_data(images, model).batch_size == 1  # one sample at least
+
+
+def test_the_batch_chosen_for_memory_changes_no_statistic(monkeypatch, caplog):
+    """entropy calibration of the dynamic conv net on 10 images, batches chosen for a 3-sample budget (3, 3, 3,
+    1) against the default 16: the same ranges, and the log says why the batches are smaller."""
+    import json
+
+    import irtool.calibration.data as data_module
+    from irtool.api import optimize
+
+    images = [{"x": np.random.default_rng(i).standard_normal((3, 16, 16)).astype(np.float32)} for i in range(10)]
+
+    def ranges() -> dict:
+        result = optimize(_dynamic_conv_net().to_proto(), "calibrate{method=entropy}", calibration_data=images)
+        return json.loads(result.model.metadata["irtool.calibration"])["ranges"]
+
+    default = ranges()
+    monkeypatch.setattr(data_module, "ACTIVATION_BUDGET", 3 * 16384 + 100)
+    with caplog.at_level(logging.INFO, logger="irtool.calibration.data"):
+        assert ranges() == default
+    assert "calibration batches hold 3 samples, not 16" in caplog.text
