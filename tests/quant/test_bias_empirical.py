@@ -236,3 +236,81 @@ def test_memory_bound_must_be_positive():
     with pytest.raises(PipelineError, match="memory-mb must be >= 1"):
         optimize(depthwise_chain(), "calibrate,bias-correct{mode=empirical,memory-mb=0}",
                  calibration_data=lambda: iter({"x": s} for s in x))
+
+
+def _dequantized_layer(op: str, x_shape: list[int], weight: np.ndarray, attrs: dict, quantized_input: bool):
+    """x -> (QuantizeLinear -> DequantizeLinear) -> op(DQ per-channel s8 weight, DQ int32 bias) -> y, as
+    insert-qdq writes a layer, with the values LinearMean reads: {name: array} for a batch of x."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    channels = weight.shape[0] if op == "Conv" else weight.shape[0 if attrs.get("transB") else 1]
+    axis = 0 if op == "Conv" or attrs.get("transB") else 1  # the output channels' axis
+    others = tuple(i for i in range(weight.ndim) if i != axis)
+    w_scale = (np.abs(weight).max(axis=others, keepdims=True) / 127).astype(np.float32)
+    w_q, w_scale = np.round(weight / w_scale), w_scale.reshape(-1)
+    inits = [numpy_helper.from_array(w_q.astype(np.int8), "w_q"), numpy_helper.from_array(w_scale, "w_s"),
+             numpy_helper.from_array(rng.integers(-500, 500, channels).astype(np.int32), "b_q"),
+             numpy_helper.from_array(np.full(channels, 1e-3, np.float32), "b_s"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "x_s"),
+             numpy_helper.from_array(np.array(110, np.uint8), "x_zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], axis=axis),
+             helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], axis=0)]
+    if quantized_input:
+        nodes += [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["x_q"]),
+                  helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_zp"], ["x_dq"])]
+    nodes.append(helper.make_node(op, ["x_dq" if quantized_input else "x", "w", "b"], ["y"], name="layer",
+                                  **attrs))
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op, x_shape, w_shape, attrs", [
+    ("Conv", [4, 6, 13, 11], [8, 6, 3, 3], {"pads": [1, 0, 2, 1]}),
+    ("Conv", [4, 6, 13, 11], [8, 6, 3, 3], {"strides": [2, 3], "dilations": [2, 1], "pads": [2, 1, 0, 2]}),
+    ("Conv", [4, 6, 12, 12], [6, 1, 5, 5], {"group": 6, "strides": [2, 2], "pads": [2, 2, 2, 2]}),
+    ("Conv", [4, 6, 12, 12], [9, 2, 3, 3], {"group": 3, "auto_pad": "VALID"}),
+    ("Conv", [4, 6, 20], [5, 6, 4], {"strides": [3], "pads": [1, 2]}),
+    ("Gemm", [4, 7], [5, 7], {"transB": 1}),
+    ("Gemm", [4, 7], [7, 5], {}),
+])
+def test_a_layers_mean_from_its_input_equals_its_output_mean_in_onnx_runtime(op, x_shape, w_shape, attrs):
+    """LinearMean against the layer run in ONNX Runtime on its dequantized u8 input: pads on each side, strides,
+    dilations, depthwise and grouped convs, 1-D, Gemm either way round."""
+    from irtool.ir.model import Model
+    from irtool.passes.quant.bias_empirical import LinearMean
+
+    rng = np.random.default_rng(9)
+    proto = _dequantized_layer(op, x_shape, rng.standard_normal(w_shape).astype(np.float32), attrs, True)
+    x = rng.standard_normal(x_shape).astype(np.float32) * 2
+    names = ["y", "x_q"]
+    got = dict(zip(names, _with_outputs(proto, names).run(names, {"x": x}), strict=True))
+    model = Model.from_proto(proto)
+    nodes = {n.name: n for n in model.graph.nodes}
+    pulled = {n.outputs[0].name: n for n in model.graph.nodes if n.outputs[0].name == "x_dq"}
+    linear = LinearMean.of(nodes["layer"], pulled)
+    total, rows = linear.sums({"x_q": got["x_q"]})
+    y = got["y"].astype(np.float64)
+    expected = y.reshape(*y.shape[:2], -1).mean(axis=2).sum(axis=0)  # per-sample means, summed over the batch
+    assert rows == x_shape[0]
+    np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_layers_linear_mean_does_not_cover_run_in_the_pieces():
+    from irtool.ir.model import Model
+    from irtool.passes.quant.bias_empirical import LinearMean
+
+    rng = np.random.default_rng(10)
+    same = _dequantized_layer("Conv", [1, 2, 6, 6], rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
+                              {"auto_pad": "SAME_UPPER"}, True)
+    scaled = _dequantized_layer("Gemm", [2, 4], rng.standard_normal((3, 4)).astype(np.float32),
+                                {"transB": 1, "alpha": 0.5}, True)
+    # A float input: ONNX Runtime ran this Gemm (its weight alone dequantized) as a MatMulNBits, whose own input
+    # quantization moved the mean 2% from the float one.
+    unquantized = _dequantized_layer("Gemm", [4, 7], rng.standard_normal((7, 5)).astype(np.float32), {}, False)
+    for proto in (same, scaled, unquantized):
+        model = Model.from_proto(proto)
+        pulled = {n.outputs[0].name: n for n in model.graph.nodes if n.outputs[0].name == "x_dq"}
+        node = next(n for n in model.graph.nodes if n.name == "layer")
+        assert LinearMean.of(node, pulled) is None
