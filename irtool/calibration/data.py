@@ -333,7 +333,7 @@ def fit_batch_to_memory(data: CalibrationData, model: Any) -> CalibrationData:
         return data
     per_sample = activation_bytes(model, data.inputs, data.first_sample_shapes())
     fits = max(1, ACTIVATION_BUDGET // per_sample) if per_sample else data.batch_size
-    if fits >= data.batch_size:
+    if fits >= min(data.batch_size, data.num_samples):  # every batch, the only one included, already fits
         return data
     log.info("calibration batches hold %d samples, not %d: the model keeps up to %.0f MB of activations per sample "
              "(--calib-batch-size sets the batch)", fits, data.batch_size, per_sample / 2**20)

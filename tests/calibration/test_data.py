@@ -427,8 +427,9 @@ def test_the_default_batch_keeps_the_live_activations_at_the_first_samples_shape
     images = [{"x": np.zeros((3, 16, 16), np.float32)} for _ in range(8)]
     assert as_calibration_data(images, model).batch_size == 3
     assert [len(b["x"]) for b in as_calibration_data(images, model)()] == [3, 3, 2]
-    small = [{"x": np.zeros((3, 8, 8), np.float32)} for _ in range(8)]  # 4 KB per sample: 12 would fit
+    small = [{"x": np.zeros((3, 8, 8), np.float32)} for _ in range(16)]  # 4 KB per sample: 12 fit
     assert as_calibration_data(small, model).batch_size == 12
+    assert as_calibration_data(images[:3], model).batch_size == 16  # three samples fit: one batch, nothing to say
     assert as_calibration_data(images, model, batch_size=16).batch_size == 16  # asked for: kept
     monkeypatch.setattr(data_module, "ACTIVATION_BUDGET", 100)
     assert as_calibration_data(images, model).batch_size == 1  # one sample at least
