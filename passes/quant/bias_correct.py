@@ -187,8 +187,8 @@ class BiasCorrect(Pass):
         shared = {f.name: getattr(o, f.name) for f in dataclasses.fields(InsertQDQ.Options)}
         quantize = InsertQDQ(**{**shared, "profile": o.profile or stored_profile(model) or Profile.ORT_CPU})
         shifts, stats = empirical_shifts(model, holders, quantize, ctx, data, o.memory_mb * 2**20)
-        if o.min_sqnr is not None or o.keep_fp:
-            model.metadata[KEPT_FLOAT_KEY] = json.dumps(sorted(stats["layers_kept_float"]))
+        model.metadata[KEPT_FLOAT_KEY] = json.dumps({"layers": sorted(stats["layers_kept_float"]),
+                                                     "min_sqnr": o.min_sqnr, "keep_fp": o.keep_fp})
         return shifts, stats
 
 

@@ -67,7 +67,8 @@ from irtool.pipeline import Regex
 # bias-correct's record of the biases it changed (record_bias_corrections), read and dropped here.
 BIAS_CORRECTION_KEY = "irtool.bias_correction"
 # The layers bias-correct{mode=empirical} measured with float weights (its own mixed-precision decision, made as
-# insert-qdq's): insert-qdq keeps those float instead of deciding again, so the corrections fit the model it writes.
+# insert-qdq's), with the min-sqnr and keep-fp it decided by: an insert-qdq given the same keeps those float instead
+# of deciding again, so the corrections fit the model it writes; one given others warns that they may not.
 KEPT_FLOAT_KEY = "irtool.kept_float"
 # gptq's list of the layers whose weights it rounded (their float weights: Model.float_weights), dropped here too.
 WEIGHT_ROUNDING_KEY = "irtool.weight_rounding"
@@ -440,12 +441,23 @@ class InsertQDQ(Pass):
     def _selection(self, model: Model, ranges, placement: Placement, ctx: PassContext) -> Selection:
         base = Selection(tuple(self.options.exclude), tuple(self.options.exclude_ops), self.options.keep_first,
                          self.options.keep_last, convtransposes=frozenset(deconv.rewritten(model)))
-        if self.options.min_sqnr is None and not self.options.keep_fp:
-            return base
-        if KEPT_FLOAT_KEY in model.metadata:
-            kept = frozenset(json.loads(model.metadata[KEPT_FLOAT_KEY]))
+        mine = {"min_sqnr": self.options.min_sqnr, "keep_fp": self.options.keep_fp}
+        decided = json.loads(model.metadata.get(KEPT_FLOAT_KEY, "null"))
+        if decided is not None and {k: decided[k] for k in mine} == mine:
+            kept = frozenset(decided["layers"])
+            if not kept:
+                return base
             ctx.logger.info("insert-qdq: keeping the %d layer(s) bias-correct measured in float", len(kept))
             return dataclasses.replace(base, keep_fp=kept)
+        if decided is not None:
+            ctx.logger.warning(
+                "insert-qdq: bias-correct{mode=empirical} measured its corrections with %d layer(s) float "
+                "(min-sqnr=%s, keep-fp=%s), insert-qdq decides with min-sqnr=%s, keep-fp=%s: where the two differ, "
+                "the corrections after those layers may not fit; give both passes the same options (the quant "
+                "pipelines do)", len(decided["layers"]), decided["min_sqnr"], decided["keep_fp"],
+                self.options.min_sqnr, self.options.keep_fp)
+        if self.options.min_sqnr is None and not self.options.keep_fp:
+            return base
         from irtool.passes.quant.sensitivity import keep_in_float
 
         keep = keep_in_float(model, ranges, placement, base, ctx, min_sqnr=self.options.min_sqnr,

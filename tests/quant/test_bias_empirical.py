@@ -144,9 +144,34 @@ def test_the_layers_left_float_are_decided_once_for_the_corrections_and_the_mode
     kept = result.stats("bias-correct")["layers_kept_float"]
     assert len(kept) == 2 and result.stats("insert-qdq")["layers_kept_float"] == kept
     assert "keeping the 2 layer(s) bias-correct measured in float" in caplog.text  # no second sweep
+    assert "may not fit" not in caplog.text
     assert "irtool.kept_float" not in result.model.metadata
     without = optimize(proto, "quant{min-sqnr=0}", calibration_data=[feeds_for(proto, i) for i in range(8)])
     assert without.stats("bias-correct")["layers_kept_float"] == without.stats("insert-qdq")["layers_kept_float"] == []
+
+
+def test_insert_qdq_given_other_mixed_precision_options_than_bias_correct_decides_by_its_own_and_warns(caplog):
+    """A hand-written pipeline whose bias-correct and insert-qdq disagree on min-sqnr: insert-qdq follows its own
+    options (all layers quantized, or its own sweep) and says the corrections may not fit."""
+    from tests.quant.test_smooth import feeds_for, with_outliers
+    from tests.quant.torch_models import encoder_proto
+
+    proto = with_outliers(encoder_proto())
+    data = [feeds_for(proto, i) for i in range(8)]
+    start = "fold-constants{keep-shared=false},calibrate{profile=ort-cpu},"
+    with caplog.at_level("WARNING", logger="irtool"):
+        only_bias = optimize(proto, start + "bias-correct{mode=empirical,min-sqnr=20},insert-qdq",
+                             calibration_data=data)
+    assert only_bias.stats("bias-correct")["layers_kept_float"]
+    assert not only_bias.stats("insert-qdq")["layers_kept_float"]
+    assert "(min-sqnr=20.0, keep-fp=0), insert-qdq decides with min-sqnr=None, keep-fp=0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="irtool"):
+        only_insert = optimize(proto, start + "bias-correct{mode=empirical},insert-qdq{min-sqnr=20}",
+                               calibration_data=data)
+    assert not only_insert.stats("bias-correct")["layers_kept_float"]
+    assert only_insert.stats("insert-qdq")["layers_kept_float"]  # its own sweep
+    assert "with 0 layer(s) float (min-sqnr=None, keep-fp=0), insert-qdq decides with min-sqnr=20.0" in caplog.text
 
 
 def test_an_excluded_layer_keeps_its_bias_and_the_others_are_measured_with_it_float():
