@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from _ort_quant import quantize_static_minmax  # noqa: E402
 from torch import nn  # noqa: E402
 
 from irtool.api import optimize  # noqa: E402
@@ -157,27 +158,10 @@ def images(seed: int, count: int, shape: tuple[int, ...]) -> list[dict[str, np.n
 
 
 def quantize_static_model(proto: onnx.ModelProto, calib: list[dict]) -> onnx.ModelProto:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(calib)
-
-        def get_next(self):
-            return next(self.items, None)
-
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
         onnx.save(proto, src)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static_minmax(src, dst, calib)
         return onnx.load(dst)
 
 
