@@ -443,6 +443,8 @@ class InsertQDQ(Pass):
                          self.options.keep_last, convtransposes=frozenset(deconv.rewritten(model)))
         mine = {"min_sqnr": self.options.min_sqnr, "keep_fp": self.options.keep_fp}
         decided = json.loads(model.metadata.get(KEPT_FLOAT_KEY, "null"))
+        if isinstance(decided, list):  # written before the options were recorded (a model saved in between)
+            decided = {"layers": decided, **mine}
         if decided is not None and {k: decided[k] for k in mine} == mine:
             kept = frozenset(decided["layers"])
             if not kept:

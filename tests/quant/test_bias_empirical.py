@@ -174,6 +174,18 @@ def test_insert_qdq_given_other_mixed_precision_options_than_bias_correct_decide
     assert "with 0 layer(s) float (min-sqnr=None, keep-fp=0), insert-qdq decides with min-sqnr=20.0" in caplog.text
 
 
+def test_a_kept_float_list_from_before_the_options_were_recorded_is_adopted():
+    """A model saved between bias-correct and insert-qdq by an irtool that recorded the layers alone."""
+    import json
+
+    x = np.random.default_rng(11).standard_normal((8, 1, 3, 8, 8)).astype(np.float32)
+    data = lambda: iter({"x": s} for s in x)  # noqa: E731
+    calibrated = optimize(depthwise_chain(), "calibrate", calibration_data=data).model
+    calibrated.metadata["irtool.kept_float"] = json.dumps(["dw"])
+    result = optimize(calibrated.to_proto(), "insert-qdq{min-sqnr=20}", calibration_data=data)
+    assert result.stats("insert-qdq")["layers_kept_float"] == ["dw"]
+
+
 def test_an_excluded_layer_keeps_its_bias_and_the_others_are_measured_with_it_float():
     """exclude=^dw$ reaches bias-correct's copy: the depthwise conv stays float there and in the model, keeps its
     original bias, and the convs around it match the float means with it float."""
