@@ -67,8 +67,8 @@ from irtool.calibration.validate import ModelInput, convert_sample, model_inputs
 from irtool.errors import InputError
 from irtool.usercode import is_file_spec
 
-__all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data", "batch_rows", "model_inputs",
-           "select_indices",
+__all__ = ["CalibrationData", "ModelInput", "Preprocess", "as_calibration_data", "batch_rows", "first_batches",
+           "model_inputs", "select_indices",
            "DEFAULT_BATCH_SIZE", "DEFAULT_RANDOM_SAMPLES", "RANDOM"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,16 @@ def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
     if not batch:
         return 0
     return max((len(value) for value in batch.values() if np.ndim(value)), default=1)
+
+
+def first_batches(batches: Iterable[Mapping[str, np.ndarray]], samples: int) -> Iterator[Mapping[str, np.ndarray]]:
+    """The first of `batches` that hold `samples` samples (the last one may hold more), or all of them."""
+    count = 0
+    for batch in batches:
+        yield batch
+        count += batch_rows(batch)
+        if count >= samples:
+            return
 
 
 def _reshaped(batch: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from irtool.calibration.data import batch_rows
+from irtool.calibration.data import first_batches
 from irtool.calibration.tap import channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
@@ -163,7 +163,9 @@ class BiasCorrect(Pass):
             toposort_graph(model.graph)
         stats = {"layers": len(layers), "bias_adds_inserted": inserted}
         if empirical:
-            shifts, measured = self._empirical(model, holders, _first(ctx.calibration_data, self.options.samples), ctx)
+            data = ctx.calibration_data  # streamed: bias-correct reads the first samples once
+            shifts, measured = self._empirical(model, holders,
+                                               lambda: first_batches(data(), self.options.samples), ctx)
             stats.update(measured)
         else:
             shifts = self._analytic(model, holders, ctx)
@@ -190,18 +192,6 @@ class BiasCorrect(Pass):
         model.metadata[KEPT_FLOAT_KEY] = json.dumps({"layers": sorted(stats["layers_kept_float"]),
                                                      "min_sqnr": o.min_sqnr, "keep_fp": o.keep_fp})
         return shifts, stats
-
-
-def _first(data, samples: int):
-    """The first batches of `data` holding `samples` samples (or all), streamed: bias-correct reads them once."""
-    def batches():
-        count = 0
-        for batch in data():
-            yield batch
-            count += batch_rows(batch)
-            if count >= samples:
-                return
-    return batches
 
 
 def _out_channels(node: gs.Node) -> int:

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from irtool.calibration.data import batch_rows
+from irtool.calibration.data import first_batches
 from irtool.calibration.tap import tap
 from irtool.ir.model import Model
 from irtool.passmanager import PassContext
@@ -45,12 +45,8 @@ def with_eval_batches(ctx: PassContext, samples: int = EVAL_SAMPLES) -> PassCont
     (synthetic images)."""
     if ctx.calibration_data is None:
         return ctx
-    batches, count = [], 0
-    for batch in ctx.calibration_data():
-        batches.append({name: np.array(value) for name, value in batch.items()})
-        count += batch_rows(batches[-1])
-        if count >= samples:
-            break
+    batches = [{name: np.array(value) for name, value in batch.items()}
+               for batch in first_batches(ctx.calibration_data(), samples)]
     return dataclasses.replace(ctx, calibration_data=lambda: iter(batches))
 
 
