@@ -73,7 +73,7 @@ def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], q
     reference = channel_batch_sums(model, measured, pieces.batches())
     nodes = {n.name: n for n in trial.graph.nodes}
     # A layer insert-qdq leaves float (excluded) is not corrected: insert-qdq gives it its original bias back.
-    shifts = [np.zeros_like(mean_of(reference[_output(node, holder).name])) for node, holder, _ in layers]
+    shifts = [np.zeros_like(reference[_output(node, holder).name][0][0]) for node, holder, _ in layers]
     found = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)}
     spots = {k: spot for k, spot in found.items() if spot is not None}
     for k in bar(sorted(spots, key=lambda k: pieces.position(spots[k][0])), ctx.progress, "bias-correct", "layer"):
