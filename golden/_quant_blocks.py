@@ -156,6 +156,15 @@ def depthwise_chain() -> onnx.ModelProto:
     return b.model({"x": [1, 3, 8, 8]}, "y", [1, 4, 8, 8])
 
 
+def wide_chain() -> onnx.ModelProto:
+    """Conv 3->32 + Relu, Conv 32->32 + Relu, Conv 32->8 on 32x32 images: 32 KB of u8 live values per sample
+    between the convs, so bias-correct{mode=empirical,memory-mb=1} keeps 32 samples of them."""
+    b = Builder(5)
+    h = b.node("Relu", [b.conv("x", "c1", 3, 32)], "r1")
+    h = b.node("Relu", [b.conv(h, "c2", 32, 32)], "r2")
+    return b.model({"x": [None, 3, 32, 32]}, b.conv(h, "c3", 32, 8, k=1), [None, 8, 32, 32])
+
+
 def grouped_chain() -> onnx.ModelProto:
     """Conv -> grouped Conv (4 groups) -> depthwise Conv with a channel multiplier of 2 -> 1x1 Conv: each
     output channel reads only its own group's inputs (bias-correct once paired them with all of them)."""

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from golden._quant_blocks import depthwise_chain, gelu_mlp
+from golden._quant_blocks import depthwise_chain, gelu_mlp, wide_chain
 from irtool.api import optimize
 from irtool.errors import InputError, PipelineError
 from tests.passes.helpers import serialized
@@ -206,24 +206,13 @@ def test_an_excluded_layer_keeps_its_bias_and_the_others_are_measured_with_it_fl
         np.testing.assert_allclose(measured, reference, atol=2e-3)
 
 
-def _wide_chain() -> onnx.ModelProto:
-    """Conv 3->32 + Relu, Conv 32->32 + Relu, Conv 32->8 on 32x32 images: 32 KB of u8 live values per sample
-    between the convs, so 64 samples outgrow a 1 MB bound and a few batches fit in it."""
-    from golden._quant_blocks import Builder
-
-    b = Builder(5)
-    h = b.node("Relu", [b.conv("x", "c1", 3, 32)], "r1")
-    h = b.node("Relu", [b.conv(h, "c2", 32, 32)], "r2")
-    return b.model({"x": [None, 3, 32, 32]}, b.conv(h, "c3", 32, 8, k=1), [None, 8, 32, 32])
-
-
 def test_pieces_keep_at_most_the_memory_bound_and_average_the_batches_they_keep():
     """Pieces on the float chain with a 1 MB bound: after each cut the values kept fit in it, the batches dropped
     are the last ones, and each mean equals the whole model's over the batches it reports."""
     from irtool.ir.model import Model
     from irtool.passes.quant.bias_empirical import Pieces
 
-    proto = _wide_chain()
+    proto = wide_chain()
     x = np.random.default_rng(6).standard_normal((64, 3, 32, 32)).astype(np.float32)
     batches = [x[i:i + 4] for i in range(0, 64, 4)]
     model = Model.from_proto(proto)
@@ -246,7 +235,7 @@ def test_a_memory_bound_measures_later_layers_on_fewer_samples_against_the_same_
     """INT8 chain with memory-mb=1: the first layer is measured on all 64 samples, the last on the first batches
     that fit (the u8 values between the convs); each one's corrected mean in the written model equals the float
     model's over the samples it was measured on. Two runs give the same bytes."""
-    proto = _wide_chain()
+    proto = wide_chain()
     x = np.random.default_rng(7).standard_normal((64, 1, 3, 32, 32)).astype(np.float32)
 
     def run():
