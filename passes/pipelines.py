@@ -12,8 +12,9 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 
 # INT8 for ONNX Runtime CPU (u8 activations x s8 per-channel weights) and for TensorRT (s8 symmetric,
 # entropy calibration as TensorRT's own calibrator does). Both need calibration data.
-# min-sqnr=20 (output cosine ~0.995) costs one extra evaluation when plain INT8 is good enough (CNNs);
-# when it is not (transformers with outlier channels), the most sensitive layers stay in float.
+# min-sqnr=20 (output cosine ~0.995) is checked by bias-correct on the corrected INT8 model it measured, over its
+# samples, which costs little beyond its pass (the outputs after its last layer); when that falls short
+# (transformers with outlier channels), the most sensitive layers stay in float.
 # calibrate observes only what its profile quantizes (ViT-sized encoders: 98 tensors for trt, not 268).
 # bias-correct{mode=empirical} sets each layer's bias so that its per-channel output mean in the INT8 model (a copy
 # insert-qdq makes inside the pass, run piece by piece over the first 64 calibration samples) equals the float
@@ -24,11 +25,14 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 # The bench's random-weight models: ResNet-50 14.50 -> 14.73 dB, ViT 30.21 -> 30.57, EfficientNet-B0 -4.43 -> 3.55,
 # MobileNetV3 2.55 -> 6.74, MobileNetV2 10.63 -> 10.53; it costs about one pass of the INT8 model and one float
 # pass: 3.8 s on that ResNet-50 at 64 samples (analytic 1.8 s), 1.0-2.2 s on the others (BENCHMARKS.md).
-# It makes the mixed-precision decision on its copy (min-sqnr=20, as insert-qdq) and insert-qdq keeps the layers it
-# chose float, so the corrections fit the model written (measured with every layer quantized while insert-qdq then
-# kept two float, the test encoder with outlier channels fell from 20.3 to 18.6 dB). Both modes correct the bias
-# Add of MatMul layers (nn.Linear on tokens); a MatMul without one gets one. Layers that insert-qdq leaves float
-# get their original bias back (or lose the Add bias-correct gave them).
+# It makes the mixed-precision decision (min-sqnr=20, as insert-qdq): every layer quantized and corrected, if that
+# model reaches it; else insert-qdq's sweep on the uncorrected copy picks the layers to keep float and the others are
+# measured again. insert-qdq keeps the layers it chose float, so the corrections fit the model written (measured
+# with every layer quantized while insert-qdq then kept two float, the test encoder with outlier channels fell from
+# 20.3 to 18.6 dB). Checking the corrected model instead of running insert-qdq's check on the uncorrected one took
+# bias-correct on bench/highres_bench.py's U-Net at 512x512 from 53.2 to 41.4 s (same bytes written). Both modes
+# correct the bias Add of MatMul layers (nn.Linear on tokens); a MatMul without one gets one. Layers that insert-qdq
+# leaves float get their original bias back (or lose the Add bias-correct gave them).
 # einsum-to-matmul first: ONNX Runtime and TensorRT run Einsum in float only (an einsum attention stayed float).
 # fold-scale: attention's 1/sqrt(d) goes into the q projection, one op less on the scores (and nothing to observe).
 # fp32 first: INT8 placement takes float32 only (a float16 model came out unquantized); exact, and a no-op on

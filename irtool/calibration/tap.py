@@ -441,10 +441,12 @@ def mean_of(parts: Iterable[tuple[np.ndarray, int]]) -> np.ndarray:
     return total / max(1, count)
 
 
-def channel_batch_sums(model: Model, axes: Mapping[str, int],
-                       batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, list[tuple[np.ndarray, int]]]:
+def channel_batch_sums(model: Model, axes: Mapping[str, int], batches: Iterable[Mapping[str, np.ndarray]],
+                       outputs: list[dict[str, np.ndarray]] | None = None) -> dict[str, list[tuple[np.ndarray, int]]]:
     """channel_means' sums, per batch: {name: [(per-channel float64 sum, values summed per channel), ...]}, so a
-    caller can take the mean over the first batches alone (bias-correct{mode=empirical} under its memory bound)."""
+    caller can take the mean over the first batches alone (bias-correct{mode=empirical} under its memory bound).
+    Given a list as `outputs`, each batch's model outputs are appended to it ({name: value}): the reference of an
+    output SQNR, from the same pass."""
     if not axes:  # ONNX Runtime would return every output for an empty list of names
         return {}
 
@@ -458,11 +460,15 @@ def channel_batch_sums(model: Model, axes: Mapping[str, int],
     (session, reduced), batches, _ = build_while_reading(build, batches)
     names = sorted(axes)
     fetch = [out for name in names for out in reduced_outputs(name, reduced.get(name))]
+    returned = [t.name for t in model.graph.outputs] if outputs is not None else []
+    fetch += [name for name in returned if name not in fetch]
     inputs = session.get_inputs()
     unbatched = batch_free(model, names)
     parts: dict[str, list[tuple[np.ndarray, int]]] = {name: [] for name in names}
     for index, batch in enumerate(fit_batches(inputs, batches)):
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
+        if returned:
+            outputs.append({name: values[name] for name in returned})
         rows = batch_rows(batch)
         for name in names:
             total, count = channel_sums(values, name, axes[name], reduced.get(name))

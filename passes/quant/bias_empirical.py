@@ -16,11 +16,15 @@ ONNX Runtime session per layer, see Pieces), whose live values stay in memory, u
 live between two layers would hold more, the layers from there on are measured on fewer samples (the first
 batches), and the float means they are matched to are taken over the same samples. A U-Net at 512x512 (32-128
 channels, 64 samples, batch 4) kept up to 1.5 GB of them, the bench models at 224x224 15-129 MB. ONNX
-Runtime's working memory for the batch a piece runs comes on top, as in calibration."""
+Runtime's working memory for the batch a piece runs comes on top, as in calibration. Plus one float pass for the
+reference means, which with min-sqnr also keeps the float model's outputs over those samples for the check
+(empirical_shifts). On bench/highres_bench.py's U-Net at 512x512 (64 samples, batches of 8) the pass took 24.9 s:
+reference 11-13 s, pieces 11.6 s, of which 1.4 s LinearMean's sums (53.2 s before the check moved onto the
+corrected model, the pieces dropped the dequantizations no output reads and LinearMean summed bands)."""
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -44,7 +48,8 @@ from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
 from irtool.ir.topo import outer_uses, topo_order
-from irtool.passes.quant.insert_qdq import InsertQDQ
+from irtool.passes.quant.insert_qdq import BIAS_CORRECTION_KEY, KEPT_FLOAT_KEY, WEIGHT_ROUNDING_KEY, InsertQDQ
+from irtool.passes.quant.sensitivity import float_outputs, output_sqnr
 from irtool.passmanager import PassContext
 from irtool.progress import bar
 
@@ -62,29 +67,83 @@ def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], q
     """The bias change of each (layer, bias holder, input index) that makes its output mean in the model that
     `quantize` (an insert-qdq) makes equal the float one's, and stats: the samples read and those the last layer
     was measured on (fewer where the live values outgrew `memory_bytes`), the layers that insert-qdq left float by
-    mixed precision (decided on the uncorrected model), how many it quantized and were measured. Every layer has a
-    bias (a constant input at the holder's index) already."""
-    trial = model.copy()
-    # All of insert-qdq: GELU fusion, the integer HardSwish, and which layers stay float change what is measured.
-    kept = quantize.run(trial, ctx).stats["layers_kept_float"]
-    pieces = Pieces(trial, data, memory_bytes)
-    read = pieces.samples()
-    measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in layers}
-    reference = channel_batch_sums(model, measured, pieces.batches())
-    nodes = {n.name: n for n in trial.graph.nodes}
-    # A layer insert-qdq leaves float (excluded) is not corrected: insert-qdq gives it its original bias back.
-    shifts = [np.zeros_like(reference[_output(node, holder).name][0][0]) for node, holder, _ in layers]
-    found = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)}
-    spots = {k: spot for k, spot in found.items() if spot is not None}
-    for k in bar(sorted(spots, key=lambda k: pieces.position(spots[k][0])), ctx.progress, "bias-correct", "layer"):
-        out, axis, (holder, index) = spots[k]
-        node, float_holder, _ = layers[k]
-        mean, batches = pieces.mean_until(out, axis)
-        shift = -(mean - mean_of(reference[_output(node, float_holder).name][:batches]))
-        original = np.asarray(float_holder.inputs[layers[k][2]].values, np.float64).reshape(-1)
-        shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
-    return shifts, {"samples": read, "samples_last": pieces.samples(), "layers_measured": len(spots),
-                    "layers_kept_float": kept}
+    mixed precision, how many it quantized and were measured. Every layer has a bias (a constant input at the
+    holder's index) already.
+    With min-sqnr alone (the quant pipelines), every layer is quantized and corrected first, and the corrected
+    model's output SQNR over the samples the last layer was measured on (stat `output_sqnr`) is checked: it is the
+    model insert-qdq writes, and its outputs cost only the nodes after the last layer, the float ones a tap of the
+    reference pass. Only when it falls short does insert-qdq's sweep decide, on the uncorrected model, which
+    layers stay float, and the layers are measured again with those float. Before, insert-qdq's check ran its own
+    float and INT8 passes first: 21.5 of bias-correct's 53.2 s on bench/highres_bench.py's U-Net at 512x512."""
+    measure = _Measure(model, layers, ctx, data, memory_bytes)
+    o = quantize.options
+    if o.min_sqnr is None or o.keep_fp:
+        return measure.run(quantize)
+    shifts, stats = measure.run(InsertQDQ(dataclasses.replace(o, min_sqnr=None)), check=True)
+    reached = float(stats["output_sqnr"])
+    if reached >= o.min_sqnr:
+        ctx.logger.info("bias-correct: every layer quantized and corrected reaches %.1f dB >= min-sqnr=%s",
+                        reached, o.min_sqnr)
+        return shifts, stats
+    ctx.logger.info("bias-correct: every layer quantized and corrected reaches %.1f dB < min-sqnr=%s: deciding "
+                    "which layers stay float, then measuring again", reached, o.min_sqnr)
+    return measure.run(quantize)
+
+
+class _Measure:
+    """One measurement of the layers' shifts (run) in a quantized copy of the model; the float reference means,
+    taken in the first run, serve the next (the same first batches)."""
+
+    def __init__(self, model: Model, layers: list[tuple[gs.Node, gs.Node, int]], ctx: PassContext, data: Batches,
+                 memory_bytes: int):
+        self.model, self.layers, self.ctx, self.data, self.memory_bytes = model, layers, ctx, data, memory_bytes
+        self.reference: dict[str, list[tuple[np.ndarray, int]]] | None = None
+
+    def run(self, quantize: InsertQDQ, check: bool = False) -> tuple[list[np.ndarray], dict]:
+        trial = self.model.copy()
+        trial.metadata.pop(KEPT_FLOAT_KEY, None)  # an earlier run's decision: this one decides again
+        # All of insert-qdq: GELU fusion, the integer HardSwish, and which layers stay float change what is measured.
+        kept = quantize.run(trial, self.ctx).stats["layers_kept_float"]
+        pieces = Pieces(trial, self.data, self.memory_bytes, outputs=check)
+        read = pieces.samples()
+        layers = self.layers
+        expected = self._reference(pieces, check)
+        nodes = {n.name: n for n in trial.graph.nodes}
+        # A layer insert-qdq leaves float (excluded) is not corrected: insert-qdq gives it its original bias back.
+        shifts = [np.zeros_like(self.reference[_output(node, holder).name][0][0]) for node, holder, _ in layers]
+        found = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)}
+        spots = {k: spot for k, spot in found.items() if spot is not None}
+        for k in bar(sorted(spots, key=lambda k: pieces.position(spots[k][0])), self.ctx.progress, "bias-correct",
+                     "layer"):
+            out, axis, (holder, index) = spots[k]
+            node, float_holder, _ = layers[k]
+            mean, batches = pieces.mean_until(out, axis)
+            shift = -(mean - mean_of(self.reference[_output(node, float_holder).name][:batches]))
+            original = np.asarray(float_holder.inputs[layers[k][2]].values, np.float64).reshape(-1)
+            shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
+        stats = {"samples": read, "samples_last": pieces.samples(), "layers_measured": len(spots),
+                 "layers_kept_float": kept}
+        if check:
+            quantized = pieces.outputs()  # the static outputs left out (computed from constants alone)
+            reference = [{name: ref[name] for name in out} for ref, out in zip(expected, quantized, strict=False)]
+            sqnr = output_sqnr(reference, quantized)
+            stats["output_sqnr"] = round(sqnr, 2) if math.isfinite(sqnr) else str(sqnr)  # JSON has no inf
+        return shifts, stats
+
+    def _reference(self, pieces: Pieces, outputs: bool) -> list[dict[str, np.ndarray]]:
+        """Take the float reference means on the first run, over the pieces' samples, and return the float
+        model's outputs over them when asked: from the same pass when the model holds its float weights and
+        biases, else from float_outputs, which restores them on a copy (as for insert-qdq's check)."""
+        if self.reference is None:
+            restore = BIAS_CORRECTION_KEY in self.model.metadata or WEIGHT_ROUNDING_KEY in self.model.metadata
+            tapped = [] if outputs and not restore else None
+            measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in self.layers}
+            self.reference = channel_batch_sums(self.model, measured, pieces.batches(), tapped)
+            if tapped is not None:
+                return tapped
+        if not outputs:
+            return []
+        return float_outputs(self.model, dataclasses.replace(self.ctx, calibration_data=pieces.batches))
 
 
 def _weight_quantized(node: gs.Node) -> bool:
@@ -104,7 +163,7 @@ class Pieces:
     The values kept hold at most `memory_bytes` (and one batch at least): the batches past it are dropped, from the
     cut where they would have outgrown it."""
 
-    def __init__(self, model: Model, data: Batches, memory_bytes: int):
+    def __init__(self, model: Model, data: Batches, memory_bytes: int, outputs: bool = False):
         self.model = model
         self.order = [model.graph.nodes[i] for i in topo_order(model.graph.nodes)]
         self.index = {id(n): i for i, n in enumerate(self.order)}
@@ -113,6 +172,8 @@ class Pieces:
         for i, node in enumerate(self.order):
             for tensor in outer_uses(node):
                 self.last_read[tensor.name] = i
+        if outputs:  # read after the last node, by outputs(): an output made early stays live
+            self.last_read.update((t.name, len(self.order)) for t in model.graph.outputs)
         self.cut, self.memory_bytes = 0, memory_bytes
         self.batch_free = batch_free(model, [t.name for n in self.order for t in n.outputs])
         self.cache: list[dict[str, np.ndarray]] = []
@@ -176,6 +237,24 @@ class Pieces:
         self.cut = end
         return sums / max(count, 1), len(self.cache)
 
+    def outputs(self) -> list[dict[str, np.ndarray]]:
+        """The model's outputs for each cached batch, running the nodes from the last cut on (the last layer
+        measured, with its corrected bias, and what follows it); the Pieces must have been made with
+        outputs=True. Outputs computed from constants alone are left out."""
+        before, pulled = self._live(self.cut)
+        kept = {t.name for t in before}
+        nodes = pulled + self._nodes(self.cut, len(self.order) - 1)
+        made = {t.name for n in nodes for t in n.outputs}
+        names = [t.name for t in self.model.graph.outputs if t.name in kept or t.name in made]
+        computed = [t for t in self.model.graph.outputs if t.name in made and t.name not in kept]
+        session = self._session(nodes, before, computed, None, 0)[0] if computed else None
+        found = []
+        for values in self.cache:
+            ran = session.run([t.name for t in computed], {t.name: values[t.name] for t in before}) if session else []
+            got = dict(zip([t.name for t in computed], ran, strict=True))
+            found.append({name: got[name] if name in got else values[name] for name in names})
+        return found
+
     def _live(self, at: int) -> tuple[list[gs.Tensor], list[gs.Node]]:
         """The computed values made before position `at` (or model inputs) that a node at `at` or later reads, and
         the activation DequantizeLinears among their producers. For those the integers are kept (a quarter of the
@@ -220,6 +299,7 @@ class Pieces:
                  out: gs.Tensor | None, axis: int):
         """A session of the piece, with `out` (if any) averaged in the graph where channel_means would (so a conv
         output leaves ONNX Runtime as [N, C]); returns it and how `out` was reduced."""
+        nodes = _needed(nodes, outputs)
         for tensor in inputs:  # typed from the values fed: their rank, no fixed size (batches vary in length)
             value = self.cache[0][tensor.name]
             tensor.dtype, tensor.shape = value.dtype, [f"{tensor.name}_{i}" for i in range(value.ndim)]
@@ -299,24 +379,74 @@ class LinearMean:
         return self.scale * (x.sum(axis=0, dtype=np.int64) - len(x) * self.zero_point)
 
     def _taps(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """[C_in, *kernel] sums of the batch's input under each kernel tap over the output positions, and the
-        number of output positions."""
+        """[C_in, *kernel] sums of the batch's dequantized input under each kernel tap over the output positions,
+        and the number of output positions. The integers are summed over the batch, then each spatial axis is
+        cut into the bands the taps' ranges start and end at, summed once (window_sums): a pass over the data,
+        where a window sum per tap of the padded map was one pass per tap (k^2 for a k x k kernel). Padding adds
+        nothing to the float sums: a tap's integer sum is dequantized with the count of its positions inside."""
         spatial, kernel = x.ndim - 2, self.weight.shape[2:]
         attrs = self.node.attrs
         strides, dilations = attrs.get("strides", [1] * spatial), attrs.get("dilations", [1] * spatial)
         pads = attrs.get("pads", [0] * 2 * spatial)
         padded = [x.shape[2 + i] + pads[i] + pads[i + spatial] for i in range(spatial)]
         outs = [(padded[i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(spatial)]
+        ranges = [tap_ranges(x.shape[2 + i], kernel[i], pads[i], dilations[i], strides[i], outs[i])
+                  for i in range(spatial)]
+        inside = np.ones(())
+        for axis_ranges in ranges:  # [*kernel] positions of each tap inside the input, per sample
+            inside = np.multiply.outer(inside, [end - first for _, first, end in axis_ranges])
         taps = np.empty((x.shape[1], *kernel))
         for start in range(0, x.shape[1], self.CHUNK):
-            block = np.pad(self._summed(x[:, start:start + self.CHUNK]),
-                           [(0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
-            for offset in itertools.product(*(range(k) for k in kernel)):
-                window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
-                               for o, d, s, n in zip(offset, dilations, strides, outs, strict=True))
-                taps[(slice(start, start + self.CHUNK), *offset)] = \
-                    block[(slice(None), *window)].sum(axis=tuple(range(1, 1 + spatial)))
-        return taps, math.prod(outs)
+            summed = _batch_sum(x[:, start:start + self.CHUNK])
+            taps[start:start + self.CHUNK] = window_sums(summed, ranges, strides)
+        return self.scale * (taps - len(x) * self.zero_point * inside), math.prod(outs)
+
+
+def _batch_sum(x: np.ndarray) -> np.ndarray:
+    """The integers' sum over the first axis, exact: 16 bits hold 256 samples of 8 bits, and summing into them
+    took a sixth of the time of int64 sums (a [8, 32, 512, 512] uint8 batch: 0.03 against 0.18 s)."""
+    if len(x) <= 256 and x.dtype in (np.uint8, np.int8):
+        return np.add.reduce(x, axis=0, dtype=np.uint16 if x.dtype == np.uint8 else np.int16)
+    return x.sum(axis=0, dtype=np.int64)
+
+
+def tap_ranges(size: int, kernel: int, pad: int, dilation: int, stride: int,
+               outs: int) -> list[tuple[int, int, int]]:
+    """Per kernel tap along one axis of `size` values: (residue, first, end), the input positions the tap reads
+    over the `outs` output positions being residue + stride * i for i in [first, end) (first == end: it reads
+    only padding)."""
+    found = []
+    for offset in range(kernel):
+        at = offset * dilation - pad  # the input position the tap reads for output position 0
+        low = 0 if at >= 0 else -at // stride + (-at % stride > 0)
+        high = 0 if at > size - 1 else min(outs, (size - 1 - at) // stride + 1)
+        residue = at % stride
+        base = (at - residue) // stride
+        found.append((residue, base + low, base + max(low, high)))
+    return found
+
+
+def window_sums(x: np.ndarray, ranges: list[list[tuple[int, int, int]]], strides: list[int]) -> np.ndarray:
+    """[C, *kernel] sums of x ([C, *spatial]) over each tap's positions (tap_ranges, per spatial axis), an axis at
+    a time; float64."""
+    for axis, (axis_ranges, stride) in enumerate(zip(ranges, strides, strict=True), start=1):
+        x = _axis_sums(x, axis, axis_ranges, stride)
+    return x
+
+
+def _axis_sums(x: np.ndarray, axis: int, ranges: list[tuple[int, int, int]], stride: int) -> np.ndarray:
+    """x with `axis` replaced by one entry per range: the sum over the range's positions along it."""
+    out = np.zeros(x.shape[:axis] + (len(ranges),) + x.shape[axis + 1:])
+    for residue in sorted({r for r, first, end in ranges if end > first}):
+        phase = x[(slice(None),) * axis + (slice(residue, None, stride),)]
+        mine = [(k, first, end) for k, (r, first, end) in enumerate(ranges) if r == residue and end > first]
+        points = sorted({p for _, first, end in mine for p in (first, end) if p < phase.shape[axis]})
+        bands = np.add.reduceat(phase, points, axis=axis, dtype=np.float64 if x.dtype.kind == "f" else np.int64)
+        prefix = np.concatenate([np.zeros_like(bands.take([0], axis)), np.cumsum(bands, axis=axis)], axis=axis)
+        at = {p: i for i, p in enumerate(points)} | {phase.shape[axis]: len(points)}
+        for k, first, end in mine:
+            out[(slice(None),) * axis + (k,)] = prefix.take(at[end], axis) - prefix.take(at[first], axis)
+    return out
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -333,6 +463,20 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         shape[dq.attrs.get("axis", 1) % q.ndim] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return (q - zero) * scale
+
+
+def _needed(nodes: list[gs.Node], outputs: list[gs.Tensor]) -> list[gs.Node]:
+    """The nodes that `outputs` are computed from. A piece holds the DequantizeLinear of every value live at its
+    cut, and ONNX Runtime ran those no output reads: on bench/highres_bench.py's U-Net (64 samples at 512x512)
+    every piece dequantized the skip connections again, and the pieces took 24.8 s; 16.3 s without them."""
+    producer = {t.name: n for n in nodes for t in n.outputs}
+    wanted, stack = set(), [t.name for t in outputs]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in wanted:
+            wanted.add(id(node))
+            stack.extend(t.name for t in outer_uses(node))
+    return [n for n in nodes if id(n) in wanted]
 
 
 def _nbytes(values: Mapping[str, np.ndarray]) -> int:

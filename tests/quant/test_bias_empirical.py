@@ -150,6 +150,76 @@ def test_the_layers_left_float_are_decided_once_for_the_corrections_and_the_mode
     assert without.stats("bias-correct")["layers_kept_float"] == without.stats("insert-qdq")["layers_kept_float"] == []
 
 
+def _two_output_chain() -> onnx.ModelProto:
+    """depthwise_chain with its first activation a model output too: an output made before the last layer."""
+    proto = depthwise_chain()
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("act1", onnx.TensorProto.FLOAT, None))
+    return proto
+
+
+def _worst_output_sqnr(reference: onnx.ModelProto, test: onnx.ModelProto, x: np.ndarray) -> float:
+    names = [o.name for o in reference.graph.output]
+    found = []
+    for proto in (reference, test):
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs = [session.run(names, {"x": s}) for s in x]
+        found.append([np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(names))])
+    return min(10 * np.log10(np.sum(y ** 2) / np.sum((y - q) ** 2)) for y, q in zip(*found, strict=True))
+
+
+def test_the_min_sqnr_check_measures_the_corrected_model_that_is_written(caplog):
+    """With min-sqnr alone, bias-correct quantizes every layer, corrects them, and checks the output SQNR of that
+    model over the samples it measured on: the model insert-qdq then writes. Its outputs come from the nodes after
+    the last layer (an output made before it is kept until then), the float ones from the reference pass."""
+    proto = _two_output_chain()
+    x = np.random.default_rng(12).standard_normal((24, 1, 3, 8, 8)).astype(np.float32)
+    data = lambda: iter({"x": s} for s in x)  # noqa: E731
+    with caplog.at_level("INFO", logger="irtool"):
+        result = optimize(proto, "calibrate,bias-correct{mode=empirical,samples=16,min-sqnr=10},"
+                          "insert-qdq{min-sqnr=10}", calibration_data=data)
+    stats = result.stats("bias-correct")
+    assert stats["layers_kept_float"] == [] and result.stats("insert-qdq")["layers_kept_float"] == []
+    assert "mixed precision:" not in caplog.text  # insert-qdq's own check ran nowhere
+    written = _worst_output_sqnr(proto, result.model.to_proto(), x[:16])
+    assert abs(stats["output_sqnr"] - written) < 0.01, (stats["output_sqnr"], written)
+    assert stats["output_sqnr"] != round(_worst_output_sqnr(proto, result.model.to_proto(), x[16:]), 2)
+
+
+def test_a_model_that_reaches_min_sqnr_once_corrected_keeps_every_layer_quantized():
+    """The MobileNet-like digits net: plain INT8 is under 33 dB on the calibration samples, so insert-qdq alone
+    keeps layers float for min-sqnr=33; corrected, every layer quantized reaches it, and the model written keeps
+    none float (before, bias-correct decided on the uncorrected copy and kept some)."""
+    proto, data = trained("mobilenet")
+    x_calib = data["calib"][0]
+    start = "cleanup,fold-bn,calibrate{method=minmax},"
+    alone = optimize(proto, start + "insert-qdq{min-sqnr=33}", calibration_data=calibration(x_calib))
+    assert alone.stats("insert-qdq")["layers_kept_float"]
+    both = optimize(proto, start + "bias-correct{mode=empirical,min-sqnr=33},insert-qdq{min-sqnr=33}",
+                    calibration_data=calibration(x_calib))
+    assert both.stats("bias-correct")["output_sqnr"] >= 33
+    assert both.stats("bias-correct")["layers_kept_float"] == both.stats("insert-qdq")["layers_kept_float"] == []
+
+
+def test_a_corrected_model_short_of_min_sqnr_is_measured_again_with_the_sweeps_layers_float(caplog):
+    """Short of the target once corrected, the layers to keep float are those insert-qdq's sweep picks on the
+    uncorrected model (as insert-qdq alone picks them), and the others are measured again with those float."""
+    proto = depthwise_chain()
+    x = np.random.default_rng(13).standard_normal((16, 1, 3, 8, 8)).astype(np.float32)
+    data = lambda: iter({"x": s} for s in x)  # noqa: E731
+    corrected = optimize(proto, "calibrate,bias-correct{mode=empirical,min-sqnr=0}", calibration_data=data)
+    target = corrected.stats("bias-correct")["output_sqnr"] + 3
+    alone = optimize(proto, f"calibrate,insert-qdq{{min-sqnr={target}}}", calibration_data=data)
+    with caplog.at_level("INFO", logger="irtool"):
+        both = optimize(proto, f"calibrate,bias-correct{{mode=empirical,min-sqnr={target}}},"
+                        f"insert-qdq{{min-sqnr={target}}}", calibration_data=data)
+    kept = both.stats("bias-correct")["layers_kept_float"]
+    assert kept and kept == alone.stats("insert-qdq")["layers_kept_float"]
+    assert both.stats("insert-qdq")["layers_kept_float"] == kept
+    assert f"< min-sqnr={target}: deciding which layers stay float" in caplog.text
+    assert "output_sqnr" not in both.stats("bias-correct")
+    assert both.stats("bias-correct")["layers_measured"] == 3 - len(kept)
+
+
 def test_insert_qdq_given_other_mixed_precision_options_than_bias_correct_decides_by_its_own_and_warns(caplog):
     """A hand-written pipeline whose bias-correct and insert-qdq disagree on min-sqnr: insert-qdq follows its own
     options (all layers quantized, or its own sweep) and says the corrections may not fit."""
@@ -264,7 +334,8 @@ def test_memory_bound_must_be_positive():
                  calibration_data=lambda: iter({"x": s} for s in x))
 
 
-def _dequantized_layer(op: str, x_shape: list[int], weight: np.ndarray, attrs: dict, quantized_input: bool):
+def _dequantized_layer(op: str, x_shape: list[int], weight: np.ndarray, attrs: dict, quantized_input: bool,
+                       zero_point: np.ndarray | None = None):
     """x -> (QuantizeLinear -> DequantizeLinear) -> op(DQ per-channel s8 weight, DQ int32 bias) -> y, as
     insert-qdq writes a layer, with the values LinearMean reads: {name: array} for a batch of x."""
     from onnx import TensorProto, helper, numpy_helper
@@ -279,7 +350,7 @@ def _dequantized_layer(op: str, x_shape: list[int], weight: np.ndarray, attrs: d
              numpy_helper.from_array(rng.integers(-500, 500, channels).astype(np.int32), "b_q"),
              numpy_helper.from_array(np.full(channels, 1e-3, np.float32), "b_s"),
              numpy_helper.from_array(np.array(0.05, np.float32), "x_s"),
-             numpy_helper.from_array(np.array(110, np.uint8), "x_zp")]
+             numpy_helper.from_array(np.array(110, np.uint8) if zero_point is None else zero_point, "x_zp")]
     nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], axis=axis),
              helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], axis=0)]
     if quantized_input:
@@ -298,20 +369,34 @@ def _dequantized_layer(op: str, x_shape: list[int], weight: np.ndarray, attrs: d
     ("Conv", [4, 6, 12, 12], [6, 1, 5, 5], {"group": 6, "strides": [2, 2], "pads": [2, 2, 2, 2]}),
     ("Conv", [4, 6, 12, 12], [9, 2, 3, 3], {"group": 3, "auto_pad": "VALID"}),
     ("Conv", [4, 6, 20], [5, 6, 4], {"strides": [3], "pads": [1, 2]}),
+    ("Conv", [3, 4, 2, 9], [5, 4, 3, 3], {"strides": [5, 2], "pads": [4, 1, 4, 1]}),  # a tap reads only padding
+    ("Conv", [2, 3, 5, 6, 7], [4, 3, 2, 3, 2], {"strides": [1, 2, 3], "dilations": [2, 1, 2],
+                                                "pads": [1, 0, 2, 0, 1, 1]}),
     ("Gemm", [4, 7], [5, 7], {"transB": 1}),
     ("Gemm", [4, 7], [7, 5], {}),
 ])
 def test_a_layers_mean_from_its_input_equals_its_output_mean_in_onnx_runtime(op, x_shape, w_shape, attrs):
     """LinearMean against the layer run in ONNX Runtime on its dequantized u8 input: pads on each side, strides,
-    dilations, depthwise and grouped convs, 1-D, Gemm either way round."""
+    dilations, depthwise and grouped convs, 1-D and 3-D, taps over padding alone, Gemm either way round."""
+    _check_linear_mean(op, x_shape, w_shape, attrs, np.array(110, np.uint8))
+
+
+def test_a_layers_mean_from_its_signed_input_equals_its_output_mean_in_onnx_runtime():
+    """s8 activations (the trt profile, and ort-cpu's s8 option) are summed as int16 over batches of up to 256."""
+    _check_linear_mean("Conv", [6, 5, 9, 9], [4, 5, 3, 3], {"strides": [2, 1], "pads": [1, 1, 1, 1]},
+                       np.array(-7, np.int8))
+
+
+def _check_linear_mean(op: str, x_shape: list[int], w_shape: list[int], attrs: dict, zero_point: np.ndarray):
     from irtool.ir.model import Model
     from irtool.passes.quant.bias_empirical import LinearMean
 
     rng = np.random.default_rng(9)
-    proto = _dequantized_layer(op, x_shape, rng.standard_normal(w_shape).astype(np.float32), attrs, True)
+    proto = _dequantized_layer(op, x_shape, rng.standard_normal(w_shape).astype(np.float32), attrs, True, zero_point)
     x = rng.standard_normal(x_shape).astype(np.float32) * 2
     names = ["y", "x_q"]
     got = dict(zip(names, _with_outputs(proto, names).run(names, {"x": x}), strict=True))
+    assert got["x_q"].dtype == zero_point.dtype
     model = Model.from_proto(proto)
     nodes = {n.name: n for n in model.graph.nodes}
     pulled = {n.outputs[0].name: n for n in model.graph.nodes if n.outputs[0].name == "x_dq"}
