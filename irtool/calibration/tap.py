@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -442,11 +442,12 @@ def mean_of(parts: Iterable[tuple[np.ndarray, int]]) -> np.ndarray:
 
 
 def channel_batch_sums(model: Model, axes: Mapping[str, int], batches: Iterable[Mapping[str, np.ndarray]],
-                       outputs: list[dict[str, np.ndarray]] | None = None) -> dict[str, list[tuple[np.ndarray, int]]]:
+                       outputs: Callable[[dict[str, np.ndarray]], None] | None = None
+                       ) -> dict[str, list[tuple[np.ndarray, int]]]:
     """channel_means' sums, per batch: {name: [(per-channel float64 sum, values summed per channel), ...]}, so a
     caller can take the mean over the first batches alone (bias-correct{mode=empirical} under its memory bound).
-    Given a list as `outputs`, each batch's model outputs are appended to it ({name: value}): the reference of an
-    output SQNR, from the same pass."""
+    Given `outputs`, it is called with each batch's model outputs ({name: value}): the reference of an output
+    SQNR, from the same pass."""
     if not axes:  # ONNX Runtime would return every output for an empty list of names
         return {}
 
@@ -468,7 +469,7 @@ def channel_batch_sums(model: Model, axes: Mapping[str, int], batches: Iterable[
     for index, batch in enumerate(fit_batches(inputs, batches)):
         values = dict(zip(fetch, session.run(fetch, _feeds(inputs, batch, index)), strict=True))
         if returned:
-            outputs.append({name: values[name] for name in returned})
+            outputs({name: values[name] for name in returned})
         rows = batch_rows(batch)
         for name in names:
             total, count = channel_sums(values, name, axes[name], reduced.get(name))

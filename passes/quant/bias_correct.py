@@ -130,7 +130,8 @@ class BiasCorrect(Pass):
         mode reads per-channel and reduce-range): a named pipeline's options reach both passes alike. profile:
         unset, the one calibrate measured for, else ort-cpu. samples: how many calibration samples mode=empirical
         runs (the first batches holding that many). memory-mb: the most memory the values it keeps between layers
-        take; past it, later layers are measured on fewer samples (bias_empirical.py)."""
+        take; past it, later layers are measured on fewer samples (bias_empirical.py). The float outputs that
+        min-sqnr's check keeps are bounded by it too, apart."""
 
         profile: Profile | None = None
         mode: Mode = Mode.ANALYTIC

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -49,7 +49,7 @@ from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
 from irtool.ir.topo import outer_uses, topo_order
 from irtool.passes.quant.insert_qdq import BIAS_CORRECTION_KEY, KEPT_FLOAT_KEY, WEIGHT_ROUNDING_KEY, InsertQDQ
-from irtool.passes.quant.sensitivity import float_outputs, output_sqnr
+from irtool.passes.quant.sensitivity import float_outputs, streamed_sqnr
 from irtool.passmanager import PassContext
 from irtool.progress import bar
 
@@ -70,11 +70,13 @@ def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], q
     mixed precision, how many it quantized and were measured. Every layer has a bias (a constant input at the
     holder's index) already.
     With min-sqnr alone (the quant pipelines), every layer is quantized and corrected first, and the corrected
-    model's output SQNR over the samples the last layer was measured on (stat `output_sqnr`) is checked: it is the
-    model insert-qdq writes, and its outputs cost only the nodes after the last layer, the float ones a tap of the
-    reference pass. Only when it falls short does insert-qdq's sweep decide, on the uncorrected model, which
-    layers stay float, and the layers are measured again with those float. Before, insert-qdq's check ran its own
-    float and INT8 passes first: 21.5 of bias-correct's 53.2 s on bench/highres_bench.py's U-Net at 512x512."""
+    model's output SQNR (stat `output_sqnr`) is checked: it is the model insert-qdq writes, and its outputs cost
+    only the nodes after the last layer, the float ones a tap of the reference pass. It is taken over the samples
+    the last layer was measured on whose float outputs also fit in `memory_bytes` (stat `samples_checked`): they
+    are kept until the pieces are done (a 4-class segmentation head at 512x512: 4 MB per sample). Only when it
+    falls short does insert-qdq's sweep decide, on the uncorrected model, which layers stay float, and the layers
+    are measured again with those float. Before, insert-qdq's check ran its own float and INT8 passes first
+    (over up to 128 samples): 21.5 of bias-correct's 53.2 s on bench/highres_bench.py's U-Net at 512x512."""
     measure = _Measure(model, layers, ctx, data, memory_bytes)
     o = quantize.options
     if o.min_sqnr is None or o.keep_fp:
@@ -123,27 +125,39 @@ class _Measure:
             shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
         stats = {"samples": read, "samples_last": pieces.samples(), "layers_measured": len(spots),
                  "layers_kept_float": kept}
-        if check:
-            quantized = pieces.outputs()  # the static outputs left out (computed from constants alone)
-            reference = [{name: ref[name] for name in out} for ref, out in zip(expected, quantized, strict=False)]
-            sqnr = output_sqnr(reference, quantized)
+        if check:  # over the first batches that both the pieces and the float outputs kept
+            quantized = pieces.outputs()  # run only as far as `expected` goes: zip stops at its end first
+            pairs = (({name: ref[name] for name in out}, out) for ref, out in zip(expected, quantized, strict=False))
+            sqnr = streamed_sqnr(pairs)
             stats["output_sqnr"] = round(sqnr, 2) if math.isfinite(sqnr) else str(sqnr)  # JSON has no inf
+            stats["samples_checked"] = pieces.samples(len(expected))
         return shifts, stats
 
     def _reference(self, pieces: Pieces, outputs: bool) -> list[dict[str, np.ndarray]]:
         """Take the float reference means on the first run, over the pieces' samples, and return the float
-        model's outputs over them when asked: from the same pass when the model holds its float weights and
-        biases, else from float_outputs, which restores them on a copy (as for insert-qdq's check)."""
+        model's outputs over the first of them that fit in memory_bytes (one batch at least) when asked: from the
+        same pass when the model holds its float weights and biases, else from float_outputs, which restores them
+        on a copy (as for insert-qdq's check)."""
+        kept: list[dict[str, np.ndarray]] = []
+        size = 0
+
+        def keep(values: dict[str, np.ndarray]) -> None:
+            nonlocal size
+            size += _nbytes(values)
+            if not kept or size <= self.memory_bytes:
+                kept.append(values)
+
+        restore = BIAS_CORRECTION_KEY in self.model.metadata or WEIGHT_ROUNDING_KEY in self.model.metadata
         if self.reference is None:
-            restore = BIAS_CORRECTION_KEY in self.model.metadata or WEIGHT_ROUNDING_KEY in self.model.metadata
-            tapped = [] if outputs and not restore else None
             measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in self.layers}
-            self.reference = channel_batch_sums(self.model, measured, pieces.batches(), tapped)
-            if tapped is not None:
-                return tapped
-        if not outputs:
-            return []
-        return float_outputs(self.model, dataclasses.replace(self.ctx, calibration_data=pieces.batches))
+            tap = keep if outputs and not restore else None
+            self.reference = channel_batch_sums(self.model, measured, pieces.batches(), tap)
+            if tap is not None:
+                return kept
+        if outputs:
+            for values in float_outputs(self.model, dataclasses.replace(self.ctx, calibration_data=pieces.batches)):
+                keep(values)
+        return kept
 
 
 def _weight_quantized(node: gs.Node) -> bool:
@@ -194,8 +208,9 @@ class Pieces:
     def batches(self) -> Iterable[Mapping[str, np.ndarray]]:
         return iter(self.cache)
 
-    def samples(self) -> int:
-        return sum(batch_rows(values) for values in self.cache)
+    def samples(self, batches: int | None = None) -> int:
+        """The samples in the batches kept (in the first `batches` of them)."""
+        return sum(batch_rows(values) for values in self.cache[:batches])
 
     def position(self, tensor: gs.Tensor) -> int:
         return self.index[id(tensor.inputs[0])]
@@ -237,9 +252,9 @@ class Pieces:
         self.cut = end
         return sums / max(count, 1), len(self.cache)
 
-    def outputs(self) -> list[dict[str, np.ndarray]]:
-        """The model's outputs for each cached batch, running the nodes from the last cut on (the last layer
-        measured, with its corrected bias, and what follows it); the Pieces must have been made with
+    def outputs(self) -> Iterator[dict[str, np.ndarray]]:
+        """The model's outputs for each cached batch in turn, running the nodes from the last cut on (the last
+        layer measured, with its corrected bias, and what follows it); the Pieces must have been made with
         outputs=True. Outputs computed from constants alone are left out."""
         before, pulled = self._live(self.cut)
         kept = {t.name for t in before}
@@ -248,12 +263,10 @@ class Pieces:
         names = [t.name for t in self.model.graph.outputs if t.name in kept or t.name in made]
         computed = [t for t in self.model.graph.outputs if t.name in made and t.name not in kept]
         session = self._session(nodes, before, computed, None, 0)[0] if computed else None
-        found = []
         for values in self.cache:
             ran = session.run([t.name for t in computed], {t.name: values[t.name] for t in before}) if session else []
             got = dict(zip([t.name for t in computed], ran, strict=True))
-            found.append({name: got[name] if name in got else values[name] for name in names})
-        return found
+            yield {name: got[name] if name in got else values[name] for name in names}
 
     def _live(self, at: int) -> tuple[list[gs.Tensor], list[gs.Node]]:
         """The computed values made before position `at` (or model inputs) that a node at `at` or later reads, and

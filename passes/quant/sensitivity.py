@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -75,11 +76,18 @@ def output_sqnr(reference: list[dict[str, np.ndarray]], test: list[dict[str, np.
     pooled: a detector's box coordinates (hundreds of pixels) held the pooled signal, and its class scores
     (0-1) could lose every digit without moving it. An output that is zero in float everywhere is not a signal
     either (no ratio to take), unless every output is."""
-    names = [n for n, v in reference[0].items() if v.dtype.kind == "f"] if reference else []
+    return streamed_sqnr(zip(reference, test, strict=True))
+
+
+def streamed_sqnr(pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]) -> float:
+    """output_sqnr over (reference, test) pairs of batches, each freed once counted."""
+    names: list[str] | None = None
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
-    for ref, out in zip(reference, test, strict=True):
-        for name in names or list(ref):
+    for ref, out in pairs:
+        if names is None:
+            names = [n for n, v in ref.items() if v.dtype.kind == "f"] or list(ref)
+        for name in names:
             value = ref[name].astype(np.float64)
             signal[name] = signal.get(name, 0.0) + float(np.sum(value ** 2))
             noise[name] = noise.get(name, 0.0) + float(np.sum((value - out[name]) ** 2))

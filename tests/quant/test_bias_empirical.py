@@ -180,9 +180,24 @@ def test_the_min_sqnr_check_measures_the_corrected_model_that_is_written(caplog)
     stats = result.stats("bias-correct")
     assert stats["layers_kept_float"] == [] and result.stats("insert-qdq")["layers_kept_float"] == []
     assert "mixed precision:" not in caplog.text  # insert-qdq's own check ran nowhere
+    assert stats["samples_checked"] == 16
     written = _worst_output_sqnr(proto, result.model.to_proto(), x[:16])
     assert abs(stats["output_sqnr"] - written) < 0.01, (stats["output_sqnr"], written)
     assert stats["output_sqnr"] != round(_worst_output_sqnr(proto, result.model.to_proto(), x[16:]), 2)
+
+
+def test_the_min_sqnr_check_keeps_the_float_outputs_of_the_samples_that_fit_the_memory_bound():
+    """wide_chain's float output is 32 KB per sample: with memory-mb=1 the check keeps those of the first 32 of
+    64 samples (as the pieces keep their values), and measures the written model over those."""
+    proto = wide_chain()
+    x = np.random.default_rng(14).standard_normal((64, 1, 3, 32, 32)).astype(np.float32)
+    data = lambda: iter({"x": s} for s in x)  # noqa: E731
+    result = optimize(proto, "calibrate,bias-correct{mode=empirical,memory-mb=1,min-sqnr=0},insert-qdq{min-sqnr=0}",
+                      calibration_data=data)
+    stats = result.stats("bias-correct")
+    assert stats["samples"] == 64 and stats["samples_checked"] == 32
+    written = _worst_output_sqnr(proto, result.model.to_proto(), x[:32])
+    assert abs(stats["output_sqnr"] - written) < 0.01, (stats["output_sqnr"], written)
 
 
 def test_a_model_that_reaches_min_sqnr_once_corrected_keeps_every_layer_quantized():
