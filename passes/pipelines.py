@@ -46,8 +46,10 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 # quant-dynamic{op-types=[Gather]} last (ort-cpu only): embedding tables become int8 with one scale per row, the
 # rows dequantized after the lookup; static Q/DQ leaves a table float, and it is the largest part of a small language
 # model (the test suite's MiniLM-shaped encoder: 453 -> 261 KB, mean embedding cosine 0.99995 either way, batch-1
-# latency 122 -> 125 us). quantize_static stores its tables as u8 too (one scale per table). insert-qdq's min-sqnr
-# check runs before it, on the static model. Not in quant-trt: no TensorRT ran this here.
+# latency 122 -> 125 us). quantize_static stores its tables as u8 too (one scale per table). A tied LM's lookup reads
+# the head's integers that insert-qdq made (share-head): the table is stored once, on the head's 7-bit grid (the test
+# tied LM: 45136 -> 24668 bytes, logits 39.09 -> 36.91 dB). insert-qdq's min-sqnr check runs before it, on the
+# static model. Not in quant-trt: no TensorRT ran this here.
 # smooth{min-spread=8}: SmoothQuant where a LayerNorm's output has outlier channels (BERT-class transformers);
 # it costs one float pass where LayerNorms feed MatMuls, and changes nothing where there are no outliers.
 QUANT = ("fp32,cleanup,fold-constants{keep-shared=false},einsum-to-matmul,fold-scale,fold-bn,convtranspose-to-conv,"

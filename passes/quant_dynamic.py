@@ -28,6 +28,17 @@ table is a large share of a small language model's weights. A tied LM head (Gemm
 the same int8 table and row scales, and so does one that reads it through a Transpose (MatMul(x, Transpose(E)),
 as torch.export writes it): Transpose(DequantizeLinear(E_q, s, axis=0)).
 
+A lookup whose table the model already stores as int8 with one scale per table row (a tied LM head that
+`insert-qdq` quantized, which `quant` runs before this pass: DequantizeLinear of E^T's integers [H, V] along
+axis 1) reads those integers instead of storing a second copy (`share-head`, default true; stat
+`tables_shared`):
+
+    Y = Transpose(Cast(Gather(Q, ids, axis=1)) · Gather(s, ids), perm=[1, ..., r, 0])     (ids of rank r)
+
+The rows are then on the head's grid: for ort-cpu, 7-bit weights (reduce-range), twice the step of this pass's
+own rows. Found only where q · s lies within half a step of every table value, so another weight of the same
+shape is never taken for the table.
+
 Quantized: MatMul (second input), Gemm (input B) and Gather (input 0) in the standard domain whose weight is a
 float32 or float16 constant of rank >= 2 (exactly 2 for Gemm and Gather) with at least `min-size` elements and
 only finite values, unless the node's name matches an `exclude` regex. A weight read by several quantized nodes
@@ -71,6 +82,7 @@ class QuantDynamic(Pass):
         op_types: tuple[str, ...] = SUPPORTED_OPS
         exclude: tuple[Regex, ...] = ()
         min_size: int = 1024
+        share_head: bool = True
 
         def __post_init__(self):
             unknown = sorted(set(self.op_types) - set(SUPPORTED_OPS))
@@ -83,7 +95,7 @@ class QuantDynamic(Pass):
         targets, skipped = self._targets(model)
         if not targets:
             return PassResult(modified=False, stats={"weights_quantized": 0, **skipped})
-        quantizer = _Quantizer(model, self.options.per_channel)
+        quantizer = _Quantizer(model, self.options.per_channel, self.options.share_head)
         for node, axis in targets:
             if node.op == "Gather":
                 quantizer.lookup(node)
@@ -167,8 +179,9 @@ def quantize_symmetric(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray
 class _Quantizer:
     """Creates (once per weight and axis) the int8 constant, its scale and the DequantizeLinear."""
 
-    def __init__(self, model: Model, per_channel: bool):
-        self.model, self.per_channel = model, per_channel
+    def __init__(self, model: Model, per_channel: bool, share_head: bool = False):
+        self.model, self.per_channel, self.share_head = model, per_channel, share_head
+        self.shared = 0  # lookups reading a head's integers
         self.done: dict[tuple[int, int], gs.Variable] = {}
         self.constants: dict[tuple[int, int], tuple[gs.Constant, gs.Constant]] = {}
         self.looked_up: set[tuple[int, int]] = set()  # tables read by lookups
@@ -219,6 +232,13 @@ class _Quantizer:
         if key in self.nonfinite or (key not in self.constants and not np.isfinite(np.asarray(table.values)).all()):
             self.nonfinite.add(key)
             return
+        # Its integers made by this pass already (a weight-only head reading it) are shared below as they are.
+        mine = key in self.constants
+        stored = stored_rows(self.model, table) if self.share_head and self.per_channel and not mine else None
+        if stored is not None and (stored[2] == 0 or ids.shape is not None):
+            self.looked_up.add(key)
+            self._lookup_stored(node, *stored)
+            return
         q_const, s_const = self._constants(table, 0)
         self.looked_up.add(key)
         name, unique = node.name, self.model.unique_name
@@ -239,18 +259,42 @@ class _Quantizer:
                                inputs=[out], outputs=[y]))
         self.model.graph.nodes.extend(new)
 
+    def _lookup_stored(self, node: gs.Node, q: gs.Constant, scales: gs.Constant, axis: int) -> None:
+        """The lookup reads the rows of the table that a layer stores as int8 already (stored_rows): picked along
+        `axis` of those integers, scaled by their own scales, and, from a head's [H, V] weight, transposed to
+        [*ids, H]."""
+        table, ids, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        name, unique = node.name, self.model.unique_name
+        self.model.graph.nodes.remove(node)
+        node.inputs.clear()
+        node.outputs.clear()
+        rows = gs.Variable(unique(f"{y.name}_quantized"), dtype=np.int8)
+        out = y if axis == 0 else gs.Variable(unique(f"{y.name}_columns"), dtype=np.float32)
+        new = [gs.Node("Gather", name, attrs={"axis": axis}, inputs=[q, ids], outputs=[rows]),
+               *self._row_scaled(name, rows, scales, ids, out, last=axis == 0)]
+        if axis == 1:  # [H, *ids] -> [*ids, H]
+            rank = len(ids.shape)
+            new.append(gs.Node("Transpose", unique(f"{name}_rows"), attrs={"perm": [*range(1, rank + 1), 0]},
+                               inputs=[out], outputs=[y]))
+        self.model.graph.nodes.extend(new)
+        self.shared += 1
+        self.bytes_before += np.asarray(table.values).nbytes  # and nothing after: the integers are the head's
+
     def _row_scaled(self, name: str, rows: gs.Variable, scales: gs.Constant, ids: gs.Tensor,
-                    out: gs.Variable) -> list[gs.Node]:
-        """out = Cast(rows) · Unsqueeze(Gather(scales, ids), -1): each picked row times its own scale."""
+                    out: gs.Variable, last: bool = True) -> list[gs.Node]:
+        """out = Cast(rows) · Unsqueeze(Gather(scales, ids), -1): each picked row times its own scale. Rows picked
+        as the columns of a [H, V] weight ([H, *ids], `last` False) take the picked scales as they are."""
         unique = self.model.unique_name
         picked, wide, floats = (gs.Variable(unique(f"{out.name}_{part}")) for part in ("scales", "scale", "float"))
-        last = gs.Constant(unique(f"{out.name}_last_axis"), np.array([-1], np.int64))
-        return [gs.Node("Gather", unique(f"{name}_scales"), attrs={"axis": 0}, inputs=[scales, ids],
-                        outputs=[picked]),
-                gs.Node("Unsqueeze", unique(f"{name}_scale"), inputs=[picked, last], outputs=[wide]),
-                gs.Node("Cast", unique(f"{name}_float"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[rows],
-                        outputs=[floats]),
-                gs.Node("Mul", unique(f"{name}_dequantized"), inputs=[floats, wide], outputs=[out])]
+        nodes = [gs.Node("Gather", unique(f"{name}_scales"), attrs={"axis": 0}, inputs=[scales, ids],
+                         outputs=[picked])]
+        if last:
+            axis = gs.Constant(unique(f"{out.name}_last_axis"), np.array([-1], np.int64))
+            nodes.append(gs.Node("Unsqueeze", unique(f"{name}_scale"), inputs=[picked, axis], outputs=[wide]))
+        return nodes + [gs.Node("Cast", unique(f"{name}_float"), attrs={"to": onnx.TensorProto.FLOAT},
+                                inputs=[rows], outputs=[floats]),
+                        gs.Node("Mul", unique(f"{name}_dequantized"), inputs=[floats, wide if last else picked],
+                                outputs=[out])]
 
     def _to_half(self, value: gs.Variable, unique) -> gs.Variable:
         out = gs.Variable(unique(f"{value.name}_fp16"), dtype=np.float16, shape=value.shape)
@@ -262,4 +306,51 @@ class _Quantizer:
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else 0.0
         return {"weights_quantized": len(self.done.keys() | self.looked_up), "weight_bytes_before": self.bytes_before,
                 "weight_bytes_after": self.bytes_after, "compression": round(ratio, 3),
-                "skipped_nonfinite": len(self.nonfinite)}
+                "skipped_nonfinite": len(self.nonfinite), "tables_shared": self.shared}
+
+
+def stored_rows(model: Model, table: gs.Constant) -> tuple[gs.Constant, gs.Constant, int] | None:
+    """(int8 q, scales, axis) of a DequantizeLinear in the model that holds `table` [V, H] on a per-row grid: q
+    is [V, H] dequantized along axis 0, or [H, V] along axis 1 (a tied LM head's E^T, as insert-qdq quantizes
+    it), zero point 0, and q · s within half a step of every table value. None when there is none."""
+    values = np.asarray(table.values)
+    if values.dtype != np.float32 or values.ndim != 2:
+        return None
+    for node in model.graph.nodes:
+        found = _rows_of(node, values.shape)
+        if found is not None and _holds(values, *found):
+            return found
+    return None
+
+
+def _rows_of(node: gs.Node, shape: tuple[int, int]) -> tuple[gs.Constant, gs.Constant, int] | None:
+    """The node's (q, scales, axis) when it is a DequantizeLinear of int8 constants, zero point 0, one scale per
+    table row, shaped as the table or its transpose."""
+    if node.op != "DequantizeLinear" or not is_default_domain(node) or len(node.inputs) < 2:
+        return None
+    q, scales = node.inputs[0], node.inputs[1]
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    if not (isinstance(q, gs.Constant) and isinstance(scales, gs.Constant)) or q.dtype != np.int8 \
+            or len(q.shape) != 2 or math.prod(scales.shape) != shape[0] or len(scales.shape) != 1:
+        return None
+    if zero is not None and (not isinstance(zero, gs.Constant) or np.any(np.asarray(zero.values))):
+        return None
+    axis = int(node.attrs.get("axis", 1)) % 2
+    if tuple(q.shape) == tuple(shape) and axis == 0:
+        return q, scales, 0
+    if tuple(q.shape) == tuple(shape[::-1]) and axis == 1:
+        return q, scales, 1
+    return None
+
+
+def _holds(values: np.ndarray, q: gs.Constant, scales: gs.Constant, axis: int) -> bool:
+    """q · s within half a step (and float32's rounding of it) of every table value: the integers are the
+    table's, rounded, not another weight of the same shape."""
+    step = np.asarray(scales.values, np.float64).reshape(-1, 1)
+    rows = np.asarray(q.values) if axis == 0 else np.asarray(q.values).T
+    for start in range(0, len(rows), 4096):  # float64 copies of a chunk of rows, not of a 50k-token table
+        part = slice(start, start + 4096)
+        error = np.abs(rows[part].astype(np.float64) * step[part] - values[part].astype(np.float64))
+        if np.any(error > step[part] * (0.5 + 1e-6)):
+            return False
+    return True

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from golden._tied_head import VOCAB, exported_by_dynamo, exported_by_legacy
 from irtool.api import optimize
-from tests.passes.helpers import assert_same_outputs, model_of, node, ops, run, serialized
+from tests.passes.helpers import assert_same_outputs, model_of, node, ops, run, run_ort, serialized
 
 EXPORTS = {"dynamo": exported_by_dynamo, "legacy": exported_by_legacy}
 
@@ -85,6 +85,31 @@ def test_quant_still_quantizes_the_tied_head(export, pipeline):
     weight = head.inputs[1]
     assert weight.inputs and weight.inputs[0].op == "DequantizeLinear"
     assert weight.inputs[0].inputs[0].values.dtype == np.int8
+
+
+def _logits_sqnr(proto: onnx.ModelProto, model) -> float:
+    feeds = _calibration(32)
+    ref = np.concatenate([run_ort(proto, f)["logits"] for f in feeds]).astype(np.float64)
+    got = np.concatenate([run_ort(model, f)["logits"] for f in feeds]).astype(np.float64)
+    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)))
+
+
+@pytest.mark.parametrize("export", sorted(EXPORTS))
+def test_quant_stores_a_tied_table_once_the_lookup_reading_the_heads_integers(export):
+    """The head's int8 E^T (insert-qdq) and the lookup's own int8 rows (quant-dynamic) were two copies of the
+    table; the lookup now reads the head's. Its rows are on the head's 7-bit grid: 45136 -> 24668 bytes of
+    weights, logits SQNR 39.09 -> 36.91 dB on 32 random id batches when this was written (either export)."""
+    data = _calibration()
+    shared = optimize(EXPORTS[export](), "quant", calibration_data=data)
+    own = optimize(EXPORTS[export](), "quant{share-head=false}", calibration_data=data)
+    assert shared.stats("quant-dynamic")["tables_shared"] == 1 and own.stats("quant-dynamic")["tables_shared"] == 0
+    tables = [t for t in shared.model.to_proto().graph.initializer if t.data_type == TensorProto.INT8 and
+              len(t.dims) == 2]
+    assert [tuple(t.dims) for t in tables] == [(64, VOCAB)]
+    assert _weight_bytes(shared.model) < _weight_bytes(own.model) - 0.99 * VOCAB * 64
+    sqnr = {label: _logits_sqnr(EXPORTS[export](), result.model.to_proto()) for label, result in
+            (("shared", shared), ("own", own))}
+    assert sqnr["shared"] > sqnr["own"] - 3.0, sqnr
 
 
 @pytest.mark.parametrize("export", sorted(EXPORTS))

@@ -414,3 +414,79 @@ def test_a_head_reading_the_table_through_a_transpose_shares_the_int8_table():
     assert not any(isinstance(t, gs.Constant) and t.name == "E" for n in model.graph.nodes for t in n.inputs)
     ids = {"ids": np.array([0, 3, 7])}
     assert _sqnr_db(run_ort(proto, ids)["logits"], run_ort(model, ids)["logits"]) > 35.0
+
+
+# --------------------------------------------------------------------------- a tied head quantized statically
+def _static_head(table: np.ndarray, transposed: bool = True, weight: np.ndarray | None = None) -> onnx.ModelProto:
+    """ids [n] -> Gather(E, ids) -> y, and a head reading a table's integers as ort-cpu's insert-qdq stores a tied
+    head (7-bit, one scale per token): MatMul(y, DequantizeLinear(Q [H, V], axis=1)) (transposed) or
+    Gemm(y, DequantizeLinear(Q [V, H], axis=0), transB=1). `weight`: the head's table instead of E (untied)."""
+    source = table if weight is None else weight
+    scale = (np.abs(source).max(axis=1) / 63).astype(np.float32)
+    q = np.clip(np.rint(source / scale[:, None]), -63, 63).astype(np.int8)
+    proto = _lookup(table)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(q.T) if transposed else q, "Q"),
+             numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(len(scale), np.int8), "z")]
+    proto.graph.initializer.extend(inits)
+    proto.graph.node.append(helper.make_node("DequantizeLinear", ["Q", "s", "z"], ["W"], name="head_dq",
+                                             axis=1 if transposed else 0))
+    proto.graph.node.append(helper.make_node("MatMul", ["y", "W"], ["logits"], name="head") if transposed else
+                            helper.make_node("Gemm", ["y", "W"], ["logits"], name="head", transB=1))
+    proto.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(table)]))
+    return proto
+
+
+def _int8_constants(model: Model) -> list[gs.Constant]:
+    return list({id(t): t for n in model.graph.nodes for t in n.inputs
+                 if isinstance(t, gs.Constant) and t.values.dtype == np.int8 and t.values.ndim == 2}.values())
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["matmul-ET", "gemm-transB"])
+def test_a_lookup_reads_the_integers_of_a_statically_quantized_tied_head(transposed):
+    """The lookup's rows are exactly the head's dequantized rows (float32 q · s), and the table is stored once:
+    the head's int8, no float E, no second int8 copy."""
+    table = _table()
+    proto = _static_head(table, transposed)
+    model = model_of(proto)
+    stats = run(model, "quant-dynamic{op-types=[Gather]}")[0].stats
+    assert stats["tables_shared"] == 1 and stats["weights_quantized"] == 1
+    assert stats["weight_bytes_before"] == table.nbytes and stats["weight_bytes_after"] == 0
+    assert [t.name for t in _int8_constants(model)] == ["Q"]
+    assert not any(isinstance(t, gs.Constant) and t.name == "E" for n in model.graph.nodes for t in n.inputs)
+    q = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "Q"))
+    scale = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "s"))
+    rows = (q.T if transposed else q).astype(np.float32) * scale[:, None]
+    ids = np.array([5, 3, 3, 0, 63])
+    got = run_ort(model, {"ids": ids})
+    np.testing.assert_array_equal(got["y"], rows[ids])
+    np.testing.assert_allclose(got["logits"], rows[ids] @ rows.T, rtol=1e-5, atol=1e-4)  # the head: E' E'^T
+    assert (np.abs(got["y"] - table[ids]) <= scale[ids, None] / 2 + 1e-7).all()
+
+
+def test_a_lookup_with_ids_of_rank_two_is_transposed_back_to_tokens_last():
+    table = _table()
+    proto = _static_head(table)
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3]))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 32]))
+    proto.graph.output[1].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 64]))
+    model = model_of(proto)
+    assert run(model, "quant-dynamic{op-types=[Gather]}")[0].stats["tables_shared"] == 1
+    ids = np.array([[1, 2, 3], [63, 0, 3]])
+    got, ref = run_ort(model, {"ids": ids}), run_ort(proto, {"ids": ids})
+    assert got["y"].shape == (2, 3, 32)
+    scale = np.abs(table).max(axis=1) / 63
+    assert (np.abs(got["y"] - table[ids]) <= scale[ids][..., None] / 2 + 1e-7).all()
+    assert _sqnr_db(ref["logits"], got["logits"]) > 30.0
+
+
+def test_an_untied_head_of_the_tables_shape_or_share_head_false_keeps_the_lookups_own_rows():
+    table = _table()
+    other = np.random.default_rng(10).normal(0, 1, table.shape).astype(np.float32)
+    for proto, text in ((_static_head(table, weight=other), "quant-dynamic{op-types=[Gather]}"),
+                        (_static_head(table), "quant-dynamic{op-types=[Gather],share-head=false}")):
+        model = model_of(proto)
+        stats = run(model, text)[0].stats
+        assert stats["tables_shared"] == 0 and stats["weights_quantized"] == 1
+        assert len(_int8_constants(model)) == 2  # the head's and the lookup's own 8-bit rows
+        got = run_ort(model, {"ids": np.arange(64)})["y"]
+        assert (np.abs(got - table) <= np.abs(table).max(axis=1, keepdims=True) / 127 / 2 + 1e-7).all()
