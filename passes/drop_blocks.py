@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.analysis.cost import model_cost
 from irtool.analysis.shapes import Shapes, concrete_input_shapes
-from irtool.calibration.tap import tap
+from irtool.calibration.tap import detached, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.rewrite import is_graph_output, remove_nodes, replace_uses
@@ -109,7 +109,7 @@ class DropBlocks(Pass):
 
     def _score(self, model: Model, branches: list[Branch], ctx: PassContext) -> None:
         outputs = [t.name for t in model.graph.outputs]
-        reference = list(tap(model, outputs, ctx.calibration_data()))
+        reference = [detached(values) for values in tap(model, outputs, ctx.calibration_data())]
         cost = model_cost(model, concrete_input_shapes(model, ctx.input_shapes))
         costs = {n.name: n.macs or 0 for n in cost.per_node}
         for index, branch in enumerate(branches):

@@ -39,6 +39,7 @@ from irtool.calibration.tap import (
     batch_free,
     channel_batch_sums,
     channel_sums,
+    detached,
     fit_batches,
     mean_of,
     pooled_proto,
@@ -145,7 +146,7 @@ class _Measure:
             nonlocal size
             size += _nbytes(values)
             if not kept or size <= self.memory_bytes:
-                kept.append(values)
+                kept.append(detached(values))
 
         restore = BIAS_CORRECTION_KEY in self.model.metadata or WEIGHT_ROUNDING_KEY in self.model.metadata
         if self.reference is None:
@@ -237,7 +238,7 @@ class Pieces:
         weight = out.name in self.batch_free  # computed once for the batch's samples, which share it
         for index, values in enumerate(self.cache):
             ran = session.run(names, {t.name: values[t.name] for t in before}) if session else []
-            got = dict(zip(names, ran, strict=True))
+            got = detached(dict(zip(names, ran, strict=True)))
             entry = {t.name: values[t.name] if t.name in kept else got[t.name] for t in after}
             size += _nbytes(entry)
             if index and size > self.memory_bytes:

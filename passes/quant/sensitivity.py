@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from irtool.calibration.data import first_batches
-from irtool.calibration.tap import tap
+from irtool.calibration.tap import detached, tap
 from irtool.ir.model import Model
 from irtool.passmanager import PassContext
 from irtool.progress import bar
@@ -36,7 +36,7 @@ EVAL_SAMPLES, SWEEP_SAMPLES = 128, 16
 
 def _outputs(model: Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
     names = [t.name for t in model.graph.outputs]
-    return list(tap(model, names, ctx.calibration_data()))
+    return [detached(values) for values in tap(model, names, ctx.calibration_data())]
 
 
 def with_eval_batches(ctx: PassContext, samples: int = EVAL_SAMPLES) -> PassContext:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from golden._quant_blocks import Builder, attention, clip_chain, residual
 from irtool.calibration.engine import collect
 from irtool.calibration.observers import Histogram, values_per_sample
-from irtool.calibration.tap import NCHWC_PRODUCERS, _summarized_proto, summarize, tap
+from irtool.calibration.tap import NCHWC_PRODUCERS, _summarized_proto, detached, summarize, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
 
@@ -182,3 +182,18 @@ def test_infinity_outside_the_sample_is_caught_by_the_nan_check():
     x[0, 5, :] = 0.0
     (got,) = list(tap(_heads(), ["ratio"], [{"x": x}], summary=16, sample_extremes=True))
     assert np.isfinite(got["ratio"].sample).all() and not got["ratio"].finite
+
+
+def test_detached_outputs_own_their_memory_and_outlive_the_session():
+    """ONNX Runtime returns views of its allocator's memory (a kept one held a whole arena after its session was
+    gone); detached copies own theirs, equal value for value."""
+    model = Model.from_proto(residual())
+    raw = list(tap(model, ["y", "relu1"], _batches(5)))
+    assert not raw[0]["y"].flags["OWNDATA"]
+    copies = [detached(values) for values in raw]
+    expected = [{name: value.copy() for name, value in values.items()} for values in raw]
+    del raw
+    for got, want in zip(copies, expected, strict=True):
+        assert all(got[name].flags["OWNDATA"] for name in got)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
