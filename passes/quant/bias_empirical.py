@@ -18,9 +18,11 @@ batches), and the float means they are matched to are taken over the same sample
 channels, 64 samples, batch 4) kept up to 1.5 GB of them, the bench models at 224x224 15-129 MB. ONNX
 Runtime's working memory for the batch a piece runs comes on top, as in calibration. Plus one float pass for the
 reference means, which with min-sqnr also keeps the float model's outputs over those samples for the check
-(empirical_shifts). On bench/highres_bench.py's U-Net at 512x512 (64 samples, batches of 8) the pass took 24.9 s:
-reference 11-13 s, pieces 11.6 s, of which 1.4 s LinearMean's sums (53.2 s before the check moved onto the
-corrected model, the pieces dropped the dequantizations no output reads and LinearMean summed bands)."""
+(empirical_shifts). On bench/highres_bench.py's U-Net at 512x512 (64 samples, batches of 8) the pass took 23-25 s:
+reference 11-13 s, pieces 11.6 s, of which 1.4 s LinearMean's sums (48-53 s before the check moved onto the
+corrected model, the pieces dropped the dequantizations no output reads and LinearMean summed bands). What it
+keeps of ONNX Runtime's outputs is copied (tap.detached): the pieces' values held every piece session's arena,
+and the pass peaked at 5.4 GB there, 2.7 GB since."""
 
 from __future__ import annotations
 
