@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from irtool.ir.model import Model
-from irtool.ir.topo import outer_uses
+from irtool.ir.topo import live_nodes
 from irtool.passmanager import Pass, PassContext, PassResult
 
 
@@ -33,15 +33,7 @@ class DeadCodeElimination(Pass):
 
 
 def remove_dead_nodes(graph: gs.Graph) -> int:
-    producer = {t.name: node for node in graph.nodes for t in node.outputs if t.name}
-    live: set[int] = set()
-    stack = [producer[t.name] for t in graph.outputs if t.name in producer]
-    while stack:
-        node = stack.pop()
-        if id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(producer[t.name] for t in outer_uses(node) if t.name in producer)
+    live = {id(node) for node in live_nodes(graph.nodes, graph.outputs)}
     dead = [node for node in graph.nodes if id(node) not in live]
     if not dead:
         return 0

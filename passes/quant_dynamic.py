@@ -242,9 +242,7 @@ class _Quantizer:
         q_const, s_const = self._constants(table, 0)
         self.looked_up.add(key)
         name, unique = node.name, self.model.unique_name
-        self.model.graph.nodes.remove(node)
-        node.inputs.clear()
-        node.outputs.clear()
+        self._remove(node)
         half = table.dtype == np.float16
         out = gs.Variable(unique(f"{y.name}_dequantized"), dtype=np.float32) if half else y
         rows = gs.Variable(unique(f"{y.name}_quantized"), dtype=np.int8)
@@ -265,9 +263,7 @@ class _Quantizer:
         [*ids, H]."""
         table, ids, y = node.inputs[0], node.inputs[1], node.outputs[0]
         name, unique = node.name, self.model.unique_name
-        self.model.graph.nodes.remove(node)
-        node.inputs.clear()
-        node.outputs.clear()
+        self._remove(node)
         rows = gs.Variable(unique(f"{y.name}_quantized"), dtype=np.int8)
         out = y if axis == 0 else gs.Variable(unique(f"{y.name}_columns"), dtype=np.float32)
         new = [gs.Node("Gather", name, attrs={"axis": axis}, inputs=[q, ids], outputs=[rows]),
@@ -279,6 +275,12 @@ class _Quantizer:
         self.model.graph.nodes.extend(new)
         self.shared += 1
         self.bytes_before += np.asarray(table.values).nbytes  # and nothing after: the integers are the head's
+
+    def _remove(self, node: gs.Node) -> None:
+        """Take the lookup out, detached, so that its replacement may produce its output."""
+        self.model.graph.nodes.remove(node)
+        node.inputs.clear()
+        node.outputs.clear()
 
     def _row_scaled(self, name: str, rows: gs.Variable, scales: gs.Constant, ids: gs.Tensor,
                     out: gs.Variable, last: bool = True) -> list[gs.Node]:

@@ -29,6 +29,21 @@ def outer_uses(node: gs.Node) -> list[gs.Tensor]:
     return used
 
 
+def live_nodes(nodes: list[gs.Node], outputs: list[gs.Tensor]) -> list[gs.Node]:
+    """The nodes (in their order) that `outputs` are computed from, subgraph reads included; an explicit stack,
+    not recursion, so a deep graph cannot overflow it."""
+    producer = {t.name: node for node in nodes for t in node.outputs if t.name}
+    live: set[int] = set()
+    stack = [producer[t.name] for t in outputs if t.name in producer]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(producer[t.name] for t in outer_uses(node) if t.name in producer)
+    return [node for node in nodes if id(node) in live]
+
+
 def topo_order(nodes: list[gs.Node]) -> list[int]:
     """Return a stable topological order of `nodes` as indices; raise on a cycle."""
     index_of_output: dict[str, int] = {}

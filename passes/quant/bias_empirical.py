@@ -50,7 +50,7 @@ from irtool.calibration.tap import (
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
-from irtool.ir.topo import outer_uses, topo_order
+from irtool.ir.topo import live_nodes, outer_uses, topo_order
 from irtool.passes.quant.insert_qdq import BIAS_CORRECTION_KEY, KEPT_FLOAT_KEY, WEIGHT_ROUNDING_KEY, InsertQDQ
 from irtool.passes.quant.sensitivity import float_outputs, streamed_sqnr
 from irtool.passmanager import PassContext
@@ -315,7 +315,10 @@ class Pieces:
                  out: gs.Tensor | None, axis: int):
         """A session of the piece, with `out` (if any) averaged in the graph where channel_means would (so a conv
         output leaves ONNX Runtime as [N, C]); returns it and how `out` was reduced."""
-        nodes = _needed(nodes, outputs)
+        # A piece holds the DequantizeLinear of every value live at its cut, and ONNX Runtime ran those no output
+        # reads: on bench/highres_bench.py's U-Net (64 samples at 512x512) every piece dequantized the skip
+        # connections again, and the pieces took 24.8 s; 16.3 s without them.
+        nodes = live_nodes(nodes, outputs)
         for tensor in inputs:  # typed from the values fed: their rank, no fixed size (batches vary in length)
             value = self.cache[0][tensor.name]
             tensor.dtype, tensor.shape = value.dtype, [f"{tensor.name}_{i}" for i in range(value.ndim)]
@@ -479,20 +482,6 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         shape[dq.attrs.get("axis", 1) % q.ndim] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return (q - zero) * scale
-
-
-def _needed(nodes: list[gs.Node], outputs: list[gs.Tensor]) -> list[gs.Node]:
-    """The nodes that `outputs` are computed from. A piece holds the DequantizeLinear of every value live at its
-    cut, and ONNX Runtime ran those no output reads: on bench/highres_bench.py's U-Net (64 samples at 512x512)
-    every piece dequantized the skip connections again, and the pieces took 24.8 s; 16.3 s without them."""
-    producer = {t.name: n for n in nodes for t in n.outputs}
-    wanted, stack = set(), [t.name for t in outputs]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in wanted:
-            wanted.add(id(node))
-            stack.extend(t.name for t in outer_uses(node))
-    return [n for n in nodes if id(n) in wanted]
 
 
 def _nbytes(values: Mapping[str, np.ndarray]) -> int:

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from golden._tied_head import VOCAB, exported_by_dynamo, exported_by_legacy
 from irtool.api import optimize
 from tests.passes.helpers import assert_same_outputs, model_of, node, ops, run, run_ort, serialized
+from tests.quant.digits_models import sqnr_db
 
 EXPORTS = {"dynamo": exported_by_dynamo, "legacy": exported_by_legacy}
 
@@ -91,7 +92,7 @@ def _logits_sqnr(proto: onnx.ModelProto, model) -> float:
     feeds = _calibration(32)
     ref = np.concatenate([run_ort(proto, f)["logits"] for f in feeds]).astype(np.float64)
     got = np.concatenate([run_ort(model, f)["logits"] for f in feeds]).astype(np.float64)
-    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)))
+    return sqnr_db(ref, got)
 
 
 @pytest.mark.parametrize("export", sorted(EXPORTS))

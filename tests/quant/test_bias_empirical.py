@@ -164,7 +164,7 @@ def _worst_output_sqnr(reference: onnx.ModelProto, test: onnx.ModelProto, x: np.
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         runs = [session.run(names, {"x": s}) for s in x]
         found.append([np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(names))])
-    return min(10 * np.log10(np.sum(y ** 2) / np.sum((y - q) ** 2)) for y, q in zip(*found, strict=True))
+    return min(sqnr_db(y, q) for y, q in zip(*found, strict=True))
 
 
 def test_the_min_sqnr_check_measures_the_corrected_model_that_is_written(caplog):

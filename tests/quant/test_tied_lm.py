@@ -11,6 +11,7 @@ from onnx import TensorProto
 
 from irtool.api import optimize
 from tests.passes.helpers import run_ort
+from tests.quant.digits_models import sqnr_db
 
 torch = pytest.importorskip("torch")
 VOCAB, WIDTH = 512, 64
@@ -55,7 +56,7 @@ def test_quant_stores_a_tied_lms_table_once(exporter):
                   if t.data_type == TensorProto.INT8 and VOCAB in t.dims and WIDTH in t.dims]
         found[label] = {"shared": result.stats("quant-dynamic")["tables_shared"], "tables": len(tables),
                         "bytes": sum(t.ByteSize() for t in result.model.to_proto().graph.initializer),
-                        "sqnr": 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - logits) ** 2)),
+                        "sqnr": sqnr_db(reference, logits),
                         "agree": float(np.mean(reference.argmax(-1) == logits.argmax(-1)))}
     shared, own = found["shared"], found["own"]
     assert (shared["shared"], shared["tables"]) == (1, 1) and (own["shared"], own["tables"]) == (0, 2), found
