@@ -72,6 +72,12 @@ class Pass:
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def float_request(self, model: Model) -> Any:
+        """What this pass would measure in a float pass of `model` as it is now, as an
+        irtool.calibration.reference.Request, or None. `calibrate`, run just before it, takes those measurements
+        in its own pass of the same data, and the pass finds them in ctx (analysis FloatReference)."""
+        return None
+
     def __call__(self, model: Model, ctx: PassContext) -> PassResult:
         for analysis in self.requires:
             ctx.analysis(analysis, model)
@@ -95,6 +101,8 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("irtool"))
+    # The passes after the one running, set by PassManager: a pass may measure for the next one (float_request).
+    upcoming: tuple[Pass, ...] = field(default=(), repr=False)
     _analyses: dict[type, Any] = field(default_factory=dict, repr=False)
 
     def analysis(self, kind: type[Analysis], model: Model) -> Any:
@@ -104,6 +112,10 @@ class PassContext:
             self._analyses[kind] = kind().compute(model, self)
             self.logger.debug("analysis %s took %.3f s", kind.name, time.perf_counter() - started)
         return self._analyses[kind]
+
+    def provide(self, kind: type[Analysis], result: Any) -> None:
+        """Cache `result` as analysis `kind` of the model as it is now (a pass that measured it on the way)."""
+        self._analyses[kind] = result
 
     def cached(self, kind: type[Analysis]) -> bool:
         return kind in self._analyses
@@ -144,6 +156,7 @@ class PassManager:
             self._verify(model, "the input model", [])
         done: list[str] = []
         for index, p in enumerate(self.passes, start=1):
+            ctx.upcoming = tuple(self.passes[index:])
             record = self._run_one(p, model, ctx, done)
             self.records.append(record)
             done.append(p.name)

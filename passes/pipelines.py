@@ -23,8 +23,10 @@ CLEANUP = "dce,fold-constants,dce,eliminate-identity,dedup-initializers"
 # rounding against float input means, one float pass) does not see. Trained digits nets (tests/quant/digits_models.py,
 # mean of seeds 0-2, logit SQNR): MobileNet-like 28.79 dB plain INT8, 31.46 analytic, 34.91 empirical (gptq: 34.01).
 # The bench's random-weight models: ResNet-50 14.50 -> 14.73 dB, ViT 30.21 -> 30.57, EfficientNet-B0 -4.43 -> 3.55,
-# MobileNetV3 2.55 -> 6.74, MobileNetV2 10.63 -> 10.53; it costs about one pass of the INT8 model and one float
-# pass: 3.8 s on that ResNet-50 at 64 samples (analytic 1.8 s), 1.0-2.2 s on the others (BENCHMARKS.md).
+# MobileNetV3 2.55 -> 6.74, MobileNetV2 10.63 -> 10.53. It costs about one pass of the INT8 model (3.8 s on that
+# ResNet-50 at 64 samples with a float pass of its own, analytic 1.8 s; BENCHMARKS.md): its float pass (the layers'
+# float means, the outputs its check compares with) is taken by calibrate, which runs just before over the same data
+# (Pass.float_request).
 # It makes the mixed-precision decision (min-sqnr=20, as insert-qdq): every layer quantized and corrected, if that
 # model reaches it; else insert-qdq's sweep on the uncorrected copy picks the layers to keep float and the others are
 # measured again. insert-qdq keeps the layers it chose float, so the corrections fit the model written (measured

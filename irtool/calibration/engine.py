@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from irtool.calibration.tap import Summary, tap
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.progress import bar
+
+if TYPE_CHECKING:
+    from irtool.calibration.reference import Recorder
 
 log = logging.getLogger(__name__)
 Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -60,10 +64,10 @@ class Timings:
 
 def collect(model: Model, names: list[str], provider: Provider, *, histograms: bool, bins: int = DEFAULT_BINS,
             cache_dir: str | None = None, progress: bool = False, timings: Timings | None = None,
-            exact: Collection[str] = ()) -> dict[str, TensorStats]:
+            exact: Collection[str] = (), recorder: Recorder | None = None) -> dict[str, TensorStats]:
     """Statistics of `names` over every batch `provider()` yields (from the cache when possible); `timings`,
     when given, receives the time spent per stage. The extremes of `exact` are reduced exactly, also for
-    histograms (tap)."""
+    histograms (tap). A `recorder` is fed by the same pass (reference.py); from the cache it gets nothing."""
     timings = timings if timings is not None else Timings()
     per_sample = values_per_sample(getattr(provider, "num_samples", None)) if histograms else 0
     key = _cache_key(model, names, provider, per_sample, bins, sorted(exact)) if cache_dir else None
@@ -75,7 +79,7 @@ def collect(model: Model, names: list[str], provider: Provider, *, histograms: b
     stats = {n: TensorStats(MinMax(), Histogram(bins, per_sample) if histograms else None) for n in names}
     started, batches, sizes = time.perf_counter(), 0, []
     summaries_of = tap(model, names, _sized(provider(), sizes, timings), summary=per_sample,
-                       sample_extremes=histograms, timings=timings, exact=exact)
+                       sample_extremes=histograms, timings=timings, exact=exact, recorder=recorder)
     bar_total = getattr(provider, "num_batches", None)
     pool = Binning(binning_workers() if histograms else 1)
     try:

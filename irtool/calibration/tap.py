@@ -53,8 +53,9 @@ from irtool.ir.model import Model
 from irtool.ir.skeleton import infer_types
 from irtool.ir.topo import outer_uses, topo_order
 
-if TYPE_CHECKING:  # the engine imports this module
+if TYPE_CHECKING:  # the engine and reference.py import this module
     from irtool.calibration.engine import Timings
+    from irtool.calibration.reference import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -357,35 +358,44 @@ def _place_after_producers(graph: onnx.GraphProto, added: Mapping[str, list[onnx
 
 def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarray]],
         threads: int | None = None, summary: int | None = None, sample_extremes: bool = False,
-        timings: Timings | None = None, exact: Collection[str] = ()) -> Iterator[dict]:
+        timings: Timings | None = None, exact: Collection[str] = (), recorder: Recorder | None = None
+        ) -> Iterator[dict]:
     """Yield {name: value} for each batch, for the requested value names; with `summary=M` (M values per
     sample at most, 0 for none) yield {name: Summary} instead (see the module docstring), and with
     `sample_extremes` too, take the extremes of tensors other than graph inputs and `exact` from their sample.
     `timings` gets the time spent waiting for the session (built while the first batches are read) added to
-    its `session`."""
+    its `session`. A `recorder` (with `summary` only) is fed each batch with the reductions of its request's
+    values and the model outputs (reference.py)."""
 
-    def build() -> tuple[ort.InferenceSession, list[str], dict[str, _Taps]]:
+    def build() -> tuple[ort.InferenceSession, list[str], dict[str, _Taps], dict[str, _Reduced]]:
         weights: dict = {}
         if summary is None:
             proto = tapped_proto(model, names, weights)
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
-            return session_with_weights(proto, options, weights), list(names), {}
+            return session_with_weights(proto, options, weights), list(names), {}, {}
         proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes, weights, exact)
+        pooled = pool_values(proto, recorder.request.axes, "__irtool_ref") if recorder is not None else {}
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
                                       may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE, weights=weights)
-        return session, whole, reduced  # the proto goes: the session holds what it needs
+        return session, whole, reduced, pooled  # the proto goes: the session holds what it needs
 
-    (session, whole, reduced), batches, waited = build_while_reading(build, batches)
+    (session, whole, reduced, pooled), batches, waited = build_while_reading(build, batches)
     if timings is not None:
         timings.session += waited
     inputs = session.get_inputs()
     fetch = whole + [out for taps in reduced.values() for out in taps.outputs()]
+    if recorder is not None and summary is not None:
+        fetch += [out for name in recorder.request.axes for out in reduced_outputs(name, pooled.get(name))]
+        fetch += recorder.outputs
+        fetch = list(dict.fromkeys(fetch))
     for index, batch in enumerate(fit_batches(inputs, batches)):
         feeds = _feeds(inputs, batch, index)
         # ONNX Runtime returns every output when asked for none (a model with nothing to observe).
         values = dict(zip(fetch, session.run(fetch, feeds) if fetch else [], strict=True))
+        if recorder is not None and summary is not None:
+            recorder.add(batch, values, pooled)
         if summary is None:
             result = {name: values[name] for name in names}
             del values  # as below: the consumer's dict alone keeps this batch
@@ -556,6 +566,23 @@ def channel_sums(values: Mapping[str, np.ndarray], name: str, axis: int,
     return value.astype(np.float64).sum(axis=other), math.prod(value.shape[i] for i in other)
 
 
+def sample_channel_sums(values: Mapping[str, np.ndarray], name: str, axis: int, reduced: _Reduced | None,
+                        rows: int) -> tuple[np.ndarray, int] | None:
+    """channel_sums per sample of a batch of `rows` samples: ([rows, C] sums, values summed per channel and
+    sample), or None when the value's first axis is not the batch's (a value reshaped to [tokens, C])."""
+    if reduced is not None and reduced.sums:
+        shape = values[reduced.shape]
+        if len(shape) < 2 or shape[0] != rows:
+            return None
+        return values[reduced.sums].astype(np.float64), int(np.prod(shape[1:-1]))
+    value = values[reduced.mean] if reduced is not None else values[name]
+    axis = 1 if reduced is not None else axis % max(value.ndim, 1)
+    if value.ndim < 2 or axis == 0 or value.shape[0] != rows:
+        return None
+    other = tuple(i for i in range(1, value.ndim) if i != axis)
+    return value.astype(np.float64).sum(axis=other), math.prod(value.shape[i] for i in other)
+
+
 @dataclass(frozen=True)
 class _Reduced:
     """In-graph reductions of one value for channel_means: `mean` per sample and channel ([N, C, 1, 1], conv
@@ -572,7 +599,14 @@ def pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[
     (proto, {value name: its reductions}). Copied out whole, the bench ViT's 72 token tensors made bias-correct
     take 1.3-1.4 s at 64 samples."""
     proto = model.to_proto(weights)
-    types = infer_types(proto)
+    return proto, pool_values(proto, axes)
+
+
+def pool_values(proto: onnx.ModelProto, axes: Mapping[str, int], prefix: str = "__irtool_tap",
+                types: Mapping | None = None) -> dict[str, _Reduced]:
+    """Add pooled_proto's reductions (named `prefix`...) and outputs to `proto`; returns {value name: its
+    reductions}. `types`: the proto's inferred types, if known."""
+    types = infer_types(proto) if types is None else types
     graph = proto.graph
     existing = {o.name for o in graph.output}
     reduced, added = {}, {}
@@ -586,12 +620,12 @@ def pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[
                 _add_output(graph, name, types)
             continue
         if axes[name] % rank == 1:
-            reduced[name] = _Reduced(mean=f"__irtool_tap{i}_mean")
+            reduced[name] = _Reduced(mean=f"{prefix}{i}_mean")
             added[name] = [helper.make_node("GlobalAveragePool", [name], [reduced[name].mean])]
         else:
-            middle = numpy_helper.from_array(np.arange(1, rank - 1, dtype=np.int64), f"__irtool_tap{i}_axes")
+            middle = numpy_helper.from_array(np.arange(1, rank - 1, dtype=np.int64), f"{prefix}{i}_axes")
             graph.initializer.append(middle)
-            reduced[name] = _Reduced(sums=f"__irtool_tap{i}_sums", shape=f"__irtool_tap{i}_shape")
+            reduced[name] = _Reduced(sums=f"{prefix}{i}_sums", shape=f"{prefix}{i}_shape")
             added[name] = [helper.make_node("ReduceSum", [name, middle.name], [reduced[name].sums], keepdims=0),
                            helper.make_node("Shape", [name], [reduced[name].shape])]
         for out in (reduced[name].mean, reduced[name].sums):
@@ -600,4 +634,4 @@ def pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[
         if reduced[name].shape:
             graph.output.append(helper.make_tensor_value_info(reduced[name].shape, onnx.TensorProto.INT64, None))
     _place_after_producers(graph, added)
-    return proto, reduced
+    return reduced

@@ -30,11 +30,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.calibration.data import first_batches
-from irtool.calibration.tap import channel_means
+from irtool.calibration.reference import Request
+from irtool.calibration.tap import batch_free, channel_means
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
-from irtool.passes.quant.bias_empirical import empirical_shifts
+from irtool.passes.quant.bias_empirical import empirical_shifts, rounded
 from irtool.passes.quant.bias_gemm import linear_weight
 from irtool.passes.quant.calibrate import stored_profile, stored_ranges
 from irtool.passes.quant.insert_qdq import (
@@ -175,6 +176,20 @@ class BiasCorrect(Pass):
         record_bias_corrections(model, originals)
         stats["largest_shift"] = round(max(float(np.abs(delta).max()) for delta in shifts), 6)
         return PassResult(modified=True, preserved=("shapes",) if not inserted else (), stats=stats)
+
+    def float_request(self, model: Model) -> Request | None:
+        """mode=empirical's float pass, for calibrate to take in its own (reference.py): each layer's output sums
+        over the first samples, and the model outputs for the min-sqnr check. Values and outputs computed once per
+        batch (batch_free) cannot be cut per sample and are left to the pass's own float pass."""
+        o = self.options
+        if o.mode is not Mode.EMPIRICAL:
+            return None
+        axes = {(slot[0] if slot else node).outputs[0].name: _channel_axis(node) for node, slot in _layers(model)}
+        outputs = [t.name for t in model.graph.outputs]
+        unbatched = batch_free(model, [*axes, *outputs])
+        check = o.min_sqnr is not None and not o.keep_fp and not rounded(model) and not unbatched & set(outputs)
+        return Request({name: axis for name, axis in axes.items() if name not in unbatched}, o.samples,
+                       o.memory_mb * 2**20 if check else 0)
 
     def _analytic(self, model: Model, holders: list, ctx: PassContext) -> list[np.ndarray]:
         axes = {n.inputs[0].name: _channel_axis(n) for n, _, _ in holders}

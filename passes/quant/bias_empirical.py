@@ -16,13 +16,15 @@ ONNX Runtime session per layer, see Pieces), whose live values stay in memory, u
 live between two layers would hold more, the layers from there on are measured on fewer samples (the first
 batches), and the float means they are matched to are taken over the same samples. A U-Net at 512x512 (32-128
 channels, 64 samples, batch 4) kept up to 1.5 GB of them, the bench models at 224x224 15-129 MB. ONNX
-Runtime's working memory for the batch a piece runs comes on top, as in calibration. Plus one float pass for the
-reference means, which with min-sqnr also keeps the float model's outputs over those samples for the check
-(empirical_shifts). On bench/highres_bench.py's U-Net at 512x512 (64 samples, batches of 8) the pass took 23-25 s:
-reference 11-13 s, pieces 11.6 s, of which 1.4 s LinearMean's sums (48-53 s before the check moved onto the
-corrected model, the pieces dropped the dequantizations no output reads and LinearMean summed bands). What it
-keeps of ONNX Runtime's outputs is copied (tap.detached): the pieces' values held every piece session's arena,
-and the pass peaked at 5.4 GB there, 2.7 GB since."""
+Runtime's working memory for the batch a piece runs comes on top, as in calibration. The float reference means,
+and with min-sqnr the float model's outputs over those samples for the check (empirical_shifts), come from
+calibrate's pass when calibrate runs just before (irtool.calibration.reference; stat `float_passes` 0), else from a
+float pass of this one's. On bench/highres_bench.py's U-Net at 512x512 (64 samples, batches of 8) the pass took
+23-25 s with its own float pass (11-13 s) and pieces 11.6 s, of which 1.4 s LinearMean's sums (48-53 s before the
+check moved onto the corrected model, the pieces dropped the dequantizations no output reads and LinearMean summed
+bands); about 11 s since calibrate takes the float pass. What it keeps of ONNX Runtime's outputs is copied
+(tap.detached): the pieces' values held every piece session's arena, and the pass peaked at 5.4 GB there, 2.7 GB
+since."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from irtool.calibration.data import batch_rows
+from irtool.calibration.reference import FloatReference
 from irtool.calibration.schedule import calibration_session
 from irtool.calibration.tap import (
     batch_free,
@@ -97,12 +100,15 @@ def empirical_shifts(model: Model, layers: list[tuple[gs.Node, gs.Node, int]], q
 
 class _Measure:
     """One measurement of the layers' shifts (run) in a quantized copy of the model; the float reference means,
-    taken in the first run, serve the next (the same first batches)."""
+    taken in the first run (or by calibrate: reference.py), serve the next (the same first batches)."""
 
     def __init__(self, model: Model, layers: list[tuple[gs.Node, gs.Node, int]], ctx: PassContext, data: Batches,
                  memory_bytes: int):
         self.model, self.layers, self.ctx, self.data, self.memory_bytes = model, layers, ctx, data, memory_bytes
+        # {value: [(per-channel sum, count), ...]}, each part over reference_rows[i] samples
         self.reference: dict[str, list[tuple[np.ndarray, int]]] | None = None
+        self.reference_rows: list[int] = []
+        self.float_passes = 0
 
     def run(self, quantize: InsertQDQ, check: bool = False) -> tuple[list[np.ndarray], dict]:
         trial = self.model.copy()
@@ -123,11 +129,11 @@ class _Measure:
             out, axis, (holder, index) = spots[k]
             node, float_holder, _ = layers[k]
             mean, batches = pieces.mean_until(out, axis)
-            shift = -(mean - mean_of(self.reference[_output(node, float_holder).name][:batches]))
+            shift = -(mean - self._float_mean(_output(node, float_holder).name, pieces.samples(batches)))
             original = np.asarray(float_holder.inputs[layers[k][2]].values, np.float64).reshape(-1)
             shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
         stats = {"samples": read, "samples_last": pieces.samples(), "layers_measured": len(spots),
-                 "layers_kept_float": kept}
+                 "layers_kept_float": kept, "float_passes": self.float_passes}
         if check:  # over the first batches that both the pieces and the float outputs kept
             quantized = pieces.outputs()  # run only as far as `expected` goes: zip stops at its end first
             pairs = (({name: ref[name] for name in out}, out) for ref, out in zip(expected, quantized, strict=False))
@@ -150,17 +156,46 @@ class _Measure:
             if not kept or size <= self.memory_bytes:
                 kept.append(detached(values))
 
-        restore = BIAS_CORRECTION_KEY in self.model.metadata or WEIGHT_ROUNDING_KEY in self.model.metadata
+        restore = rounded(self.model)
         if self.reference is None:
             measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in self.layers}
-            tap = keep if outputs and not restore else None
-            self.reference = channel_batch_sums(self.model, measured, pieces.batches(), tap)
-            if tap is not None:
-                return kept
+            recorded = self.ctx.analysis(FloatReference, self.model)
+            batches = list(pieces.batches())
+            if recorded is not None and recorded.serves(measured, batches):
+                log.info("bias-correct: the float means are calibrate's, taken in its pass")
+                self.reference = {name: recorded.sums[name] for name in measured}
+                self.reference_rows = [1] * len(recorded.prints)
+                expected = recorded.output_batches(batch_rows(b) for b in batches) if not restore else []
+                if expected or not outputs:
+                    return expected
+            else:
+                tap = keep if outputs and not restore else None
+                self.reference = channel_batch_sums(self.model, measured, batches, tap)
+                self.reference_rows = [batch_rows(b) for b in batches]
+                self.float_passes += 1
+                if tap is not None:
+                    return kept
         if outputs:
+            self.float_passes += 1
             for values in float_outputs(self.model, dataclasses.replace(self.ctx, calibration_data=pieces.batches)):
                 keep(values)
         return kept
+
+    def _float_mean(self, name: str, samples: int) -> np.ndarray:
+        """The float model's mean of a layer's output over the first `samples` samples."""
+        parts, count = [], 0
+        for part, rows in zip(self.reference[name], self.reference_rows, strict=True):
+            if count >= samples:
+                break
+            parts.append(part)
+            count += rows
+        return mean_of(parts)
+
+
+def rounded(model: Model) -> bool:
+    """Whether the model holds weights or biases that are not its float ones (gptq's, an earlier correction's): its
+    float outputs come from a copy with those restored (sensitivity.float_outputs)."""
+    return BIAS_CORRECTION_KEY in model.metadata or WEIGHT_ROUNDING_KEY in model.metadata
 
 
 def _weight_quantized(node: gs.Node) -> bool:
@@ -205,6 +240,8 @@ class Pieces:
                          self.samples(), memory_bytes // 2**20)
                 break
             self.cache.append(entry)
+        # Samples per batch, counted on the inputs: the values kept after a cut may be token rows ([N * T, C]).
+        self.rows = [batch_rows(entry) for entry in self.cache]
         if not self.cache:
             raise InputError("calibration data is empty")
 
@@ -213,7 +250,7 @@ class Pieces:
 
     def samples(self, batches: int | None = None) -> int:
         """The samples in the batches kept (in the first `batches` of them)."""
-        return sum(batch_rows(values) for values in self.cache[:batches])
+        return sum(self.rows[:batches])
 
     def position(self, tensor: gs.Tensor) -> int:
         return self.index[id(tensor.inputs[0])]
@@ -244,13 +281,13 @@ class Pieces:
             entry = {t.name: values[t.name] if t.name in kept else got[t.name] for t in after}
             size += _nbytes(entry)
             if index and size > self.memory_bytes:
-                del self.cache[index:]
+                del self.cache[index:], self.rows[index:]
                 log.info("bias-correct: the values live before %s fill memory-mb=%d at %d samples: measuring it "
                          "and the layers after it on those", out.name, self.memory_bytes // 2**20, self.samples())
                 break
             self.cache[index] = entry  # the values no later node reads are freed now, not after the last batch
             total, counted = linear.sums(entry) if linear else channel_sums(got, out.name, axis, reduced)
-            rows = batch_rows(values) if weight else 1
+            rows = self.rows[index] if weight else 1
             sums, count = sums + total * rows, count + counted * rows
         self.cut = end
         return sums / max(count, 1), len(self.cache)

@@ -14,6 +14,9 @@ bench/quant_bench.py: 98 for trt against 268) and, on ResNet-50, leaves the conv
 so ONNX Runtime keeps its Conv+Add fusion in the calibration graph; insert-qdq then refuses another profile.
 A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Transpose, Reshape, ...) is not
 observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
+When the next pass asks (Pass.float_request: bias-correct{mode=empirical}), the same pass also takes the float
+layer means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
+recorded).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 from irtool.calibration.engine import TensorStats, Timings, collect
 from irtool.calibration.observers import DEFAULT_BINS
+from irtool.calibration.reference import FloatReference, Recorder
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.rewrite import SHAPE_READERS
@@ -64,6 +68,14 @@ def tensor_range(stats: TensorStats, method: Method, percentile: float) -> tuple
     else:
         threshold = stats.histogram.mse()
     return max(low, -threshold), min(high, threshold)
+
+
+def _recorder(model: Model, ctx: PassContext) -> Recorder | None:
+    """A Recorder of what the next pass asks for (reference.py), or None."""
+    request = ctx.upcoming[0].float_request(model) if ctx.upcoming else None
+    if request is None or not request.axes:
+        return None
+    return Recorder(request, [t.name for t in model.graph.outputs])
 
 
 def permutation_sources(model: Model, names: list[str]) -> dict[str, str]:
@@ -115,9 +127,10 @@ class Calibrate(Pass):
         timings = Timings()
         observe = sorted(set(sources.values()) - set(derived))
         unclipped = set(unclipped_tensors(model, observe))
+        recorder = _recorder(model, ctx)
         observed = collect(model, observe, ctx.calibration_data, histograms=self.options.method is not Method.MINMAX,
                            bins=self.options.bins, cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings,
-                           exact=unclipped)
+                           exact=unclipped, recorder=recorder)
         started = time.perf_counter()
         ranges = self._ranges(model, observed, sources, derived, unclipped)
         timings.search = time.perf_counter() - started
@@ -127,6 +140,10 @@ class Calibrate(Pass):
         stats = {"tensors": len(ranges), "observed": len(observed), "derived": len(derived),
                  "method": self.options.method.value,
                  "profile": profile, "seconds": timings.as_dict()}
+        recorded = recorder.result() if recorder is not None else None
+        if recorded is not None:
+            ctx.provide(FloatReference, recorded)
+            stats["recorded"] = len(recorded.sums)
         return PassResult(modified=True, preserved="*", stats=stats)
 
     def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str], derived: dict,
