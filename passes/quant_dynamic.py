@@ -42,7 +42,11 @@ shape is never taken for the table.
 Quantized: MatMul (second input), Gemm (input B) and Gather (input 0) in the standard domain whose weight is a
 float32 or float16 constant of rank >= 2 (exactly 2 for Gemm and Gather) with at least `min-size` elements and
 only finite values, unless the node's name matches an `exclude` regex. A weight read by several quantized nodes
-with the same axis is quantized once; a reader that is not quantized keeps the float32 original.
+with the same axis is quantized once. A weight that a node this pass leaves alone reads too (excluded, another op
+type, a tied head's MatMul under op-types=[Gather]) stays float for every reader, with a warning (stat
+`skipped_float_readers`): its float32 original stays for that node, so an int8 copy would only add bytes (a tied
+torch.export LM under op-types=[Gather]: 75 -> 95 KiB) and rounding error. A lookup that reads a head's integers
+(share-head) adds no bytes and is still made.
 DequantizeLinear's `axis` needs opset 13, which irtool's loader already requires. Runs on the main graph only.
 
 A float16 weight (a model `fp16` converted, or exported in half precision) is quantized the same way and
@@ -96,8 +100,12 @@ class QuantDynamic(Pass):
         if not targets:
             return PassResult(modified=False, stats={"weights_quantized": 0, **skipped})
         quantizer = _Quantizer(model, self.options.per_channel, self.options.share_head)
+        kept = _read_in_float(model, targets)
         for node, axis in targets:
-            if node.op == "Gather":
+            reader = kept.get(id(_weight(node)))
+            if reader is not None and (node.op != "Gather" or not quantizer.reads_stored(node)):
+                quantizer.kept_float(node, reader, ctx)
+            elif node.op == "Gather":
                 quantizer.lookup(node)
             elif (transpose := _transposed(node)) is not None:  # the int8 table stays one, shared with lookups
                 transpose.inputs[0] = quantizer.dequantized(transpose.inputs[0], axis)
@@ -121,6 +129,24 @@ class QuantDynamic(Pass):
             else:
                 targets.append((node, axis))
         return targets, skipped
+
+
+def _read_in_float(model: Model, targets: list[tuple[gs.Node, int]]) -> dict[int, gs.Node | None]:
+    """{id of a target's weight: a node this pass leaves alone that reads it (None: a graph output)}. A tied head's
+    Transpose reads the table for the MatMuls it feeds: it counts as theirs when they are all targets."""
+    chosen = {id(node) for node, _ in targets}
+    outputs = {id(t) for t in model.graph.outputs}
+    found: dict[int, gs.Node | None] = {}
+    for node, _ in targets:
+        weight = _weight(node)
+        if id(weight) in outputs:
+            found[id(weight)] = None
+        for reader in weight.outputs:
+            if id(reader) in chosen or (reader.op == "Transpose" and reader.outputs[0].outputs
+                                        and all(id(n) in chosen for n in reader.outputs[0].outputs)):
+                continue
+            found.setdefault(id(weight), reader)
+    return found
 
 
 def _weight(node: gs.Node) -> gs.Tensor:
@@ -186,6 +212,7 @@ class _Quantizer:
         self.constants: dict[tuple[int, int], tuple[gs.Constant, gs.Constant]] = {}
         self.looked_up: set[tuple[int, int]] = set()  # tables read by lookups
         self.nonfinite: set[tuple[int, int]] = set()
+        self.float_readers: set[int] = set()  # weights left float: another reader keeps them float anyway
         self.bytes_before = self.bytes_after = 0
 
     def dequantized(self, weight: gs.Constant, axis: int) -> gs.Tensor:
@@ -222,6 +249,18 @@ class _Quantizer:
             self.bytes_before += values.nbytes
             self.bytes_after += q.nbytes + scale.nbytes
         return self.constants[key]
+
+    def reads_stored(self, node: gs.Node) -> bool:
+        """Whether the lookup would read integers the model holds already (share-head), adding no bytes."""
+        return self.share_head and self.per_channel and stored_rows(self.model, node.inputs[0]) is not None
+
+    def kept_float(self, node: gs.Node, reader: gs.Node | None, ctx: PassContext) -> None:
+        weight = _weight(node)
+        if id(weight) not in self.float_readers:
+            by = "is a model output" if reader is None else f"is read by {reader.op} {reader.name!r}, which stays float"
+            ctx.logger.warning("quant-dynamic: %s stays float: it %s, and an int8 copy beside it would only add bytes",
+                               weight.name, by)
+        self.float_readers.add(id(weight))
 
     def lookup(self, node: gs.Node) -> None:
         """An embedding lookup Gather(E, ids) reads int8 rows instead: Gather(E_q, ids) dequantized by the scales
@@ -308,7 +347,8 @@ class _Quantizer:
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else 0.0
         return {"weights_quantized": len(self.done.keys() | self.looked_up), "weight_bytes_before": self.bytes_before,
                 "weight_bytes_after": self.bytes_after, "compression": round(ratio, 3),
-                "skipped_nonfinite": len(self.nonfinite), "tables_shared": self.shared}
+                "skipped_nonfinite": len(self.nonfinite), "tables_shared": self.shared,
+                "skipped_float_readers": len(self.float_readers)}
 
 
 def stored_rows(model: Model, table: gs.Constant) -> tuple[gs.Constant, gs.Constant, int] | None:

@@ -401,10 +401,7 @@ def test_a_head_reading_the_table_through_a_transpose_shares_the_int8_table():
     """torch.export writes a tied LM head as MatMul(h, Transpose(E)): the head used to stay float, and the lookup's
     int8 copy came on top of the float table (748 of 961 KB on a small LM; now 236 KB)."""
     table = _table()
-    proto = _lookup(table)
-    proto.graph.node.extend([helper.make_node("Transpose", ["E"], ["E_t"], name="tied", perm=[1, 0]),
-                             helper.make_node("MatMul", ["y", "E_t"], ["logits"], name="head")])
-    proto.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 64]))
+    proto = _transposed_head(table)
     model = model_of(proto)
     stats = run(model, "quant-dynamic")[0].stats
     assert stats["weights_quantized"] == 1 and stats["weight_bytes_before"] == table.nbytes
@@ -414,6 +411,43 @@ def test_a_head_reading_the_table_through_a_transpose_shares_the_int8_table():
     assert not any(isinstance(t, gs.Constant) and t.name == "E" for n in model.graph.nodes for t in n.inputs)
     ids = {"ids": np.array([0, 3, 7])}
     assert _sqnr_db(run_ort(proto, ids)["logits"], run_ort(model, ids)["logits"]) > 35.0
+
+
+def _transposed_head(table: np.ndarray) -> onnx.ModelProto:
+    """A tied LM as torch.export writes it: the lookup Gather(E, ids) and the head MatMul(y, Transpose(E))."""
+    proto = _lookup(table)
+    proto.graph.node.extend([helper.make_node("Transpose", ["E"], ["E_t"], name="tied", perm=[1, 0]),
+                             helper.make_node("MatMul", ["y", "E_t"], ["logits"], name="head")])
+    proto.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(table)]))
+    return proto
+
+
+@pytest.mark.parametrize("pipeline", ["quant-dynamic{op-types=[Gather]}", "quant-dynamic{exclude=['^head$']}"])
+def test_a_table_the_float_head_also_reads_stays_float(pipeline, caplog):
+    """Asked for the lookup alone, or with the head excluded: the head keeps reading the float table, so an int8
+    copy for the lookup would only add bytes (and error). The table stays float, with a warning naming the head."""
+    proto = _transposed_head(_table())
+    model = model_of(proto)
+    before = model.to_proto().SerializeToString(deterministic=True)
+    with caplog.at_level("WARNING", logger="irtool"):
+        record = run(model, pipeline)[0]
+    assert record.modified is False and record.stats["weights_quantized"] == 0
+    assert record.stats["skipped_float_readers"] == 1
+    assert model.to_proto().SerializeToString(deterministic=True) == before
+    assert "E stays float: it is read by Transpose 'tied'" in caplog.text
+
+
+def test_a_weight_shared_with_an_excluded_matmul_stays_float_for_both():
+    weight = numpy_helper.from_array(np.random.default_rng(4).normal(0, 1, (32, 32)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
+         helper.make_node("MatMul", ["h", "w"], ["y"], name="b")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [weight])
+    model = model_of(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    stats = run(model, "quant-dynamic{exclude=['^b$']}")[0].stats
+    assert stats["weights_quantized"] == 0 and stats["skipped_float_readers"] == 1 and stats["skipped_excluded"] == 1
+    assert "DequantizeLinear" not in {n.op for n in model.graph.nodes}
 
 
 # --------------------------------------------------------------------------- a tied head quantized statically
