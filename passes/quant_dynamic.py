@@ -37,7 +37,9 @@ axis 1) reads those integers instead of storing a second copy (`share-head`, def
 
 The rows are then on the head's grid: for ort-cpu, 7-bit weights (reduce-range), twice the step of this pass's
 own rows. Found only where q · s lies within half a step of every table value, so another weight of the same
-shape is never taken for the table.
+shape is never taken for the table. The stats count such a table once, its float bytes in `weight_bytes_before` and
+the head's integers and scales it now reads in `weight_bytes_after` (bytes the model held already), so
+`compression` is the table's (about 4), not 0.
 
 Quantized: MatMul (second input), Gemm (input B) and Gather (input 0) in the standard domain whose weight is a
 float32 or float16 constant of rank >= 2 (exactly 2 for Gemm and Gather) with at least `min-size` elements and
@@ -207,7 +209,7 @@ class _Quantizer:
 
     def __init__(self, model: Model, per_channel: bool, share_head: bool = False):
         self.model, self.per_channel, self.share_head = model, per_channel, share_head
-        self.shared = 0  # lookups reading a head's integers
+        self.shared: set[int] = set()  # tables whose lookups read a head's integers
         self.done: dict[tuple[int, int], gs.Variable] = {}
         self.constants: dict[tuple[int, int], tuple[gs.Constant, gs.Constant]] = {}
         self.looked_up: set[tuple[int, int]] = set()  # tables read by lookups
@@ -312,8 +314,11 @@ class _Quantizer:
             new.append(gs.Node("Transpose", unique(f"{name}_rows"), attrs={"perm": [*range(1, rank + 1), 0]},
                                inputs=[out], outputs=[y]))
         self.model.graph.nodes.extend(new)
-        self.shared += 1
-        self.bytes_before += np.asarray(table.values).nbytes  # and nothing after: the integers are the head's
+        if id(table) not in self.shared:  # counted once, however many lookups read it
+            self.shared.add(id(table))
+            # The bytes the lookup now reads are the head's integers and scales, which the model held already.
+            self.bytes_before += np.asarray(table.values).nbytes
+            self.bytes_after += np.asarray(q.values).nbytes + np.asarray(scales.values).nbytes
 
     def _remove(self, node: gs.Node) -> None:
         """Take the lookup out, detached, so that its replacement may produce its output."""
@@ -347,7 +352,7 @@ class _Quantizer:
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else 0.0
         return {"weights_quantized": len(self.done.keys() | self.looked_up), "weight_bytes_before": self.bytes_before,
                 "weight_bytes_after": self.bytes_after, "compression": round(ratio, 3),
-                "skipped_nonfinite": len(self.nonfinite), "tables_shared": self.shared,
+                "skipped_nonfinite": len(self.nonfinite), "tables_shared": len(self.shared),
                 "skipped_float_readers": len(self.float_readers)}
 
 

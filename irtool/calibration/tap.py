@@ -602,11 +602,10 @@ def pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[
     return proto, pool_values(proto, axes)
 
 
-def pool_values(proto: onnx.ModelProto, axes: Mapping[str, int], prefix: str = "__irtool_tap",
-                types: Mapping | None = None) -> dict[str, _Reduced]:
+def pool_values(proto: onnx.ModelProto, axes: Mapping[str, int], prefix: str = "__irtool_tap") -> dict[str, _Reduced]:
     """Add pooled_proto's reductions (named `prefix`...) and outputs to `proto`; returns {value name: its
-    reductions}. `types`: the proto's inferred types, if known."""
-    types = infer_types(proto) if types is None else types
+    reductions}."""
+    types = infer_types(proto)
     graph = proto.graph
     existing = {o.name for o in graph.output}
     reduced, added = {}, {}

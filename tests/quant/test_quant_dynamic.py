@@ -484,17 +484,31 @@ def test_a_lookup_reads_the_integers_of_a_statically_quantized_tied_head(transpo
     model = model_of(proto)
     stats = run(model, "quant-dynamic{op-types=[Gather]}")[0].stats
     assert stats["tables_shared"] == 1 and stats["weights_quantized"] == 1
-    assert stats["weight_bytes_before"] == table.nbytes and stats["weight_bytes_after"] == 0
     assert [t.name for t in _int8_constants(model)] == ["Q"]
     assert not any(isinstance(t, gs.Constant) and t.name == "E" for n in model.graph.nodes for t in n.inputs)
     q = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "Q"))
     scale = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "s"))
+    # What the lookup reads now is the head's integers and scales: the table's own compression, not 0.
+    assert stats["weight_bytes_before"] == table.nbytes and stats["weight_bytes_after"] == q.nbytes + scale.nbytes
+    assert 3.5 < stats["compression"] < 4.0
     rows = (q.T if transposed else q).astype(np.float32) * scale[:, None]
     ids = np.array([5, 3, 3, 0, 63])
     got = run_ort(model, {"ids": ids})
     np.testing.assert_array_equal(got["y"], rows[ids])
     np.testing.assert_allclose(got["logits"], rows[ids] @ rows.T, rtol=1e-5, atol=1e-4)  # the head: E' E'^T
     assert (np.abs(got["y"] - table[ids]) <= scale[ids, None] / 2 + 1e-7).all()
+
+
+def test_two_lookups_of_a_shared_table_count_it_once():
+    table = _table()
+    proto = _static_head(table)
+    proto.graph.node.append(helper.make_node("Gather", ["E", "ids"], ["y2"], name="lookup2", axis=0))
+    proto.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 32]))
+    model = model_of(proto)
+    stats = run(model, "quant-dynamic{op-types=[Gather]}")[0].stats
+    assert stats["tables_shared"] == 1 and stats["weight_bytes_before"] == table.nbytes
+    got = run_ort(model, {"ids": np.array([1, 2])})
+    np.testing.assert_array_equal(got["y"], got["y2"])
 
 
 def test_a_lookup_with_ids_of_rank_two_is_transposed_back_to_tokens_last():
