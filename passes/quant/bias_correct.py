@@ -17,6 +17,9 @@ Runs between `calibrate` and `insert-qdq` (the analytic mode only needs the data
 insert-qdq's weight options; the empirical one needs the ranges and all of insert-qdq's options). It corrects
 every layer insert-qdq may quantize and records their original biases in the model's metadata: insert-qdq
 puts them back on the layers whose weights it leaves float (exclusions, keep-first/last, mixed precision).
+Either mode's float pass over the data (the input means; the empirical reference) is taken by `calibrate` when
+it runs just before (float_request, irtool/calibration/reference.py; stat `float_passes` 0): on the INT8 bench's
+ResNet-50 at 64 samples, the analytic mode took 0.14 s instead of 1.6 s, the empirical one 1.8 s instead of 3.3 s.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from irtool.calibration.data import first_batches
-from irtool.calibration.reference import Request
-from irtool.calibration.tap import batch_free, channel_means
+from irtool.calibration.reference import FloatReference, Request
+from irtool.calibration.tap import batch_free, channel_means, fit_batches, mean_of
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
@@ -170,7 +173,7 @@ class BiasCorrect(Pass):
                                                lambda: first_batches(data(), self.options.samples), ctx)
             stats.update(measured)
         else:
-            shifts = self._analytic(model, holders, ctx)
+            shifts, stats["float_passes"] = self._analytic(model, holders, ctx)
         for (node, holder, index), delta in zip(holders, shifts, strict=True):
             _add_to_bias(model, node, holder, index, delta)
         record_bias_corrections(model, originals)
@@ -178,12 +181,15 @@ class BiasCorrect(Pass):
         return PassResult(modified=True, preserved=("shapes",) if not inserted else (), stats=stats)
 
     def float_request(self, model: Model) -> Request | None:
-        """mode=empirical's float pass, for calibrate to take in its own (reference.py): each layer's output sums
-        over the first samples, and the model outputs for the min-sqnr check. Values and outputs computed once per
-        batch (batch_free) cannot be cut per sample and are left to the pass's own float pass."""
+        """The float pass of either mode, for calibrate to take in its own (reference.py). Analytic: each layer's
+        input sums over every sample. Empirical: each layer's output sums per sample over the first samples, and
+        the model outputs for the min-sqnr check. Values and outputs computed once per batch (batch_free) cannot
+        be cut per sample and are left to the pass's own float pass."""
         o = self.options
-        if o.mode is not Mode.EMPIRICAL:
-            return None
+        if o.mode is Mode.ANALYTIC:
+            inputs = {node.inputs[0].name: _channel_axis(node) for node, _ in _layers(model)}
+            unbatched = batch_free(model, inputs)
+            return Request({name: axis for name, axis in inputs.items() if name not in unbatched}, totals=True)
         axes = {(slot[0] if slot else node).outputs[0].name: _channel_axis(node) for node, slot in _layers(model)}
         outputs = [t.name for t in model.graph.outputs]
         unbatched = batch_free(model, [*axes, *outputs])
@@ -191,11 +197,18 @@ class BiasCorrect(Pass):
         return Request({name: axis for name, axis in axes.items() if name not in unbatched}, o.samples,
                        o.memory_mb * 2**20 if check else 0)
 
-    def _analytic(self, model: Model, holders: list, ctx: PassContext) -> list[np.ndarray]:
+    def _analytic(self, model: Model, holders: list, ctx: PassContext) -> tuple[list[np.ndarray], int]:
+        """The shifts, and the float passes run for them (0: the input means are calibrate's)."""
         axes = {n.inputs[0].name: _channel_axis(n) for n, _, _ in holders}
-        means = channel_means(model, axes, ctx.calibration_data())
+        recorded = ctx.analysis(FloatReference, model)
+        if recorded is not None and recorded.serves(axes, fit_batches(model.graph.inputs, ctx.calibration_data()),
+                                                    every=True):
+            means, passes = {name: mean_of([recorded.totals[name]]) for name in axes}, 0
+        else:
+            means, passes = channel_means(model, axes, ctx.calibration_data()), 1
         limit = REDUCED_RANGE if self.options.reduce_range else FULL_RANGE
-        return [_shift(node, means[node.inputs[0].name], self.options.per_channel, limit) for node, _, _ in holders]
+        shifts = [_shift(node, means[node.inputs[0].name], self.options.per_channel, limit) for node, _, _ in holders]
+        return shifts, passes
 
     def _empirical(self, model: Model, holders: list, data, ctx: PassContext) -> tuple[list[np.ndarray], dict]:
         for node, holder, index in holders:  # a zero bias to measure and move in the quantized copy

@@ -143,7 +143,7 @@ class Calibrate(Pass):
         recorded = recorder.result() if recorder is not None else None
         if recorded is not None:
             ctx.provide(FloatReference, recorded)
-            stats["recorded"] = len(recorded.sums)
+            stats["recorded"] = len(recorded.sums.keys() | recorded.totals.keys())
         return PassResult(modified=True, preserved="*", stats=stats)
 
     def _ranges(self, model: Model, observed: dict[str, TensorStats], sources: dict[str, str], derived: dict,

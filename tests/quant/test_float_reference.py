@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 from golden._quant_blocks import depthwise_chain, gelu_mlp, wide_chain
 from irtool.api import optimize
@@ -30,28 +31,33 @@ def _biases(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return found
 
 
-def test_calibrate_takes_the_float_pass_and_the_corrections_equal_bias_corrects_own():
-    """calibrate, then bias-correct with the min-sqnr check, in one pipeline: calibrate records the three layers'
-    means and the outputs, and bias-correct runs no float pass. Run apart (calibrate in its own optimize call, so
-    nothing is recorded), bias-correct runs one, and the corrected biases and the checked SQNR are the same."""
+@pytest.mark.parametrize("mode", ["empirical", "analytic"])
+def test_calibrate_takes_the_float_pass_and_the_corrections_equal_bias_corrects_own(mode):
+    """calibrate, then bias-correct (empirical: with the min-sqnr check), in one pipeline: calibrate records the
+    three layers' output means per sample and the outputs (empirical) or their input sums over every sample
+    (analytic), and bias-correct runs no float pass. Run apart (calibrate in its own optimize call, so nothing is
+    recorded), bias-correct runs one, and the corrected biases (and the checked SQNR) are the same."""
     proto = depthwise_chain()
     x = np.random.default_rng(21).standard_normal((32, 1, 3, 8, 8)).astype(np.float32)
     data = lambda: iter({"x": s} for s in x)  # noqa: E731
-    together = optimize(proto, "calibrate," + CHECKED % 16, calibration_data=data)
+    passes = CHECKED % 16 if mode == "empirical" else "bias-correct,insert-qdq"
+    together = optimize(proto, "calibrate," + passes, calibration_data=data)
     assert together.stats("calibrate")["recorded"] == 3
     assert together.stats("bias-correct")["float_passes"] == 0
     calibrated = optimize(proto, "calibrate", calibration_data=data)
     assert "recorded" not in calibrated.stats("calibrate")
-    apart = optimize(calibrated.model.to_proto(), CHECKED % 16, calibration_data=data)
+    apart = optimize(calibrated.model.to_proto(), passes, calibration_data=data)
     assert apart.stats("bias-correct")["float_passes"] == 1
-    assert together.stats("bias-correct")["output_sqnr"] == apart.stats("bias-correct")["output_sqnr"]
-    assert together.stats("bias-correct")["samples_checked"] == 16
-    written = _worst_output_sqnr(proto, together.model.to_proto(), x[:16])
-    assert abs(together.stats("bias-correct")["output_sqnr"] - written) < 0.01
+    if mode == "empirical":
+        assert together.stats("bias-correct")["output_sqnr"] == apart.stats("bias-correct")["output_sqnr"]
+        assert together.stats("bias-correct")["samples_checked"] == 16
+        written = _worst_output_sqnr(proto, together.model.to_proto(), x[:16])
+        assert abs(together.stats("bias-correct")["output_sqnr"] - written) < 0.01
     ours, theirs = _biases(together.model.to_proto()), _biases(apart.model.to_proto())
     assert sorted(ours) == sorted(theirs) == ["dw", "expand", "y"]
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(ours[name], _biases(calibrated.model.to_proto())[name]) for name in ours)
 
 
 def test_other_samples_on_the_second_read_make_bias_correct_run_its_own_float_pass():
@@ -72,6 +78,8 @@ def test_other_samples_on_the_second_read_make_bias_correct_run_its_own_float_pa
     calibrated = optimize(proto, "calibrate", calibration_data=lambda: iter({"x": s} for s in reads[-2]))
     apart = optimize(calibrated.model.to_proto(), CHECKED % 16,
                      calibration_data=lambda: iter({"x": s} for s in reads[-1]))
+    analytic = optimize(proto, "calibrate,bias-correct", calibration_data=changing)
+    assert analytic.stats("bias-correct")["float_passes"] == 1
     ours, theirs = _biases(result.model.to_proto()), _biases(apart.model.to_proto())
     assert sorted(ours) == sorted(theirs) == ["dw", "expand", "y"]
     for name in ours:
@@ -143,5 +151,9 @@ def test_a_record_serves_only_its_own_samples_and_cuts_its_outputs_into_the_batc
     assert not recorded.serves(["v", "w"], [{"x": x}])  # w was not recorded
     assert not recorded.serves(["v"], [{"x": x[1:]}])  # other samples
     assert not recorded.serves(["v"], [{"x": np.concatenate([x, x[:1]])}])  # more samples than recorded
+    totals = Recorded({}, fingerprints({"x": x}), None, {"v": (np.ones(2), 6)})
+    assert totals.serves(["v"], [{"x": x[:4]}, {"x": x[4:]}], every=True)
+    assert not totals.serves(["v"], [{"x": x[:4]}], every=True)  # the means are over all six samples
+    assert not totals.serves(["v"], [{"x": x}])  # no per-sample sums
     cut = recorded.output_batches([2, 2, 2])
     assert [list(c["y"]) for c in cut] == [[0.0, 1.0], [2.0, 3.0]]  # the third batch is not all kept
