@@ -229,6 +229,8 @@ class Pieces:
         self.cut, self.memory_bytes = 0, memory_bytes
         self.batch_free = batch_free(model, [t.name for n in self.order for t in n.outputs])
         self.cache: list[dict[str, np.ndarray]] = []
+        # Samples per batch, counted on the inputs: the values kept after a cut may be token rows ([N * T, C]).
+        self.rows: list[int] = []
         size = 0
         # Every input, read or not: the float reference runs on these batches too. Copied: a source may reuse its
         # arrays.
@@ -240,8 +242,7 @@ class Pieces:
                          self.samples(), memory_bytes // 2**20)
                 break
             self.cache.append(entry)
-        # Samples per batch, counted on the inputs: the values kept after a cut may be token rows ([N * T, C]).
-        self.rows = [batch_rows(entry) for entry in self.cache]
+            self.rows.append(batch_rows(entry))
         if not self.cache:
             raise InputError("calibration data is empty")
 

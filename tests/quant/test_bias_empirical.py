@@ -316,6 +316,19 @@ def test_pieces_keep_at_most_the_memory_bound_and_average_the_batches_they_keep(
     assert kept == [16, 2, 2]
 
 
+def test_pieces_keep_the_input_batches_that_fit_the_memory_bound(caplog):
+    """Input batches of 4 samples (48 KB) under a 100 KB bound: the first two are kept and counted by their inputs."""
+    from irtool.ir.model import Model
+    from irtool.passes.quant.bias_empirical import Pieces
+
+    x = np.random.default_rng(8).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    with caplog.at_level("INFO", logger="irtool"):
+        pieces = Pieces(Model.from_proto(wide_chain()), lambda: iter({"x": x[i:i + 4]} for i in range(0, 16, 4)),
+                        100_000)
+    assert pieces.samples() == 8 and pieces.samples(1) == 4 and len(pieces.cache) == 2
+    assert "the first 8 samples fill memory-mb=0" in caplog.text
+
+
 def test_a_memory_bound_measures_later_layers_on_fewer_samples_against_the_same_float_samples():
     """INT8 chain with memory-mb=1: the first layer is measured on all 64 samples, the last on the first batches
     that fit (the u8 values between the convs); each one's corrected mean in the written model equals the float

@@ -220,16 +220,19 @@ def test_options_choose_the_layers(pipeline, quantized, stats):
         assert record.stats[key] == value
 
 
-def test_shared_weight_is_quantized_once():
+def _two_matmuls_sharing_a_weight() -> Model:
+    """MatMuls a and b both reading the constant w [32, 32]."""
     weight = numpy_helper.from_array(np.random.default_rng(4).normal(0, 1, (32, 32)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
          helper.make_node("MatMul", ["h", "w"], ["y"], name="b")],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [weight])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    model = model_of(proto)
+    return model_of(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_shared_weight_is_quantized_once():
+    model = _two_matmuls_sharing_a_weight()
     record = run(model, "quant-dynamic")[0]
     assert record.stats["weights_quantized"] == 1
     assert [n.op for n in model.graph.nodes].count("DequantizeLinear") == 1
@@ -438,13 +441,7 @@ def test_a_table_the_float_head_also_reads_stays_float(pipeline, caplog):
 
 
 def test_a_weight_shared_with_an_excluded_matmul_stays_float_for_both():
-    weight = numpy_helper.from_array(np.random.default_rng(4).normal(0, 1, (32, 32)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
-         helper.make_node("MatMul", ["h", "w"], ["y"], name="b")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [weight])
-    model = model_of(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    model = _two_matmuls_sharing_a_weight()
     stats = run(model, "quant-dynamic{exclude=['^b$']}")[0].stats
     assert stats["weights_quantized"] == 0 and stats["skipped_float_readers"] == 1 and stats["skipped_excluded"] == 1
     assert "DequantizeLinear" not in {n.op for n in model.graph.nodes}
