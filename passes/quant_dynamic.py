@@ -104,9 +104,8 @@ class QuantDynamic(Pass):
         quantizer = _Quantizer(model, self.options.per_channel, self.options.share_head)
         kept = _read_in_float(model, targets)
         for node, axis in targets:
-            reader = kept.get(id(_weight(node)))
-            if reader is not None and (node.op != "Gather" or not quantizer.reads_stored(node)):
-                quantizer.kept_float(node, reader, ctx)
+            if id(_weight(node)) in kept and (node.op != "Gather" or not quantizer.reads_stored(node)):
+                quantizer.kept_float(node, kept[id(_weight(node))], ctx)
             elif node.op == "Gather":
                 quantizer.lookup(node)
             elif (transpose := _transposed(node)) is not None:  # the int8 table stays one, shared with lookups

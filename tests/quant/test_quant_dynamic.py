@@ -440,6 +440,16 @@ def test_a_table_the_float_head_also_reads_stays_float(pipeline, caplog):
     assert "E stays float: it is read by Transpose 'tied'" in caplog.text
 
 
+def test_a_weight_that_is_also_a_model_output_stays_float(caplog):
+    proto = _two_matmuls_sharing_a_weight().to_proto()
+    proto.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [32, 32]))
+    model = model_of(proto)
+    with caplog.at_level("WARNING", logger="irtool"):
+        stats = run(model, "quant-dynamic")[0].stats
+    assert stats["weights_quantized"] == 0 and stats["skipped_float_readers"] == 1
+    assert "w stays float: it is a model output" in caplog.text
+
+
 def test_a_weight_shared_with_an_excluded_matmul_stays_float_for_both():
     model = _two_matmuls_sharing_a_weight()
     stats = run(model, "quant-dynamic{exclude=['^b$']}")[0].stats
