@@ -38,7 +38,7 @@ from irtool.calibration.tap import batch_free, channel_means, fit_batches, mean_
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.topo import toposort_graph
-from irtool.passes.quant.bias_empirical import empirical_shifts, rounded
+from irtool.passes.quant.bias_empirical import biased_output, empirical_shifts, rounded
 from irtool.passes.quant.bias_gemm import linear_weight
 from irtool.passes.quant.calibrate import stored_profile, stored_ranges
 from irtool.passes.quant.insert_qdq import (
@@ -190,7 +190,9 @@ class BiasCorrect(Pass):
             inputs = {node.inputs[0].name: _channel_axis(node) for node, _ in _layers(model)}
             unbatched = batch_free(model, inputs)
             return Request({name: axis for name, axis in inputs.items() if name not in unbatched}, totals=True)
-        axes = {(slot[0] if slot else node).outputs[0].name: _channel_axis(node) for node, slot in _layers(model)}
+        # A MatMul without a bias Add gets one later, which takes over the MatMul's output name.
+        axes = {biased_output(node, slot[0] if slot else node).name: _channel_axis(node)
+                for node, slot in _layers(model)}
         outputs = [t.name for t in model.graph.outputs]
         unbatched = batch_free(model, [*axes, *outputs])
         check = o.min_sqnr is not None and not o.keep_fp and not rounded(model) and not unbatched & set(outputs)

@@ -121,7 +121,7 @@ class _Measure:
         expected = self._reference(pieces, check)
         nodes = {n.name: n for n in trial.graph.nodes}
         # A layer insert-qdq leaves float (excluded) is not corrected: insert-qdq gives it its original bias back.
-        shifts = [np.zeros_like(self.reference[_output(node, holder).name][0][0]) for node, holder, _ in layers]
+        shifts = [np.zeros_like(self.reference[biased_output(node, holder).name][0][0]) for node, holder, _ in layers]
         found = {k: _in_trial(nodes, node, holder, index) for k, (node, holder, index) in enumerate(layers)}
         spots = {k: spot for k, spot in found.items() if spot is not None}
         for k in bar(sorted(spots, key=lambda k: pieces.position(spots[k][0])), self.ctx.progress, "bias-correct",
@@ -129,7 +129,7 @@ class _Measure:
             out, axis, (holder, index) = spots[k]
             node, float_holder, _ = layers[k]
             mean, batches = pieces.mean_until(out, axis)
-            shift = -(mean - self._float_mean(_output(node, float_holder).name, pieces.samples(batches)))
+            shift = -(mean - self._float_mean(biased_output(node, float_holder).name, pieces.samples(batches)))
             original = np.asarray(float_holder.inputs[layers[k][2]].values, np.float64).reshape(-1)
             shifts[k] = _shift_trial_bias(trial, holder, index, shift, original)
         stats = {"samples": read, "samples_last": pieces.samples(), "layers_measured": len(spots),
@@ -158,7 +158,7 @@ class _Measure:
 
         restore = rounded(self.model)
         if self.reference is None:
-            measured = {_output(node, holder).name: channel_axis(node) for node, holder, _ in self.layers}
+            measured = {biased_output(node, holder).name: channel_axis(node) for node, holder, _ in self.layers}
             recorded = self.ctx.analysis(FloatReference, self.model)
             batches = list(pieces.batches())
             if recorded is not None and recorded.serves(measured, batches):
@@ -526,7 +526,7 @@ def _nbytes(values: Mapping[str, np.ndarray]) -> int:
     return sum(value.nbytes for value in values.values())
 
 
-def _output(node: gs.Node, holder: gs.Node) -> gs.Tensor:
+def biased_output(node: gs.Node, holder: gs.Node) -> gs.Tensor:
     """A layer's biased output in the float model: the Conv's or Gemm's, or its bias Add's."""
     return holder.outputs[0] if holder is not node else node.outputs[0]
 

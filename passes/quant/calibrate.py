@@ -14,8 +14,8 @@ bench/quant_bench.py: 98 for trt against 268) and, on ResNet-50, leaves the conv
 so ONNX Runtime keeps its Conv+Add fusion in the calibration graph; insert-qdq then refuses another profile.
 A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Transpose, Reshape, ...) is not
 observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
-When the next pass asks (Pass.float_request: bias-correct{mode=empirical}), the same pass also takes the float
-layer means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
+When the next pass asks (Pass.float_request: bias-correct, either mode), the same pass also takes the float layer
+means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
 recorded).
 """
 
