@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from irtool.calibration.data import batch_rows
-from irtool.calibration.tap import channel_sums, sample_channel_sums
+from irtool.calibration.tap import Phases, channel_sums, sample_channel_sums
 from irtool.passmanager import Analysis
 
 
@@ -89,10 +89,12 @@ class Recorded:
 @dataclass
 class Recorder:
     """Fed each batch of calibrate's pass (tap): its inputs, the values fetched, and how `request.axes` were
-    reduced in the graph (tap.pool_values). `outputs`: the model's output names."""
+    reduced in the graph (tap.pool_values). `outputs`: the model's output names; `phases`: the requested values
+    that the pass's model holds only as another's phases (a ConvTranspose calibrate runs restored)."""
 
     request: Request
     outputs: list[str]
+    phases: dict[str, Phases] = field(default_factory=dict)
     sums: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict)
     totals: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)  # values whose first axis is not the batch's

@@ -169,7 +169,7 @@ def _summarized_proto(model: Model, names: list[str], max_per_sample: int, sampl
     Model.to_proto."""
     proto = model.to_proto(weights)
     types = infer_types(proto)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = _opset(proto)
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
     constants = _constants(graph)
@@ -299,6 +299,37 @@ class _SummaryBuilder:
         return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
 
 
+def _phase_means(graph: onnx.GraphProto, phases: Phases, out: str, opset: int) -> list[onnx.NodeProto]:
+    """Nodes that write to `out` the per-sample channel means [N, C·s^r, 1, ...] of the phase layout of
+    phases.source [N, C, D1·s, ...]: per spatial axis, last first, a Reshape splits it into (positions, s) and a
+    ReduceMean averages the positions away. Means of equal-sized parts, so the mean of every phase's values; no
+    static shape needed (Reshape's 0 and -1)."""
+    nodes, current, s, r = [], phases.source, phases.stride, phases.rank
+    for k in range(r, 0, -1):
+        shape = numpy_helper.from_array(np.array([0] * (k + 1) + [-1, s] + [s] * (r - k), np.int64), f"{out}_shape{k}")
+        graph.initializer.append(shape)
+        nodes.append(helper.make_node("Reshape", [current, shape.name], [f"{out}_split{k}"]))
+        current = f"{out}_phase{k}"
+        nodes.append(_reduce_mean(graph, f"{out}_split{k}", current, k + 1, opset))
+    flat = numpy_helper.from_array(np.array([0, -1] + [1] * r, np.int64), f"{out}_flat")
+    graph.initializer.append(flat)
+    nodes.append(helper.make_node("Reshape", [current, flat.name], [out]))
+    return nodes
+
+
+def _reduce_mean(graph: onnx.GraphProto, x: str, out: str, axis: int, opset: int) -> onnx.NodeProto:
+    """ReduceMean over one axis, keepdims=0; its axes became an input in opset 18."""
+    if opset < 18:
+        return helper.make_node("ReduceMean", [x], [out], axes=[axis], keepdims=0)
+    axes = numpy_helper.from_array(np.array([axis], np.int64), f"{out}_axes")
+    graph.initializer.append(axes)
+    return helper.make_node("ReduceMean", [x, axes.name], [out], keepdims=0)
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Small constant tensors (initializers and Constant outputs) by name."""
     arrays = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer
@@ -376,7 +407,8 @@ def tap(model: Model, names: list[str], batches: Iterable[Mapping[str, np.ndarra
                 options.intra_op_num_threads = threads
             return session_with_weights(proto, options, weights), list(names), {}, {}
         proto, whole, reduced = _summarized_proto(model, names, summary, sample_extremes, weights, exact)
-        pooled = pool_values(proto, recorder.request.axes, "__irtool_ref") if recorder is not None else {}
+        pooled = pool_values(proto, recorder.request.axes, "__irtool_ref", recorder.phases) \
+            if recorder is not None else {}
         session = calibration_session(proto, [t.name for t in model.graph.outputs], threads,
                                       may_renumber=_nchwc_share(proto) >= MIN_RENUMBERED_SHARE, weights=weights)
         return session, whole, reduced, pooled  # the proto goes: the session holds what it needs
@@ -584,6 +616,17 @@ def sample_channel_sums(values: Mapping[str, np.ndarray], name: str, axis: int, 
 
 
 @dataclass(frozen=True)
+class Phases:
+    """How a value that a model holds as another's phases is reduced (passes/deconv.float_copy: a phase Conv's
+    output, which the restored ConvTranspose computes interleaved): channel c·s^r + phase of the value holds the
+    values of channel c of `source` [N, C, ...] at that phase (stride s along each of its r spatial axes)."""
+
+    source: str
+    stride: int
+    rank: int
+
+
+@dataclass(frozen=True)
 class _Reduced:
     """In-graph reductions of one value for channel_means: `mean` per sample and channel ([N, C, 1, 1], conv
     layout), or `sums` over the middle axes ([N, C], tokens) with the value's `shape` to count them."""
@@ -602,14 +645,24 @@ def pooled_proto(model: Model, axes: Mapping[str, int], weights: dict) -> tuple[
     return proto, pool_values(proto, axes)
 
 
-def pool_values(proto: onnx.ModelProto, axes: Mapping[str, int], prefix: str = "__irtool_tap") -> dict[str, _Reduced]:
+def pool_values(proto: onnx.ModelProto, axes: Mapping[str, int], prefix: str = "__irtool_tap",
+                phases: Mapping[str, Phases] | None = None) -> dict[str, _Reduced]:
     """Add pooled_proto's reductions (named `prefix`...) and outputs to `proto`; returns {value name: its
-    reductions}."""
+    reductions}. A value in `phases` (channel axis 1) is not in `proto`: its per-sample channel means are taken
+    from its source."""
     types = infer_types(proto)
     graph = proto.graph
     existing = {o.name for o in graph.output}
     reduced, added = {}, {}
+    phases = phases or {}
     for i, name in enumerate(sorted(axes)):
+        if name in phases:
+            reduced[name] = _Reduced(mean=f"{prefix}{i}_mean")
+            added.setdefault(phases[name].source, []).extend(
+                _phase_means(graph, phases[name], reduced[name].mean, _opset(proto)))
+            elem = types.get(phases[name].source, (None, None))[0] or onnx.TensorProto.FLOAT
+            graph.output.append(helper.make_tensor_value_info(reduced[name].mean, elem, None))
+            continue
         elem, dims = types.get(name, (None, None))
         rank = len(dims) if dims is not None else 0
         # float16 sums over hundreds of tokens lose digits or overflow: such values come out whole.
@@ -620,13 +673,14 @@ def pool_values(proto: onnx.ModelProto, axes: Mapping[str, int], prefix: str = "
             continue
         if axes[name] % rank == 1:
             reduced[name] = _Reduced(mean=f"{prefix}{i}_mean")
-            added[name] = [helper.make_node("GlobalAveragePool", [name], [reduced[name].mean])]
+            added.setdefault(name, []).append(helper.make_node("GlobalAveragePool", [name], [reduced[name].mean]))
         else:
             middle = numpy_helper.from_array(np.arange(1, rank - 1, dtype=np.int64), f"{prefix}{i}_axes")
             graph.initializer.append(middle)
             reduced[name] = _Reduced(sums=f"{prefix}{i}_sums", shape=f"{prefix}{i}_shape")
-            added[name] = [helper.make_node("ReduceSum", [name, middle.name], [reduced[name].sums], keepdims=0),
-                           helper.make_node("Shape", [name], [reduced[name].shape])]
+            added.setdefault(name, []).extend([
+                helper.make_node("ReduceSum", [name, middle.name], [reduced[name].sums], keepdims=0),
+                helper.make_node("Shape", [name], [reduced[name].shape])])
         for out in (reduced[name].mean, reduced[name].sums):
             if out:
                 graph.output.append(helper.make_tensor_value_info(out, elem, None))

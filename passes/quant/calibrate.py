@@ -14,6 +14,9 @@ bench/quant_bench.py: 98 for trt against 268) and, on ResNet-50, leaves the conv
 so ONNX Runtime keeps its Conv+Add fusion in the calibration graph; insert-qdq then refuses another profile.
 A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Transpose, Reshape, ...) is not
 observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
+The ConvTransposes that convtranspose-to-conv rewrote run restored in the float pass where their output is not
+cropped (deconv.float_copy; the U-Net of bench/highres_bench.py: calibration 13.5 s against 16.6 s on the phase
+Convs); a phase Conv's output has the ConvTranspose output's statistics (the same values, interleaved).
 When the next pass asks (Pass.float_request: bias-correct, either mode), the same pass also takes the float layer
 means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
 recorded).
@@ -33,6 +36,7 @@ from irtool.calibration.reference import FloatReference, Recorder
 from irtool.errors import InputError
 from irtool.ir.model import Model
 from irtool.ir.rewrite import SHAPE_READERS
+from irtool.passes.deconv import float_copy, rewritten
 from irtool.passes.quant.derived import derived_tensors, silu_input, silu_tail
 from irtool.passes.quant.hard_activations import sensitive_interval
 from irtool.passes.quant.placement import (
@@ -76,6 +80,23 @@ def _recorder(model: Model, ctx: PassContext) -> Recorder | None:
     if request is None or not request.axes:
         return None
     return Recorder(request, [t.name for t in model.graph.outputs])
+
+
+def _float_model(model: Model, recorder: Recorder | None) -> tuple[Model, dict[str, str]]:
+    """The model the float pass runs, and {value of `model`: its name there}: the ConvTransposes that
+    convtranspose-to-conv rewrote are restored where that changes no value's numbers (deconv.float_copy; the
+    stats of a phase Conv's output are those of the ConvTranspose's, the same values interleaved), unless the
+    recorder asks for a value the restored copy lacks. Given phase outputs to record, the recorder takes their
+    channel means from the ConvTranspose outputs (tap.pool_values)."""
+    copy, renamed, phases = float_copy(model)
+    if copy is model:
+        return model, {}
+    if recorder is not None:
+        present, asked = copy.graph.tensors(), recorder.request.axes
+        if any(name not in present and not (name in phases and asked[name] == 1) for name in asked):
+            return model, {}
+        recorder.phases = {name: phases[name] for name in asked if name in phases}
+    return copy, renamed
 
 
 def permutation_sources(model: Model, names: list[str]) -> dict[str, str]:
@@ -128,9 +149,12 @@ class Calibrate(Pass):
         observe = sorted(set(sources.values()) - set(derived))
         unclipped = set(unclipped_tensors(model, observe))
         recorder = _recorder(model, ctx)
-        observed = collect(model, observe, ctx.calibration_data, histograms=self.options.method is not Method.MINMAX,
-                           bins=self.options.bins, cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings,
-                           exact=unclipped, recorder=recorder)
+        target, renamed = _float_model(model, recorder)
+        found = collect(target, sorted({renamed.get(n, n) for n in observe}), ctx.calibration_data,
+                        histograms=self.options.method is not Method.MINMAX, bins=self.options.bins,
+                        cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings,
+                        exact={renamed.get(n, n) for n in unclipped}, recorder=recorder)
+        observed = {name: found[renamed.get(name, name)] for name in observe}
         started = time.perf_counter()
         ranges = self._ranges(model, observed, sources, derived, unclipped)
         timings.search = time.perf_counter() - started
@@ -141,6 +165,8 @@ class Calibrate(Pass):
                  "method": self.options.method.value,
                  "profile": profile, "seconds": timings.as_dict()}
         recorded = recorder.result() if recorder is not None else None
+        if rewritten(model):  # ConvTransposes that convtranspose-to-conv rewrote, run restored in the float pass
+            stats["convtransposes_restored"] = len(rewritten(model)) - len(rewritten(target))
         if recorded is not None:
             ctx.provide(FloatReference, recorded)
             stats["recorded"] = len(recorded.sums.keys() | recorded.totals.keys())

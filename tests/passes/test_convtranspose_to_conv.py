@@ -261,3 +261,89 @@ def test_sensitivity_names_a_rewritten_up_convolution_as_the_conv_transpose_it_w
     transposes = [n.name for n in proto.graph.node if n.op_type == "ConvTranspose"]
     assert sorted(layer["layer"] for layer in layers if layer["op"] == "ConvTranspose") == sorted(transposes)
     assert len(transposes) == 2 and all(layer["op"] in ("Conv", "ConvTranspose") for layer in layers)
+
+
+def _outputs(proto: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(names, {"x": x}), strict=True))
+
+
+UP_NETS = {"k2s2": lambda: _export(Decoder(2, 0), (1, 16, 8, 8)),
+           "k4s2p1": lambda: _export(Decoder(4, 1), (1, 16, 8, 8)),
+           "relu_moved": lambda: _pose_net()[0],
+           "1d": lambda: _export(Vocoder(), (1, 20, 16))}
+
+
+@pytest.mark.parametrize("net", list(UP_NETS))
+def test_the_float_copy_holds_each_phase_conv_output_interleaved(net):
+    """calibrate's float pass runs the ConvTransposes restored (deconv.float_copy): each renamed value holds the same
+    numbers as the rewritten model's (sorted; summed in another order), and the reductions tap.pool_values takes
+    from a ConvTranspose's output for its phase Conv's output are that output's per-sample channel means."""
+    from irtool.calibration.tap import pool_values, tapped_proto
+
+    model = optimize(UP_NETS[net](), "fp32,cleanup,fold-bn,convtranspose-to-conv").model
+    copy, renamed, phases = deconv.float_copy(model)
+    assert copy is not model and not deconv.rewritten(copy)
+    assert "ConvTranspose" in {n.op for n in copy.graph.nodes} and "Conv" in {n.op for n in model.graph.nodes}
+    assert set(phases) <= set(renamed) and len(phases) == len(deconv.rewritten(model))
+    moved = sum(n.op == "Relu" and n.inputs[0].name in phases for n in model.graph.nodes)
+    assert moved == {"k2s2": 1, "k4s2p1": 1, "relu_moved": 2, "1d": 0}[net]
+    assert len(renamed) == len(phases) + moved  # a moved Relu's output: after the ConvTranspose in the copy
+    shape = [d if isinstance(d, int) else 3 for d in model.graph.inputs[0].shape]
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    want = _outputs(tapped_proto(model, sorted(renamed)), sorted(renamed), x)
+    proto = tapped_proto(copy, sorted(renamed.values()))
+    reduced = pool_values(proto, {name: 1 for name in phases}, "__test", phases)
+    means = sorted(reduced[name].mean for name in phases)
+    got = _outputs(proto, sorted(renamed.values()) + means, x)
+    for name, there in renamed.items():
+        np.testing.assert_allclose(np.sort(got[there], None), np.sort(want[name], None), rtol=1e-5, atol=1e-5)
+    for name in phases:
+        phase = want[name]
+        expected = phase.mean(axis=tuple(range(2, phase.ndim)), keepdims=True)
+        np.testing.assert_allclose(got[reduced[name].mean], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cropped_rewrite_stays_a_conv_in_the_float_copy():
+    """Kernel 3, stride 2, pads 1: the phase Conv computes positions the Slice then cuts, which the ConvTranspose
+    never computes, so calibrate's float pass keeps it (their range is quantized too)."""
+    model = optimize(_export(Decoder(3, 1), (1, 16, 8, 8)), "fp32,cleanup,fold-bn,convtranspose-to-conv").model
+    assert deconv.rewritten(model)
+    copy, renamed, phases = deconv.float_copy(model)
+    assert copy is model and renamed == {} and phases == {}
+
+
+@pytest.mark.parametrize("net", ["k2s2", "relu_moved", "1d"])
+def test_calibrate_on_restored_conv_transposes_gives_the_ranges_and_corrections_of_the_phase_convs(net):
+    """calibrate, then bias-correct{mode=empirical}, on a rewritten model: calibrate runs the ConvTransposes and
+    records the phase Convs' means from their outputs. The same pipeline on the same graph without the rewrite's
+    record (so calibrate runs the phase Convs) gives the same ranges and corrected biases, up to float sums taken in
+    another order; both record every layer and run no second float pass."""
+    import json
+
+    proto = UP_NETS[net]()
+    model = optimize(proto, "fp32,cleanup,fold-bn,convtranspose-to-conv").model
+    plain = model.copy()
+    del plain.metadata[deconv.METADATA_KEY]
+    shape = [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    passes = "calibrate{profile=ort-cpu},bias-correct{mode=empirical,min-sqnr=20}"
+    restored = optimize(model.to_proto(), passes, calibration_data=calib)
+    direct = optimize(plain.to_proto(), passes, calibration_data=calib)
+    assert restored.stats("calibrate")["convtransposes_restored"] == len(deconv.rewritten(model))
+    assert "convtransposes_restored" not in direct.stats("calibrate")
+    layers = sum(n.op == "Conv" for n in model.graph.nodes)
+    for result in (restored, direct):
+        assert result.stats("calibrate")["recorded"] == layers
+        assert result.stats("bias-correct")["float_passes"] == 0
+        assert result.stats("bias-correct")["layers"] == layers
+    got = json.loads(restored.model.metadata["irtool.calibration"])["ranges"]
+    want = json.loads(direct.model.metadata["irtool.calibration"])["ranges"]
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    weights = {t.name: np.asarray(t.values) for t in direct.model.graph.tensors().values() if hasattr(t, "values")}
+    for node in restored.model.graph.nodes:
+        if node.op == "Conv" and len(node.inputs) > 2:
+            np.testing.assert_allclose(node.inputs[2].values, weights[node.inputs[2].name], rtol=1e-4, atol=1e-5)
