@@ -15,7 +15,7 @@ so ONNX Runtime keeps its Conv+Add fusion in the calibration graph; insert-qdq t
 A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Transpose, Reshape, ...) is not
 observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
 The ConvTransposes that convtranspose-to-conv rewrote run restored in the float pass where their output is not
-cropped (deconv.float_copy; the U-Net of bench/highres_bench.py: calibration 13.5 s against 16.6 s on the phase
+cropped (deconv.float_copy; the U-Net of bench/highres_bench.py: 14.5-16.9 s against 17.4-19.1 s on the phase
 Convs); a phase Conv's output has the ConvTranspose output's statistics (the same values, interleaved).
 When the next pass asks (Pass.float_request: bias-correct, either mode), the same pass also takes the float layer
 means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
