@@ -36,7 +36,6 @@ Contract: bounded (the same products, summed in another order).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -48,7 +47,7 @@ import onnx_graphsurgeon as gs
 
 from irtool.calibration.tap import Phases
 from irtool.ir.model import Model
-from irtool.ir.rewrite import is_default_domain, is_graph_output
+from irtool.ir.rewrite import is_default_domain, is_graph_output, values_digest
 from irtool.ir.topo import toposort_graph
 from irtool.passmanager import Pass, PassContext, PassResult
 
@@ -178,10 +177,6 @@ def _convtranspose_weights(w: np.ndarray, axes: tuple[_Axis, ...], s: int, kerne
     return out
 
 
-def _digest(values: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
-
-
 def _json_attrs(attrs: dict) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
 
@@ -191,7 +186,7 @@ def _rewrite(model: Model, node: gs.Node, plan: _Plan) -> None:
     weight, bias = _conv_weights(plan)
     _record(model, node.name, {"attrs": _json_attrs(node.attrs), "kernel": list(plan.weight.shape[2:]),
                                "weight": node.inputs[1].name, "bias": node.inputs[2].name if plan.bias is not None
-                               else None, "output": y.name, "digest": _digest(weight)})
+                               else None, "output": y.name, "digest": values_digest(weight)})
     inputs = [x, gs.Constant(model.unique_name(f"{node.name}_conv_weight"), weight)]
     if bias is not None:
         inputs.append(gs.Constant(model.unique_name(f"{node.name}_conv_bias"), bias))
@@ -285,7 +280,7 @@ def restore(model: Model, names: Iterable[str]) -> list[str]:
 def _restore_one(model: Model, name: str, entry: dict) -> bool:
     conv = next((n for n in model.graph.nodes if n.name == name and n.op == "Conv"), None)
     if conv is None or len(conv.inputs) < 2 or not isinstance(conv.inputs[1], gs.Constant) \
-            or _digest(np.asarray(conv.inputs[1].values)) != entry["digest"]:
+            or values_digest(np.asarray(conv.inputs[1].values)) != entry["digest"]:
         log.info("convtranspose-to-conv: %s changed since its rewrite, it stays a Conv", name)
         return False
     attrs, kernel = entry["attrs"], entry["kernel"]

@@ -8,9 +8,11 @@ and outputs cleared) so that no tensor keeps pointing at it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -35,6 +37,11 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor) -> int:
                 node.inputs[index] = new
                 count += 1
     return count
+
+
+def values_digest(values: np.ndarray) -> str:
+    """A short digest of an array's bytes (C order): how a pass recognizes, later, a weight an earlier one noted."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
 
 
 def is_default_domain(node: gs.Node) -> bool:

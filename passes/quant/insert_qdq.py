@@ -44,7 +44,7 @@ import onnx_graphsurgeon as gs
 from irtool.errors import InputError
 from irtool.ir.gelu import fuse_gelu
 from irtool.ir.model import Model
-from irtool.ir.rewrite import SHAPE_READERS
+from irtool.ir.rewrite import SHAPE_READERS, values_digest
 from irtool.ir.topo import toposort_graph
 from irtool.passes import deconv
 from irtool.passes.fp16 import has_float16_source
@@ -72,6 +72,10 @@ BIAS_CORRECTION_KEY = "irtool.bias_correction"
 KEPT_FLOAT_KEY = "irtool.kept_float"
 # gptq's list of the layers whose weights it rounded (their float weights: Model.float_weights), dropped here too.
 WEIGHT_ROUNDING_KEY = "irtool.weight_rounding"
+# {int8 weight: digest of the float weight gptq rounded it from}, written here and kept in the model: quant-dynamic's
+# share-head tells a tied LM head's integers for its table's by it (gptq's rounding is not the nearest one, so the
+# values alone do not say so).
+ROUNDED_FROM_KEY = "irtool.rounded_from"
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +230,21 @@ def restore_unrounded_weights(model: Model, quantized: set[str]) -> None:
                 and np.shape(model.float_weights[node.name][1]) == np.shape(node.inputs[1].values):
             name, values = model.float_weights[node.name]
             node.inputs[1] = gs.Constant(model.unique_name(name), values)
+
+
+def record_rounded_origins(model: Model) -> None:
+    """Note under ROUNDED_FROM_KEY each int8 weight made from gptq's rounding, with a digest of its float weight."""
+    rounded = set(json.loads(model.metadata.get(WEIGHT_ROUNDING_KEY, "[]")))
+    record = json.loads(model.metadata.get(ROUNDED_FROM_KEY, "{}"))
+    for node in model.graph.nodes:
+        if node.name not in rounded or node.name not in model.float_weights or len(node.inputs) < 2:
+            continue
+        dequantize = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+        if dequantize is not None and dequantize.op == "DequantizeLinear" \
+                and isinstance(dequantize.inputs[0], gs.Constant):
+            record[dequantize.inputs[0].name] = values_digest(model.float_weights[node.name][1])
+    if record:
+        model.metadata[ROUNDED_FROM_KEY] = json.dumps(record, sort_keys=True)
 
 
 def lost_float_weights(model: Model) -> list[str]:
@@ -427,6 +446,7 @@ class InsertQDQ(Pass):
         if pairs == 0 and has_float16_source(model):
             ctx.logger.warning("insert-qdq: nothing quantized: the model computes in float16, and INT8 placement "
                                "takes float32; run `fp32` first (the quant pipelines do)")
+        record_rounded_origins(model)
         del model.metadata[METADATA_KEY]
         model.metadata.pop(BIAS_CORRECTION_KEY, None)
         model.metadata.pop(KEPT_FLOAT_KEY, None)
