@@ -128,29 +128,34 @@ def _conv_pads(node: gs.Node, spatial: tuple, kernel: tuple) -> list[tuple[int, 
 
 
 def im2col(node: gs.Node, x: np.ndarray, kernel: tuple, groups: int) -> np.ndarray:
-    """x [N, C, *spatial] -> [groups, N·positions, C/groups·prod(kernel)], each row one output position's
-    receptive field, in the order of the weight's [C/groups, *kernel] flattening."""
+    """x [N, C, *spatial] -> [groups, C/groups·prod(kernel), N·positions]: each column one output position's
+    receptive field, its rows in the order of the weight's [C/groups, *kernel] flattening, so that H = cols·colsᵀ.
+    Laid out this way every copy moves whole rows of the input; with a row per position instead (the inner axis
+    strided by the number of positions) the copy took 3.5x the Gram product's time on ResNet-50's first 3x3 convs."""
     strides = node.attrs.get("strides", [1] * len(kernel))
     dilations = node.attrs.get("dilations", [1] * len(kernel))
     pads = _conv_pads(node, x.shape[2:], kernel)
+    n, c = x.shape[:2]
+    taps = int(np.prod(kernel))
+    if taps == 1 and all(s == 1 for s in strides) and not any(p for pair in pads for p in pair):
+        return x.swapaxes(0, 1).reshape(groups, c // groups, -1)  # a 1x1 conv's columns are the input's pixels
     x = np.pad(x, [(0, 0), (0, 0), *pads])
     out = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations,
                                                                         strict=True)]
-    n, c = x.shape[:2]
-    cols = np.empty((n, c, int(np.prod(kernel)), *out), x.dtype)
+    cols = np.empty((c, taps, n, *out), x.dtype)
     for index, offset in enumerate(itertools.product(*(range(k) for k in kernel))):
         window = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
                        for o, d, s, m in zip(offset, dilations, strides, out, strict=True))
-        cols[:, :, index] = x[(slice(None), slice(None), *window)]
-    cols = cols.reshape(n, groups, c // groups, int(np.prod(kernel)), -1)  # [N, g, C/g, K, positions]
-    return cols.transpose(1, 0, 4, 2, 3).reshape(groups, -1, c // groups * int(np.prod(kernel)))
+        cols[:, index] = x[(slice(None), slice(None), *window)].swapaxes(0, 1)
+    return cols.reshape(groups, c // groups * taps, -1)
 
 
 def _rows(layer: _Layer, x: np.ndarray) -> list[np.ndarray]:
-    """The layer's input as [groups, rows, columns] blocks, each under IM2COL_BYTES."""
+    """The layer's input as [groups, columns, rows] blocks (one row per im2col row or token), each under
+    IM2COL_BYTES."""
     x = np.asarray(x, np.float32)
     if layer.node.op != "Conv":
-        return [x.reshape(1, -1, x.shape[-1])]
+        return [x.reshape(-1, x.shape[-1]).T[None]]
     kernel = tuple(np.shape(layer.node.inputs[1].values)[2:])
     per_sample = max(1, x[:1].nbytes * int(np.prod(kernel)))
     step = max(1, IM2COL_BYTES // per_sample)
@@ -159,11 +164,11 @@ def _rows(layer: _Layer, x: np.ndarray) -> list[np.ndarray]:
 
 def _accumulate(layer: _Layer, x: np.ndarray) -> None:
     for block in _rows(layer, x):
-        # one group: numpy runs a.T @ a as a symmetric rank-k update, half the work of a general matmul
-        gram = (block[0].T @ block[0])[None] if len(block) == 1 else np.matmul(block.transpose(0, 2, 1), block)
+        # one group: numpy runs a @ a.T as a symmetric rank-k update, half the work of a general matmul
+        gram = (block[0] @ block[0].T)[None] if len(block) == 1 else np.matmul(block, block.transpose(0, 2, 1))
         gram = gram.astype(np.float64)
         layer.hessian = gram if layer.hessian is None else layer.hessian + gram
-        layer.rows += block.shape[1]
+        layer.rows += block.shape[2]
 
 
 def hessians(model: Model, layers: list[_Layer], ctx: PassContext) -> None:

@@ -1,4 +1,4 @@
-"""gptq: the im2col rows its H is made of are the Conv's receptive fields, the rounded weights stay on the grid
+"""gptq: the im2col columns its H is made of are the Conv's receptive fields, the rounded weights stay on the grid
 insert-qdq uses, each layer's output error drops against round-to-nearest, and a trained depthwise net gains."""
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ CONVS = {  # name: (input shape, weight shape, attributes)
     "same-lower": ((2, 2, 7, 5), (3, 2, 4, 3), {"auto_pad": "SAME_LOWER", "strides": [2, 1]}),
     "valid-1d": ((3, 4, 10), (2, 4, 3), {"auto_pad": "VALID", "strides": [3]}),
     "3d": ((1, 2, 4, 5, 3), (3, 2, 2, 3, 2), {"pads": [1, 0, 1, 0, 1, 1]}),
+    "pointwise": ((2, 4, 5, 6), (3, 4, 1, 1), {}),
+    "pointwise-grouped": ((2, 4, 5, 6), (6, 2, 1, 1), {"group": 2}),
+    "pointwise-strided": ((2, 4, 5, 6), (3, 4, 1, 1), {"strides": [2, 2]}),
 }
 
 
 @pytest.mark.parametrize("case", list(CONVS))
 def test_im2col_rows_times_the_weight_are_the_conv_output(case):
-    """H = Σ x xᵀ over im2col rows is only right if each row is exactly what the weight multiplies: checked against
+    """H = Σ x xᵀ over im2col columns is only right if each is exactly what the weight multiplies: checked against
     ONNX Runtime's Conv for padding, auto_pad, strides, dilations, groups and 1-D/3-D kernels."""
     x_shape, w_shape, attrs = CONVS[case]
     rng = np.random.default_rng(0)
@@ -57,10 +60,10 @@ def test_im2col_rows_times_the_weight_are_the_conv_output(case):
     want = _run(_model([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], list(x_shape), {"w": w}), x)
     groups = attrs.get("group", 1)
     node = gs.Node("Conv", attrs=attrs)
-    rows = im2col(node, x, w_shape[2:], groups)  # [g, N·positions, C/g·k]
+    columns = im2col(node, x, w_shape[2:], groups)  # [g, C/g·k, N·positions]
     per_group = w.reshape(groups, w_shape[0] // groups, -1)
-    out = np.matmul(rows, per_group.transpose(0, 2, 1))  # [g, N·positions, O/g]
-    got = out.reshape(groups, x_shape[0], -1, w_shape[0] // groups).transpose(1, 0, 3, 2)
+    out = np.matmul(per_group, columns)  # [g, O/g, N·positions]
+    got = out.reshape(groups, w_shape[0] // groups, x_shape[0], -1).transpose(2, 0, 1, 3)
     np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
 
 
