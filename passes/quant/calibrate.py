@@ -16,7 +16,8 @@ A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Tr
 observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
 The ConvTransposes that convtranspose-to-conv rewrote run restored in the float pass where their output is not
 cropped (deconv.float_copy; the U-Net of bench/highres_bench.py: 14.5-16.9 s against 17.4-19.1 s on the phase
-Convs); a phase Conv's output has the ConvTranspose output's statistics (the same values, interleaved).
+Convs); a phase Conv's output has the ConvTranspose output's statistics (the same values, interleaved). minmax only:
+a histogram's subsample of an upsampled output can fall on one phase (`_float_model`).
 When the next pass asks (Pass.float_request: bias-correct, either mode), the same pass also takes the float layer
 means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
 recorded).
@@ -87,7 +88,11 @@ def _float_model(model: Model, recorder: Recorder | None) -> tuple[Model, dict[s
     convtranspose-to-conv rewrote are restored where that changes no value's numbers (deconv.float_copy; the
     stats of a phase Conv's output are those of the ConvTranspose's, the same values interleaved), unless the
     recorder asks for a value the restored copy lacks. Given phase outputs to record, the recorder takes their
-    channel means from the ConvTranspose outputs (tap.pool_values)."""
+    channel means from the ConvTranspose outputs (tap.pool_values). For minmax only: a histogram's subsample of an
+    upsampled output can fall on one phase (a grid or row stride that is a multiple of s: the 512x512 U-Net's
+    first up-convolution's rows at stride 256 are each channel's top row), where the phase Conv's output holds
+    every phase in its channels (the pose net of tests/passes/test_convtranspose_to_conv.py: percentile ranges
+    6.8% apart)."""
     copy, renamed, phases = float_copy(model)
     if copy is model:
         return model, {}
@@ -149,7 +154,7 @@ class Calibrate(Pass):
         observe = sorted(set(sources.values()) - set(derived))
         unclipped = set(unclipped_tensors(model, observe))
         recorder = _recorder(model, ctx)
-        target, renamed = _float_model(model, recorder)
+        target, renamed = _float_model(model, recorder) if self.options.method is Method.MINMAX else (model, {})
         found = collect(target, sorted({renamed.get(n, n) for n in observe}), ctx.calibration_data,
                         histograms=self.options.method is not Method.MINMAX, bins=self.options.bins,
                         cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings,

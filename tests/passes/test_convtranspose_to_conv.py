@@ -347,3 +347,20 @@ def test_calibrate_on_restored_conv_transposes_gives_the_ranges_and_corrections_
     for node in restored.model.graph.nodes:
         if node.op == "Conv" and len(node.inputs) > 2:
             np.testing.assert_allclose(node.inputs[2].values, weights[node.inputs[2].name], rtol=1e-4, atol=1e-5)
+
+
+def test_histogram_calibration_keeps_the_phase_convs():
+    """A histogram's subsample of an upsampled output can fall on one phase (a stride that is a multiple of s),
+    where the phase Conv's output holds every phase in its channels: percentile calibration runs the rewritten
+    graph, and its ranges are those of the same graph without the rewrite's record, exactly."""
+    import json
+
+    model = optimize(UP_NETS["relu_moved"](), "fp32,cleanup,fold-bn,convtranspose-to-conv").model
+    plain = model.copy()
+    del plain.metadata[deconv.METADATA_KEY]
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(32)]
+    results = [optimize(m.to_proto(), "calibrate{method=percentile}", calibration_data=calib) for m in (model, plain)]
+    assert results[0].stats("calibrate")["convtransposes_restored"] == 0
+    got, want = (json.loads(r.model.metadata["irtool.calibration"])["ranges"] for r in results)
+    assert got == want
