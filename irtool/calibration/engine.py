@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Provider = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-CACHE_VERSION = 3  # 2: histogram methods take extremes from the sample; 3: but not of `exact` tensors
+CACHE_VERSION = 4  # 2: histogram methods take extremes from the sample; 3: but not of `exact` tensors;
+# 4: [N, C, H, W] row samples spread over each channel's rows (observers.row_indices)
 
 
 @dataclass

@@ -41,7 +41,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from irtool.calibration.data import batch_rows
-from irtool.calibration.observers import spatial_stride, subsample
+from irtool.calibration.observers import row_indices, spatial_stride, subsample
 from irtool.calibration.schedule import (
     MIN_RENUMBERED_SHARE,
     build_while_reading,
@@ -265,16 +265,18 @@ class _SummaryBuilder:
                 return self._strided(t, name, m // dims[-1], out, _static_count(dims[1:-1]))
             rows = f"{t}_rows"
             reshape = helper.make_node("Reshape", [name, self._const(f"rows{dims[-1]}", [0, -1, dims[-1]])], [rows])
-            return [reshape, *self._strided(t, rows, m // dims[-1], out, _static_count(dims[1:-1]))]
+            period = dims[2] if len(dims) == 4 else 1  # static: _sampleable
+            return [reshape, *self._strided(t, rows, m // dims[-1], out, _static_count(dims[1:-1]), period)]
         return self._strided(t, flattened(), m, out, _static_count(dims[1:]))
 
-    def _strided(self, t: str, x: str, keep: int, out: str, count: int | None) -> list[onnx.NodeProto]:
-        """Every ceil(k / keep)-th entry of axis 1 of x ([batch, k, ...]), k = `count` or, when that is None
-        (dynamic dims), read from the shape at run time."""
+    def _strided(self, t: str, x: str, keep: int, out: str, count: int | None,
+                 period: int = 1) -> list[onnx.NodeProto]:
+        """The entries observers.row_indices(k, keep, period) of axis 1 of x ([batch, k, ...]), k = `count`; or,
+        when that is None (dynamic dims, never with a period), every ceil(k / keep)-th, k read at run time."""
         if count is not None:  # one node instead of six: the ViT's tapped graph builds ~25% faster
-            step = max(1, -(-count // keep))
             # A Gather of whole rows copies them as blocks, where a strided Slice ran ~1.5x slower.
-            indices = self._const(f"rows{count}step{step}", list(range(0, count, step)))
+            indices = self._const(f"rows{count}keep{keep}period{period}",
+                                  row_indices(count, keep, period).tolist())
             return [helper.make_node("Gather", [x, indices], [out], axis=1)]
         one = self._const("one", [1])
         return [helper.make_node("Shape", [x], [f"{t}_shape"]),

@@ -14,7 +14,15 @@ from onnx import TensorProto, helper
 from irtool.calibration import engine, observers
 from irtool.calibration.data import CalibrationData
 from irtool.calibration.engine import Timings, collect
-from irtool.calibration.observers import Histogram, MinMax, _best_cut, kl_divergences, subsample, values_per_sample
+from irtool.calibration.observers import (
+    Histogram,
+    MinMax,
+    _best_cut,
+    kl_divergences,
+    spatial_stride,
+    subsample,
+    values_per_sample,
+)
 from irtool.ir.model import Model
 
 
@@ -270,8 +278,8 @@ def test_values_per_sample_halve_as_the_set_quadruples_down_to_a_floor():
 @pytest.mark.parametrize("samples, per_sample", [(64, 16384), (256, 8192)])
 def test_engine_sizes_the_subsample_by_the_set_and_stays_batch_size_invariant(samples, per_sample):
     """x and y hold 16384 values per sample (4 x 64 x 64); the graph input x is sampled by whole rows of 64 (all
-    of them at 64 samples, every second row from 256 samples on), the Relu output y on a grid (stride 1, then
-    2); batches of 16 and of 40 give the same histograms."""
+    of them at 64 samples, one of every two from 256 samples on), the Relu output y on a grid (stride 1, then 3:
+    an odd stride, spatial_stride); batches of 16 and of 40 give the same histograms."""
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 64, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 64, 64])])
@@ -282,7 +290,7 @@ def test_engine_sizes_the_subsample_by_the_set_and_stays_batch_size_invariant(sa
             for batch in (16, 40)]
     one = np.zeros((1, 4, 64, 64), np.float32)
     expected = {"x": subsample(one, per_sample, grid=False).size, "y": subsample(one, per_sample, grid=True).size}
-    assert expected == {"x": per_sample, "y": 16384 if per_sample == 16384 else 4096}
+    assert expected == {"x": per_sample, "y": 16384 if per_sample == 16384 else 4 * 22 * 22}
     for name in ("x", "y"):
         assert runs[0][name].histogram.counts.sum() == samples * expected[name]
         np.testing.assert_array_equal(runs[0][name].histogram.counts, runs[1][name].histogram.counts)
@@ -380,3 +388,18 @@ def test_balanced_shares_split_the_values_evenly_and_cover_every_job():
     assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
     loads = [sum(sizes[i] for i in share) for share in shares]
     assert abs(loads[0] - loads[1]) <= 100
+
+
+def test_an_even_stride_never_samples_one_phase_of_an_upsampled_tensor():
+    """An upsampled map holds its output phases at alternate positions: a grid of even stride takes one phase, and a
+    row step that is a multiple of H each channel's top row. Here phase (0, 0) is 0 and the others 1..3, and every
+    row is its index: the grid (stride 5, not 4) and the rows (spread, not every 64th) see every phase and row."""
+    phases = np.arange(4, dtype=np.float32).reshape(2, 2)
+    upsampled = np.tile(phases, (16, 16))[None, None].repeat(64, axis=1)  # [1, 64, 32, 32]
+    grid = subsample(upsampled, 16384 // 4, grid=True)
+    assert set(np.unique(grid)) == {0.0, 1.0, 2.0, 3.0}
+    rows = np.broadcast_to(np.arange(64, dtype=np.float32)[None, None, :, None], (1, 64, 64, 8))
+    taken = subsample(np.ascontiguousarray(rows), 64 * 8, grid=False)  # 64 of 4096 rows
+    assert len(np.unique(taken)) > 48 and taken.min() < 8 and taken.max() > 56
+    assert spatial_stride(64, 32, 32, 4096) == 5 and spatial_stride(64, 32, 32, 16384) == 3  # 4 and 2 would fit
+    assert spatial_stride(1, 32, 32, 4096) == 1 and spatial_stride(64, 27, 27, 16384) == 3
