@@ -324,8 +324,8 @@ def float_copy(model: Model) -> tuple[Model, dict[str, str], dict[str, Phases]]:
     Phases}, for those whose layout differs. ONNX Runtime runs a kernel-2 stride-2 ConvTranspose faster than
     Conv + DepthToSpace (bench/highres_bench.py's U-Net at 512x512, 64 samples: float inference 11.0-11.5 against
     12.8-13.1 s; calibrate recording bias-correct's means, three alternating runs, 14.5-16.9 against 17.4-19.1 s).
-    A rewrite whose output is cropped stays: its phase Conv computes values
-    the ConvTranspose does not. `model` itself, and nothing renamed, when nothing is restored."""
+    A rewrite whose output is cropped stays: its phase Conv computes values the ConvTranspose does not. `model`
+    itself, and nothing renamed, when nothing is restored."""
     plain = {name: entry for name, entry in rewritten(model).items() if not any(a.crop for a in _entry_axes(entry)[2])}
     nodes = {node.name: node for node in model.graph.nodes}
     chains = {}

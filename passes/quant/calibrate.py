@@ -16,8 +16,8 @@ A value made from another by a pure rearrangement (placement.PERMUTATION_OPS: Tr
 observed itself: it holds the same values, so it gets that value's statistics (`permutation_sources`).
 The ConvTransposes that convtranspose-to-conv rewrote run restored in the float pass where their output is not
 cropped (deconv.float_copy; the U-Net of bench/highres_bench.py: 14.5-16.9 s against 17.4-19.1 s on the phase
-Convs); a phase Conv's output has the ConvTranspose output's statistics (the same values, interleaved). minmax only:
-a histogram's subsample of an upsampled output can fall on one phase (`_float_model`).
+Convs); a phase Conv's output has the ConvTranspose output's statistics (the same values, interleaved). minmax only
+(`_float_model`): a histogram's subsample depends on the layout.
 When the next pass asks (Pass.float_request: bias-correct, either mode), the same pass also takes the float layer
 means and outputs it would run the float model for (irtool.calibration.reference; stat `recorded`, the values
 recorded).
@@ -88,11 +88,11 @@ def _float_model(model: Model, recorder: Recorder | None) -> tuple[Model, dict[s
     convtranspose-to-conv rewrote are restored where that changes no value's numbers (deconv.float_copy; the
     stats of a phase Conv's output are those of the ConvTranspose's, the same values interleaved), unless the
     recorder asks for a value the restored copy lacks. Given phase outputs to record, the recorder takes their
-    channel means from the ConvTranspose outputs (tap.pool_values). For minmax only: a histogram's subsample of an
-    upsampled output can fall on one phase (a grid or row stride that is a multiple of s: the 512x512 U-Net's
-    first up-convolution's rows at stride 256 are each channel's top row), where the phase Conv's output holds
-    every phase in its channels (the pose net of tests/passes/test_convtranspose_to_conv.py: percentile ranges
-    6.8% apart)."""
+    channel means from the ConvTranspose outputs (tap.pool_values). For minmax only, whose reductions are exact: a
+    histogram's subsample depends on the layout, and the phase Conv's output holds every phase in its channels.
+    (Found when the subsample's even strides still fell on one phase of an upsampled map: the pose net of
+    tests/passes/test_convtranspose_to_conv.py had percentile ranges 6.8% apart; observers.spatial_stride and
+    row_indices now spread over the phases, and histogram methods could be restored too once measured.)"""
     copy, renamed, phases = float_copy(model)
     if copy is model:
         return model, {}

@@ -350,9 +350,9 @@ def test_calibrate_on_restored_conv_transposes_gives_the_ranges_and_corrections_
 
 
 def test_histogram_calibration_keeps_the_phase_convs():
-    """A histogram's subsample of an upsampled output can fall on one phase (a stride that is a multiple of s),
-    where the phase Conv's output holds every phase in its channels: percentile calibration runs the rewritten
-    graph, and its ranges are those of the same graph without the rewrite's record, exactly."""
+    """A histogram's subsample depends on the layout it is taken from, and the phase Conv's output holds every phase
+    in its channels: percentile calibration runs the rewritten graph, and its ranges are those of the same graph
+    without the rewrite's record, exactly."""
     import json
 
     model = optimize(UP_NETS["relu_moved"](), "fp32,cleanup,fold-bn,convtranspose-to-conv").model
