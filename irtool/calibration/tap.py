@@ -312,20 +312,21 @@ def _phase_means(graph: onnx.GraphProto, phases: Phases, out: str, opset: int) -
         graph.initializer.append(shape)
         nodes.append(helper.make_node("Reshape", [current, shape.name], [f"{out}_split{k}"]))
         current = f"{out}_phase{k}"
-        nodes.append(_reduce_mean(graph, f"{out}_split{k}", current, k + 1, opset))
+        nodes.append(_reduction(graph, "ReduceMean", f"{out}_split{k}", current, [k + 1], opset))
     flat = numpy_helper.from_array(np.array([0, -1] + [1] * r, np.int64), f"{out}_flat")
     graph.initializer.append(flat)
     nodes.append(helper.make_node("Reshape", [current, flat.name], [out]))
     return nodes
 
 
-def _reduce_mean(graph: onnx.GraphProto, x: str, out: str, axis: int, opset: int) -> onnx.NodeProto:
-    """ReduceMean over one axis, keepdims=0; its axes became an input in opset 18."""
-    if opset < 18:
-        return helper.make_node("ReduceMean", [x], [out], axes=[axis], keepdims=0)
-    axes = numpy_helper.from_array(np.array([axis], np.int64), f"{out}_axes")
-    graph.initializer.append(axes)
-    return helper.make_node("ReduceMean", [x, axes.name], [out], keepdims=0)
+def _reduction(graph: onnx.GraphProto, op: str, x: str, out: str, axes: list[int], opset: int) -> onnx.NodeProto:
+    """`op` (ReduceSum, ReduceMean, ReduceMax, ...) over `axes`, keepdims=0; axes became an input in opset 13
+    (ReduceSum) / 18 (the others), then held in an initializer named after `out`."""
+    if opset < (13 if op == "ReduceSum" else 18):
+        return helper.make_node(op, [x], [out], axes=axes, keepdims=0)
+    held = numpy_helper.from_array(np.array(axes, np.int64), f"{out}_axes")
+    graph.initializer.append(held)
+    return helper.make_node(op, [x, held.name], [out], keepdims=0)
 
 
 def _opset(proto: onnx.ModelProto) -> int:
@@ -559,13 +560,8 @@ def channel_abs_max(model: Model, names: Iterable[str],
         if elem not in _POOLABLE or not dims:
             raise InputError(f"channel_abs_max: {name!r} is not a float value of known rank")
         outputs[name] = f"__irtool_absmax{i}"
-        axes = list(range(len(dims) - 1))
-        if model.opset >= 18:  # ReduceMax's axes became an input in opset 18
-            proto.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{outputs[name]}_axes"))
-            reduce = helper.make_node("ReduceMax", [f"{outputs[name]}_abs", f"{outputs[name]}_axes"],
-                                      [outputs[name]], keepdims=0)
-        else:
-            reduce = helper.make_node("ReduceMax", [f"{outputs[name]}_abs"], [outputs[name]], axes=axes, keepdims=0)
+        reduce = _reduction(proto.graph, "ReduceMax", f"{outputs[name]}_abs", outputs[name],
+                            list(range(len(dims) - 1)), model.opset)
         proto.graph.node.extend([helper.make_node("Abs", [name], [f"{outputs[name]}_abs"]), reduce])
         proto.graph.output.append(helper.make_tensor_value_info(outputs[name], elem, None))
     session = calibration_session(proto, [t.name for t in model.graph.outputs], may_renumber=False, weights=weights)
