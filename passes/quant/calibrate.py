@@ -83,7 +83,7 @@ def _recorder(model: Model, ctx: PassContext) -> Recorder | None:
     return Recorder(request, [t.name for t in model.graph.outputs])
 
 
-def _float_model(model: Model, recorder: Recorder | None) -> tuple[Model, dict[str, str]]:
+def _float_model(model: Model, recorder: Recorder | None, histograms: bool) -> tuple[Model, dict[str, str]]:
     """The model the float pass runs, and {value of `model`: its name there}: the ConvTransposes that
     convtranspose-to-conv rewrote are restored where that changes no value's numbers (deconv.float_copy; the
     stats of a phase Conv's output are those of the ConvTranspose's, the same values interleaved), unless the
@@ -93,6 +93,8 @@ def _float_model(model: Model, recorder: Recorder | None) -> tuple[Model, dict[s
     (Found when the subsample's even strides still fell on one phase of an upsampled map: the pose net of
     tests/passes/test_convtranspose_to_conv.py had percentile ranges 6.8% apart; observers.spatial_stride and
     row_indices now spread over the phases, and histogram methods could be restored too once measured.)"""
+    if histograms:
+        return model, {}
     copy, renamed, phases = float_copy(model)
     if copy is model:
         return model, {}
@@ -154,7 +156,7 @@ class Calibrate(Pass):
         observe = sorted(set(sources.values()) - set(derived))
         unclipped = set(unclipped_tensors(model, observe))
         recorder = _recorder(model, ctx)
-        target, renamed = _float_model(model, recorder) if self.options.method is Method.MINMAX else (model, {})
+        target, renamed = _float_model(model, recorder, histograms=self.options.method is not Method.MINMAX)
         found = collect(target, sorted({renamed.get(n, n) for n in observe}), ctx.calibration_data,
                         histograms=self.options.method is not Method.MINMAX, bins=self.options.bins,
                         cache_dir=ctx.calib_cache, progress=ctx.progress, timings=timings,
